@@ -1,0 +1,322 @@
+"""The `cutout` command: run a local cluster, submit images, follow and fetch jobs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from cutout.client import DEFAULT_ADDR, FACE_MODES, FORMATS, AsyncClient, build_submission
+from cutout.errors import CutoutError
+from cutout.v1 import jobs_pb2
+
+console = Console(stderr=True)
+out = Console()
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+STATES = {
+    "queued": jobs_pb2.JOB_STATE_QUEUED,
+    "running": jobs_pb2.JOB_STATE_RUNNING,
+    "succeeded": jobs_pb2.JOB_STATE_SUCCEEDED,
+    "failed": jobs_pb2.JOB_STATE_FAILED,
+    "cancelled": jobs_pb2.JOB_STATE_CANCELLED,
+}
+
+
+def state_name(state: int) -> str:
+    return jobs_pb2.JobState.Name(state).removeprefix("JOB_STATE_").lower()  # type: ignore[arg-type]
+
+
+def stage_name(stage: int) -> str:
+    return jobs_pb2.Stage.Name(stage).removeprefix("STAGE_").lower()  # type: ignore[arg-type]
+
+
+def describe(job: jobs_pb2.Job) -> str:
+    parts = [job.name, state_name(job.state), f"{stage_name(job.stage)} {job.progress_percent}%"]
+    if job.state == jobs_pb2.JOB_STATE_QUEUED and job.queue_position:
+        parts.append(f"position {job.queue_position}")
+    if job.node:
+        parts.append(f"node {job.node}")
+    if job.HasField("result"):
+        r = job.result
+        parts.append(f"{r.content_type} {r.width_px}x{r.height_px} {r.size_bytes} bytes")
+    if job.HasField("error"):
+        parts.append(f"error: {job.error.message}")
+    return "  ".join(parts)
+
+
+def expand_inputs(inputs: Sequence[str]) -> list[str]:
+    """Files and URLs as given; a folder stands for the images directly inside it."""
+    found: list[str] = []
+    for item in inputs:
+        path = Path(item)
+        if item.startswith(("https://", "http://")) or not path.is_dir():
+            found.append(item)
+        else:
+            found += sorted(str(p) for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return found
+
+
+# --- commands -------------------------------------------------------------------
+
+
+async def cmd_submit(args: argparse.Namespace) -> int:
+    inputs = expand_inputs(args.inputs)
+    if not inputs:
+        console.print("[red]nothing to submit[/red]: no image files found")
+        return 2
+    async with AsyncClient(args.addr, args.api_key) as client:
+        jobs: list[tuple[str, jobs_pb2.Job]] = []
+        failed = 0
+        for item in inputs:
+            try:
+                sub = build_submission(
+                    item,
+                    op=args.op,
+                    model=args.model,
+                    output_format=args.format,
+                    mask_only=args.mask_only,
+                    background=args.background,
+                    mode=args.mode,
+                    priority=args.priority,
+                )
+                job = (await client.submit_submission(sub)).job
+            except (CutoutError, OSError, ValueError) as exc:
+                console.print(f"[red]refused[/red] {item}: {exc}")
+                for field, why in getattr(exc, "violations", []):
+                    console.print(f"    {field}: {why}")
+                failed += 1
+                continue
+            jobs.append((item, job))
+            if not args.wait:
+                out.print(f"{job.name}\t{item}")
+        if args.wait and jobs:
+            failed += await follow(client, jobs, Path(args.out))
+    return 1 if failed else 0
+
+
+async def follow(client: AsyncClient, jobs: list[tuple[str, jobs_pb2.Job]], out_dir: Path) -> int:
+    """Live progress bars for every job; save each result; return how many did not succeed."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+
+        async def one(item: str, job: jobs_pb2.Job) -> None:
+            nonlocal failures
+            task: TaskID = progress.add_task(Path(item).name[:32], total=100, status="queued")
+            final = job
+            try:
+                async for event in client.watch(job.name):
+                    final = event.job
+                    status = state_name(final.state)
+                    if final.state == jobs_pb2.JOB_STATE_QUEUED and final.queue_position:
+                        status += f" #{final.queue_position}"
+                    elif final.state == jobs_pb2.JOB_STATE_RUNNING:
+                        status = stage_name(final.stage)
+                    progress.update(task, completed=final.progress_percent, status=status)
+                if final.state != jobs_pb2.JOB_STATE_SUCCEEDED:
+                    failures += 1
+                    progress.update(
+                        task, status=f"[red]{state_name(final.state)}: {final.error.message}[/red]"
+                    )
+                    return
+                ext = "webp" if final.result.content_type == "image/webp" else "png"
+                target = out_dir / f"{Path(item).stem}.{ext}"
+                await client.save_result(job.name, target)
+                progress.update(task, completed=100, status=f"[green]saved {target}[/green]")
+            except CutoutError as exc:
+                failures += 1
+                progress.update(task, status=f"[red]{exc}[/red]")
+
+        await asyncio.gather(*(one(item, job) for item, job in jobs))
+    return failures
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    async with AsyncClient(args.addr, args.api_key) as client:
+        out.print(describe(await client.get(args.job)))
+    return 0
+
+
+async def cmd_watch(args: argparse.Namespace) -> int:
+    async with AsyncClient(args.addr, args.api_key) as client:
+        job = jobs_pb2.Job()
+        async for event in client.watch(args.job):
+            job = event.job
+            out.print(describe(job))
+    return 0 if job.state == jobs_pb2.JOB_STATE_SUCCEEDED else 1
+
+
+async def cmd_list(args: argparse.Namespace) -> int:
+    state = STATES[args.state] if args.state else jobs_pb2.JOB_STATE_UNSPECIFIED
+    async with AsyncClient(args.addr, args.api_key) as client:
+        page = await client.list(state=state, page_size=args.limit, page_token=args.page_token)
+    table = Table("job", "state", "stage", "progress", "created")
+    for job in page.jobs:
+        created = job.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
+        table.add_row(
+            job.name,
+            state_name(job.state),
+            stage_name(job.stage),
+            f"{job.progress_percent}%",
+            created,
+        )
+    out.print(table)
+    if page.next_page_token:
+        out.print(f"more: --page-token {page.next_page_token}")
+    return 0
+
+
+async def cmd_cancel(args: argparse.Namespace) -> int:
+    async with AsyncClient(args.addr, args.api_key) as client:
+        out.print(describe(await client.cancel(args.job)))
+    return 0
+
+
+async def cmd_stats(args: argparse.Namespace) -> int:
+    async with AsyncClient(args.addr, args.api_key) as client:
+        s = await client.stats()
+    out.print(
+        f"queued {s.queued}  running {s.running}  nodes {s.healthy_nodes}  "
+        f"capacity {s.capacity}  in flight {s.in_flight}"
+    )
+    for p in s.by_priority:
+        out.print(f"  priority {p.priority}: {p.queued} queued")
+    return 0
+
+
+async def cmd_result(args: argparse.Namespace) -> int:
+    async with AsyncClient(args.addr, args.api_key) as client:
+        result = await client.save_result(args.job, args.out)
+    out.print(
+        f"wrote {args.out} ({result.content_type}, "
+        f"{result.width_px}x{result.height_px}, {result.size_bytes} bytes)"
+    )
+    return 0
+
+
+def cmd_key(args: argparse.Namespace) -> int:
+    from services.gateway.auth import hash_key, new_key
+
+    key = new_key()
+    out.print(f"API key (give it to the vendor; it is not stored anywhere): {key}")
+    out.print(f"gateway entry for CUTOUT_API_KEYS: {args.vendor}:{hash_key(key)}")
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    try:
+        from services.local.up import run_up
+    except ImportError as exc:
+        console.print(
+            f"[red]cutout up needs the server parts[/red]: pip install 'cutout[server]' ({exc})"
+        )
+        return 2
+    return run_up(args.nodes, args.port, Path(args.workdir) if args.workdir else None)
+
+
+# --- parser ------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="cutout", description="Background removal and face crops on a Cutout cluster."
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--addr",
+        default=os.environ.get("CUTOUT_ADDR", DEFAULT_ADDR),
+        help="gateway host:port (env CUTOUT_ADDR, default %(default)s)",
+    )
+    common.add_argument("--api-key", default=None, help="vendor API key (env CUTOUT_API_KEY)")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run a local cluster until Ctrl-C")
+    up.add_argument("--nodes", type=int, default=2, help="inference nodes (default 2)")
+    up.add_argument("--port", type=int, default=50051, help="gateway port (default 50051)")
+    up.add_argument("--workdir", default="", help="data, results and logs (default ./var)")
+    up.set_defaults(sync=cmd_up)
+
+    s = sub.add_parser(
+        "submit", parents=[common], help="submit images (files, folders or https URLs)"
+    )
+    s.add_argument("inputs", nargs="+", metavar="FILE|DIR|URL")
+    s.add_argument("--op", choices=["remove-bg", "crop-face"], default="remove-bg")
+    s.add_argument("--model", default="", help="model name (default: the cluster's default)")
+    s.add_argument(
+        "--mode", choices=sorted(FACE_MODES), default="passport", help="face crop framing"
+    )
+    s.add_argument("--format", choices=sorted(FORMATS), default="png")
+    s.add_argument("--mask-only", action="store_true", help="return the mask instead of the cutout")
+    s.add_argument(
+        "--background",
+        default=None,
+        metavar="RRGGBB[AA]",
+        help="paint this colour behind the subject",
+    )
+    s.add_argument("--priority", type=int, default=0, help="0-9, higher first within your queue")
+    s.add_argument("--wait", action="store_true", help="show live progress and save the results")
+    s.add_argument("--out", default="out", help="folder for results with --wait (default ./out)")
+    s.set_defaults(run=cmd_submit)
+
+    for name, fn, text in [
+        ("status", cmd_status, "show a job"),
+        ("watch", cmd_watch, "follow a job until it is done"),
+        ("cancel", cmd_cancel, "cancel a job"),
+    ]:
+        p = sub.add_parser(name, parents=[common], help=text)
+        p.add_argument("job", help="jobs/<id> or <id>")
+        p.set_defaults(run=fn)
+
+    ls = sub.add_parser("list", parents=[common], help="list your jobs, newest first")
+    ls.add_argument("--state", choices=sorted(STATES))
+    ls.add_argument("--limit", type=int, default=50)
+    ls.add_argument("--page-token", default="")
+    ls.set_defaults(run=cmd_list)
+
+    st = sub.add_parser("stats", parents=[common], help="queue depth and fleet capacity")
+    st.set_defaults(run=cmd_stats)
+
+    r = sub.add_parser("result", parents=[common], help="download a job's output")
+    r.add_argument("job")
+    r.add_argument("--out", required=True, help="file to write")
+    r.set_defaults(run=cmd_result)
+
+    k = sub.add_parser("key", help="make a new API key for a vendor")
+    k.add_argument("vendor")
+    k.set_defaults(sync=cmd_key)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    try:
+        if hasattr(args, "sync"):
+            code = args.sync(args)
+        else:
+            code = asyncio.run(args.run(args))
+    except CutoutError as exc:
+        console.print(f"[red]{exc.code.name}[/red]: {exc.message}")
+        for field, why in exc.violations:
+            console.print(f"    {field}: {why}")
+        code = 1
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,333 @@
+"""Python client for the Cutout API, blocking (`Client`) and asyncio (`AsyncClient`).
+
+    from cutout import Client
+    with Client("127.0.0.1:50051", api_key="ck_...") as c:
+        job = c.submit("photo.jpg")
+        for event in c.watch(job.name):
+            print(event.job.progress_percent)
+        c.save_result(job.name, "photo.png")
+
+Retries of UNAVAILABLE live in the channel's service config, not in loops;
+submissions always carry a client_key (a random one if you give none), so a
+retried submit returns the same job instead of creating a second one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from cutout.errors import CutoutError
+from cutout.v1 import cutout_service_pb2 as pb
+from cutout.v1 import cutout_service_pb2_grpc as pb_grpc
+from cutout.v1 import jobs_pb2
+
+DEFAULT_ADDR = "127.0.0.1:50051"
+MAX_MESSAGE = 64 * 1024 * 1024
+SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{"service": "cutout.v1.CutoutService"}],
+                "retryPolicy": {
+                    "maxAttempts": 5,
+                    "initialBackoff": "0.2s",
+                    "maxBackoff": "3s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.service_config", SERVICE_CONFIG),
+    ("grpc.enable_retries", 1),
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+]
+FORMATS = {"png": jobs_pb2.OUTPUT_FORMAT_PNG, "webp": jobs_pb2.OUTPUT_FORMAT_WEBP}
+FACE_MODES = {
+    "passport": jobs_pb2.FACE_CROP_MODE_PASSPORT,
+    "id-card": jobs_pb2.FACE_CROP_MODE_ID_CARD,
+    "square": jobs_pb2.FACE_CROP_MODE_SQUARE,
+}
+
+
+def parse_color(text: str) -> jobs_pb2.Color:
+    """ "RRGGBB" or "RRGGBBAA" (a leading # is fine) -> Color."""
+    raw = text.removeprefix("#")
+    if len(raw) not in (6, 8) or any(c not in "0123456789abcdefABCDEF" for c in raw):
+        raise ValueError(f"colour {text!r} is not RRGGBB or RRGGBBAA hex")
+    parts = [int(raw[i : i + 2], 16) for i in range(0, len(raw), 2)]
+    return jobs_pb2.Color(
+        red=parts[0], green=parts[1], blue=parts[2], alpha=parts[3] if len(parts) == 4 else 255
+    )
+
+
+def image_source(image: bytes | str | os.PathLike[str]) -> jobs_pb2.ImageSource:
+    """Bytes are sent as they are; an https:// string is a URL; anything else is a file path."""
+    if isinstance(image, bytes):
+        return jobs_pb2.ImageSource(content=image)
+    if isinstance(image, str) and image.startswith(("https://", "http://")):
+        return jobs_pb2.ImageSource(uri=image)
+    return jobs_pb2.ImageSource(content=Path(image).read_bytes())
+
+
+def build_submission(
+    image: bytes | str | os.PathLike[str],
+    *,
+    op: str = "remove-bg",
+    model: str = "",
+    output_format: str = "png",
+    mask_only: bool = False,
+    background: str | None = None,
+    mode: str = "passport",
+    priority: int = 0,
+    client_key: str = "",
+    record: tuple[str, str] | None = None,
+) -> jobs_pb2.JobSubmission:
+    """One JobSubmission from plain arguments (what the CLI flags map to)."""
+    fmt = FORMATS.get(output_format)
+    if fmt is None:
+        raise ValueError(f"output format {output_format!r}: use one of {sorted(FORMATS)}")
+    operation = jobs_pb2.Operation()
+    if op == "remove-bg":
+        operation.remove_background.model = model
+        operation.remove_background.format = fmt
+        operation.remove_background.mask_only = mask_only
+        if background:
+            operation.remove_background.background_color.CopyFrom(parse_color(background))
+    elif op == "crop-face":
+        if mode not in FACE_MODES:
+            raise ValueError(f"face crop mode {mode!r}: use one of {sorted(FACE_MODES)}")
+        operation.crop_face.mode = FACE_MODES[mode]
+        operation.crop_face.format = fmt
+    else:
+        raise ValueError(f"operation {op!r}: use remove-bg or crop-face")
+    sub = jobs_pb2.JobSubmission(
+        image=image_source(image),
+        operation=operation,
+        priority=priority,
+        client_key=client_key or uuid.uuid4().hex,
+    )
+    if record is not None:
+        sub.record.project_id, sub.record.record_id = record
+    return sub
+
+
+def _metadata(api_key: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {api_key}"),)
+
+
+def _key(api_key: str | None) -> str:
+    key = api_key or os.environ.get("CUTOUT_API_KEY", "")
+    if not key:
+        raise CutoutError(
+            grpc.StatusCode.UNAUTHENTICATED, "no API key: pass api_key= or set CUTOUT_API_KEY"
+        )
+    return key
+
+
+class AsyncClient:
+    """asyncio client; use as `async with AsyncClient(...) as c:`."""
+
+    def __init__(
+        self, address: str | None = None, api_key: str | None = None, *, timeout_s: float = 30.0
+    ) -> None:
+        self.address = address or os.environ.get("CUTOUT_ADDR", DEFAULT_ADDR)
+        self._md = _metadata(_key(api_key))
+        self.timeout_s = timeout_s
+        self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        self._stub = pb_grpc.CutoutServiceStub(self._channel)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def submit_submission(self, submission: jobs_pb2.JobSubmission) -> pb.SubmitJobResponse:
+        try:
+            return await self._stub.SubmitJob(
+                pb.SubmitJobRequest(submission=submission),
+                metadata=self._md,
+                timeout=self.timeout_s,
+            )
+        except grpc.RpcError as exc:
+            raise CutoutError.from_rpc_error(exc) from None
+
+    async def submit(self, image: bytes | str | os.PathLike[str], **options: Any) -> jobs_pb2.Job:
+        """Submit one image; options as in build_submission. Returns the queued job."""
+        return (await self.submit_submission(build_submission(image, **options))).job
+
+    async def submit_batch(
+        self, submissions: list[jobs_pb2.JobSubmission]
+    ) -> pb.SubmitBatchResponse:
+        try:
+            return await self._stub.SubmitBatch(
+                pb.SubmitBatchRequest(submissions=submissions),
+                metadata=self._md,
+                timeout=self.timeout_s,
+            )
+        except grpc.RpcError as exc:
+            raise CutoutError.from_rpc_error(exc) from None
+
+    async def get(self, name: str) -> jobs_pb2.Job:
+        try:
+            reply = await self._stub.GetJob(
+                pb.GetJobRequest(name=name), metadata=self._md, timeout=self.timeout_s
+            )
+        except grpc.RpcError as exc:
+            raise CutoutError.from_rpc_error(exc) from None
+        return reply.job
+
+    async def watch(self, name: str) -> AsyncIterator[jobs_pb2.JobEvent]:
+        """Every change to the job until it is done; the first event is its state now."""
+        call = self._stub.WatchJob(pb.WatchJobRequest(name=name), metadata=self._md)
+        try:
+            async for reply in call:
+                yield reply.event
+        except grpc.RpcError as exc:
+            raise CutoutError.from_rpc_error(exc) from None
+        finally:
+            call.cancel()
+
+    async def list(
+        self, state: int = jobs_pb2.JOB_STATE_UNSPECIFIED, page_size: int = 50, page_token: str = ""
+    ) -> pb.ListJobsResponse:
+        request = pb.ListJobsRequest(state=state, page_size=page_size, page_token=page_token)  # type: ignore[arg-type]
+        try:
+            return await self._stub.ListJobs(request, metadata=self._md, timeout=self.timeout_s)
+        except grpc.RpcError as exc:
+            raise CutoutError.from_rpc_error(exc) from None
+
+    async def cancel(self, name: str) -> jobs_pb2.Job:
+        try:
+            reply = await self._stub.CancelJob(
+                pb.CancelJobRequest(name=name), metadata=self._md, timeout=self.timeout_s
+            )
+        except grpc.RpcError as exc:
+            raise CutoutError.from_rpc_error(exc) from None
+        return reply.job
+
+    async def result(self, name: str) -> tuple[jobs_pb2.Result, bytes]:
+        """The output of a SUCCEEDED job and its description."""
+        result = jobs_pb2.Result()
+        chunks: list[bytes] = []
+        call = self._stub.GetResult(
+            pb.GetResultRequest(name=name), metadata=self._md, timeout=self.timeout_s
+        )
+        try:
+            async for reply in call:
+                if reply.HasField("result"):
+                    result.CopyFrom(reply.result)
+                chunks.append(reply.chunk)
+        except grpc.RpcError as exc:
+            raise CutoutError.from_rpc_error(exc) from None
+        return result, b"".join(chunks)
+
+    async def save_result(self, name: str, path: str | os.PathLike[str]) -> jobs_pb2.Result:
+        result, data = await self.result(name)
+        Path(path).write_bytes(data)
+        return result
+
+    async def stats(self) -> jobs_pb2.QueueStats:
+        try:
+            reply = await self._stub.GetQueueStats(
+                pb.GetQueueStatsRequest(), metadata=self._md, timeout=self.timeout_s
+            )
+        except grpc.RpcError as exc:
+            raise CutoutError.from_rpc_error(exc) from None
+        return reply.stats
+
+
+class Client:
+    """Blocking client; use as `with Client(...) as c:`."""
+
+    def __init__(
+        self, address: str | None = None, api_key: str | None = None, *, timeout_s: float = 30.0
+    ) -> None:
+        self.address = address or os.environ.get("CUTOUT_ADDR", DEFAULT_ADDR)
+        self._md = _metadata(_key(api_key))
+        self.timeout_s = timeout_s
+        self._channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        self._stub = pb_grpc.CutoutServiceStub(self._channel)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def submit(self, image: bytes | str | os.PathLike[str], **options: Any) -> jobs_pb2.Job:
+        request = pb.SubmitJobRequest(submission=build_submission(image, **options))
+        try:
+            return self._stub.SubmitJob(request, metadata=self._md, timeout=self.timeout_s).job
+        except grpc.RpcError as exc:
+            raise CutoutError.from_rpc_error(exc) from None
+
+    def get(self, name: str) -> jobs_pb2.Job:
+        try:
+            return self._stub.GetJob(
+                pb.GetJobRequest(name=name), metadata=self._md, timeout=self.timeout_s
+            ).job
+        except grpc.RpcError as exc:
+            raise CutoutError.from_rpc_error(exc) from None
+
+    def watch(self, name: str) -> Iterator[jobs_pb2.JobEvent]:
+        call = self._stub.WatchJob(pb.WatchJobRequest(name=name), metadata=self._md)
+        try:
+            for reply in call:
+                yield reply.event
+        except grpc.RpcError as exc:
+            raise CutoutError.from_rpc_error(exc) from None
+        finally:
+            call.cancel()
+
+    def cancel(self, name: str) -> jobs_pb2.Job:
+        try:
+            return self._stub.CancelJob(
+                pb.CancelJobRequest(name=name), metadata=self._md, timeout=self.timeout_s
+            ).job
+        except grpc.RpcError as exc:
+            raise CutoutError.from_rpc_error(exc) from None
+
+    def result(self, name: str) -> tuple[jobs_pb2.Result, bytes]:
+        result = jobs_pb2.Result()
+        chunks: list[bytes] = []
+        try:
+            for reply in self._stub.GetResult(
+                pb.GetResultRequest(name=name), metadata=self._md, timeout=self.timeout_s
+            ):
+                if reply.HasField("result"):
+                    result.CopyFrom(reply.result)
+                chunks.append(reply.chunk)
+        except grpc.RpcError as exc:
+            raise CutoutError.from_rpc_error(exc) from None
+        return result, b"".join(chunks)
+
+    def save_result(self, name: str, path: str | os.PathLike[str]) -> jobs_pb2.Result:
+        result, data = self.result(name)
+        Path(path).write_bytes(data)
+        return result
+
+    def stats(self) -> jobs_pb2.QueueStats:
+        try:
+            return self._stub.GetQueueStats(
+                pb.GetQueueStatsRequest(), metadata=self._md, timeout=self.timeout_s
+            ).stats
+        except grpc.RpcError as exc:
+            raise CutoutError.from_rpc_error(exc) from None

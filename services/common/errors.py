@@ -1,0 +1,88 @@
+"""Domain errors and their one mapping to gRPC statuses.
+
+Domain code raises these; the edge of each service turns them into a status
+with rich details (google.rpc.BadRequest, RetryInfo) via `abort`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NoReturn
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+
+@dataclass
+class FieldViolation:
+    field: str
+    description: str
+
+
+@dataclass
+class CutoutError(Exception):
+    """Base of every error a service turns into a gRPC status."""
+
+    message: str
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    violations: list[FieldViolation] = field(default_factory=list)
+    retry_after_s: float | None = None
+
+    def __str__(self) -> str:
+        return self.message
+
+    def to_status(self) -> status_pb2.Status:
+        details: list[any_pb2.Any] = []
+        if self.violations:
+            bad = error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=v.field, description=v.description
+                    )
+                    for v in self.violations
+                ]
+            )
+            packed = any_pb2.Any()
+            packed.Pack(bad)
+            details.append(packed)
+        if self.retry_after_s is not None:
+            delay = duration_pb2.Duration()
+            delay.FromMilliseconds(int(self.retry_after_s * 1000))
+            packed = any_pb2.Any()
+            packed.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+            details.append(packed)
+        return status_pb2.Status(code=self.code.value[0], message=self.message, details=details)
+
+
+def invalid_argument(field_path: str, description: str) -> CutoutError:
+    return CutoutError(
+        f"{field_path}: {description}",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        [FieldViolation(field_path, description)],
+    )
+
+
+def not_found(what: str) -> CutoutError:
+    return CutoutError(f"{what} not found", grpc.StatusCode.NOT_FOUND)
+
+
+async def abort(context: grpc.aio.ServicerContext[object, object], err: CutoutError) -> NoReturn:
+    await context.abort_with_status(rpc_status.to_status(err.to_status()))
+    raise AssertionError("abort_with_status returned")  # pragma: no cover
+
+
+def status_from_code(code: grpc.StatusCode, message: str) -> status_pb2.Status:
+    return status_pb2.Status(code=code.value[0], message=message)
+
+
+# Codes a job failure may carry without retrying: the input itself is the problem.
+NON_RETRYABLE = frozenset(
+    {
+        code_pb2.INVALID_ARGUMENT,
+        code_pb2.UNIMPLEMENTED,
+        code_pb2.FAILED_PRECONDITION,
+        code_pb2.OUT_OF_RANGE,
+    }
+)

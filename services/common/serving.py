@@ -1,0 +1,82 @@
+"""What every Cutout gRPC server shares: limits, health, reflection, ready files."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+
+
+def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def add_health_and_reflection(
+    server: grpc.aio.Server, service_names: Iterable[str]
+) -> health.aio.HealthServicer:
+    """Serve grpc.health.v1 (SERVING for each name and "") and reflection."""
+    names = list(service_names)
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    reflection.enable_server_reflection(
+        [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    return servicer
+
+
+async def set_serving(
+    servicer: health.aio.HealthServicer, names: Iterable[str], serving: bool
+) -> None:
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    for name in ["", *names]:
+        await servicer.set(name, status)
+
+
+def bind(server: grpc.aio.Server, listen: str) -> int:
+    """Bind insecurely to host:port (port 0 picks a free one); return the port."""
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}: address in use or not available")
+    return port
+
+
+def write_ready_file(path: str, port: int) -> None:
+    """Tell a supervisor (cutout up, tests) which port we got, atomically."""
+    if not path:
+        return
+    target = Path(path)
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(str(port))
+    tmp.replace(target)
+
+
+async def run_until_signalled(
+    start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable[None]]
+) -> None:
+    """Start, wait for SIGINT/SIGTERM, then stop gracefully."""
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    await start()
+    await stopping.wait()
+    log.info("signal received, stopping")
+    await stop()

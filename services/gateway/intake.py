@@ -1,0 +1,157 @@
+"""Checks a submission before it costs the fleet anything.
+
+Formats are sniffed from the bytes, never from a name; sizes come from the
+header, before any pixel is decoded.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import warnings
+from dataclasses import dataclass
+
+import grpc
+from PIL import Image, UnidentifiedImageError
+
+from cutout.v1 import jobs_pb2
+from services.common.errors import CutoutError, FieldViolation
+
+MAGIC: list[tuple[bytes, str]] = [
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+]
+SUPPORTED = "JPEG, PNG, WebP, GIF, BMP or TIFF"
+RECORD_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MAX_PRIORITY = 9
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_image_bytes: int
+    max_pixels: int
+    models: tuple[str, ...]  # the first is the default
+
+
+def sniff(data: bytes) -> str | None:
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    for magic, fmt in MAGIC:
+        if data.startswith(magic):
+            return fmt
+    return None
+
+
+def image_size(data: bytes, field: str, limits: Limits) -> int:
+    """Pixels in the image per its header; a CutoutError if it is not an acceptable image."""
+    if not data:
+        raise _bad(field, "is empty; send the encoded image bytes")
+    if len(data) > limits.max_image_bytes:
+        raise _bad(field, f"is {len(data)} bytes; the limit is {limits.max_image_bytes}")
+    fmt = sniff(data)
+    if fmt is None:
+        raise _bad(field, f"is not an image this service reads ({SUPPORTED})")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))  # lazy: reads the header only
+            width, height = img.size
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise _bad(field, f"looks like {fmt} but its header is unreadable: {exc}") from None
+    if width <= 0 or height <= 0:
+        raise _bad(field, f"has impossible dimensions {width}x{height}")
+    if width * height > limits.max_pixels:
+        raise _bad(
+            field,
+            f"is {width}x{height} ({width * height / 1e6:.1f} megapixels); "
+            f"the limit is {limits.max_pixels / 1e6:.1f}",
+        )
+    return int(width * height)
+
+
+def _bad(field: str, description: str) -> CutoutError:
+    return CutoutError(
+        f"{field} {description}",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        [FieldViolation(field, description)],
+    )
+
+
+def _check_operation(op: jobs_pb2.Operation, prefix: str, limits: Limits) -> list[FieldViolation]:
+    kind = op.WhichOneof("kind")
+    if kind is None:
+        return [FieldViolation(prefix, "required: remove_background or crop_face")]
+    if kind == "crop_face":
+        raise CutoutError(
+            f"{prefix}.crop_face is not available on this cluster yet; use remove_background",
+            grpc.StatusCode.UNIMPLEMENTED,
+        )
+    spec = op.remove_background
+    out: list[FieldViolation] = []
+    if spec.model and spec.model not in limits.models:
+        out.append(
+            FieldViolation(
+                f"{prefix}.remove_background.model",
+                f"unknown model {spec.model[:64]!r}; available: {', '.join(limits.models)}",
+            )
+        )
+    if spec.format not in jobs_pb2.OutputFormat.values():
+        out.append(FieldViolation(f"{prefix}.remove_background.format", "unknown output format"))
+    if spec.HasField("background_color"):
+        c = spec.background_color
+        if max(c.red, c.green, c.blue, c.alpha) > 255:
+            out.append(
+                FieldViolation(
+                    f"{prefix}.remove_background.background_color", "components must be 0-255"
+                )
+            )
+    return out
+
+
+def validate(
+    sub: jobs_pb2.JobSubmission, prefix: str, limits: Limits
+) -> tuple[jobs_pb2.JobSubmission, int]:
+    """Return the submission with defaults filled in, and its pixel count.
+
+    Raises CutoutError listing every field that is wrong, each by its path.
+    """
+    violations = _check_operation(sub.operation, f"{prefix}.operation", limits)
+    if not 0 <= sub.priority <= MAX_PRIORITY:
+        violations.append(FieldViolation(f"{prefix}.priority", f"must be 0-{MAX_PRIORITY}"))
+    if (
+        len(sub.client_key) > 128
+        or not sub.client_key.isprintable()
+        or not sub.client_key.isascii()
+    ):
+        violations.append(
+            FieldViolation(f"{prefix}.client_key", "at most 128 printable ASCII characters")
+        )
+    if sub.HasField("record"):
+        for name in ("project_id", "record_id"):
+            if not RECORD_ID.match(getattr(sub.record, name)):
+                violations.append(
+                    FieldViolation(f"{prefix}.record.{name}", "1-64 characters of [A-Za-z0-9_-]")
+                )
+    source = sub.image.WhichOneof("source")
+    if source is None:
+        violations.append(FieldViolation(f"{prefix}.image", "required: content (bytes) or uri"))
+    elif source == "uri":
+        raise CutoutError(
+            f"{prefix}.image.uri: fetching images by URL is not enabled on this cluster yet; "
+            "send the bytes in image.content",
+            grpc.StatusCode.UNIMPLEMENTED,
+        )
+    if violations:
+        summary = "; ".join(f"{v.field}: {v.description}" for v in violations)
+        raise CutoutError(summary, grpc.StatusCode.INVALID_ARGUMENT, violations)
+    pixels = image_size(sub.image.content, f"{prefix}.image.content", limits)
+    out = jobs_pb2.JobSubmission()
+    out.CopyFrom(sub)
+    if not out.operation.remove_background.model:
+        out.operation.remove_background.model = limits.models[0]
+    return out, pixels

@@ -1,0 +1,56 @@
+"""Wires the gateway together: key table, scheduler channel, gRPC server."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from cutout.v1 import cutout_service_pb2_grpc as pb_grpc
+from cutout.v1 import scheduler_service_pb2_grpc as spb_grpc
+from services.common import serving
+from services.gateway.auth import KeyTable, parse_key_entries
+from services.gateway.intake import Limits
+from services.gateway.service import CutoutServicer
+from services.gateway.settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = "cutout.v1.CutoutService"
+
+
+class GatewayServer:
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        keys = KeyTable(parse_key_entries(settings.api_keys))
+        if not keys.by_hash:
+            log.warning("CUTOUT_API_KEYS is empty: every call will be refused as UNAUTHENTICATED")
+        self.channel = grpc.aio.insecure_channel(
+            settings.scheduler,
+            options=[
+                ("grpc.max_send_message_length", settings.max_message_bytes),
+                ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ],
+        )
+        servicer = CutoutServicer(
+            keys,
+            spb_grpc.SchedulerServiceStub(self.channel),
+            Limits(settings.max_image_bytes, settings.max_pixels, tuple(settings.models)),
+            settings.max_batch,
+            settings.scheduler_timeout_s,
+        )
+        self.server = grpc.aio.server(options=serving.server_options(settings.max_message_bytes))
+        pb_grpc.add_CutoutServiceServicer_to_server(servicer, self.server)
+        self.health = serving.add_health_and_reflection(self.server, [SERVICE_NAME])
+        self.port = 0
+
+    async def start(self) -> None:
+        self.port = serving.bind(self.server, self.settings.listen)
+        await self.server.start()
+        await serving.set_serving(self.health, [SERVICE_NAME], True)
+        serving.write_ready_file(self.settings.ready_file, self.port)
+        log.info("gateway serving", extra={"port": self.port, "scheduler": self.settings.scheduler})
+
+    async def stop(self) -> None:
+        await serving.set_serving(self.health, [SERVICE_NAME], False)
+        await self.server.stop(grace=5.0)
+        await self.channel.close()

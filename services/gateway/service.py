@@ -1,0 +1,195 @@
+"""CutoutService: authenticate, validate, then hand over to the scheduler."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+
+from cutout.v1 import cutout_service_pb2 as pb
+from cutout.v1 import cutout_service_pb2_grpc as pb_grpc
+from cutout.v1 import scheduler_service_pb2 as spb
+from cutout.v1 import scheduler_service_pb2_grpc as spb_grpc
+from services.common.errors import CutoutError, abort, invalid_argument
+from services.gateway.auth import KeyTable
+from services.gateway.intake import Limits, validate
+
+log = logging.getLogger(__name__)
+Context = grpc.aio.ServicerContext[object, object]
+
+
+async def _relay(context: Context, exc: grpc.aio.AioRpcError) -> None:
+    """Pass a scheduler error on unchanged: code, message and rich details."""
+    await context.abort(exc.code(), exc.details() or "", exc.trailing_metadata())
+
+
+class CutoutServicer(pb_grpc.CutoutServiceServicer):
+    def __init__(
+        self,
+        keys: KeyTable,
+        scheduler: spb_grpc.SchedulerServiceStub,
+        limits: Limits,
+        max_batch: int,
+        timeout_s: float,
+    ) -> None:
+        self.keys = keys
+        self.scheduler = scheduler
+        self.limits = limits
+        self.max_batch = max_batch
+        self.timeout_s = timeout_s
+
+    async def _vendor(self, context: Context) -> str:
+        try:
+            return self.keys.vendor_for(context.invocation_metadata() or ())
+        except CutoutError as err:
+            await abort(context, err)
+
+    async def SubmitJob(
+        self, request: pb.SubmitJobRequest, context: Context
+    ) -> pb.SubmitJobResponse:
+        vendor = await self._vendor(context)
+        try:
+            submission, pixels = validate(request.submission, "submission", self.limits)
+        except CutoutError as err:
+            await abort(context, err)
+        try:
+            reply = await self.scheduler.EnqueueJob(
+                spb.EnqueueJobRequest(vendor_id=vendor, submission=submission, input_pixels=pixels),
+                timeout=self.timeout_s,
+            )
+        except grpc.aio.AioRpcError as exc:
+            await _relay(context, exc)
+        log.info(
+            "job accepted", extra={"job_id": reply.job.name.removeprefix("jobs/"), "vendor": vendor}
+        )
+        return pb.SubmitJobResponse(job=reply.job, deduplicated=reply.deduplicated)
+
+    async def SubmitBatch(
+        self, request: pb.SubmitBatchRequest, context: Context
+    ) -> pb.SubmitBatchResponse:
+        vendor = await self._vendor(context)
+        count = len(request.submissions)
+        if not 1 <= count <= self.max_batch:
+            await abort(
+                context,
+                invalid_argument("submissions", f"send 1-{self.max_batch} items, not {count}"),
+            )
+        batch = f"batches/{uuid.uuid4().hex}"
+
+        async def one(index: int, item: object) -> pb.BatchItemOutcome:
+            outcome = pb.BatchItemOutcome(index=index)
+            try:
+                submission, pixels = validate(
+                    request.submissions[index], f"submissions[{index}]", self.limits
+                )
+                reply = await self.scheduler.EnqueueJob(
+                    spb.EnqueueJobRequest(
+                        vendor_id=vendor, submission=submission, input_pixels=pixels, batch=batch
+                    ),
+                    timeout=self.timeout_s,
+                )
+                outcome.job.CopyFrom(reply.job)
+            except CutoutError as err:
+                outcome.error.CopyFrom(err.to_status())
+            except grpc.aio.AioRpcError as exc:
+                outcome.error.code = exc.code().value[0]
+                outcome.error.message = exc.details() or ""
+            return outcome
+
+        outcomes = await asyncio.gather(*(one(i, s) for i, s in enumerate(request.submissions)))
+        accepted = sum(1 for o in outcomes if o.HasField("job"))
+        log.info(
+            "batch accepted",
+            extra={"vendor": vendor, "batch": batch, "accepted": accepted, "items": count},
+        )
+        return pb.SubmitBatchResponse(batch=batch, outcomes=outcomes)
+
+    async def GetJob(self, request: pb.GetJobRequest, context: Context) -> pb.GetJobResponse:
+        vendor = await self._vendor(context)
+        try:
+            reply = await self.scheduler.GetJob(
+                spb.SchedulerServiceGetJobRequest(vendor_id=vendor, name=request.name),
+                timeout=self.timeout_s,
+            )
+        except grpc.aio.AioRpcError as exc:
+            await _relay(context, exc)
+        return pb.GetJobResponse(job=reply.job)
+
+    async def WatchJob(
+        self, request: pb.WatchJobRequest, context: Context
+    ) -> AsyncIterator[pb.WatchJobResponse]:
+        vendor = await self._vendor(context)
+        call = self.scheduler.WatchJob(
+            spb.SchedulerServiceWatchJobRequest(vendor_id=vendor, name=request.name)
+        )
+        try:
+            async for reply in call:
+                yield pb.WatchJobResponse(event=reply.event)
+        except grpc.aio.AioRpcError as exc:
+            await _relay(context, exc)
+        finally:
+            call.cancel()
+
+    async def ListJobs(self, request: pb.ListJobsRequest, context: Context) -> pb.ListJobsResponse:
+        vendor = await self._vendor(context)
+        try:
+            reply = await self.scheduler.ListJobs(
+                spb.SchedulerServiceListJobsRequest(
+                    vendor_id=vendor,
+                    state=request.state,
+                    page_size=request.page_size,
+                    page_token=request.page_token,
+                ),
+                timeout=self.timeout_s,
+            )
+        except grpc.aio.AioRpcError as exc:
+            await _relay(context, exc)
+        return pb.ListJobsResponse(jobs=reply.jobs, next_page_token=reply.next_page_token)
+
+    async def CancelJob(
+        self, request: pb.CancelJobRequest, context: Context
+    ) -> pb.CancelJobResponse:
+        vendor = await self._vendor(context)
+        try:
+            reply = await self.scheduler.CancelJob(
+                spb.SchedulerServiceCancelJobRequest(vendor_id=vendor, name=request.name),
+                timeout=self.timeout_s,
+            )
+        except grpc.aio.AioRpcError as exc:
+            await _relay(context, exc)
+        log.info(
+            "job cancelled",
+            extra={"job_id": reply.job.name.removeprefix("jobs/"), "vendor": vendor},
+        )
+        return pb.CancelJobResponse(job=reply.job)
+
+    async def GetResult(
+        self, request: pb.GetResultRequest, context: Context
+    ) -> AsyncIterator[pb.GetResultResponse]:
+        vendor = await self._vendor(context)
+        call = self.scheduler.ReadResult(spb.ReadResultRequest(vendor_id=vendor, name=request.name))
+        try:
+            async for reply in call:
+                response = pb.GetResultResponse(chunk=reply.chunk)
+                if reply.HasField("result"):
+                    response.result.CopyFrom(reply.result)
+                yield response
+        except grpc.aio.AioRpcError as exc:
+            await _relay(context, exc)
+        finally:
+            call.cancel()
+
+    async def GetQueueStats(
+        self, request: pb.GetQueueStatsRequest, context: Context
+    ) -> pb.GetQueueStatsResponse:
+        vendor = await self._vendor(context)
+        try:
+            reply = await self.scheduler.GetQueueStats(
+                spb.SchedulerServiceGetQueueStatsRequest(vendor_id=vendor), timeout=self.timeout_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            await _relay(context, exc)
+        return pb.GetQueueStatsResponse(stats=reply.stats)

@@ -1,0 +1,54 @@
+"""Gateway settings, all from environment variables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.common.config import env_float, env_int, env_list, env_str
+from services.common.serving import MiB
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """
+    Attributes:
+        listen: CUTOUT_GATEWAY_LISTEN, host:port of the public API (port 0 picks one).
+        scheduler: CUTOUT_SCHEDULER_ADDR, host:port of a scheduler (or a load-balanced name).
+        api_keys: CUTOUT_API_KEYS, comma-separated "vendor:<sha256 hex of the key>".
+        models: CUTOUT_MODELS, model names the nodes serve; the first is the default.
+        max_image_bytes: CUTOUT_MAX_IMAGE_BYTES, largest inline image (default 20 MiB).
+        max_pixels: CUTOUT_MAX_PIXELS, largest image by header dimensions (default 40 MP).
+        max_batch: CUTOUT_MAX_BATCH, most items in one SubmitBatch.
+        max_message_bytes: CUTOUT_GATEWAY_MAX_MESSAGE_BYTES, gRPC limit for a request.
+        scheduler_timeout_s: CUTOUT_SCHEDULER_TIMEOUT_S, deadline of unary calls to the scheduler.
+        ready_file: CUTOUT_READY_FILE, file to write the bound port to once serving.
+        log_level: CUTOUT_LOG_LEVEL.
+    """
+
+    listen: str
+    scheduler: str
+    api_keys: list[str]
+    models: list[str]
+    max_image_bytes: int
+    max_pixels: int
+    max_batch: int
+    max_message_bytes: int
+    scheduler_timeout_s: float
+    ready_file: str
+    log_level: str
+
+    @classmethod
+    def from_env(cls) -> GatewaySettings:
+        return cls(
+            listen=env_str("CUTOUT_GATEWAY_LISTEN", "127.0.0.1:50051"),
+            scheduler=env_str("CUTOUT_SCHEDULER_ADDR", "127.0.0.1:50052"),
+            api_keys=env_list("CUTOUT_API_KEYS"),
+            models=env_list("CUTOUT_MODELS", "isnet-general-use"),
+            max_image_bytes=env_int("CUTOUT_MAX_IMAGE_BYTES", 20 * MiB, minimum=1),
+            max_pixels=env_int("CUTOUT_MAX_PIXELS", 40_000_000, minimum=1),
+            max_batch=env_int("CUTOUT_MAX_BATCH", 1000, minimum=1),
+            max_message_bytes=env_int("CUTOUT_GATEWAY_MAX_MESSAGE_BYTES", 64 * MiB, minimum=MiB),
+            scheduler_timeout_s=env_float("CUTOUT_SCHEDULER_TIMEOUT_S", 10.0, minimum=0.1),
+            ready_file=env_str("CUTOUT_READY_FILE", ""),
+            log_level=env_str("CUTOUT_LOG_LEVEL", "INFO"),
+        )

@@ -1,0 +1,106 @@
+"""The model catalogue: rembg sessions loaded once at start, with the provider each really got."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import onnxruntime as ort
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+
+class MaskModel(Protocol):
+    """What the pipeline needs from a model: a mask the size of the image."""
+
+    def predict(self, img: Image.Image) -> list[Image.Image]: ...
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    session: MaskModel
+    execution_provider: str
+    requested_providers: list[str]
+
+
+class ModelError(RuntimeError):
+    """A configured model cannot be loaded."""
+
+
+def requested_providers(choice: str) -> list[str]:
+    """ "auto": CUDA when this onnxruntime has it, else CPU; or an explicit comma list."""
+    if choice != "auto":
+        return [p.strip() for p in choice.split(",") if p.strip()]
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def discover(model_dir: Path) -> list[str]:
+    """Every `<name>.onnx` in the model directory is a model called `<name>`."""
+    return sorted(p.stem for p in model_dir.glob("*.onnx"))
+
+
+def load_model(model_dir: Path, name: str, providers: list[str], threads: int) -> LoadedModel:
+    """Load one model through rembg.
+
+    A file named after one of rembg's sessions (isnet-general-use, u2net, ...)
+    gets that session's own pre- and post-processing; any other file is run as
+    an IS-Net style custom model (rembg's dis_custom).
+    """
+    # rembg finds model files only under its home directory.
+    os.environ["U2NET_HOME"] = str(model_dir)
+    from rembg import new_session
+    from rembg.sessions import sessions_names
+
+    path = model_dir / f"{name}.onnx"
+    if not path.is_file():
+        raise ModelError(f"model {name!r}: no file {path} (set CUTOUT_MODEL_DIR or CUTOUT_MODELS)")
+    opts = ort.SessionOptions()
+    if threads > 0:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    if name in sessions_names:
+        session = new_session(name, sess_opts=opts, providers=providers)
+    else:
+        session = new_session(
+            "dis_custom", sess_opts=opts, providers=providers, model_path=str(path)
+        )
+    active = session.inner_session.get_providers()[0]
+    if providers and active != providers[0]:
+        # Asked for an accelerator and quietly given the CPU: say so loudly.
+        log.error(
+            "model runs on a different execution provider than requested",
+            extra={"model": name, "requested": providers, "active": active},
+        )
+    # Warm up: the first run allocates buffers and picks kernels.
+    session.predict(Image.new("RGB", (64, 64)))
+    log.info("model loaded", extra={"model": name, "provider": active})
+    return LoadedModel(name, session, active, providers)
+
+
+class ModelCatalog:
+    def __init__(self, models: list[LoadedModel]) -> None:
+        if not models:
+            raise ModelError("no models configured")
+        self.models = {m.name: m for m in models}
+        self.default = models[0].name
+
+    def get(self, name: str) -> LoadedModel | None:
+        return self.models.get(name or self.default)
+
+    @classmethod
+    def load(
+        cls, model_dir: Path, names: list[str], providers: list[str], threads: int
+    ) -> ModelCatalog:
+        if not model_dir.is_dir():
+            raise ModelError(f"model directory {model_dir} does not exist (set CUTOUT_MODEL_DIR)")
+        wanted = names or discover(model_dir)
+        if not wanted:
+            raise ModelError(f"no *.onnx model in {model_dir}")
+        return cls([load_model(model_dir, n, providers, threads) for n in wanted])

@@ -1,0 +1,64 @@
+"""Wires an inference node together: models, servicer, gRPC server, draining."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import grpc
+
+from cutout.v1 import inference_service_pb2_grpc as pb_grpc
+from services.common import serving
+from services.inference.models import ModelCatalog, ModelError, requested_providers
+from services.inference.service import InferenceServicer
+from services.inference.settings import NodeSettings
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = "cutout.v1.InferenceService"
+
+
+class NodeServer:
+    def __init__(self, settings: NodeSettings) -> None:
+        self.settings = settings
+        self.server = grpc.aio.server(options=serving.server_options(settings.max_message_bytes))
+        self.health = serving.add_health_and_reflection(self.server, [SERVICE_NAME])
+        self.servicer: InferenceServicer | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        s = self.settings
+        providers = requested_providers(s.providers)
+        # Loading takes seconds; keep the event loop free meanwhile.
+        catalog = await asyncio.to_thread(
+            ModelCatalog.load, s.model_dir, s.models, providers, s.ort_threads
+        )
+        if s.require_gpu:
+            on_cpu = [
+                m.name
+                for m in catalog.models.values()
+                if m.execution_provider != "CUDAExecutionProvider"
+            ]
+            if on_cpu:
+                raise ModelError(f"CUTOUT_REQUIRE_GPU=1 but {on_cpu} run on the CPU")
+        self.servicer = InferenceServicer(catalog, s.node_id, s.capacity, s.max_pixels)
+        pb_grpc.add_InferenceServiceServicer_to_server(self.servicer, self.server)
+        self.port = serving.bind(self.server, s.listen)
+        await self.server.start()
+        await serving.set_serving(self.health, [SERVICE_NAME], True)
+        serving.write_ready_file(s.ready_file, self.port)
+        log.info(
+            "node serving",
+            extra={"port": self.port, "node": s.node_id, "models": list(catalog.models)},
+        )
+
+    async def stop(self) -> None:
+        """Drain: take nothing new, finish what is running, then stop."""
+        await serving.set_serving(self.health, [SERVICE_NAME], False)
+        if self.servicer is not None:
+            self.servicer.draining = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.servicer.idle.wait(), self.settings.grace_s)
+        await self.server.stop(grace=2.0)
+        if self.servicer is not None:
+            self.servicer.executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,64 @@
+"""Inference node settings, all from environment variables."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.common.config import default_model_dir, env_float, env_int, env_list, env_str
+from services.common.serving import MiB
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """
+    Attributes:
+        listen: CUTOUT_NODE_LISTEN, host:port to serve on (port 0 picks one).
+        node_id: CUTOUT_NODE_ID, name in logs and GetLoad; hostname:pid by default.
+        model_dir: CUTOUT_MODEL_DIR, folder of *.onnx models (default ../shared/models).
+        models: CUTOUT_MODELS, comma-separated model names to load; every *.onnx when empty.
+            The first is the default model.
+        providers: CUTOUT_PROVIDERS, "auto" (CUDA if available, else CPU) or a comma list.
+        require_gpu: CUTOUT_REQUIRE_GPU=1 refuses to start unless models run on CUDA.
+        capacity: CUTOUT_NODE_CAPACITY, jobs processed at once.
+        ort_threads: CUTOUT_ORT_THREADS, ONNX Runtime intra-op threads (0 = its default).
+        max_pixels: CUTOUT_MAX_PIXELS, largest input decoded, in pixels.
+        max_message_bytes: CUTOUT_MAX_MESSAGE_BYTES, gRPC message limit.
+        grace_s: CUTOUT_GRACE_S, how long a draining node waits for its jobs.
+        ready_file: CUTOUT_READY_FILE, file to write the bound port to once serving.
+        log_level: CUTOUT_LOG_LEVEL.
+    """
+
+    listen: str
+    node_id: str
+    model_dir: Path
+    models: list[str]
+    providers: str
+    require_gpu: bool
+    capacity: int
+    ort_threads: int
+    max_pixels: int
+    max_message_bytes: int
+    grace_s: float
+    ready_file: str
+    log_level: str
+
+    @classmethod
+    def from_env(cls) -> NodeSettings:
+        return cls(
+            listen=env_str("CUTOUT_NODE_LISTEN", "127.0.0.1:50061"),
+            node_id=env_str("CUTOUT_NODE_ID", f"{socket.gethostname()}:{os.getpid()}"),
+            model_dir=default_model_dir(),
+            models=env_list("CUTOUT_MODELS"),
+            providers=env_str("CUTOUT_PROVIDERS", "auto"),
+            require_gpu=env_str("CUTOUT_REQUIRE_GPU", "0") == "1",
+            capacity=env_int("CUTOUT_NODE_CAPACITY", 2, minimum=1),
+            ort_threads=env_int("CUTOUT_ORT_THREADS", 0, minimum=0),
+            max_pixels=env_int("CUTOUT_MAX_PIXELS", 40_000_000, minimum=1),
+            max_message_bytes=env_int("CUTOUT_MAX_MESSAGE_BYTES", 32 * MiB, minimum=MiB),
+            grace_s=env_float("CUTOUT_GRACE_S", 30.0),
+            ready_file=env_str("CUTOUT_READY_FILE", ""),
+            log_level=env_str("CUTOUT_LOG_LEVEL", "INFO"),
+        )

@@ -1,0 +1,244 @@
+"""A whole Cutout cluster as local processes: what `cutout up`, the demo and the tests run.
+
+Each service runs as `python -m services.<name>` with its settings in its
+environment and listens on a port it picks itself (reported through a ready
+file), except the gateway, whose port is chosen by the caller.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.common.config import PROJECT_ROOT, default_model_dir
+from services.gateway.auth import hash_key
+from services.local.redis import RedisServer
+
+
+@dataclass
+class Service:
+    name: str
+    module: str
+    env: dict[str, str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    port: int = 0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+@dataclass
+class ClusterConfig:
+    """How to lay out a local cluster.
+
+    Attributes:
+        nodes: inference nodes to start.
+        gateway_port: port of the public API (0 picks a free one).
+        workdir: where Redis data, results, logs and the local key live.
+        redis_url: use this Redis instead of starting one.
+        model_dir: folder of *.onnx models.
+        models: model names to load (every *.onnx in model_dir when empty).
+        api_keys: {vendor: key} the gateway accepts.
+        extra_env: more settings for every service (CUTOUT_LEASE_MS, ...).
+        appendfsync: AOF fsync policy of the embedded Redis.
+    """
+
+    nodes: int = 2
+    gateway_port: int = 50051
+    workdir: Path = field(default_factory=lambda: PROJECT_ROOT / "var")
+    redis_url: str = ""
+    model_dir: Path = field(default_factory=default_model_dir)
+    models: list[str] = field(default_factory=list)
+    api_keys: dict[str, str] = field(default_factory=dict)
+    extra_env: dict[str, str] = field(default_factory=dict)
+    appendfsync: str = "everysec"
+
+
+class LocalCluster:
+    def __init__(self, config: ClusterConfig) -> None:
+        self.config = config
+        self.workdir = config.workdir
+        self.redis: RedisServer | None = None
+        self.redis_url = config.redis_url
+        self.scheduler: Service | None = None
+        self.nodes: list[Service] = []
+        self.gateway: Service | None = None
+        self.models = config.models or sorted(p.stem for p in config.model_dir.glob("*.onnx"))
+        if not self.models:
+            raise FileNotFoundError(f"no *.onnx model in {config.model_dir} (set CUTOUT_MODEL_DIR)")
+        self._ready_dir = Path(tempfile.mkdtemp(prefix="cutout-ready-"))
+        self._node_ports: list[int] = []
+
+    # --- environment -----------------------------------------------------------
+
+    def _base_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            {
+                "CUTOUT_REDIS_URL": self.redis_url,
+                "CUTOUT_MODEL_DIR": str(self.config.model_dir),
+                "CUTOUT_MODELS": ",".join(self.models),
+                "CUTOUT_STORAGE_DIR": str(self.workdir / "results"),
+                "PYTHONPATH": os.pathsep.join(
+                    [str(PROJECT_ROOT), str(PROJECT_ROOT / "clients" / "python")]
+                ),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        env.update(self.config.extra_env)
+        return env
+
+    def _service(self, name: str, module: str, env: dict[str, str]) -> Service:
+        logs = self.workdir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        return Service(name, module, env, logs / f"{name}.log")
+
+    def _spawn(self, svc: Service) -> None:
+        ready = self._ready_dir / f"{svc.name}.port"
+        ready.unlink(missing_ok=True)
+        env = {**svc.env, "CUTOUT_READY_FILE": str(ready)}
+        with svc.log_path.open("ab") as log:
+            svc.proc = subprocess.Popen(
+                [sys.executable, "-m", svc.module],
+                env=env,
+                cwd=PROJECT_ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C in a terminal reaches only `cutout up`
+            )
+
+    def _wait_ready(self, svc: Service, timeout_s: float) -> None:
+        ready = self._ready_dir / f"{svc.name}.port"
+        deadline = time.monotonic() + timeout_s
+        while not ready.exists():
+            assert svc.proc is not None
+            if svc.proc.poll() is not None:
+                tail = svc.log_path.read_text(errors="replace")[-3000:]
+                raise RuntimeError(
+                    f"{svc.name} exited with {svc.proc.returncode}; its log ends:\n{tail}"
+                )
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{svc.name} not ready after {timeout_s}s; see {svc.log_path}")
+            time.sleep(0.05)
+        svc.port = int(ready.read_text())
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    def start(self, timeout_s: float = 180.0) -> None:
+        try:
+            if not self.redis_url:
+                self.redis = RedisServer(
+                    self.workdir / "redis", appendfsync=self.config.appendfsync
+                )
+                self.redis.start()
+                self.redis_url = self.redis.url
+            # Node ports first, so the scheduler knows where to look even
+            # before the nodes are up (a job waits until one is).
+            from services.local.redis import free_port
+
+            self._node_ports = [free_port() for _ in range(self.config.nodes)]
+            self.start_scheduler(timeout_s)
+            for i in range(self.config.nodes):
+                self.start_node(i, wait=False)
+            for node in self.nodes:
+                self._wait_ready(node, timeout_s)
+            self.start_gateway(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def start_scheduler(self, timeout_s: float = 60.0) -> Service:
+        env = self._base_env()
+        env.update(
+            {
+                "CUTOUT_SCHEDULER_LISTEN": "127.0.0.1:0",
+                "CUTOUT_NODES": ",".join(f"127.0.0.1:{p}" for p in self._node_ports),
+            }
+        )
+        if self.scheduler is None:
+            self.scheduler = self._service("scheduler", "services.scheduler", env)
+        elif self.scheduler.port:
+            # A restart keeps its address so the gateway's channel reconnects to it.
+            self.scheduler.env["CUTOUT_SCHEDULER_LISTEN"] = self.scheduler.address
+        self._spawn(self.scheduler)
+        self._wait_ready(self.scheduler, timeout_s)
+        return self.scheduler
+
+    def start_node(self, index: int, wait: bool = True, timeout_s: float = 180.0) -> Service:
+        env = self._base_env()
+        threads = max(1, (os.cpu_count() or 1) // max(1, self.config.nodes))
+        env.setdefault("CUTOUT_ORT_THREADS", str(threads))
+        env.update(
+            {
+                "CUTOUT_NODE_LISTEN": f"127.0.0.1:{self._node_ports[index]}",
+                "CUTOUT_NODE_ID": f"node-{index + 1}",
+            }
+        )
+        while len(self.nodes) <= index:
+            self.nodes.append(
+                self._service(f"node-{len(self.nodes) + 1}", "services.inference", env)
+            )
+        node = self.nodes[index]
+        self._spawn(node)
+        if wait:
+            self._wait_ready(node, timeout_s)
+        return node
+
+    def start_gateway(self, timeout_s: float = 60.0) -> Service:
+        assert self.scheduler is not None
+        env = self._base_env()
+        env.update(
+            {
+                "CUTOUT_GATEWAY_LISTEN": f"127.0.0.1:{self.config.gateway_port}",
+                "CUTOUT_SCHEDULER_ADDR": self.scheduler.address,
+                "CUTOUT_API_KEYS": ",".join(
+                    f"{v}:{hash_key(k)}" for v, k in self.config.api_keys.items()
+                ),
+            }
+        )
+        self.gateway = self._service("gateway", "services.gateway", env)
+        self._spawn(self.gateway)
+        self._wait_ready(self.gateway, timeout_s)
+        return self.gateway
+
+    @staticmethod
+    def kill(svc: Service) -> None:
+        """SIGKILL, as a crash would."""
+        if svc.proc and svc.proc.poll() is None:
+            svc.proc.kill()
+            svc.proc.wait()
+
+    @staticmethod
+    def terminate(svc: Service, timeout_s: float = 40.0) -> None:
+        """SIGTERM, then wait for the service's graceful stop."""
+        if svc.proc and svc.proc.poll() is None:
+            svc.proc.send_signal(signal.SIGTERM)
+            try:
+                svc.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                svc.proc.kill()
+                svc.proc.wait()
+
+    def stop(self) -> None:
+        """Gateway first (no new work), then scheduler, nodes, Redis."""
+        if self.gateway:
+            self.terminate(self.gateway)
+        if self.scheduler:
+            self.terminate(self.scheduler)
+        for node in self.nodes:
+            self.terminate(node)
+        if self.redis:
+            self.redis.stop()
+
+    @property
+    def gateway_address(self) -> str:
+        assert self.gateway is not None
+        return self.gateway.address

@@ -1,0 +1,71 @@
+"""`cutout up`: a local cluster on embedded defaults, until Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+
+from rich.console import Console
+
+from services.common.config import PROJECT_ROOT
+from services.gateway.auth import new_key
+from services.local.cluster import ClusterConfig, LocalCluster
+
+console = Console()
+
+
+def local_key(workdir: Path) -> str:
+    """The local vendor's key, made once and kept in <workdir>/local.key (mode 0600)."""
+    path = workdir / "local.key"
+    if path.exists():
+        return path.read_text().strip()
+    workdir.mkdir(parents=True, exist_ok=True)
+    key = new_key()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key
+
+
+def run_up(nodes: int, port: int, workdir: Path | None) -> int:
+    workdir = workdir or PROJECT_ROOT / "var"
+    key = local_key(workdir)
+    config = ClusterConfig(
+        nodes=nodes,
+        gateway_port=port,
+        workdir=workdir,
+        redis_url=os.environ.get("CUTOUT_REDIS_URL", ""),
+        api_keys={"local": key},
+    )
+    cluster = LocalCluster(config)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    with console.status(
+        f"starting redis, scheduler, {nodes} node(s) and the gateway (models load first)..."
+    ):
+        cluster.start()
+    print_summary(cluster, key)
+    stop.wait()
+    console.print("stopping...")
+    cluster.stop()
+    console.print("stopped")
+    return 0
+
+
+def print_summary(cluster: LocalCluster, key: str) -> None:
+    assert cluster.scheduler is not None
+    console.print("[bold]Cutout local cluster is up[/bold]")
+    console.print(f"  gateway    {cluster.gateway_address}   (public API)")
+    console.print(f"  scheduler  {cluster.scheduler.address}")
+    for node in cluster.nodes:
+        console.print(f"  {node.name:<10} {node.address}   models: {', '.join(cluster.models)}")
+    redis_note = f"embedded, AOF {cluster.config.appendfsync}" if cluster.redis else "external"
+    console.print(f"  redis      {cluster.redis_url}   ({redis_note})")
+    console.print(f"  results    {cluster.workdir / 'results'}")
+    console.print(f"  logs       {cluster.workdir / 'logs'}")
+    console.print(f"  API key    {key}")
+    console.print(f"\n  export CUTOUT_ADDR={cluster.gateway_address} CUTOUT_API_KEY={key}")
+    console.print("  cutout submit photo.jpg --wait\n\nCtrl-C stops everything.")

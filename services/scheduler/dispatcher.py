@@ -1,0 +1,272 @@
+"""Moves queued jobs onto nodes and records what happens to them.
+
+One loop claims jobs (fairly, through the job store's Lua script) whenever a
+node has a free slot; each claimed attempt runs as its own task that streams
+the node's progress into Redis, stores the output, and completes, retries or
+fails the job. A reaper puts back jobs whose lease ran out because their
+node or scheduler died.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from dataclasses import dataclass
+
+import grpc
+import redis.asyncio as aioredis
+
+from cutout.names import job_name
+from cutout.v1 import inference_service_pb2 as inference_pb2
+from cutout.v1 import jobs_pb2
+from services.common.errors import NON_RETRYABLE, status_from_code
+from services.scheduler.jobstore import Claim, JobStore
+from services.scheduler.keys import Keys
+from services.scheduler.nodes import Node, NodePool
+from services.scheduler.storage import ResultStore
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = {"image/png": "png", "image/webp": "webp"}
+
+
+@dataclass(frozen=True)
+class DispatchPolicy:
+    lease_ms: int = 15_000
+    attempt_timeout_s: float = 60.0
+    max_attempts: int = 3
+    reap_interval_s: float = 1.0
+
+
+class ProtocolError(Exception):
+    """The node's stream did not have the shape the API promises."""
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        store: JobStore,
+        pool: NodePool,
+        results: ResultStore,
+        redis: aioredis.Redis,
+        keys: Keys,
+        policy: DispatchPolicy,
+    ) -> None:
+        self.store = store
+        self.pool = pool
+        self.results = results
+        self.redis = redis
+        self.keys = keys
+        self.policy = policy
+        self._kick = asyncio.Event()
+        self._attempts: dict[str, asyncio.Task[None]] = {}
+        self._stopping = False
+
+    # --- loops ------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Claim and start attempts until stopped."""
+        listener = asyncio.create_task(self._listen())
+        try:
+            while not self._stopping:
+                node = self.pool.pick()
+                if node is None:
+                    await self._wait(self.pool.poll_interval_s)
+                    continue
+                claim = await self.store.claim(node.address, self.policy.lease_ms)
+                if claim is None:
+                    await self._wait(1.0)
+                    continue
+                node.local_in_flight += 1
+                task = asyncio.create_task(self._attempt(claim, node))
+                self._attempts[claim.job_id] = task
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+
+    async def reap_forever(self) -> None:
+        while True:
+            try:
+                gone = await self.store.reap(self.policy.max_attempts)
+                if gone:
+                    log.warning("leases expired; jobs requeued or failed", extra={"jobs": gone})
+            except aioredis.RedisError as exc:
+                log.warning("reaper could not reach redis", extra={"error": str(exc)})
+            await asyncio.sleep(self.policy.reap_interval_s)
+
+    async def drain(self, grace_s: float) -> None:
+        """Stop claiming; give running attempts grace_s to finish, then cancel them.
+
+        A cancelled attempt keeps its lease until it expires, so another
+        scheduler (or this one, restarted) puts the job back: nothing is lost.
+        """
+        self._stopping = True
+        self._kick.set()
+        pending = list(self._attempts.values())
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=grace_s)
+            for task in still:
+                task.cancel()
+            await asyncio.gather(*still, return_exceptions=True)
+
+    async def _wait(self, timeout: float) -> None:
+        self._kick.clear()
+        waiters = [
+            asyncio.create_task(self._kick.wait()),
+            asyncio.create_task(self.pool.changed.wait()),
+        ]
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        for w in waiters:
+            w.cancel()
+        self.pool.changed.clear()
+
+    async def _listen(self) -> None:
+        """Wake on new work; cancel attempts whose job a vendor cancelled."""
+        pubsub = self.redis.pubsub()
+        await pubsub.subscribe(self.keys.wake_channel, self.keys.cancel_channel)
+        cancel_channel = self.keys.cancel_channel.encode()
+        try:
+            async for message in pubsub.listen():
+                if message["type"] != "message":
+                    continue
+                if message["channel"] == cancel_channel:
+                    task = self._attempts.get(message["data"].decode())
+                    if task is not None:
+                        task.cancel()
+                else:
+                    self._kick.set()
+        finally:
+            await pubsub.aclose()
+
+    # --- one attempt -------------------------------------------------------------
+
+    async def _attempt(self, claim: Claim, node: Node) -> None:
+        extra = {
+            "job_id": claim.job_id,
+            "vendor": claim.vendor,
+            "node": node.address,
+            "attempt": claim.attempt,
+        }
+        log.info("attempt started", extra=extra)
+        renewer = asyncio.create_task(self._renew(claim))
+        try:
+            await self._run_on_node(claim, node)
+        except asyncio.CancelledError:
+            log.info("attempt cancelled", extra=extra)
+        except grpc.aio.AioRpcError as exc:
+            await self._on_node_error(claim, node, exc.code(), exc.details() or "", extra)
+        except (ProtocolError, aioredis.RedisError, OSError) as exc:
+            log.exception("attempt failed", extra=extra)
+            await self._retry(
+                claim, grpc.StatusCode.INTERNAL, f"attempt {claim.attempt} failed: {exc}"
+            )
+        finally:
+            renewer.cancel()
+            node.local_in_flight -= 1
+            self._attempts.pop(claim.job_id, None)
+            self._kick.set()
+
+    async def _run_on_node(self, claim: Claim, node: Node) -> None:
+        image = await self.store.input_image(claim.job_id)
+        if image is None:
+            return  # cancelled between claim and start
+        request = inference_pb2.ProcessRequest(
+            name=job_name(claim.job_id),
+            attempt=claim.attempt,
+            operation=await self.store.operation(claim.job_id),
+            image=image,
+        )
+        call = node.stub.Process(request, timeout=self.policy.attempt_timeout_s)
+        output: inference_pb2.ProcessOutput | None = None
+        chunks: list[bytes] = []
+        try:
+            async for response in call:
+                kind = response.WhichOneof("payload")
+                if kind == "progress":
+                    alive = await self.store.progress(
+                        claim,
+                        response.progress.stage,
+                        response.progress.progress_percent,
+                        self.policy.lease_ms,
+                    )
+                    if not alive:
+                        return  # fenced off: cancelled or re-leased elsewhere
+                elif kind == "output":
+                    output = response.output
+                elif kind == "chunk":
+                    chunks.append(response.chunk)
+        finally:
+            call.cancel()
+        await self._store_result(claim, output, b"".join(chunks))
+
+    async def _store_result(
+        self, claim: Claim, output: inference_pb2.ProcessOutput | None, data: bytes
+    ) -> None:
+        if output is None or output.content_type not in EXTENSIONS:
+            raise ProtocolError("node ended the stream without a usable output header")
+        digest = hashlib.sha256(data).hexdigest()
+        if len(data) != output.size_bytes or digest != output.sha256:
+            raise ProtocolError(
+                f"output arrived damaged: {len(data)} of {output.size_bytes} bytes, "
+                f"sha256 {digest[:12]}"
+            )
+        await self.store.progress(claim, jobs_pb2.STAGE_STORING, 95, self.policy.lease_ms)
+        key = f"{claim.vendor}/{claim.job_id}.{EXTENSIONS[output.content_type]}"
+        uri = await self.results.put(key, data, output.content_type)
+        result = jobs_pb2.Result(
+            content_type=output.content_type,
+            size_bytes=output.size_bytes,
+            width_px=output.width_px,
+            height_px=output.height_px,
+            uri=uri,
+            sha256=digest,
+        )
+        if await self.store.complete(claim, result):
+            log.info(
+                "job succeeded",
+                extra={"job_id": claim.job_id, "vendor": claim.vendor, "bytes": len(data)},
+            )
+        else:
+            log.info("attempt finished after its job moved on", extra={"job_id": claim.job_id})
+
+    async def _on_node_error(
+        self,
+        claim: Claim,
+        node: Node,
+        code: grpc.StatusCode,
+        details: str,
+        extra: dict[str, object],
+    ) -> None:
+        log.warning(
+            "node answered with an error", extra={**extra, "code": code.name, "details": details}
+        )
+        if code.value[0] in NON_RETRYABLE:
+            await self.store.fail(claim, status_from_code(code, details))
+            return
+        if code == grpc.StatusCode.UNAVAILABLE:
+            self.pool.mark_failed(node)
+        await self._retry(claim, code, f"attempt {claim.attempt} on {node.address}: {details}")
+
+    async def _retry(self, claim: Claim, code: grpc.StatusCode, message: str) -> None:
+        outcome = await self.store.retry(
+            claim, status_from_code(code, message), self.policy.max_attempts
+        )
+        if outcome == 2:
+            log.warning(
+                "job failed after its last attempt",
+                extra={"job_id": claim.job_id, "error": message},
+            )
+
+    async def _renew(self, claim: Claim) -> None:
+        """Keep the lease while the node works silently (the model runs long)."""
+        period = self.policy.lease_ms / 3000
+        while True:
+            await asyncio.sleep(period)
+            if not await self.store.renew(claim, self.policy.lease_ms):
+                task = self._attempts.get(claim.job_id)
+                if task is not None:
+                    task.cancel()
+                return

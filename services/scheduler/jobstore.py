@@ -1,0 +1,346 @@
+"""Jobs in Redis: the only code that reads or changes them.
+
+Every change is one Lua script from scripts.py; reads are plain commands.
+The store knows nothing about gRPC servers or nodes.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import redis.asyncio as aioredis
+from google.rpc import status_pb2
+
+from cutout.names import job_name
+from cutout.v1 import jobs_pb2
+from services.common.errors import CutoutError, not_found, status_from_code
+from services.scheduler.keys import PRIORITY_BAND, Keys
+from services.scheduler.scripts import CANCEL, CLAIM, COMPLETE, ENQUEUE, FAIL, PROGRESS, REAP, RETRY
+
+TERMINAL = (jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED)
+Fields = dict[bytes, bytes]
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A job leased to one node for one attempt."""
+
+    job_id: str
+    attempt: int
+    vendor: str
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How long finished jobs stay readable (seconds)."""
+
+    finished_s: int = 7 * 24 * 3600
+    idempotency_s: int = 24 * 3600
+
+
+def _ms_to_ts(ms: int, ts: Any) -> None:
+    ts.FromMilliseconds(ms)
+
+
+def job_from_fields(job_id: str, f: Fields, queue_position: int = 0) -> jobs_pb2.Job:
+    """Build the API's Job from the hash fields (or hash fields plus events)."""
+    state = int(f.get(b"state", b"0"))
+    job = jobs_pb2.Job(
+        name=job_name(job_id),
+        state=state,  # type: ignore[arg-type]
+        done=state in TERMINAL,
+        priority=int(f.get(b"priority", b"0")),
+        client_key=f.get(b"client_key", b"").decode(),
+        batch=f.get(b"batch", b"").decode(),
+        stage=int(f.get(b"stage", b"0")),  # type: ignore[arg-type]
+        progress_percent=int(f.get(b"progress", b"0")),
+        node=f.get(b"node", b"").decode(),
+        attempt=int(f.get(b"attempt", b"0")),
+        input_pixels=int(f.get(b"input_pixels", b"0")),
+        queue_position=queue_position if state == jobs_pb2.JOB_STATE_QUEUED else 0,
+    )
+    job.operation.ParseFromString(f.get(b"operation", b""))
+    if f.get(b"record"):
+        job.record.ParseFromString(f[b"record"])
+    _ms_to_ts(int(f.get(b"create_ms", b"0")), job.create_time)
+    _ms_to_ts(int(f.get(b"update_ms", b"0")), job.update_time)
+    if state == jobs_pb2.JOB_STATE_SUCCEEDED and f.get(b"result"):
+        job.result.ParseFromString(f[b"result"])
+    elif state in (jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED) and f.get(b"error"):
+        job.error.ParseFromString(f[b"error"])
+    return job
+
+
+class JobStore:
+    def __init__(self, redis: aioredis.Redis, keys: Keys, retention: Retention) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.retention = retention
+        self._enqueue = redis.register_script(ENQUEUE)
+        self._claim = redis.register_script(CLAIM)
+        self._progress = redis.register_script(PROGRESS)
+        self._complete = redis.register_script(COMPLETE)
+        self._fail = redis.register_script(FAIL)
+        self._retry = redis.register_script(RETRY)
+        self._reap = redis.register_script(REAP)
+        self._cancel = redis.register_script(CANCEL)
+
+    # --- submission -------------------------------------------------------
+
+    async def enqueue(
+        self,
+        vendor: str,
+        submission: jobs_pb2.JobSubmission,
+        image: bytes,
+        input_pixels: int,
+        batch: str = "",
+    ) -> tuple[jobs_pb2.Job, bool]:
+        """Store and queue a job. Returns (job, deduplicated)."""
+        job_id = uuid.uuid4().hex
+        record = submission.record.SerializeToString() if submission.HasField("record") else b""
+        created, got = await self._enqueue(
+            args=[
+                self.keys.prefix,
+                job_id,
+                vendor,
+                submission.priority,
+                submission.operation.SerializeToString(),
+                record,
+                submission.client_key,
+                batch,
+                input_pixels,
+                image,
+                self.retention.idempotency_s,
+            ]
+        )
+        job = await self.get(vendor, got.decode())
+        return job, created == 0
+
+    # --- reads --------------------------------------------------------------
+
+    async def _fields(self, vendor: str, job_id: str) -> Fields:
+        fields: Fields = await self.redis.hgetall(self.keys.job(job_id))
+        if not fields or fields.get(b"vendor", b"").decode() != vendor:
+            # Another vendor's job is indistinguishable from no job at all.
+            raise not_found(f"job {job_name(job_id)}")
+        return fields
+
+    async def queue_position(self, vendor: str, job_id: str) -> int:
+        rank = await self.redis.zrank(self.keys.queue(vendor), job_id)
+        return 0 if rank is None else int(rank) + 1
+
+    async def get(self, vendor: str, job_id: str) -> jobs_pb2.Job:
+        fields = await self._fields(vendor, job_id)
+        position = 0
+        if int(fields[b"state"]) == jobs_pb2.JOB_STATE_QUEUED:
+            position = await self.queue_position(vendor, job_id)
+        return job_from_fields(job_id, fields, position)
+
+    async def input_image(self, job_id: str) -> bytes | None:
+        data: bytes | None = await self.redis.get(self.keys.input(job_id))
+        return data
+
+    async def watch(
+        self, vendor: str, job_id: str, poll_s: float = 1.0
+    ) -> AsyncIterator[jobs_pb2.Job]:
+        """Yield the job now, then after every change, until it is done.
+
+        The snapshot and the stream position are read in one transaction, so
+        no change between them is missed or repeated.
+        """
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hgetall(self.keys.job(job_id))
+            pipe.xrevrange(self.keys.events(job_id), count=1)
+            fields, last = await pipe.execute()
+        if not fields or fields.get(b"vendor", b"").decode() != vendor:
+            raise not_found(f"job {job_name(job_id)}")
+        last_id: bytes = last[0][0] if last else b"0-0"
+        position = await self.queue_position(vendor, job_id)
+        job = job_from_fields(job_id, fields, position)
+        yield job
+        block_ms = max(1, int(poll_s * 1000))
+        while not job.done:
+            got = await self.redis.xread(
+                {self.keys.events(job_id): last_id}, block=block_ms, count=64
+            )
+            if not got:
+                if not await self.redis.exists(self.keys.job(job_id)):
+                    return  # expired while watched
+                if job.state == jobs_pb2.JOB_STATE_QUEUED:
+                    # Nothing happened to this job, but jobs ahead of it may have left.
+                    new_position = await self.queue_position(vendor, job_id)
+                    if new_position != job.queue_position:
+                        job = job_from_fields(job_id, fields, new_position)
+                        yield job
+                continue
+            for entry_id, data in got[0][1]:
+                last_id = entry_id
+                fields.update(data)
+                if int(fields[b"state"]) == jobs_pb2.JOB_STATE_QUEUED:
+                    position = await self.queue_position(vendor, job_id)
+                job = job_from_fields(job_id, fields, position)
+                yield job
+
+    async def list(
+        self, vendor: str, state: int, page_size: int, page_token: str
+    ) -> tuple[list[jobs_pb2.Job], str]:
+        """Newest first; the token is the sequence number to continue below."""
+        upper = f"({int(page_token)}" if page_token else "+inf"
+        jobs: list[jobs_pb2.Job] = []
+        key = self.keys.vendor_jobs(vendor)
+        scanned = 0
+        while len(jobs) < page_size and scanned < 10_000:
+            batch = await self.redis.zrevrangebyscore(
+                key, upper, "-inf", start=0, num=200, withscores=True
+            )
+            if not batch:
+                return jobs, ""
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for member, _ in batch:
+                    pipe.hgetall(self.keys.job(member.decode()))
+                rows = await pipe.execute()
+            for (member, score), fields in zip(batch, rows, strict=True):
+                scanned += 1
+                upper = f"({int(score)}"
+                if not fields:
+                    await self.redis.zrem(key, member)  # expired: drop from the index
+                    continue
+                if state and int(fields[b"state"]) != state:
+                    continue
+                jobs.append(job_from_fields(member.decode(), fields))
+                if len(jobs) == page_size:
+                    return jobs, upper[1:]
+        return jobs, upper[1:] if jobs else ""
+
+    async def stats(self, vendor: str) -> jobs_pb2.QueueStats:
+        vendors = (
+            [vendor]
+            if vendor
+            else sorted(v.decode() for v in await self.redis.smembers(self.keys.vendors))
+        )
+        stats = jobs_pb2.QueueStats()
+        by_priority = [0] * 10
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for v in vendors:
+                pipe.scard(self.keys.running(v))
+                for p in range(10):
+                    low = (9 - p) * PRIORITY_BAND
+                    pipe.zcount(self.keys.queue(v), low, f"({low + PRIORITY_BAND}")
+            rows = await pipe.execute()
+        for i in range(len(vendors)):
+            chunk = rows[i * 11 : (i + 1) * 11]
+            stats.running += int(chunk[0])
+            for p in range(10):
+                by_priority[p] += int(chunk[1 + p])
+        stats.queued = sum(by_priority)
+        for p in range(9, -1, -1):
+            if by_priority[p]:
+                stats.by_priority.add(priority=p, queued=by_priority[p])
+        return stats
+
+    # --- dispatch -------------------------------------------------------------
+
+    async def claim(self, node: str, lease_ms: int) -> Claim | None:
+        got = await self._claim(args=[self.keys.prefix, node, lease_ms])
+        if not got:
+            return None
+        return Claim(job_id=got[0].decode(), attempt=int(got[1]), vendor=got[2].decode())
+
+    async def operation(self, job_id: str) -> jobs_pb2.Operation:
+        op = jobs_pb2.Operation()
+        op.ParseFromString(await self.redis.hget(self.keys.job(job_id), "operation") or b"")
+        return op
+
+    async def progress(self, claim: Claim, stage: int, percent: int, lease_ms: int) -> bool:
+        """Record progress and renew the lease; False when the attempt is fenced off."""
+        ok = await self._progress(
+            args=[self.keys.prefix, claim.job_id, claim.attempt, stage, percent, lease_ms]
+        )
+        return bool(ok)
+
+    async def renew(self, claim: Claim, lease_ms: int) -> bool:
+        return await self.progress(claim, 0, 0, lease_ms)
+
+    async def complete(self, claim: Claim, result: jobs_pb2.Result) -> bool:
+        ok = await self._complete(
+            args=[
+                self.keys.prefix,
+                claim.job_id,
+                claim.attempt,
+                result.SerializeToString(),
+                self.retention.finished_s,
+            ]
+        )
+        return bool(ok)
+
+    async def fail(self, claim: Claim, error: status_pb2.Status) -> bool:
+        ok = await self._fail(
+            args=[
+                self.keys.prefix,
+                claim.job_id,
+                claim.attempt,
+                error.SerializeToString(),
+                self.retention.finished_s,
+            ]
+        )
+        return bool(ok)
+
+    async def retry(self, claim: Claim, error: status_pb2.Status, max_attempts: int) -> int:
+        """1 requeued, 2 failed for good (attempts used up), 0 fenced off."""
+        got = await self._retry(
+            args=[
+                self.keys.prefix,
+                claim.job_id,
+                claim.attempt,
+                max_attempts,
+                error.SerializeToString(),
+                self.retention.finished_s,
+            ]
+        )
+        return int(got)
+
+    async def reap(self, max_attempts: int, limit: int = 100) -> list[str]:
+        error = status_from_code(
+            grpc.StatusCode.UNAVAILABLE,
+            f"the node running this job stopped answering; gave up after {max_attempts} attempts",
+        )
+        got = await self._reap(
+            args=[
+                self.keys.prefix,
+                max_attempts,
+                error.SerializeToString(),
+                self.retention.finished_s,
+                limit,
+            ]
+        )
+        return [g.decode() for g in got]
+
+    async def cancel(self, vendor: str, job_id: str) -> jobs_pb2.Job:
+        error = status_from_code(grpc.StatusCode.CANCELLED, "cancelled by the vendor")
+        got = int(
+            await self._cancel(
+                args=[
+                    self.keys.prefix,
+                    job_id,
+                    vendor,
+                    error.SerializeToString(),
+                    self.retention.finished_s,
+                ]
+            )
+        )
+        if got == -1:
+            raise not_found(f"job {job_name(job_id)}")
+        return await self.get(vendor, job_id)
+
+
+def ensure_succeeded(job: jobs_pb2.Job) -> None:
+    if job.state != jobs_pb2.JOB_STATE_SUCCEEDED:
+        state = jobs_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_")
+        raise CutoutError(
+            f"{job.name} is {state}; a result exists only once it has SUCCEEDED",
+            grpc.StatusCode.FAILED_PRECONDITION,
+        )

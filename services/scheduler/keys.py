@@ -1,0 +1,65 @@
+"""Every Redis key and channel the scheduler uses, in one place.
+
+All keys start with a configurable prefix (default "cutout:") so several
+clusters or test runs can share one Redis. The Lua scripts in scripts.py
+build the same names from the prefix; keep the two in step.
+
+Scripts touch keys they compute, so Cutout needs a standalone Redis (with a
+replica or Sentinel for failover), not Redis Cluster.
+"""
+
+from __future__ import annotations
+
+DEFAULT_PREFIX = "cutout:"
+
+# job:{id}          HASH   the job record: state, stage, progress, attempt, vendor,
+#                          operation (serialised proto), result/error (serialised), times.
+# input:{id}        STRING the input image bytes; deleted when the job is done.
+# events:{id}       STREAM every change to the job, as the hash fields it changed.
+# queue:{vendor}    ZSET   the vendor's waiting jobs; score = (9 - priority) * 2^40 + seq,
+#                          so higher priority first, then FIFO.
+# ring              LIST   vendors with waiting jobs, in round-robin order.
+# ring:members      SET    the same vendors, to keep the ring free of duplicates.
+# leases            ZSET   running job id -> lease deadline (ms since the epoch).
+# running:{vendor}  SET    the vendor's running job ids.
+# jobs:{vendor}     ZSET   every job of the vendor -> seq, for listing newest first.
+# idem:{vendor}:{k} STRING job id for an idempotency key; expires after 24 h.
+# seq               STRING global submission counter.
+# vendors           SET    every vendor that ever submitted, for global stats.
+# wake              PUBSUB published on every enqueue and requeue: dispatchers wake up.
+# cancel            PUBSUB job id of a cancelled running job: its dispatcher cancels the node call.
+
+
+class Keys:
+    def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
+        self.prefix = prefix
+        self.ring = prefix + "ring"
+        self.ring_members = prefix + "ring:members"
+        self.leases = prefix + "leases"
+        self.seq = prefix + "seq"
+        self.vendors = prefix + "vendors"
+        self.wake_channel = prefix + "wake"
+        self.cancel_channel = prefix + "cancel"
+
+    def job(self, job_id: str) -> str:
+        return f"{self.prefix}job:{job_id}"
+
+    def input(self, job_id: str) -> str:
+        return f"{self.prefix}input:{job_id}"
+
+    def events(self, job_id: str) -> str:
+        return f"{self.prefix}events:{job_id}"
+
+    def queue(self, vendor: str) -> str:
+        return f"{self.prefix}queue:{vendor}"
+
+    def running(self, vendor: str) -> str:
+        return f"{self.prefix}running:{vendor}"
+
+    def vendor_jobs(self, vendor: str) -> str:
+        return f"{self.prefix}jobs:{vendor}"
+
+
+# Queue score layout: priority band above a 40-bit sequence number.
+PRIORITY_BAND = 1 << 40
+MAX_PRIORITY = 9

@@ -1,0 +1,77 @@
+"""Wires the scheduler together: Redis, job store, node pool, dispatcher, gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import grpc
+import redis.asyncio as aioredis
+
+from cutout.v1 import scheduler_service_pb2_grpc as pb_grpc
+from services.common import serving
+from services.scheduler.dispatcher import Dispatcher, DispatchPolicy
+from services.scheduler.jobstore import JobStore, Retention
+from services.scheduler.keys import Keys
+from services.scheduler.nodes import NodePool
+from services.scheduler.service import SchedulerServicer
+from services.scheduler.settings import SchedulerSettings
+from services.scheduler.storage import LocalResultStore
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = "cutout.v1.SchedulerService"
+
+
+class SchedulerServer:
+    def __init__(self, settings: SchedulerSettings) -> None:
+        self.settings = settings
+        self.redis = aioredis.from_url(settings.redis_url, decode_responses=False)
+        keys = Keys(settings.key_prefix)
+        self.store = JobStore(self.redis, keys, Retention(finished_s=settings.retention_s))
+        self.pool = NodePool(settings.nodes, settings.node_poll_s, settings.max_message_bytes)
+        results = LocalResultStore(settings.storage_dir)
+        self.dispatcher = Dispatcher(
+            self.store,
+            self.pool,
+            results,
+            self.redis,
+            keys,
+            DispatchPolicy(
+                lease_ms=settings.lease_ms,
+                attempt_timeout_s=settings.attempt_timeout_s,
+                max_attempts=settings.max_attempts,
+            ),
+        )
+        self.server = grpc.aio.server(options=serving.server_options(settings.max_message_bytes))
+        pb_grpc.add_SchedulerServiceServicer_to_server(
+            SchedulerServicer(self.store, self.pool, results), self.server
+        )
+        self.health = serving.add_health_and_reflection(self.server, [SERVICE_NAME])
+        self.port = 0
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        await self.redis.ping()  # fail fast, with the URL in the error, if Redis is not there
+        self.port = serving.bind(self.server, self.settings.listen)
+        await self.server.start()
+        await serving.set_serving(self.health, [SERVICE_NAME], True)
+        self._tasks = [
+            asyncio.create_task(self.pool.run()),
+            asyncio.create_task(self.dispatcher.run()),
+            asyncio.create_task(self.dispatcher.reap_forever()),
+        ]
+        serving.write_ready_file(self.settings.ready_file, self.port)
+        log.info("scheduler serving", extra={"port": self.port, "nodes": self.settings.nodes})
+
+    async def stop(self) -> None:
+        await serving.set_serving(self.health, [SERVICE_NAME], False)
+        await self.dispatcher.drain(self.settings.grace_s)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.server.stop(grace=2.0)
+        await self.pool.close()
+        await self.redis.aclose()

@@ -1,0 +1,137 @@
+"""SchedulerService: the gateway's door to the queues. Thin: the job store does the work."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+
+import grpc
+
+from cutout.names import job_id_from_name
+from cutout.v1 import scheduler_service_pb2 as pb
+from cutout.v1 import scheduler_service_pb2_grpc as pb_grpc
+from services.common.errors import CutoutError, abort, invalid_argument, not_found
+from services.scheduler.jobstore import JobStore, ensure_succeeded
+from services.scheduler.keys import MAX_PRIORITY
+from services.scheduler.nodes import NodePool
+from services.scheduler.storage import ResultStore
+
+Context = grpc.aio.ServicerContext[object, object]
+VENDOR_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MAX_PAGE = 500
+
+
+def _vendor(vendor_id: str) -> str:
+    if not VENDOR_ID.match(vendor_id):
+        raise invalid_argument("vendor_id", "must be 1-64 characters of [A-Za-z0-9_-]")
+    return vendor_id
+
+
+def _job_id(name: str) -> str:
+    job_id = job_id_from_name(name)
+    if job_id is None:
+        # A malformed name cannot name anyone's job.
+        raise not_found(f"job {name!r}")
+    return job_id
+
+
+class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
+    def __init__(self, store: JobStore, pool: NodePool, results: ResultStore) -> None:
+        self.store = store
+        self.pool = pool
+        self.results = results
+
+    async def EnqueueJob(
+        self, request: pb.EnqueueJobRequest, context: Context
+    ) -> pb.EnqueueJobResponse:
+        try:
+            vendor = _vendor(request.vendor_id)
+            sub = request.submission
+            if not 0 <= sub.priority <= MAX_PRIORITY:
+                raise invalid_argument("submission.priority", f"must be 0-{MAX_PRIORITY}")
+            if sub.image.WhichOneof("source") != "content" or not sub.image.content:
+                raise invalid_argument(
+                    "submission.image.content", "the scheduler takes inline image bytes only"
+                )
+            if sub.operation.WhichOneof("kind") is None:
+                raise invalid_argument("submission.operation", "an operation is required")
+            job, dedup = await self.store.enqueue(
+                vendor, sub, sub.image.content, request.input_pixels, request.batch
+            )
+            return pb.EnqueueJobResponse(job=job, deduplicated=dedup)
+        except CutoutError as err:
+            await abort(context, err)
+
+    async def GetJob(
+        self, request: pb.SchedulerServiceGetJobRequest, context: Context
+    ) -> pb.SchedulerServiceGetJobResponse:
+        try:
+            job = await self.store.get(_vendor(request.vendor_id), _job_id(request.name))
+            return pb.SchedulerServiceGetJobResponse(job=job)
+        except CutoutError as err:
+            await abort(context, err)
+
+    async def WatchJob(
+        self, request: pb.SchedulerServiceWatchJobRequest, context: Context
+    ) -> AsyncIterator[pb.SchedulerServiceWatchJobResponse]:
+        try:
+            async for job in self.store.watch(_vendor(request.vendor_id), _job_id(request.name)):
+                response = pb.SchedulerServiceWatchJobResponse()
+                response.event.job.CopyFrom(job)
+                response.event.event_time.CopyFrom(job.update_time)
+                yield response
+        except CutoutError as err:
+            await abort(context, err)
+
+    async def ListJobs(
+        self, request: pb.SchedulerServiceListJobsRequest, context: Context
+    ) -> pb.SchedulerServiceListJobsResponse:
+        try:
+            vendor = _vendor(request.vendor_id)
+            size = request.page_size or 50
+            if not 1 <= size <= MAX_PAGE:
+                raise invalid_argument("page_size", f"must be 1-{MAX_PAGE}")
+            if request.page_token and not request.page_token.isdigit():
+                raise invalid_argument("page_token", "not a token this service issued")
+            jobs, token = await self.store.list(vendor, request.state, size, request.page_token)
+            return pb.SchedulerServiceListJobsResponse(jobs=jobs, next_page_token=token)
+        except CutoutError as err:
+            await abort(context, err)
+
+    async def CancelJob(
+        self, request: pb.SchedulerServiceCancelJobRequest, context: Context
+    ) -> pb.SchedulerServiceCancelJobResponse:
+        try:
+            job = await self.store.cancel(_vendor(request.vendor_id), _job_id(request.name))
+            return pb.SchedulerServiceCancelJobResponse(job=job)
+        except CutoutError as err:
+            await abort(context, err)
+
+    async def ReadResult(
+        self, request: pb.ReadResultRequest, context: Context
+    ) -> AsyncIterator[pb.ReadResultResponse]:
+        try:
+            job = await self.store.get(_vendor(request.vendor_id), _job_id(request.name))
+            ensure_succeeded(job)
+            first = True
+            try:
+                async for chunk in self.results.read(job.result.uri):
+                    yield pb.ReadResultResponse(result=job.result if first else None, chunk=chunk)
+                    first = False
+            except FileNotFoundError:
+                raise CutoutError(
+                    f"the stored output of {job.name} is missing", grpc.StatusCode.DATA_LOSS
+                ) from None
+        except CutoutError as err:
+            await abort(context, err)
+
+    async def GetQueueStats(
+        self, request: pb.SchedulerServiceGetQueueStatsRequest, context: Context
+    ) -> pb.SchedulerServiceGetQueueStatsResponse:
+        try:
+            vendor = _vendor(request.vendor_id) if request.vendor_id else ""
+            stats = await self.store.stats(vendor)
+            stats.healthy_nodes, stats.capacity, stats.in_flight = self.pool.totals()
+            return pb.SchedulerServiceGetQueueStatsResponse(stats=stats)
+        except CutoutError as err:
+            await abort(context, err)

@@ -1,0 +1,64 @@
+"""Scheduler settings, all from environment variables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.common.config import PROJECT_ROOT, env_float, env_int, env_list, env_str
+from services.common.serving import MiB
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    """
+    Attributes:
+        listen: CUTOUT_SCHEDULER_LISTEN, host:port to serve on (port 0 picks one).
+        redis_url: CUTOUT_REDIS_URL, the Redis holding queues and jobs.
+        key_prefix: CUTOUT_REDIS_PREFIX, prefix of every Redis key.
+        nodes: CUTOUT_NODES, comma-separated host:port of inference nodes.
+        node_poll_s: CUTOUT_NODE_POLL_S, seconds between health/load polls.
+        storage_dir: CUTOUT_STORAGE_DIR, where the local result store writes.
+        lease_ms: CUTOUT_LEASE_MS, how long a node may go silent before its job is requeued.
+        attempt_timeout_s: CUTOUT_ATTEMPT_TIMEOUT_S, deadline of one attempt on a node.
+        max_attempts: CUTOUT_MAX_ATTEMPTS, attempts before a job fails for good.
+        retention_s: CUTOUT_RETENTION_S, how long finished jobs stay readable.
+        max_message_bytes: CUTOUT_MAX_MESSAGE_BYTES, gRPC message limit (images travel inline).
+        grace_s: CUTOUT_GRACE_S, how long a stopping scheduler lets attempts finish.
+        ready_file: CUTOUT_READY_FILE, file to write the bound port to once serving.
+        log_level: CUTOUT_LOG_LEVEL.
+    """
+
+    listen: str
+    redis_url: str
+    key_prefix: str
+    nodes: list[str]
+    node_poll_s: float
+    storage_dir: Path
+    lease_ms: int
+    attempt_timeout_s: float
+    max_attempts: int
+    retention_s: int
+    max_message_bytes: int
+    grace_s: float
+    ready_file: str
+    log_level: str
+
+    @classmethod
+    def from_env(cls) -> SchedulerSettings:
+        return cls(
+            listen=env_str("CUTOUT_SCHEDULER_LISTEN", "127.0.0.1:50052"),
+            redis_url=env_str("CUTOUT_REDIS_URL", "redis://127.0.0.1:6379/0"),
+            key_prefix=env_str("CUTOUT_REDIS_PREFIX", "cutout:"),
+            nodes=env_list("CUTOUT_NODES", "127.0.0.1:50061"),
+            node_poll_s=env_float("CUTOUT_NODE_POLL_S", 0.5, minimum=0.05),
+            storage_dir=Path(env_str("CUTOUT_STORAGE_DIR", str(PROJECT_ROOT / "var" / "results"))),
+            lease_ms=env_int("CUTOUT_LEASE_MS", 15_000, minimum=1000),
+            attempt_timeout_s=env_float("CUTOUT_ATTEMPT_TIMEOUT_S", 60.0, minimum=1.0),
+            max_attempts=env_int("CUTOUT_MAX_ATTEMPTS", 3, minimum=1),
+            retention_s=env_int("CUTOUT_RETENTION_S", 7 * 24 * 3600, minimum=60),
+            max_message_bytes=env_int("CUTOUT_MAX_MESSAGE_BYTES", 32 * MiB, minimum=MiB),
+            grace_s=env_float("CUTOUT_GRACE_S", 10.0),
+            ready_file=env_str("CUTOUT_READY_FILE", ""),
+            log_level=env_str("CUTOUT_LOG_LEVEL", "INFO"),
+        )
