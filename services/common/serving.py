@@ -7,9 +7,11 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
 
 log = logging.getLogger(__name__)
@@ -25,12 +27,10 @@ def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
-def add_health_and_reflection(
-    server: grpc.aio.Server, service_names: Iterable[str]
-) -> health.aio.HealthServicer:
+def add_health_and_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> Any:
     """Serve grpc.health.v1 (SERVING for each name and "") and reflection."""
     names = list(service_names)
-    servicer = health.aio.HealthServicer()
+    servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     reflection.enable_server_reflection(
         [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
@@ -39,7 +39,7 @@ def add_health_and_reflection(
 
 
 async def set_serving(
-    servicer: health.aio.HealthServicer, names: Iterable[str], serving: bool
+    servicer: health_aio.HealthServicer, names: Iterable[str], serving: bool
 ) -> None:
     status = (
         health_pb2.HealthCheckResponse.SERVING

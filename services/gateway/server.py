@@ -53,4 +53,4 @@ class GatewayServer:
     async def stop(self) -> None:
         await serving.set_serving(self.health, [SERVICE_NAME], False)
         await self.server.stop(grace=5.0)
-        await self.channel.close()
+        await self.channel.close(None)

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any, cast
 
 import grpc
 
@@ -23,14 +24,14 @@ Context = grpc.aio.ServicerContext[object, object]
 
 async def _relay(context: Context, exc: grpc.aio.AioRpcError) -> None:
     """Pass a scheduler error on unchanged: code, message and rich details."""
-    await context.abort(exc.code(), exc.details() or "", exc.trailing_metadata())
+    await context.abort(exc.code(), exc.details() or "", cast(Any, exc.trailing_metadata()))
 
 
 class CutoutServicer(pb_grpc.CutoutServiceServicer):
     def __init__(
         self,
         keys: KeyTable,
-        scheduler: spb_grpc.SchedulerServiceStub,
+        scheduler: spb_grpc.SchedulerServiceAsyncStub,
         limits: Limits,
         max_batch: int,
         timeout_s: float,

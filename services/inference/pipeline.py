@@ -19,7 +19,7 @@ from services.inference.models import ModelCatalog
 
 Report = Callable[[int, int], None]  # (Stage, percent)
 
-CONTENT_TYPES = {jobs_pb2.OUTPUT_FORMAT_WEBP: "image/webp"}
+CONTENT_TYPES: dict[int, str] = {jobs_pb2.OUTPUT_FORMAT_WEBP: "image/webp"}
 
 
 class InvalidImage(ValueError):
@@ -45,7 +45,7 @@ class Output:
 def decode(data: bytes, max_pixels: int) -> Image.Image:
     """Open the first frame, refuse oversized images before decoding, honour EXIF."""
     try:
-        img = Image.open(io.BytesIO(data))
+        img: Image.Image = Image.open(io.BytesIO(data))
         width, height = img.size
         if width * height > max_pixels:
             raise InvalidImage(
@@ -83,11 +83,11 @@ def remove_background(
             f"model {spec.model!r} is not loaded here; loaded: {sorted(catalog.models)}"
         )
     report(jobs_pb2.STAGE_INFERENCE, 20)
-    mask = model.session.predict(img)[0]
+    mask: Image.Image = model.session.predict(img)[0]
     report(jobs_pb2.STAGE_COMPOSITING, 75)
     if spec.mask_only:
         return mask
-    cutout = naive_cutout(img, mask)
+    cutout: Image.Image = naive_cutout(img, mask)
     if spec.HasField("background_color"):
         c = spec.background_color
         cutout = apply_background_color(cutout, (c.red, c.green, c.blue, c.alpha))

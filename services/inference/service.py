@@ -6,11 +6,13 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, cast
 
 import grpc
 
 from cutout.v1 import inference_service_pb2 as pb
 from cutout.v1 import inference_service_pb2_grpc as pb_grpc
+from cutout.v1.jobs_pb2 import Stage
 from services.common.errors import CutoutError, abort
 from services.inference import pipeline
 from services.inference.models import ModelCatalog
@@ -78,12 +80,14 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         log.info("processing", extra=extra)
         while not work.done() or not events.empty():
             getter = asyncio.ensure_future(events.get())
-            await asyncio.wait({getter, work}, return_when=asyncio.FIRST_COMPLETED)
+            waiting: list[asyncio.Future[Any]] = [getter, work]
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             if getter.done():
                 stage, percent = getter.result()
-                yield pb.ProcessResponse(
-                    progress=pb.ProcessProgress(stage=stage, progress_percent=percent)
-                )  # type: ignore[arg-type]
+                progress = pb.ProcessProgress(
+                    stage=cast("Stage.ValueType", stage), progress_percent=percent
+                )
+                yield pb.ProcessResponse(progress=progress)
             else:
                 getter.cancel()
         try:

@@ -100,11 +100,16 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self.proc = None
+        self._forget()
 
     def kill(self) -> None:
         """SIGKILL: whatever was not yet fsynced is gone."""
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        self._forget()
+
+    def _forget(self) -> None:
+        if self.proc and self.proc.stderr:
+            self.proc.stderr.close()
         self.proc = None

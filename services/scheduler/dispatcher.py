@@ -139,7 +139,7 @@ class Dispatcher:
                 else:
                     self._kick.set()
         finally:
-            await pubsub.aclose()
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     # --- one attempt -------------------------------------------------------------
 

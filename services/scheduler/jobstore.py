@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import redis.asyncio as aioredis
@@ -23,6 +23,15 @@ from services.scheduler.scripts import CANCEL, CLAIM, COMPLETE, ENQUEUE, FAIL, P
 
 TERMINAL = (jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED)
 Fields = dict[bytes, bytes]
+# Hash fields that events change, and their values when a job is submitted.
+_INITIAL: Fields = {
+    b"state": b"1",
+    b"stage": b"1",
+    b"progress": b"0",
+    b"node": b"",
+    b"attempt": b"0",
+}
+_EVENT_FIELDS = frozenset([*_INITIAL, b"result", b"error", b"update_ms"])
 
 
 @dataclass(frozen=True)
@@ -123,14 +132,14 @@ class JobStore:
     # --- reads --------------------------------------------------------------
 
     async def _fields(self, vendor: str, job_id: str) -> Fields:
-        fields: Fields = await self.redis.hgetall(self.keys.job(job_id))
+        fields = cast(Fields, await self.redis.hgetall(self.keys.job(job_id)))
         if not fields or fields.get(b"vendor", b"").decode() != vendor:
             # Another vendor's job is indistinguishable from no job at all.
             raise not_found(f"job {job_name(job_id)}")
         return fields
 
     async def queue_position(self, vendor: str, job_id: str) -> int:
-        rank = await self.redis.zrank(self.keys.queue(vendor), job_id)
+        rank = cast("int | None", await self.redis.zrank(self.keys.queue(vendor), job_id))
         return 0 if rank is None else int(rank) + 1
 
     async def get(self, vendor: str, job_id: str) -> jobs_pb2.Job:
@@ -141,51 +150,61 @@ class JobStore:
         return job_from_fields(job_id, fields, position)
 
     async def input_image(self, job_id: str) -> bytes | None:
-        data: bytes | None = await self.redis.get(self.keys.input(job_id))
-        return data
+        return cast("bytes | None", await self.redis.get(self.keys.input(job_id)))
 
     async def watch(
         self, vendor: str, job_id: str, poll_s: float = 1.0
     ) -> AsyncIterator[jobs_pb2.Job]:
-        """Yield the job now, then after every change, until it is done.
+        """Yield the job after each change it went through, from its submission on,
+        then after every new change, until it is done.
 
-        The snapshot and the stream position are read in one transaction, so
-        no change between them is missed or repeated.
+        History and stream position are read in one transaction, so no change
+        is missed or repeated however late the watcher arrives.
         """
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hgetall(self.keys.job(job_id))
-            pipe.xrevrange(self.keys.events(job_id), count=1)
-            fields, last = await pipe.execute()
+            pipe.xrange(self.keys.events(job_id))
+            fields, history = await pipe.execute()
         if not fields or fields.get(b"vendor", b"").decode() != vendor:
             raise not_found(f"job {job_name(job_id)}")
-        last_id: bytes = last[0][0] if last else b"0-0"
-        position = await self.queue_position(vendor, job_id)
-        job = job_from_fields(job_id, fields, position)
-        yield job
+        # Replay from the fields every job starts with; the events carry the rest.
+        state = {k: v for k, v in fields.items() if k not in _EVENT_FIELDS}
+        state.update(_INITIAL)
+        last_id = b"0-0"
+        job = job_from_fields(job_id, state)
+        if not history:
+            yield job
+        for entry_id, data in history:
+            last_id = entry_id
+            job = await self._apply(vendor, job_id, state, data)
+            yield job
         block_ms = max(1, int(poll_s * 1000))
         while not job.done:
-            got = await self.redis.xread(
-                {self.keys.events(job_id): last_id}, block=block_ms, count=64
-            )
+            stream = {self.keys.events(job_id): last_id}
+            got = cast(list[Any], await self.redis.xread(stream, block=block_ms, count=64))  # type: ignore[arg-type]
             if not got:
                 if not await self.redis.exists(self.keys.job(job_id)):
                     return  # expired while watched
                 if job.state == jobs_pb2.JOB_STATE_QUEUED:
                     # Nothing happened to this job, but jobs ahead of it may have left.
-                    new_position = await self.queue_position(vendor, job_id)
-                    if new_position != job.queue_position:
-                        job = job_from_fields(job_id, fields, new_position)
+                    position = await self.queue_position(vendor, job_id)
+                    if position != job.queue_position:
+                        job = job_from_fields(job_id, state, position)
                         yield job
                 continue
             for entry_id, data in got[0][1]:
                 last_id = entry_id
-                fields.update(data)
-                if int(fields[b"state"]) == jobs_pb2.JOB_STATE_QUEUED:
-                    position = await self.queue_position(vendor, job_id)
-                job = job_from_fields(job_id, fields, position)
+                job = await self._apply(vendor, job_id, state, data)
                 yield job
 
-    async def list(
+    async def _apply(self, vendor: str, job_id: str, state: Fields, event: Fields) -> jobs_pb2.Job:
+        state.update(event)
+        position = 0
+        if int(state[b"state"]) == jobs_pb2.JOB_STATE_QUEUED:
+            position = await self.queue_position(vendor, job_id)
+        return job_from_fields(job_id, state, position)
+
+    async def page(
         self, vendor: str, state: int, page_size: int, page_token: str
     ) -> tuple[list[jobs_pb2.Job], str]:
         """Newest first; the token is the sequence number to continue below."""
@@ -194,15 +213,18 @@ class JobStore:
         key = self.keys.vendor_jobs(vendor)
         scanned = 0
         while len(jobs) < page_size and scanned < 10_000:
-            batch = await self.redis.zrevrangebyscore(
-                key, upper, "-inf", start=0, num=200, withscores=True
+            batch = cast(
+                list[tuple[bytes, float]],
+                await self.redis.zrevrangebyscore(
+                    key, upper, "-inf", start=0, num=200, withscores=True
+                ),
             )
             if not batch:
                 return jobs, ""
             async with self.redis.pipeline(transaction=False) as pipe:
                 for member, _ in batch:
                     pipe.hgetall(self.keys.job(member.decode()))
-                rows = await pipe.execute()
+                rows = cast(list[Fields], await pipe.execute())
             for (member, score), fields in zip(batch, rows, strict=True):
                 scanned += 1
                 upper = f"({int(score)}"
@@ -220,7 +242,9 @@ class JobStore:
         vendors = (
             [vendor]
             if vendor
-            else sorted(v.decode() for v in await self.redis.smembers(self.keys.vendors))
+            else sorted(
+                v.decode() for v in cast(set[bytes], await self.redis.smembers(self.keys.vendors))
+            )
         )
         stats = jobs_pb2.QueueStats()
         by_priority = [0] * 10
@@ -252,7 +276,9 @@ class JobStore:
 
     async def operation(self, job_id: str) -> jobs_pb2.Operation:
         op = jobs_pb2.Operation()
-        op.ParseFromString(await self.redis.hget(self.keys.job(job_id), "operation") or b"")
+        op.ParseFromString(
+            cast("bytes | None", await self.redis.hget(self.keys.job(job_id), "operation")) or b""
+        )
         return op
 
     async def progress(self, claim: Claim, stage: int, percent: int, lease_ms: int) -> bool:

@@ -21,7 +21,7 @@ INFERENCE_SERVICE = "cutout.v1.InferenceService"
 class Node:
     address: str
     channel: grpc.aio.Channel
-    stub: inference_grpc.InferenceServiceStub
+    stub: inference_grpc.InferenceServiceAsyncStub
     health: health_pb2_grpc.HealthStub
     healthy: bool = False
     draining: bool = False
@@ -135,4 +135,4 @@ class NodePool:
         return len(up), sum(n.capacity for n in up), sum(n.in_flight for n in up)
 
     async def close(self) -> None:
-        await asyncio.gather(*(n.channel.close() for n in self.nodes))
+        await asyncio.gather(*(n.channel.close(None) for n in self.nodes))

@@ -93,7 +93,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
                 raise invalid_argument("page_size", f"must be 1-{MAX_PAGE}")
             if request.page_token and not request.page_token.isdigit():
                 raise invalid_argument("page_token", "not a token this service issued")
-            jobs, token = await self.store.list(vendor, request.state, size, request.page_token)
+            jobs, token = await self.store.page(vendor, request.state, size, request.page_token)
             return pb.SchedulerServiceListJobsResponse(jobs=jobs, next_page_token=token)
         except CutoutError as err:
             await abort(context, err)

@@ -154,7 +154,7 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._channel.close(None)
 
     async def submit_submission(self, submission: jobs_pb2.JobSubmission) -> pb.SubmitJobResponse:
         try:
@@ -295,7 +295,7 @@ class Client:
         except grpc.RpcError as exc:
             raise CutoutError.from_rpc_error(exc) from None
         finally:
-            call.cancel()
+            call.cancel()  # type: ignore[no-untyped-call]
 
     def cancel(self, name: str) -> jobs_pb2.Job:
         try:

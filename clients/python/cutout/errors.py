@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -22,10 +23,11 @@ class CutoutError(Exception):
 
     @classmethod
     def from_rpc_error(cls, exc: grpc.RpcError) -> CutoutError:
-        code: grpc.StatusCode = exc.code()  # type: ignore[attr-defined]
-        details: str = exc.details() or ""  # type: ignore[attr-defined]
-        err = cls(code, details)
-        for key, value in exc.trailing_metadata() or ():  # type: ignore[attr-defined]
+        # Every RpcError grpc raises is also a Call (sync) or an AioRpcError.
+        call = cast(grpc.Call, exc)
+        err = cls(call.code(), call.details() or "")
+        metadata: Any = call.trailing_metadata() or ()
+        for key, value in metadata:
             if key != "grpc-status-details-bin" or not isinstance(value, bytes):
                 continue
             status = status_pb2.Status.FromString(value)

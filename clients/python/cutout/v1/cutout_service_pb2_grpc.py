@@ -105,7 +105,8 @@ class CutoutServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchJob(self, request, context):
-        """Streams a job's events until it is done; the first event is the job as it is now.
+        """Streams the job after each change: first its recorded history since
+        submission (the last 256 changes at most), then each new change, until it is done.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -42,7 +42,9 @@ class CutoutServiceStub:
     GetJob: _grpc.UnaryUnaryMultiCallable[_cutout_service_pb2.GetJobRequest, _cutout_service_pb2.GetJobResponse]
     """Returns one job."""
     WatchJob: _grpc.UnaryStreamMultiCallable[_cutout_service_pb2.WatchJobRequest, _cutout_service_pb2.WatchJobResponse]
-    """Streams a job's events until it is done; the first event is the job as it is now."""
+    """Streams the job after each change: first its recorded history since
+    submission (the last 256 changes at most), then each new change, until it is done.
+    """
     ListJobs: _grpc.UnaryUnaryMultiCallable[_cutout_service_pb2.ListJobsRequest, _cutout_service_pb2.ListJobsResponse]
     """Lists the caller's jobs, newest first."""
     CancelJob: _grpc.UnaryUnaryMultiCallable[_cutout_service_pb2.CancelJobRequest, _cutout_service_pb2.CancelJobResponse]
@@ -66,7 +68,9 @@ class CutoutServiceAsyncStub(CutoutServiceStub):
     GetJob: _aio.UnaryUnaryMultiCallable[_cutout_service_pb2.GetJobRequest, _cutout_service_pb2.GetJobResponse]  # type: ignore[assignment]
     """Returns one job."""
     WatchJob: _aio.UnaryStreamMultiCallable[_cutout_service_pb2.WatchJobRequest, _cutout_service_pb2.WatchJobResponse]  # type: ignore[assignment]
-    """Streams a job's events until it is done; the first event is the job as it is now."""
+    """Streams the job after each change: first its recorded history since
+    submission (the last 256 changes at most), then each new change, until it is done.
+    """
     ListJobs: _aio.UnaryUnaryMultiCallable[_cutout_service_pb2.ListJobsRequest, _cutout_service_pb2.ListJobsResponse]  # type: ignore[assignment]
     """Lists the caller's jobs, newest first."""
     CancelJob: _aio.UnaryUnaryMultiCallable[_cutout_service_pb2.CancelJobRequest, _cutout_service_pb2.CancelJobResponse]  # type: ignore[assignment]
@@ -111,7 +115,9 @@ class CutoutServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _cutout_service_pb2.WatchJobRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_cutout_service_pb2.WatchJobResponse], _abc.AsyncIterator[_cutout_service_pb2.WatchJobResponse]]:
-        """Streams a job's events until it is done; the first event is the job as it is now."""
+        """Streams the job after each change: first its recorded history since
+        submission (the last 256 changes at most), then each new change, until it is done.
+        """
 
     @_abc_1.abstractmethod
     def ListJobs(
