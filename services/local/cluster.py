@@ -132,7 +132,7 @@ class LocalCluster:
 
     # --- lifecycle ----------------------------------------------------------------
 
-    def start(self, timeout_s: float = 180.0) -> None:
+    def start(self, timeout_s: float = 180.0, start_nodes: bool = True) -> None:
         try:
             if not self.redis_url:
                 self.redis = RedisServer(
@@ -146,7 +146,7 @@ class LocalCluster:
 
             self._node_ports = [free_port() for _ in range(self.config.nodes)]
             self.start_scheduler(timeout_s)
-            for i in range(self.config.nodes):
+            for i in range(self.config.nodes if start_nodes else 0):
                 self.start_node(i, wait=False)
             for node in self.nodes:
                 self._wait_ready(node, timeout_s)
