@@ -61,7 +61,9 @@ def png_header_only(width: int, height: int) -> bytes:
     """A PNG whose header claims width x height (no pixel data worth decoding)."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
@@ -129,7 +131,9 @@ async def test_calls_without_a_valid_key_are_refused(idle: LocalCluster) -> None
     await channel.close()
 
 
-async def test_another_vendors_job_does_not_exist_for_you(idle: LocalCluster, photos: dict[str, bytes]) -> None:
+async def test_another_vendors_job_does_not_exist_for_you(
+    idle: LocalCluster, photos: dict[str, bytes]
+) -> None:
     async with AsyncClient(idle.gateway_address, A) as a, AsyncClient(idle.gateway_address, B) as b:
         job = await a.submit(photos["chelsea"])
         calls = [b.get, b.cancel, b.result, lambda name: finish(b, name)]
@@ -149,10 +153,30 @@ async def test_another_vendors_job_does_not_exist_for_you(idle: LocalCluster, ph
     ("options", "content", "field", "code"),
     [
         ({}, b"", "submission.image.content", grpc.StatusCode.INVALID_ARGUMENT),
-        ({}, b"hello, I am a text file named photo.jpg", "submission.image.content", grpc.StatusCode.INVALID_ARGUMENT),
-        ({}, b"\xff\xd8\xff\xe0truncated", "submission.image.content", grpc.StatusCode.INVALID_ARGUMENT),
-        ({}, png_header_only(30000, 30000), "submission.image.content", grpc.StatusCode.INVALID_ARGUMENT),
-        ({"model": "u2net-nope"}, None, "submission.operation.remove_background.model", grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            {},
+            b"hello, I am a text file named photo.jpg",
+            "submission.image.content",
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            {},
+            b"\xff\xd8\xff\xe0truncated",
+            "submission.image.content",
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            {},
+            png_header_only(30000, 30000),
+            "submission.image.content",
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            {"model": "u2net-nope"},
+            None,
+            "submission.operation.remove_background.model",
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
         ({"priority": 42}, None, "submission.priority", grpc.StatusCode.INVALID_ARGUMENT),
         ({"op": "crop-face"}, None, None, grpc.StatusCode.UNIMPLEMENTED),
     ],
@@ -202,7 +226,9 @@ async def test_cancel_a_queued_job(idle: LocalCluster, photos: dict[str, bytes])
         assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
 
 
-async def test_list_pages_newest_first_and_filters(idle: LocalCluster, photos: dict[str, bytes]) -> None:
+async def test_list_pages_newest_first_and_filters(
+    idle: LocalCluster, photos: dict[str, bytes]
+) -> None:
     async with AsyncClient(idle.gateway_address, KEYS["vendor-b"]) as client:
         submitted = [(await client.submit(photos["coffee"])).name for _ in range(5)]
         await client.cancel(submitted[0])
@@ -224,7 +250,9 @@ async def test_list_pages_newest_first_and_filters(idle: LocalCluster, photos: d
         assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def test_same_client_key_returns_the_same_job(idle: LocalCluster, photos: dict[str, bytes]) -> None:
+async def test_same_client_key_returns_the_same_job(
+    idle: LocalCluster, photos: dict[str, bytes]
+) -> None:
     async with AsyncClient(idle.gateway_address, A) as client:
         sub = build_submission(photos["coffee"], client_key="order-1234-photo-1")
         first = await client.submit_submission(sub)
@@ -233,7 +261,9 @@ async def test_same_client_key_returns_the_same_job(idle: LocalCluster, photos: 
     assert first.job.name == second.job.name
 
 
-async def test_batch_items_succeed_or_fail_on_their_own(tiny: LocalCluster, photos: dict[str, bytes]) -> None:
+async def test_batch_items_succeed_or_fail_on_their_own(
+    tiny: LocalCluster, photos: dict[str, bytes]
+) -> None:
     async with AsyncClient(tiny.gateway_address, A) as client:
         reply = await client.submit_batch(
             [
@@ -298,7 +328,9 @@ async def test_exif_orientation_is_honoured(tiny: LocalCluster) -> None:
 # --- the CLI -----------------------------------------------------------------------------------
 
 
-def test_cli_submit_wait_writes_results(tiny: LocalCluster, tmp_path: Path, photos: dict[str, bytes]) -> None:
+def test_cli_submit_wait_writes_results(
+    tiny: LocalCluster, tmp_path: Path, photos: dict[str, bytes]
+) -> None:
     inputs = tmp_path / "in"
     inputs.mkdir()
     for name in ("astronaut", "coffee"):

@@ -52,13 +52,22 @@ def assert_lifecycle(seen: list[jobs_pb2.Job]) -> None:
     for job in seen:
         if not states or states[-1] != job.state:
             states.append(job.state)
-    assert states == [jobs_pb2.JOB_STATE_QUEUED, jobs_pb2.JOB_STATE_RUNNING, jobs_pb2.JOB_STATE_SUCCEEDED]
+    assert states == [
+        jobs_pb2.JOB_STATE_QUEUED,
+        jobs_pb2.JOB_STATE_RUNNING,
+        jobs_pb2.JOB_STATE_SUCCEEDED,
+    ]
     progress = [job.progress_percent for job in seen]
     assert progress == sorted(progress), f"progress went backwards: {progress}"
     assert progress[-1] == 100
     # Every pipeline stage a watcher should see on the way.
     stages = {job.stage for job in seen}
-    assert {jobs_pb2.STAGE_QUEUED, jobs_pb2.STAGE_INFERENCE, jobs_pb2.STAGE_ENCODING, jobs_pb2.STAGE_DONE} <= stages
+    assert {
+        jobs_pb2.STAGE_QUEUED,
+        jobs_pb2.STAGE_INFERENCE,
+        jobs_pb2.STAGE_ENCODING,
+        jobs_pb2.STAGE_DONE,
+    } <= stages
 
 
 @pytest.fixture
@@ -66,9 +75,13 @@ def real_cluster(make_cluster, real_model_dir: Path) -> LocalCluster:  # type: i
     return make_cluster(real_model_dir, nodes=1, CUTOUT_ORT_THREADS="2")
 
 
-async def test_real_photos_match_rembg(real_cluster: LocalCluster, real_model_dir: Path, photos: dict[str, bytes]) -> None:
+async def test_real_photos_match_rembg(
+    real_cluster: LocalCluster, real_model_dir: Path, photos: dict[str, bytes]
+) -> None:
     names = ["astronaut", "chelsea"]
-    results = await asyncio.gather(*(run_job(real_cluster.gateway_address, photos[n]) for n in names))
+    results = await asyncio.gather(
+        *(run_job(real_cluster.gateway_address, photos[n]) for n in names)
+    )
     for name, (seen, output) in zip(names, results, strict=True):
         assert_lifecycle(seen)
         final = seen[-1]
@@ -85,7 +98,11 @@ async def test_real_photos_match_rembg(real_cluster: LocalCluster, real_model_di
 
 
 def test_reflection_and_health_on_every_server(real_cluster: LocalCluster) -> None:
-    servers = {"gateway": real_cluster.gateway, "scheduler": real_cluster.scheduler, "node-1": real_cluster.nodes[0]}
+    servers = {
+        "gateway": real_cluster.gateway,
+        "scheduler": real_cluster.scheduler,
+        "node-1": real_cluster.nodes[0],
+    }
     listed: set[str] = set()
     for name, service in servers.items():
         assert service is not None

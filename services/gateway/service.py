@@ -24,7 +24,9 @@ Context = grpc.aio.ServicerContext[object, object]
 
 async def _relay(context: Context, exc: grpc.aio.AioRpcError) -> None:
     """Pass a scheduler error on unchanged: code, message and rich details."""
-    await context.abort(exc.code(), exc.details() or "", tuple(cast(Any, exc.trailing_metadata()) or ()))
+    await context.abort(
+        exc.code(), exc.details() or "", tuple(cast(Any, exc.trailing_metadata()) or ())
+    )
 
 
 class CutoutServicer(pb_grpc.CutoutServiceServicer):

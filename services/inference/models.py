@@ -78,8 +78,9 @@ def load_model(model_dir: Path, name: str, providers: list[str], threads: int) -
             "model runs on a different execution provider than requested",
             extra={"model": name, "requested": providers, "active": active},
         )
-    # Warm up: the first run allocates buffers and picks kernels.
-    session.predict(Image.new("RGB", (64, 64)))
+    # Warm up: the first run allocates buffers and picks kernels. A gradient,
+    # because rembg normalises the mask by its range (a flat image divides by 0).
+    session.predict(Image.linear_gradient("L").convert("RGB").resize((64, 64)))
     log.info("model loaded", extra={"model": name, "provider": active})
     return LoadedModel(name, session, active, providers)
 

@@ -46,7 +46,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self, request: pb.ProcessRequest, context: Context
     ) -> AsyncIterator[pb.ProcessResponse]:
         if self.draining:
-            await abort(context, CutoutError("node is draining", grpc.StatusCode.UNAVAILABLE))
+            await abort(
+                context, CutoutError("node is draining", grpc.StatusCode.RESOURCE_EXHAUSTED)
+            )
         if self.in_flight >= self.capacity:
             await abort(
                 context,

@@ -246,13 +246,22 @@ class Dispatcher:
         if code.value[0] in NON_RETRYABLE:
             await self.store.fail(claim, status_from_code(code, details))
             return
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            # Full or draining: it refused before starting. Our view of its load
+            # was stale (another scheduler's jobs, or a restart's orphans), so
+            # treat it as full until the next poll and requeue without counting.
+            node.reported_in_flight = node.capacity
+            await self._retry(claim, code, details, refund=True)
+            return
         if code == grpc.StatusCode.UNAVAILABLE:
             self.pool.mark_failed(node)
         await self._retry(claim, code, f"attempt {claim.attempt} on {node.address}: {details}")
 
-    async def _retry(self, claim: Claim, code: grpc.StatusCode, message: str) -> None:
+    async def _retry(
+        self, claim: Claim, code: grpc.StatusCode, message: str, refund: bool = False
+    ) -> None:
         outcome = await self.store.retry(
-            claim, status_from_code(code, message), self.policy.max_attempts
+            claim, status_from_code(code, message), self.policy.max_attempts, refund
         )
         if outcome == 2:
             log.warning(

@@ -315,8 +315,13 @@ class JobStore:
         )
         return bool(ok)
 
-    async def retry(self, claim: Claim, error: status_pb2.Status, max_attempts: int) -> int:
-        """1 requeued, 2 failed for good (attempts used up), 0 fenced off."""
+    async def retry(
+        self, claim: Claim, error: status_pb2.Status, max_attempts: int, refund: bool = False
+    ) -> int:
+        """1 requeued, 2 failed for good (attempts used up), 0 fenced off.
+
+        refund: the node refused the attempt before starting it, so it does not count.
+        """
         got = await self._retry(
             args=[
                 self.keys.prefix,
@@ -325,6 +330,7 @@ class JobStore:
                 max_attempts,
                 error.SerializeToString(),
                 self.retention.finished_s,
+                int(refund),
             ]
         )
         return int(got)

@@ -180,15 +180,20 @@ return 1
 """
 )
 
-# ARGV: prefix, id, attempt, max_attempts, error, retention_s
-# Returns 1 requeued, 2 failed for good, 0 fenced off.
+# ARGV: prefix, id, attempt, max_attempts, error, retention_s, refund
+# refund=1: the node refused before doing any work (full or draining), so the
+# attempt is not counted. Returns 1 requeued, 2 failed for good, 0 fenced off.
 RETRY = (
     PRELUDE
     + r"""
 local id = ARGV[2]
 local vendor = fenced(id, ARGV[3])
 if not vendor then return 0 end
-return retry_or_fail(id, vendor, tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6]))
+local attempt = tonumber(ARGV[3])
+if ARGV[7] == '1' then
+  attempt = redis.call('HINCRBY', P .. 'job:' .. id, 'attempt', -1)
+end
+return retry_or_fail(id, vendor, attempt, tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6]))
 """
 )
 

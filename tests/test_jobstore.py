@@ -1,0 +1,164 @@
+"""The scheduler's queue rules, on a private redis-server with no gRPC in the way."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+import pytest
+import redis.asyncio as aioredis
+
+from cutout.v1 import jobs_pb2
+from services.common.errors import CutoutError, status_from_code
+from services.local.redis import RedisServer
+from services.scheduler.jobstore import Claim, JobStore, Retention
+from services.scheduler.keys import Keys
+
+
+@pytest.fixture
+async def store(redis_server: Callable[..., RedisServer]) -> AsyncIterator[JobStore]:
+    server = redis_server()
+    client = aioredis.from_url(server.url)
+    yield JobStore(client, Keys("t:"), Retention())
+    await client.aclose()
+
+
+def submission(priority: int = 0, client_key: str = "") -> jobs_pb2.JobSubmission:
+    sub = jobs_pb2.JobSubmission(priority=priority, client_key=client_key)
+    sub.operation.remove_background.model = "tiny"
+    return sub
+
+
+async def enqueue(store: JobStore, vendor: str, priority: int = 0) -> str:
+    job, _ = await store.enqueue(vendor, submission(priority), b"image-bytes", 100)
+    return job.name.removeprefix("jobs/")
+
+
+async def drain(store: JobStore) -> list[Claim]:
+    """Claim until the queues are empty (deterministic: no sleeping)."""
+    claims: list[Claim] = []
+    while (claim := await store.claim("node", 10_000)) is not None:
+        claims.append(claim)
+    return claims
+
+
+async def test_vendors_are_served_round_robin_not_by_arrival(store: JobStore) -> None:
+    flood = [await enqueue(store, "a") for _ in range(50)]
+    late = [await enqueue(store, "b") for _ in range(3)]
+    order = [c.vendor for c in await drain(store)]
+    # b's three jobs go in the first six dispatches, not after a's fifty.
+    assert order[:6] == ["a", "b", "a", "b", "a", "b"]
+    assert sorted(c for c in order) == sorted(["a"] * len(flood) + ["b"] * len(late))
+
+
+async def test_priority_first_then_fifo_within_a_vendor(store: JobStore) -> None:
+    low1 = await enqueue(store, "a", 0)
+    high = await enqueue(store, "a", 9)
+    low2 = await enqueue(store, "a", 0)
+    mid = await enqueue(store, "a", 5)
+    assert [c.job_id for c in await drain(store)] == [high, mid, low1, low2]
+
+
+async def test_queue_position_and_stats(store: JobStore) -> None:
+    ids = [await enqueue(store, "a", p) for p in (0, 0, 3)]
+    assert [await store.queue_position("a", i) for i in ids] == [2, 3, 1]
+    stats = await store.stats("a")
+    assert stats.queued == 3
+    assert [(p.priority, p.queued) for p in stats.by_priority] == [(3, 1), (0, 2)]
+    await store.claim("node", 10_000)
+    stats = await store.stats("")
+    assert (stats.queued, stats.running) == (2, 1)
+
+
+async def test_idempotency_key_is_per_vendor(store: JobStore) -> None:
+    first, dup1 = await store.enqueue("a", submission(client_key="k"), b"x", 1)
+    again, dup2 = await store.enqueue("a", submission(client_key="k"), b"x", 1)
+    other, dup3 = await store.enqueue("b", submission(client_key="k"), b"x", 1)
+    assert (dup1, dup2, dup3) == (False, True, False)
+    assert first.name == again.name != other.name
+
+
+async def test_a_late_answer_from_an_old_attempt_is_ignored(store: JobStore) -> None:
+    job_id = await enqueue(store, "a")
+    claim = await store.claim("node-1", 10_000)
+    assert claim is not None and claim.attempt == 1
+    assert await store.retry(claim, status_from_code(grpc.StatusCode.UNAVAILABLE, "x"), 3) == 1
+    second = await store.claim("node-2", 10_000)
+    assert second is not None and second.attempt == 2
+    # The first attempt's node answers after all: fenced off, changes nothing.
+    assert not await store.progress(claim, jobs_pb2.STAGE_INFERENCE, 50, 10_000)
+    assert not await store.complete(claim, jobs_pb2.Result(uri="local:old"))
+    assert await store.complete(second, jobs_pb2.Result(uri="local:new"))
+    job = await store.get("a", job_id)
+    assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED and job.result.uri == "local:new"
+    assert await store.input_image(job_id) is None  # input freed once done
+
+
+async def test_expired_leases_requeue_then_fail_after_max_attempts(store: JobStore) -> None:
+    job_id = await enqueue(store, "a")
+    for attempt in (1, 2):
+        claim = await store.claim("node", 50)
+        assert claim is not None and claim.attempt == attempt
+        await asyncio.sleep(0.1)
+        assert await store.reap(max_attempts=3) == [job_id]
+        job = await store.get("a", job_id)
+        assert job.state == jobs_pb2.JOB_STATE_QUEUED and job.queue_position == 1
+    claim = await store.claim("node", 50)
+    assert claim is not None and claim.attempt == 3
+    await asyncio.sleep(0.1)
+    await store.reap(max_attempts=3)
+    job = await store.get("a", job_id)
+    assert job.state == jobs_pb2.JOB_STATE_FAILED
+    assert job.error.code == grpc.StatusCode.UNAVAILABLE.value[0]
+    assert "stopped answering" in job.error.message
+
+
+async def test_progress_never_goes_backwards(store: JobStore) -> None:
+    await enqueue(store, "a")
+    claim = await store.claim("node", 10_000)
+    assert claim is not None
+    await store.progress(claim, jobs_pb2.STAGE_INFERENCE, 60, 10_000)
+    await store.progress(claim, jobs_pb2.STAGE_INFERENCE, 20, 10_000)
+    job = await store.get("a", claim.job_id)
+    assert job.progress_percent == 60
+
+
+async def test_cancel_running_job_fences_its_attempt(store: JobStore) -> None:
+    await enqueue(store, "a")
+    claim = await store.claim("node", 10_000)
+    assert claim is not None
+    with pytest.raises(CutoutError):
+        await store.cancel("b", claim.job_id)  # not b's job
+    job = await store.cancel("a", claim.job_id)
+    assert job.state == jobs_pb2.JOB_STATE_CANCELLED
+    assert not await store.complete(claim, jobs_pb2.Result(uri="local:x"))
+    assert (await store.stats("a")).running == 0
+
+
+async def test_watch_replays_history_for_a_late_watcher(store: JobStore) -> None:
+    job_id = await enqueue(store, "a")
+    claim = await store.claim("node", 10_000)
+    assert claim is not None
+    await store.progress(claim, jobs_pb2.STAGE_INFERENCE, 20, 10_000)
+    await store.complete(claim, jobs_pb2.Result(uri="local:r", content_type="image/png"))
+    seen = [job async for job in store.watch("a", job_id)]
+    assert [j.state for j in seen] == [
+        jobs_pb2.JOB_STATE_QUEUED,
+        jobs_pb2.JOB_STATE_RUNNING,
+        jobs_pb2.JOB_STATE_RUNNING,
+        jobs_pb2.JOB_STATE_SUCCEEDED,
+    ]
+    assert [j.progress_percent for j in seen] == [0, 0, 20, 100]
+    assert seen[-1].result.uri == "local:r"
+
+
+async def test_a_refused_attempt_does_not_count(store: JobStore) -> None:
+    job_id = await enqueue(store, "a")
+    for _ in range(5):  # more refusals than max_attempts
+        claim = await store.claim("node", 10_000)
+        assert claim is not None and claim.attempt == 1
+        full = status_from_code(grpc.StatusCode.RESOURCE_EXHAUSTED, "node is full")
+        assert await store.retry(claim, full, max_attempts=3, refund=True) == 1
+    job = await store.get("a", job_id)
+    assert job.state == jobs_pb2.JOB_STATE_QUEUED and job.attempt == 0
