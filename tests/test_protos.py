@@ -9,7 +9,7 @@ from pathlib import Path
 from services.common.config import PROJECT_ROOT
 
 sys.path.insert(0, str(PROJECT_ROOT / "protos"))
-import generate  # noqa: E402  (protos/generate.py: the one command that makes the stubs)
+import generate
 
 COMMITTED = PROJECT_ROOT / "clients" / "python"
 

@@ -13,7 +13,7 @@ from services.common.config import PROJECT_ROOT
 from services.gateway.auth import new_key
 from services.local.cluster import ClusterConfig, LocalCluster
 
-console = Console()
+console = Console(soft_wrap=True)
 
 
 def local_key(workdir: Path) -> str:
