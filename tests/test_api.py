@@ -357,3 +357,25 @@ def test_jpeg_helper_roundtrip() -> None:
     # Guards the fixture the other tests rely on: real JPEG bytes, not arrays.
     data = jpeg(np.zeros((8, 8, 3), dtype=np.uint8))
     assert Image.open(io.BytesIO(data)).format == "JPEG"
+
+
+def test_blocking_client_does_what_the_async_one_does(
+    tiny: LocalCluster, tmp_path: Path, photos: dict[str, bytes]
+) -> None:
+    from cutout import Client
+
+    with Client(tiny.gateway_address, A) as client:
+        job = client.submit(photos["chelsea"], output_format="webp")
+        states = [event.job.state for event in client.watch(job.name)]
+        assert states[0] == jobs_pb2.JOB_STATE_QUEUED and states[-1] == jobs_pb2.JOB_STATE_SUCCEEDED
+        result = client.save_result(job.name, tmp_path / "c.webp")
+        with Image.open(tmp_path / "c.webp") as saved:
+            assert saved.size == (result.width_px, result.height_px)
+        assert job.name in {
+            j.name for j in client.list(state=jobs_pb2.JOB_STATE_SUCCEEDED, page_size=500).jobs
+        }
+        batch = client.submit_batch([build_submission(photos["coffee"])])
+        assert batch.outcomes[0].HasField("job")
+        with pytest.raises(CutoutError) as err:
+            client.get("jobs/" + "0" * 32)
+        assert err.value.code == grpc.StatusCode.NOT_FOUND

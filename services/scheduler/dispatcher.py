@@ -75,7 +75,13 @@ class Dispatcher:
                 if node is None:
                     await self._wait(self.pool.poll_interval_s)
                     continue
-                claim = await self.store.claim(node.address, self.policy.lease_ms)
+                try:
+                    claim = await self.store.claim(node.address, self.policy.lease_ms)
+                except aioredis.RedisError as exc:
+                    # Redis restarting or unreachable: jobs are safe in it; retry.
+                    log.warning("cannot claim: redis unavailable", extra={"error": str(exc)})
+                    await asyncio.sleep(1.0)
+                    continue
                 if claim is None:
                     await self._wait(1.0)
                     continue
@@ -124,22 +130,29 @@ class Dispatcher:
         self.pool.changed.clear()
 
     async def _listen(self) -> None:
-        """Wake on new work; cancel attempts whose job a vendor cancelled."""
-        pubsub = self.redis.pubsub()
-        await pubsub.subscribe(self.keys.wake_channel, self.keys.cancel_channel)
+        """Wake on new work; cancel attempts whose job a vendor cancelled.
+
+        Resubscribes after Redis restarts; meanwhile the claim loop still polls.
+        """
         cancel_channel = self.keys.cancel_channel.encode()
-        try:
-            async for message in pubsub.listen():
-                if message["type"] != "message":
-                    continue
-                if message["channel"] == cancel_channel:
-                    task = self._attempts.get(message["data"].decode())
-                    if task is not None:
-                        task.cancel()
-                else:
-                    self._kick.set()
-        finally:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+        while True:
+            pubsub = self.redis.pubsub()
+            try:
+                await pubsub.subscribe(self.keys.wake_channel, self.keys.cancel_channel)
+                async for message in pubsub.listen():
+                    if message["type"] != "message":
+                        continue
+                    if message["channel"] == cancel_channel:
+                        task = self._attempts.get(message["data"].decode())
+                        if task is not None:
+                            task.cancel()
+                    else:
+                        self._kick.set()
+            except aioredis.RedisError as exc:
+                log.warning("lost redis pub/sub; resubscribing", extra={"error": str(exc)})
+                await asyncio.sleep(1.0)
+            finally:
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     # --- one attempt -------------------------------------------------------------
 

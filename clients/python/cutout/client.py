@@ -272,10 +272,30 @@ class Client:
     def close(self) -> None:
         self._channel.close()
 
-    def submit(self, image: bytes | str | os.PathLike[str], **options: Any) -> jobs_pb2.Job:
-        request = pb.SubmitJobRequest(submission=build_submission(image, **options))
+    def submit_submission(self, submission: jobs_pb2.JobSubmission) -> pb.SubmitJobResponse:
+        request = pb.SubmitJobRequest(submission=submission)
         try:
-            return self._stub.SubmitJob(request, metadata=self._md, timeout=self.timeout_s).job
+            return self._stub.SubmitJob(request, metadata=self._md, timeout=self.timeout_s)
+        except grpc.RpcError as exc:
+            raise CutoutError.from_rpc_error(exc) from None
+
+    def submit(self, image: bytes | str | os.PathLike[str], **options: Any) -> jobs_pb2.Job:
+        """Submit one image; options as in build_submission. Returns the queued job."""
+        return self.submit_submission(build_submission(image, **options)).job
+
+    def submit_batch(self, submissions: list[jobs_pb2.JobSubmission]) -> pb.SubmitBatchResponse:
+        request = pb.SubmitBatchRequest(submissions=submissions)
+        try:
+            return self._stub.SubmitBatch(request, metadata=self._md, timeout=self.timeout_s)
+        except grpc.RpcError as exc:
+            raise CutoutError.from_rpc_error(exc) from None
+
+    def list(
+        self, state: int = jobs_pb2.JOB_STATE_UNSPECIFIED, page_size: int = 50, page_token: str = ""
+    ) -> pb.ListJobsResponse:
+        request = pb.ListJobsRequest(state=state, page_size=page_size, page_token=page_token)  # type: ignore[arg-type]
+        try:
+            return self._stub.ListJobs(request, metadata=self._md, timeout=self.timeout_s)
         except grpc.RpcError as exc:
             raise CutoutError.from_rpc_error(exc) from None
 
