@@ -141,8 +141,8 @@ async def test_another_vendors_job_does_not_exist_for_you(
             with pytest.raises(CutoutError) as err:
                 await call(job.name)
             assert err.value.code == grpc.StatusCode.NOT_FOUND
-        assert job.name not in {j.name for j in (await b.list()).jobs}
-        assert job.name in {j.name for j in (await a.list()).jobs}
+        assert job.name not in {j.name for j in (await b.list_jobs()).jobs}
+        assert job.name in {j.name for j in (await a.list_jobs()).jobs}
         assert (await a.get(job.name)).state == jobs_pb2.JOB_STATE_QUEUED
 
 
@@ -235,18 +235,18 @@ async def test_list_pages_newest_first_and_filters(
         seen: list[str] = []
         token = ""
         while True:
-            page = await client.list(page_size=2, page_token=token)
+            page = await client.list_jobs(page_size=2, page_token=token)
             assert len(page.jobs) <= 2
             seen += [j.name for j in page.jobs]
             token = page.next_page_token
             if not token:
                 break
         assert seen[:5] == list(reversed(submitted))
-        queued = await client.list(state=jobs_pb2.JOB_STATE_QUEUED, page_size=100)
+        queued = await client.list_jobs(state=jobs_pb2.JOB_STATE_QUEUED, page_size=100)
         assert submitted[0] not in {j.name for j in queued.jobs}
         assert set(submitted[1:]) <= {j.name for j in queued.jobs}
         with pytest.raises(CutoutError) as err:
-            await client.list(page_size=501)
+            await client.list_jobs(page_size=501)
         assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -372,7 +372,7 @@ def test_blocking_client_does_what_the_async_one_does(
         with Image.open(tmp_path / "c.webp") as saved:
             assert saved.size == (result.width_px, result.height_px)
         assert job.name in {
-            j.name for j in client.list(state=jobs_pb2.JOB_STATE_SUCCEEDED, page_size=500).jobs
+            j.name for j in client.list_jobs(state=jobs_pb2.JOB_STATE_SUCCEEDED, page_size=500).jobs
         }
         batch = client.submit_batch([build_submission(photos["coffee"])])
         assert batch.outcomes[0].HasField("job")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 
 import grpc
@@ -12,7 +13,7 @@ import redis.asyncio as aioredis
 from cutout.v1 import jobs_pb2
 from services.common.errors import CutoutError, status_from_code
 from services.local.redis import RedisServer
-from services.scheduler.jobstore import Claim, JobStore, Retention
+from services.scheduler.jobstore import Claim, JobStore, Retention, RetryPolicy
 from services.scheduler.keys import Keys
 
 
@@ -20,7 +21,8 @@ from services.scheduler.keys import Keys
 async def store(redis_server: Callable[..., RedisServer]) -> AsyncIterator[JobStore]:
     server = redis_server()
     client = aioredis.from_url(server.url)
-    yield JobStore(client, Keys("t:"), Retention())
+    # Short backoff so retries are observable without slow tests.
+    yield JobStore(client, Keys("t:"), Retention(), RetryPolicy(max_retries=2, base_delay_ms=100))
     await client.aclose()
 
 
@@ -83,8 +85,8 @@ async def test_a_late_answer_from_an_old_attempt_is_ignored(store: JobStore) -> 
     job_id = await enqueue(store, "a")
     claim = await store.claim("node-1", 10_000)
     assert claim is not None and claim.attempt == 1
-    assert await store.retry(claim, status_from_code(grpc.StatusCode.UNAVAILABLE, "x"), 3) == 1
-    second = await store.claim("node-2", 10_000)
+    assert await store.retry(claim, status_from_code(grpc.StatusCode.UNAVAILABLE, "x")) == 1
+    second = await claim_after_backoff(store)
     assert second is not None and second.attempt == 2
     # The first attempt's node answers after all: fenced off, changes nothing.
     assert not await store.progress(claim, jobs_pb2.STAGE_INFERENCE, 50, 10_000)
@@ -95,23 +97,90 @@ async def test_a_late_answer_from_an_old_attempt_is_ignored(store: JobStore) -> 
     assert await store.input_image(job_id) is None  # input freed once done
 
 
-async def test_expired_leases_requeue_then_fail_after_max_attempts(store: JobStore) -> None:
+async def claim_after_backoff(store: JobStore, lease_ms: int = 10_000) -> Claim | None:
+    """Wait out a retry's backoff (the store's policy: 100 ms, doubling) and claim."""
+    for _ in range(100):
+        await store.promote()
+        claim = await store.claim("node", lease_ms)
+        if claim is not None:
+            return claim
+        await asyncio.sleep(0.02)
+    return None
+
+
+async def test_expired_leases_back_off_then_dead_letter(store: JobStore) -> None:
     job_id = await enqueue(store, "a")
-    for attempt in (1, 2):
-        claim = await store.claim("node", 50)
+    claim = await store.claim("node", 50)
+    for attempt in (1, 2):  # max_retries=2: two retries after the first attempt
         assert claim is not None and claim.attempt == attempt
         await asyncio.sleep(0.1)
-        assert await store.reap(max_attempts=3) == [job_id]
+        assert await store.reap() == [job_id]
         job = await store.get("a", job_id)
-        assert job.state == jobs_pb2.JOB_STATE_QUEUED and job.queue_position == 1
-    claim = await store.claim("node", 50)
+        assert job.state == jobs_pb2.JOB_STATE_QUEUED and job.HasField("retry_time")
+        assert await store.claim("node", 50) is None  # still backing off
+        claim = await claim_after_backoff(store, lease_ms=50)
     assert claim is not None and claim.attempt == 3
     await asyncio.sleep(0.1)
-    await store.reap(max_attempts=3)
+    await store.reap()
     job = await store.get("a", job_id)
-    assert job.state == jobs_pb2.JOB_STATE_FAILED
+    assert job.state == jobs_pb2.JOB_STATE_FAILED and job.dead_lettered
     assert job.error.code == grpc.StatusCode.UNAVAILABLE.value[0]
-    assert "stopped answering" in job.error.message
+    assert "lease expired" in job.error.message
+    assert await store.input_image(job_id) == b"image-bytes"  # kept for a requeue
+
+
+async def test_backoff_doubles_with_jitter(store: JobStore) -> None:
+    await enqueue(store, "a")
+    delays = []
+    for _ in range(2):
+        claim = await claim_after_backoff(store)
+        assert claim is not None
+        before = time.time() * 1000
+        await store.retry(claim, status_from_code(grpc.StatusCode.INTERNAL, "boom"))
+        job = await store.get("a", claim.job_id)
+        delays.append(job.retry_time.ToMilliseconds() - before)
+    assert 80 - 5 <= delays[0] <= 120 + 5  # 100 ms +/- 20%
+    assert 160 - 5 <= delays[1] <= 240 + 5  # doubled
+
+
+async def test_dead_letters_list_requeue_and_purge(store: JobStore) -> None:
+    ids = []
+    for _ in range(3):
+        job_id = await enqueue(store, "a")
+        ids.append(job_id)
+    for _ in range(9):  # every attempt of every job fails until dead-lettered
+        claim = await claim_after_backoff(store)
+        if claim is None:
+            break
+        await store.retry(
+            claim, status_from_code(grpc.StatusCode.INTERNAL, f"boom {claim.attempt}")
+        )
+    page, token = await store.dead_letters("a", 2, "")
+    rest, last = await store.dead_letters("a", 2, token)
+    assert token and not last
+    assert sorted(j.name.removeprefix("jobs/") for j in page + rest) == sorted(ids)
+    assert all(
+        j.dead_lettered and j.attempt == 3 and "boom 3" in j.error.message for j in page + rest
+    )
+    assert (await store.dead_letters("b", 10, ""))[0] == []  # another vendor sees none
+
+    requeued = await store.requeue_dead_letter("a", ids[0])
+    assert requeued.state == jobs_pb2.JOB_STATE_QUEUED and requeued.attempt == 0
+    assert not requeued.dead_lettered and not requeued.HasField("error")
+    claim = await store.claim("node", 10_000)
+    assert claim is not None and claim.job_id == ids[0] and claim.attempt == 1
+    assert await store.complete(claim, jobs_pb2.Result(uri="local:ok"))
+
+    with pytest.raises(CutoutError):
+        await store.requeue_dead_letter("b", ids[1])  # not b's
+    assert (
+        await store.purge_dead_letters("a", [ids[1], ids[0]]) == 1
+    )  # ids[0] is no dead letter now
+    assert await store.input_image(ids[1]) is None
+    assert await store.purge_dead_letters("a", None) == 1
+    assert (await store.dead_letters("a", 10, ""))[0] == []
+    with pytest.raises(CutoutError):
+        await store.requeue_dead_letter("a", ids[2])
 
 
 async def test_progress_never_goes_backwards(store: JobStore) -> None:
@@ -159,6 +228,6 @@ async def test_a_refused_attempt_does_not_count(store: JobStore) -> None:
         claim = await store.claim("node", 10_000)
         assert claim is not None and claim.attempt == 1
         full = status_from_code(grpc.StatusCode.RESOURCE_EXHAUSTED, "node is full")
-        assert await store.retry(claim, full, max_attempts=3, refund=True) == 1
+        assert await store.retry(claim, full, refund=True) == 3
     job = await store.get("a", job_id)
     assert job.state == jobs_pb2.JOB_STATE_QUEUED and job.attempt == 0

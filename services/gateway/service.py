@@ -196,3 +196,48 @@ class CutoutServicer(pb_grpc.CutoutServiceServicer):
         except grpc.aio.AioRpcError as exc:
             await _relay(context, exc)
         return pb.GetQueueStatsResponse(stats=reply.stats)
+
+    async def ListDeadLetters(
+        self, request: pb.ListDeadLettersRequest, context: Context
+    ) -> pb.ListDeadLettersResponse:
+        vendor = await self._vendor(context)
+        try:
+            reply = await self.scheduler.ListDeadLetters(
+                spb.SchedulerServiceListDeadLettersRequest(
+                    vendor_id=vendor, page_size=request.page_size, page_token=request.page_token
+                ),
+                timeout=self.timeout_s,
+            )
+        except grpc.aio.AioRpcError as exc:
+            await _relay(context, exc)
+        return pb.ListDeadLettersResponse(jobs=reply.jobs, next_page_token=reply.next_page_token)
+
+    async def RequeueDeadLetter(
+        self, request: pb.RequeueDeadLetterRequest, context: Context
+    ) -> pb.RequeueDeadLetterResponse:
+        vendor = await self._vendor(context)
+        try:
+            reply = await self.scheduler.RequeueDeadLetter(
+                spb.SchedulerServiceRequeueDeadLetterRequest(vendor_id=vendor, name=request.name),
+                timeout=self.timeout_s,
+            )
+        except grpc.aio.AioRpcError as exc:
+            await _relay(context, exc)
+        log.info("dead letter requeued", extra={"job_id": request.name, "vendor": vendor})
+        return pb.RequeueDeadLetterResponse(job=reply.job)
+
+    async def PurgeDeadLetters(
+        self, request: pb.PurgeDeadLettersRequest, context: Context
+    ) -> pb.PurgeDeadLettersResponse:
+        vendor = await self._vendor(context)
+        try:
+            reply = await self.scheduler.PurgeDeadLetters(
+                spb.SchedulerServicePurgeDeadLettersRequest(
+                    vendor_id=vendor, names=request.names, all=request.all
+                ),
+                timeout=self.timeout_s,
+            )
+        except grpc.aio.AioRpcError as exc:
+            await _relay(context, exc)
+        log.info("dead letters purged", extra={"vendor": vendor, "count": reply.purged_count})
+        return pb.PurgeDeadLettersResponse(purged_count=reply.purged_count)

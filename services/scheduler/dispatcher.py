@@ -36,8 +36,7 @@ EXTENSIONS = {"image/png": "png", "image/webp": "webp"}
 class DispatchPolicy:
     lease_ms: int = 15_000
     attempt_timeout_s: float = 60.0
-    max_attempts: int = 3
-    reap_interval_s: float = 1.0
+    reap_interval_s: float = 0.25
 
 
 class ProtocolError(Exception):
@@ -96,9 +95,11 @@ class Dispatcher:
     async def reap_forever(self) -> None:
         while True:
             try:
-                gone = await self.store.reap(self.policy.max_attempts)
+                gone = await self.store.reap()
                 if gone:
-                    log.warning("leases expired; jobs requeued or failed", extra={"jobs": gone})
+                    log.warning("leases expired; jobs will be retried", extra={"jobs": gone})
+                if await self.store.promote():
+                    self._kick.set()
             except aioredis.RedisError as exc:
                 log.warning("reaper could not reach redis", extra={"error": str(exc)})
             await asyncio.sleep(self.policy.reap_interval_s)
@@ -273,13 +274,11 @@ class Dispatcher:
     async def _retry(
         self, claim: Claim, code: grpc.StatusCode, message: str, refund: bool = False
     ) -> None:
-        outcome = await self.store.retry(
-            claim, status_from_code(code, message), self.policy.max_attempts, refund
-        )
+        outcome = await self.store.retry(claim, status_from_code(code, message), refund)
         if outcome == 2:
             log.warning(
-                "job failed after its last attempt",
-                extra={"job_id": claim.job_id, "error": message},
+                "job dead-lettered after its last retry",
+                extra={"job_id": claim.job_id, "vendor": claim.vendor, "error": message},
             )
 
     async def _renew(self, claim: Claim) -> None:

@@ -6,6 +6,8 @@ The store knows nothing about gRPC servers or nodes.
 
 from __future__ import annotations
 
+import random
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -19,7 +21,19 @@ from cutout.names import job_name
 from cutout.v1 import jobs_pb2
 from services.common.errors import CutoutError, not_found, status_from_code
 from services.scheduler.keys import PRIORITY_BAND, Keys
-from services.scheduler.scripts import CANCEL, CLAIM, COMPLETE, ENQUEUE, FAIL, PROGRESS, REAP, RETRY
+from services.scheduler.scripts import (
+    CANCEL,
+    CLAIM,
+    COMPLETE,
+    ENQUEUE,
+    FAIL,
+    PROGRESS,
+    PROMOTE,
+    PURGE_DEAD,
+    REAP,
+    REQUEUE_DEAD,
+    RETRY,
+)
 
 TERMINAL = (jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED)
 Fields = dict[bytes, bytes]
@@ -30,6 +44,8 @@ _INITIAL: Fields = {
     b"progress": b"0",
     b"node": b"",
     b"attempt": b"0",
+    b"dead_lettered": b"0",
+    b"retry_ms": b"0",
 }
 _EVENT_FIELDS = frozenset([*_INITIAL, b"result", b"error", b"update_ms"])
 
@@ -41,6 +57,21 @@ class Claim:
     job_id: str
     attempt: int
     vendor: str
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retryable failures wait base * 2^(n-1) (+/- jitter) before attempt n+1;
+    after max_retries retries the job is dead-lettered."""
+
+    max_retries: int = 3
+    base_delay_ms: int = 2000
+    jitter: float = 0.2
+
+    def jitter_factor(self) -> float:
+        # Lua's math.random is seeded identically on every call, so the
+        # randomness comes from here.
+        return random.uniform(1 - self.jitter, 1 + self.jitter)
 
 
 @dataclass(frozen=True)
@@ -73,6 +104,10 @@ def job_from_fields(job_id: str, f: Fields, queue_position: int = 0) -> jobs_pb2
         queue_position=queue_position if state == jobs_pb2.JOB_STATE_QUEUED else 0,
     )
     job.operation.ParseFromString(f.get(b"operation", b""))
+    job.dead_lettered = f.get(b"dead_lettered") == b"1"
+    retry_ms = int(f.get(b"retry_ms") or b"0")
+    if state == jobs_pb2.JOB_STATE_QUEUED and retry_ms > time.time() * 1000:
+        job.retry_time.FromMilliseconds(retry_ms)
     if f.get(b"record"):
         job.record.ParseFromString(f[b"record"])
     _ms_to_ts(int(f.get(b"create_ms", b"0")), job.create_time)
@@ -85,10 +120,17 @@ def job_from_fields(job_id: str, f: Fields, queue_position: int = 0) -> jobs_pb2
 
 
 class JobStore:
-    def __init__(self, redis: aioredis.Redis, keys: Keys, retention: Retention) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        retention: Retention,
+        retries: RetryPolicy | None = None,
+    ) -> None:
         self.redis = redis
         self.keys = keys
         self.retention = retention
+        self.retries = retries or RetryPolicy()
         self._enqueue = redis.register_script(ENQUEUE)
         self._claim = redis.register_script(CLAIM)
         self._progress = redis.register_script(PROGRESS)
@@ -97,6 +139,9 @@ class JobStore:
         self._retry = redis.register_script(RETRY)
         self._reap = redis.register_script(REAP)
         self._cancel = redis.register_script(CANCEL)
+        self._promote = redis.register_script(PROMOTE)
+        self._requeue_dead = redis.register_script(REQUEUE_DEAD)
+        self._purge_dead = redis.register_script(PURGE_DEAD)
 
     # --- submission -------------------------------------------------------
 
@@ -315,19 +360,21 @@ class JobStore:
         )
         return bool(ok)
 
-    async def retry(
-        self, claim: Claim, error: status_pb2.Status, max_attempts: int, refund: bool = False
-    ) -> int:
-        """1 requeued, 2 failed for good (attempts used up), 0 fenced off.
+    async def retry(self, claim: Claim, error: status_pb2.Status, refund: bool = False) -> int:
+        """Back off and retry, or dead-letter once the retries are used up.
 
-        refund: the node refused the attempt before starting it, so it does not count.
+        refund: the node refused the attempt before starting it: requeue at
+        once without counting it. Returns 1 retrying, 2 dead-lettered,
+        3 requeued (refund), 0 fenced off.
         """
         got = await self._retry(
             args=[
                 self.keys.prefix,
                 claim.job_id,
                 claim.attempt,
-                max_attempts,
+                self.retries.max_retries,
+                self.retries.base_delay_ms,
+                self.retries.jitter_factor(),
                 error.SerializeToString(),
                 self.retention.finished_s,
                 int(refund),
@@ -335,21 +382,72 @@ class JobStore:
         )
         return int(got)
 
-    async def reap(self, max_attempts: int, limit: int = 100) -> list[str]:
+    async def reap(self, limit: int = 100) -> list[str]:
+        """Retry (or dead-letter) jobs whose lease expired; returns their ids."""
         error = status_from_code(
             grpc.StatusCode.UNAVAILABLE,
-            f"the node running this job stopped answering; gave up after {max_attempts} attempts",
+            "the node or scheduler running this job stopped answering (lease expired)",
         )
         got = await self._reap(
             args=[
                 self.keys.prefix,
-                max_attempts,
+                self.retries.max_retries,
+                self.retries.base_delay_ms,
+                self.retries.jitter_factor(),
                 error.SerializeToString(),
                 self.retention.finished_s,
                 limit,
             ]
         )
         return [g.decode() for g in got]
+
+    async def promote(self, limit: int = 500) -> int:
+        """Put jobs whose backoff is over back in their queues; returns how many."""
+        return int(await self._promote(args=[self.keys.prefix, limit]))
+
+    # --- dead letters -------------------------------------------------------------
+
+    async def dead_letters(
+        self, vendor: str, page_size: int, page_token: str
+    ) -> tuple[list[jobs_pb2.Job], str]:
+        """Most recently dead-lettered first; the token is the offset."""
+        start = int(page_token or 0)
+        key = self.keys.dead_letters(vendor)
+        ids = cast(list[bytes], await self.redis.zrevrange(key, start, start + page_size - 1))
+        jobs: list[jobs_pb2.Job] = []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for member in ids:
+                pipe.hgetall(self.keys.job(member.decode()))
+            rows = cast(list[Fields], await pipe.execute())
+        for member, fields in zip(ids, rows, strict=True):
+            if fields:
+                jobs.append(job_from_fields(member.decode(), fields))
+            else:
+                await self.redis.zrem(key, member)  # expired with its job
+        more = len(ids) == page_size and await self.redis.zcard(key) > start + page_size
+        return jobs, str(start + page_size) if more else ""
+
+    async def requeue_dead_letter(self, vendor: str, job_id: str) -> jobs_pb2.Job:
+        got = int(await self._requeue_dead(args=[self.keys.prefix, job_id, vendor]))
+        if got == -1:
+            raise not_found(f"dead letter {job_name(job_id)}")
+        if got == -2:
+            raise CutoutError(
+                f"{job_name(job_id)} cannot be requeued: its input has expired",
+                grpc.StatusCode.FAILED_PRECONDITION,
+            )
+        return await self.get(vendor, job_id)
+
+    async def purge_dead_letters(self, vendor: str, job_ids: list[str] | None) -> int:
+        """Purge the named dead letters, or all of the vendor's when job_ids is None."""
+        if job_ids is None:
+            members = await self.redis.zrange(self.keys.dead_letters(vendor), 0, -1)
+            job_ids = [m.decode() for m in cast(list[bytes], members)]
+        purged = 0
+        for start in range(0, len(job_ids), 500):
+            chunk = job_ids[start : start + 500]
+            purged += int(await self._purge_dead(args=[self.keys.prefix, vendor, *chunk]))
+        return purged
 
     async def cancel(self, vendor: str, job_id: str) -> jobs_pb2.Job:
         error = status_from_code(grpc.StatusCode.CANCELLED, "cancelled by the vendor")

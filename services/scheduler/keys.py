@@ -21,6 +21,8 @@ DEFAULT_PREFIX = "cutout:"
 # ring              LIST   vendors with waiting jobs, in round-robin order.
 # ring:members      SET    the same vendors, to keep the ring free of duplicates.
 # leases            ZSET   running job id -> lease deadline (ms since the epoch).
+# delayed           ZSET   job id -> when its backoff ends and it rejoins its queue (ms).
+# dlq:{vendor}      ZSET   the vendor's dead-lettered job ids -> when dead-lettered (ms).
 # running:{vendor}  SET    the vendor's running job ids.
 # jobs:{vendor}     ZSET   every job of the vendor -> seq, for listing newest first.
 # idem:{vendor}:{k} STRING job id for an idempotency key; expires after 24 h.
@@ -58,6 +60,9 @@ class Keys:
 
     def vendor_jobs(self, vendor: str) -> str:
         return f"{self.prefix}jobs:{vendor}"
+
+    def dead_letters(self, vendor: str) -> str:
+        return f"{self.prefix}dlq:{vendor}"
 
 
 # Queue score layout: priority band above a 40-bit sequence number.

@@ -34,30 +34,53 @@ local function leave_running(id, vendor)
   redis.call('SREM', P .. 'running:' .. vendor, id)
 end
 -- Terminal transition: state 3/4/5 with an outcome field ('result' or 'error').
+-- Everything about the job expires after `retention` seconds.
 local function finish(id, vendor, state, stage, progress, field, value, retention)
   local now = now_ms()
   local jk = P .. 'job:' .. id
   redis.call('HSET', jk, 'state', state, 'stage', stage, 'progress', progress,
-    field, value, 'update_ms', now, 'end_ms', now)
-  redis.call('DEL', P .. 'input:' .. id)
-  event(id, 'state', state, 'stage', stage, 'progress', progress, field, value, 'update_ms', now)
+    field, value, 'update_ms', now, 'end_ms', now, 'retry_ms', 0)
+  event(id, 'state', state, 'stage', stage, 'progress', progress, field, value,
+    'retry_ms', 0, 'update_ms', now)
   redis.call('EXPIRE', jk, retention)
   redis.call('EXPIRE', P .. 'events:' .. id, retention)
 end
--- A failed or lost attempt: back to the queue in its old place, or FAILED
--- once max_attempts attempts have been made.
-local function retry_or_fail(id, vendor, attempt, max_attempts, err, retention)
+local function finish_and_free(id, vendor, state, stage, progress, field, value, retention)
+  finish(id, vendor, state, stage, progress, field, value, retention)
+  redis.call('DEL', P .. 'input:' .. id)
+end
+-- A failed or lost attempt (the attempt-th). Within max_retries it waits
+-- base_ms * 2^(attempt-1) * jitter, then goes back to its old place in the
+-- queue (see PROMOTE); after that it FAILS into the dead-letter queue, input kept.
+local function retry_or_dead_letter(id, vendor, attempt, max_retries, base_ms, jitter, err, retention)
   leave_running(id, vendor)
-  if attempt >= max_attempts then
-    finish(id, vendor, 4, 7, tonumber(redis.call('HGET', P .. 'job:' .. id, 'progress')), 'error', err, retention)
+  local jk = P .. 'job:' .. id
+  if attempt > max_retries then
+    local progress = tonumber(redis.call('HGET', jk, 'progress'))
+    redis.call('HSET', jk, 'dead_lettered', 1)
+    finish(id, vendor, 4, 7, progress, 'error', err, retention)
+    event(id, 'dead_lettered', 1)
+    redis.call('EXPIRE', P .. 'input:' .. id, retention)
+    redis.call('ZADD', P .. 'dlq:' .. vendor, now_ms(), id)
     return 2
   end
   local now = now_ms()
+  local due = now + math.floor(base_ms * 2 ^ (attempt - 1) * jitter)
+  redis.call('HSET', jk, 'state', 1, 'stage', 1, 'progress', 0, 'node', '', 'last_error', err,
+    'retry_ms', due, 'update_ms', now)
+  event(id, 'state', 1, 'stage', 1, 'progress', 0, 'node', '', 'retry_ms', due, 'update_ms', now)
+  redis.call('ZADD', P .. 'delayed', due, id)
+  return 1
+end
+-- Straight back to the queue, attempt not counted (the node refused before starting).
+local function requeue_now(id, vendor)
+  leave_running(id, vendor)
   local jk = P .. 'job:' .. id
-  redis.call('HSET', jk, 'state', 1, 'stage', 1, 'progress', 0, 'node', '', 'last_error', err, 'update_ms', now)
+  local now = now_ms()
+  redis.call('HINCRBY', jk, 'attempt', -1)
+  redis.call('HSET', jk, 'state', 1, 'stage', 1, 'progress', 0, 'node', '', 'update_ms', now)
   event(id, 'state', 1, 'stage', 1, 'progress', 0, 'node', '', 'update_ms', now)
   enqueue_ready(id, vendor, tonumber(redis.call('HGET', jk, 'score')))
-  return 1
 end
 -- Fence: the job is RUNNING and on this attempt. Returns the vendor or nil.
 local function fenced(id, attempt)
@@ -122,11 +145,11 @@ for _ = 1, n do
     local now = now_ms()
     local attempt = redis.call('HINCRBY', jk, 'attempt', 1)
     redis.call('HSET', jk, 'state', 2, 'stage', 2, 'progress', 0, 'node', node,
-      'update_ms', now, 'start_ms', now)
+      'update_ms', now, 'start_ms', now, 'retry_ms', 0)
     redis.call('ZADD', P .. 'leases', now + lease_ms, id)
     redis.call('SADD', P .. 'running:' .. vendor, id)
     event(id, 'state', 2, 'stage', 2, 'progress', 0, 'node', node, 'attempt', attempt,
-      'update_ms', now)
+      'retry_ms', 0, 'update_ms', now)
     return {id, attempt, vendor}
   end
 end
@@ -161,7 +184,7 @@ local id = ARGV[2]
 local vendor = fenced(id, ARGV[3])
 if not vendor then return 0 end
 leave_running(id, vendor)
-finish(id, vendor, 3, 7, 100, 'result', ARGV[4], tonumber(ARGV[5]))
+finish_and_free(id, vendor, 3, 7, 100, 'result', ARGV[4], tonumber(ARGV[5]))
 return 1
 """
 )
@@ -175,44 +198,109 @@ local vendor = fenced(id, ARGV[3])
 if not vendor then return 0 end
 leave_running(id, vendor)
 local progress = tonumber(redis.call('HGET', P .. 'job:' .. id, 'progress'))
-finish(id, vendor, 4, 7, progress, 'error', ARGV[4], tonumber(ARGV[5]))
+finish_and_free(id, vendor, 4, 7, progress, 'error', ARGV[4], tonumber(ARGV[5]))
 return 1
 """
 )
 
-# ARGV: prefix, id, attempt, max_attempts, error, retention_s, refund
-# refund=1: the node refused before doing any work (full or draining), so the
-# attempt is not counted. Returns 1 requeued, 2 failed for good, 0 fenced off.
+# ARGV: prefix, id, attempt, max_retries, base_delay_ms, jitter, error, retention_s, refund
+# refund=1: the node refused before doing any work (full or draining): straight
+# back to the queue, attempt not counted. Returns 1 retrying, 2 dead-lettered,
+# 3 requeued (refund), 0 fenced off.
 RETRY = (
     PRELUDE
     + r"""
 local id = ARGV[2]
 local vendor = fenced(id, ARGV[3])
 if not vendor then return 0 end
-local attempt = tonumber(ARGV[3])
-if ARGV[7] == '1' then
-  attempt = redis.call('HINCRBY', P .. 'job:' .. id, 'attempt', -1)
+if ARGV[9] == '1' then
+  requeue_now(id, vendor)
+  return 3
 end
-return retry_or_fail(id, vendor, attempt, tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6]))
+return retry_or_dead_letter(id, vendor, tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]),
+  tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8]))
 """
 )
 
-# ARGV: prefix, max_attempts, error, retention_s, limit
+# ARGV: prefix, max_retries, base_delay_ms, jitter, error, retention_s, limit
 # Leases past their deadline: the node or the scheduler running the job is
-# gone. Returns the ids put back or failed.
+# gone. Each such job is retried or dead-lettered. Returns the ids.
 REAP = (
     PRELUDE
     + r"""
-local expired = redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', now_ms(), 'LIMIT', 0, tonumber(ARGV[5]))
+local expired = redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', now_ms(), 'LIMIT', 0, tonumber(ARGV[7]))
 for _, id in ipairs(expired) do
   local st = redis.call('HMGET', P .. 'job:' .. id, 'state', 'attempt', 'vendor')
   if st[1] == '2' then
-    retry_or_fail(id, st[3], tonumber(st[2]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]))
+    retry_or_dead_letter(id, st[3], tonumber(st[2]), tonumber(ARGV[2]), tonumber(ARGV[3]),
+      tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6]))
   else
     redis.call('ZREM', P .. 'leases', id)
   end
 end
 return expired
+"""
+)
+
+# ARGV: prefix, limit
+# Retries whose backoff is over go back to their old place in their queue.
+PROMOTE = (
+    PRELUDE
+    + r"""
+local due = redis.call('ZRANGEBYSCORE', P .. 'delayed', '-inf', now_ms(), 'LIMIT', 0, tonumber(ARGV[2]))
+for _, id in ipairs(due) do
+  redis.call('ZREM', P .. 'delayed', id)
+  local st = redis.call('HMGET', P .. 'job:' .. id, 'state', 'vendor', 'score')
+  if st[1] == '1' then
+    enqueue_ready(id, st[2], tonumber(st[3]))
+  end
+end
+return #due
+"""
+)
+
+# ARGV: prefix, id, vendor
+# Returns -1 not the vendor's dead letter, -2 its input is gone, 1 requeued.
+REQUEUE_DEAD = (
+    PRELUDE
+    + r"""
+local id, vendor = ARGV[2], ARGV[3]
+local jk = P .. 'job:' .. id
+local st = redis.call('HMGET', jk, 'vendor', 'dead_lettered', 'score')
+if st[1] ~= vendor or st[2] ~= '1' then return -1 end
+if redis.call('EXISTS', P .. 'input:' .. id) == 0 then return -2 end
+redis.call('ZREM', P .. 'dlq:' .. vendor, id)
+redis.call('PERSIST', jk)
+redis.call('PERSIST', P .. 'events:' .. id)
+redis.call('PERSIST', P .. 'input:' .. id)
+redis.call('HDEL', jk, 'error', 'end_ms')
+local now = now_ms()
+redis.call('HSET', jk, 'state', 1, 'stage', 1, 'progress', 0, 'node', '', 'attempt', 0,
+  'dead_lettered', 0, 'update_ms', now)
+event(id, 'state', 1, 'stage', 1, 'progress', 0, 'node', '', 'attempt', 0, 'dead_lettered', 0,
+  'error', '', 'update_ms', now)
+enqueue_ready(id, vendor, tonumber(st[3]))
+return 1
+"""
+)
+
+# ARGV: prefix, vendor, id...
+# Drops the named dead letters of the vendor: input deleted, job stays FAILED.
+PURGE_DEAD = (
+    PRELUDE
+    + r"""
+local vendor = ARGV[2]
+local purged = 0
+for i = 3, #ARGV do
+  local id = ARGV[i]
+  if redis.call('ZREM', P .. 'dlq:' .. vendor, id) == 1 then
+    redis.call('DEL', P .. 'input:' .. id)
+    redis.call('HSET', P .. 'job:' .. id, 'dead_lettered', 0)
+    event(id, 'dead_lettered', 0)
+    purged = purged + 1
+  end
+end
+return purged
 """
 )
 
@@ -229,6 +317,7 @@ if st[1] ~= '1' and st[1] ~= '2' then return 0 end
 if st[1] == '1' then
   local qk = P .. 'queue:' .. vendor
   redis.call('ZREM', qk, id)
+  redis.call('ZREM', P .. 'delayed', id)
   if redis.call('ZCARD', qk) == 0 then
     redis.call('LREM', P .. 'ring', 0, vendor)
     redis.call('SREM', P .. 'ring:members', vendor)
@@ -237,7 +326,7 @@ else
   leave_running(id, vendor)
   redis.call('PUBLISH', P .. 'cancel', id)
 end
-finish(id, vendor, 5, 7, tonumber(st[3]), 'error', ARGV[4], tonumber(ARGV[5]))
+finish_and_free(id, vendor, 5, 7, tonumber(st[3]), 'error', ARGV[4], tonumber(ARGV[5]))
 return 1
 """
 )

@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from cutout.v1 import scheduler_service_pb2_grpc as pb_grpc
 from services.common import serving
 from services.scheduler.dispatcher import Dispatcher, DispatchPolicy
-from services.scheduler.jobstore import JobStore, Retention
+from services.scheduler.jobstore import JobStore, Retention, RetryPolicy
 from services.scheduler.keys import Keys
 from services.scheduler.nodes import NodePool
 from services.scheduler.service import SchedulerServicer
@@ -28,7 +28,12 @@ class SchedulerServer:
         self.settings = settings
         self.redis = aioredis.from_url(settings.redis_url, decode_responses=False)
         keys = Keys(settings.key_prefix)
-        self.store = JobStore(self.redis, keys, Retention(finished_s=settings.retention_s))
+        self.store = JobStore(
+            self.redis,
+            keys,
+            Retention(finished_s=settings.retention_s),
+            RetryPolicy(max_retries=settings.max_retries, base_delay_ms=settings.retry_base_ms),
+        )
         self.pool = NodePool(settings.nodes, settings.node_poll_s, settings.max_message_bytes)
         results = LocalResultStore(settings.storage_dir)
         self.dispatcher = Dispatcher(
@@ -40,7 +45,6 @@ class SchedulerServer:
             DispatchPolicy(
                 lease_ms=settings.lease_ms,
                 attempt_timeout_s=settings.attempt_timeout_s,
-                max_attempts=settings.max_attempts,
             ),
         )
         self.server = grpc.aio.server(options=serving.server_options(settings.max_message_bytes))

@@ -19,6 +19,7 @@ from services.scheduler.storage import ResultStore
 Context = grpc.aio.ServicerContext[object, object]
 VENDOR_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_PAGE = 500
+MAX_PURGE = 1000
 
 
 def _vendor(vendor_id: str) -> str:
@@ -133,5 +134,52 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
             stats = await self.store.stats(vendor)
             stats.healthy_nodes, stats.capacity, stats.in_flight = self.pool.totals()
             return pb.SchedulerServiceGetQueueStatsResponse(stats=stats)
+        except CutoutError as err:
+            await abort(context, err)
+
+    async def ListDeadLetters(
+        self, request: pb.SchedulerServiceListDeadLettersRequest, context: Context
+    ) -> pb.SchedulerServiceListDeadLettersResponse:
+        try:
+            vendor = _vendor(request.vendor_id)
+            size = request.page_size or 50
+            if not 1 <= size <= MAX_PAGE:
+                raise invalid_argument("page_size", f"must be 1-{MAX_PAGE}")
+            if request.page_token and not request.page_token.isdigit():
+                raise invalid_argument("page_token", "not a token this service issued")
+            jobs, token = await self.store.dead_letters(vendor, size, request.page_token)
+            return pb.SchedulerServiceListDeadLettersResponse(jobs=jobs, next_page_token=token)
+        except CutoutError as err:
+            await abort(context, err)
+
+    async def RequeueDeadLetter(
+        self, request: pb.SchedulerServiceRequeueDeadLetterRequest, context: Context
+    ) -> pb.SchedulerServiceRequeueDeadLetterResponse:
+        try:
+            vendor = _vendor(request.vendor_id)
+            job = await self.store.requeue_dead_letter(vendor, _job_id(request.name))
+            return pb.SchedulerServiceRequeueDeadLetterResponse(job=job)
+        except CutoutError as err:
+            await abort(context, err)
+
+    async def PurgeDeadLetters(
+        self, request: pb.SchedulerServicePurgeDeadLettersRequest, context: Context
+    ) -> pb.SchedulerServicePurgeDeadLettersResponse:
+        try:
+            vendor = _vendor(request.vendor_id)
+            if request.all == bool(request.names):
+                raise invalid_argument("names", "name the jobs to purge, or set all (not both)")
+            if len(request.names) > MAX_PURGE:
+                raise invalid_argument("names", f"at most {MAX_PURGE} per call")
+            ids = None
+            if not request.all:
+                ids = []
+                for i, name in enumerate(request.names):
+                    job_id = job_id_from_name(name)
+                    if job_id is None:
+                        raise invalid_argument(f"names[{i}]", f"{name[:80]!r} is not a job name")
+                    ids.append(job_id)
+            purged = await self.store.purge_dead_letters(vendor, ids)
+            return pb.SchedulerServicePurgeDeadLettersResponse(purged_count=purged)
         except CutoutError as err:
             await abort(context, err)

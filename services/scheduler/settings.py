@@ -21,7 +21,10 @@ class SchedulerSettings:
         storage_dir: CUTOUT_STORAGE_DIR, where the local result store writes.
         lease_ms: CUTOUT_LEASE_MS, how long a node may go silent before its job is requeued.
         attempt_timeout_s: CUTOUT_ATTEMPT_TIMEOUT_S, deadline of one attempt on a node.
-        max_attempts: CUTOUT_MAX_ATTEMPTS, attempts before a job fails for good.
+        max_retries: CUTOUT_MAX_RETRIES, retries of a retryable failure before the job
+            is dead-lettered (so max_retries + 1 attempts).
+        retry_base_ms: CUTOUT_RETRY_BASE_MS, backoff before the first retry; it doubles
+            for each further one, with +/-20% jitter.
         retention_s: CUTOUT_RETENTION_S, how long finished jobs stay readable.
         max_message_bytes: CUTOUT_MAX_MESSAGE_BYTES, gRPC message limit (images travel inline).
         grace_s: CUTOUT_GRACE_S, how long a stopping scheduler lets attempts finish.
@@ -37,7 +40,8 @@ class SchedulerSettings:
     storage_dir: Path
     lease_ms: int
     attempt_timeout_s: float
-    max_attempts: int
+    max_retries: int
+    retry_base_ms: int
     retention_s: int
     max_message_bytes: int
     grace_s: float
@@ -55,7 +59,8 @@ class SchedulerSettings:
             storage_dir=Path(env_str("CUTOUT_STORAGE_DIR", str(PROJECT_ROOT / "var" / "results"))),
             lease_ms=env_int("CUTOUT_LEASE_MS", 15_000, minimum=1000),
             attempt_timeout_s=env_float("CUTOUT_ATTEMPT_TIMEOUT_S", 60.0, minimum=1.0),
-            max_attempts=env_int("CUTOUT_MAX_ATTEMPTS", 3, minimum=1),
+            max_retries=env_int("CUTOUT_MAX_RETRIES", 3, minimum=0),
+            retry_base_ms=env_int("CUTOUT_RETRY_BASE_MS", 2000, minimum=0),
             retention_s=env_int("CUTOUT_RETENTION_S", 7 * 24 * 3600, minimum=60),
             max_message_bytes=env_int("CUTOUT_MAX_MESSAGE_BYTES", 32 * MiB, minimum=MiB),
             grace_s=env_float("CUTOUT_GRACE_S", 10.0),

@@ -51,6 +51,18 @@ def describe(job: jobs_pb2.Job) -> str:
     return "  ".join(parts)
 
 
+def print_rows(header: list[str], rows: list[list[str]]) -> None:
+    """A table on a terminal; tab-separated lines when piped, so names are never cut."""
+    if out.is_terminal:
+        table = Table(*header)
+        for row in rows:
+            table.add_row(*row)
+        out.print(table)
+    else:
+        for row in rows:
+            print("\t".join(row))
+
+
 def expand_inputs(inputs: Sequence[str]) -> list[str]:
     """Files and URLs as given; a folder stands for the images directly inside it."""
     found: list[str] = []
@@ -163,18 +175,18 @@ async def cmd_watch(args: argparse.Namespace) -> int:
 async def cmd_list(args: argparse.Namespace) -> int:
     state = STATES[args.state] if args.state else jobs_pb2.JOB_STATE_UNSPECIFIED
     async with AsyncClient(args.addr, args.api_key) as client:
-        page = await client.list(state=state, page_size=args.limit, page_token=args.page_token)
-    table = Table("job", "state", "stage", "progress", "created")
-    for job in page.jobs:
-        created = job.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
-        table.add_row(
+        page = await client.list_jobs(state=state, page_size=args.limit, page_token=args.page_token)
+    rows = [
+        [
             job.name,
             state_name(job.state),
             stage_name(job.stage),
             f"{job.progress_percent}%",
-            created,
-        )
-    out.print(table)
+            job.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
+        ]
+        for job in page.jobs
+    ]
+    print_rows(["job", "state", "stage", "progress", "created"], rows)
     if page.next_page_token:
         out.print(f"more: --page-token {page.next_page_token}")
     return 0
@@ -205,6 +217,40 @@ async def cmd_result(args: argparse.Namespace) -> int:
         f"wrote {args.out} ({result.content_type}, "
         f"{result.width_px}x{result.height_px}, {result.size_bytes} bytes)"
     )
+    return 0
+
+
+async def cmd_dlq(args: argparse.Namespace) -> int:
+    async with AsyncClient(args.addr, args.api_key) as client:
+        if args.action == "list":
+            page = await client.dead_letters(page_size=args.limit, page_token=args.page_token)
+            rows = [
+                [
+                    job.name,
+                    str(job.attempt),
+                    job.error.message[:80],
+                    job.update_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
+                ]
+                for job in page.jobs
+            ]
+            print_rows(["job", "attempts", "last error", "dead-lettered"], rows)
+            if page.next_page_token:
+                out.print(f"more: --page-token {page.next_page_token}")
+        elif args.action == "show":
+            for name in args.jobs:
+                job = await client.get(name)
+                out.print(describe(job))
+                dead = "yes" if job.dead_lettered else "no"
+                out.print(f"  attempts {job.attempt}, dead-lettered: {dead}")
+        elif args.action == "requeue":
+            for name in args.jobs:
+                out.print(describe(await client.requeue_dead_letter(name)))
+        else:
+            if bool(args.jobs) == args.all:
+                console.print("[red]purge[/red]: name the jobs to purge, or pass --all")
+                return 2
+            purged = await client.purge_dead_letters(None if args.all else args.jobs)
+            out.print(f"purged {purged} dead letter(s)")
     return 0
 
 
@@ -294,6 +340,14 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("job")
     r.add_argument("--out", required=True, help="file to write")
     r.set_defaults(run=cmd_result)
+
+    d = sub.add_parser("dlq", parents=[common], help="jobs that failed after all retries")
+    d.add_argument("action", choices=["list", "show", "requeue", "purge"])
+    d.add_argument("jobs", nargs="*", help="jobs/<id> for show, requeue and purge")
+    d.add_argument("--all", action="store_true", help="purge every dead letter")
+    d.add_argument("--limit", type=int, default=50)
+    d.add_argument("--page-token", default="")
+    d.set_defaults(run=cmd_dlq)
 
     k = sub.add_parser("key", help="make a new API key for a vendor")
     k.add_argument("vendor")

@@ -202,7 +202,7 @@ class AsyncClient:
         finally:
             call.cancel()
 
-    async def list(
+    async def list_jobs(
         self, state: int = jobs_pb2.JOB_STATE_UNSPECIFIED, page_size: int = 50, page_token: str = ""
     ) -> pb.ListJobsResponse:
         request = pb.ListJobsRequest(state=state, page_size=page_size, page_token=page_token)  # type: ignore[arg-type]
@@ -250,6 +250,39 @@ class AsyncClient:
             raise CutoutError.from_rpc_error(exc) from None
         return reply.stats
 
+    async def dead_letters(
+        self, page_size: int = 50, page_token: str = ""
+    ) -> pb.ListDeadLettersResponse:
+        """Jobs that failed after all their retries, most recent first."""
+        request = pb.ListDeadLettersRequest(page_size=page_size, page_token=page_token)
+        try:
+            return await self._stub.ListDeadLetters(
+                request, metadata=self._md, timeout=self.timeout_s
+            )
+        except grpc.RpcError as exc:
+            raise CutoutError.from_rpc_error(exc) from None
+
+    async def requeue_dead_letter(self, name: str) -> jobs_pb2.Job:
+        request = pb.RequeueDeadLetterRequest(name=name)
+        try:
+            reply = await self._stub.RequeueDeadLetter(
+                request, metadata=self._md, timeout=self.timeout_s
+            )
+        except grpc.RpcError as exc:
+            raise CutoutError.from_rpc_error(exc) from None
+        return reply.job
+
+    async def purge_dead_letters(self, names: list[str] | None = None) -> int:
+        """Purge the named dead letters, or every one of yours when names is None."""
+        request = pb.PurgeDeadLettersRequest(names=names or [], all=names is None)
+        try:
+            reply = await self._stub.PurgeDeadLetters(
+                request, metadata=self._md, timeout=self.timeout_s
+            )
+        except grpc.RpcError as exc:
+            raise CutoutError.from_rpc_error(exc) from None
+        return reply.purged_count
+
 
 class Client:
     """Blocking client; use as `with Client(...) as c:`."""
@@ -290,7 +323,7 @@ class Client:
         except grpc.RpcError as exc:
             raise CutoutError.from_rpc_error(exc) from None
 
-    def list(
+    def list_jobs(
         self, state: int = jobs_pb2.JOB_STATE_UNSPECIFIED, page_size: int = 50, page_token: str = ""
     ) -> pb.ListJobsResponse:
         request = pb.ListJobsRequest(state=state, page_size=page_size, page_token=page_token)  # type: ignore[arg-type]
@@ -349,5 +382,30 @@ class Client:
             return self._stub.GetQueueStats(
                 pb.GetQueueStatsRequest(), metadata=self._md, timeout=self.timeout_s
             ).stats
+        except grpc.RpcError as exc:
+            raise CutoutError.from_rpc_error(exc) from None
+
+    def dead_letters(self, page_size: int = 50, page_token: str = "") -> pb.ListDeadLettersResponse:
+        request = pb.ListDeadLettersRequest(page_size=page_size, page_token=page_token)
+        try:
+            return self._stub.ListDeadLetters(request, metadata=self._md, timeout=self.timeout_s)
+        except grpc.RpcError as exc:
+            raise CutoutError.from_rpc_error(exc) from None
+
+    def requeue_dead_letter(self, name: str) -> jobs_pb2.Job:
+        request = pb.RequeueDeadLetterRequest(name=name)
+        try:
+            return self._stub.RequeueDeadLetter(
+                request, metadata=self._md, timeout=self.timeout_s
+            ).job
+        except grpc.RpcError as exc:
+            raise CutoutError.from_rpc_error(exc) from None
+
+    def purge_dead_letters(self, names: list[str] | None = None) -> int:
+        request = pb.PurgeDeadLettersRequest(names=names or [], all=names is None)
+        try:
+            return self._stub.PurgeDeadLetters(
+                request, metadata=self._md, timeout=self.timeout_s
+            ).purged_count
         except grpc.RpcError as exc:
             raise CutoutError.from_rpc_error(exc) from None

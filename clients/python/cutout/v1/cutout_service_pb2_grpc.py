@@ -76,6 +76,21 @@ class CutoutServiceStub:
                 request_serializer=cutout_dot_v1_dot_cutout__service__pb2.GetQueueStatsRequest.SerializeToString,
                 response_deserializer=cutout_dot_v1_dot_cutout__service__pb2.GetQueueStatsResponse.FromString,
                 _registered_method=True)
+        self.ListDeadLetters = channel.unary_unary(
+                '/cutout.v1.CutoutService/ListDeadLetters',
+                request_serializer=cutout_dot_v1_dot_cutout__service__pb2.ListDeadLettersRequest.SerializeToString,
+                response_deserializer=cutout_dot_v1_dot_cutout__service__pb2.ListDeadLettersResponse.FromString,
+                _registered_method=True)
+        self.RequeueDeadLetter = channel.unary_unary(
+                '/cutout.v1.CutoutService/RequeueDeadLetter',
+                request_serializer=cutout_dot_v1_dot_cutout__service__pb2.RequeueDeadLetterRequest.SerializeToString,
+                response_deserializer=cutout_dot_v1_dot_cutout__service__pb2.RequeueDeadLetterResponse.FromString,
+                _registered_method=True)
+        self.PurgeDeadLetters = channel.unary_unary(
+                '/cutout.v1.CutoutService/PurgeDeadLetters',
+                request_serializer=cutout_dot_v1_dot_cutout__service__pb2.PurgeDeadLettersRequest.SerializeToString,
+                response_deserializer=cutout_dot_v1_dot_cutout__service__pb2.PurgeDeadLettersResponse.FromString,
+                _registered_method=True)
 
 
 class CutoutServiceServicer:
@@ -140,6 +155,27 @@ class CutoutServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListDeadLetters(self, request, context):
+        """Lists the caller's dead-lettered jobs, most recent first. GetJob inspects one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RequeueDeadLetter(self, request, context):
+        """Puts a dead-lettered job back in its queue with fresh retries.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PurgeDeadLetters(self, request, context):
+        """Drops dead-lettered jobs for good (their inputs are deleted; the jobs stay FAILED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CutoutServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -182,6 +218,21 @@ def add_CutoutServiceServicer_to_server(servicer, server):
                     servicer.GetQueueStats,
                     request_deserializer=cutout_dot_v1_dot_cutout__service__pb2.GetQueueStatsRequest.FromString,
                     response_serializer=cutout_dot_v1_dot_cutout__service__pb2.GetQueueStatsResponse.SerializeToString,
+            ),
+            'ListDeadLetters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeadLetters,
+                    request_deserializer=cutout_dot_v1_dot_cutout__service__pb2.ListDeadLettersRequest.FromString,
+                    response_serializer=cutout_dot_v1_dot_cutout__service__pb2.ListDeadLettersResponse.SerializeToString,
+            ),
+            'RequeueDeadLetter': grpc.unary_unary_rpc_method_handler(
+                    servicer.RequeueDeadLetter,
+                    request_deserializer=cutout_dot_v1_dot_cutout__service__pb2.RequeueDeadLetterRequest.FromString,
+                    response_serializer=cutout_dot_v1_dot_cutout__service__pb2.RequeueDeadLetterResponse.SerializeToString,
+            ),
+            'PurgeDeadLetters': grpc.unary_unary_rpc_method_handler(
+                    servicer.PurgeDeadLetters,
+                    request_deserializer=cutout_dot_v1_dot_cutout__service__pb2.PurgeDeadLettersRequest.FromString,
+                    response_serializer=cutout_dot_v1_dot_cutout__service__pb2.PurgeDeadLettersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -402,6 +453,87 @@ class CutoutService:
             '/cutout.v1.CutoutService/GetQueueStats',
             cutout_dot_v1_dot_cutout__service__pb2.GetQueueStatsRequest.SerializeToString,
             cutout_dot_v1_dot_cutout__service__pb2.GetQueueStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeadLetters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cutout.v1.CutoutService/ListDeadLetters',
+            cutout_dot_v1_dot_cutout__service__pb2.ListDeadLettersRequest.SerializeToString,
+            cutout_dot_v1_dot_cutout__service__pb2.ListDeadLettersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RequeueDeadLetter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cutout.v1.CutoutService/RequeueDeadLetter',
+            cutout_dot_v1_dot_cutout__service__pb2.RequeueDeadLetterRequest.SerializeToString,
+            cutout_dot_v1_dot_cutout__service__pb2.RequeueDeadLetterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PurgeDeadLetters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cutout.v1.CutoutService/PurgeDeadLetters',
+            cutout_dot_v1_dot_cutout__service__pb2.PurgeDeadLettersRequest.SerializeToString,
+            cutout_dot_v1_dot_cutout__service__pb2.PurgeDeadLettersResponse.FromString,
             options,
             channel_credentials,
             insecure,

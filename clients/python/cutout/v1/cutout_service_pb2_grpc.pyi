@@ -53,6 +53,12 @@ class CutoutServiceStub:
     """Streams a succeeded job's output bytes."""
     GetQueueStats: _grpc.UnaryUnaryMultiCallable[_cutout_service_pb2.GetQueueStatsRequest, _cutout_service_pb2.GetQueueStatsResponse]
     """Returns the caller's queue depth and the fleet's capacity."""
+    ListDeadLetters: _grpc.UnaryUnaryMultiCallable[_cutout_service_pb2.ListDeadLettersRequest, _cutout_service_pb2.ListDeadLettersResponse]
+    """Lists the caller's dead-lettered jobs, most recent first. GetJob inspects one."""
+    RequeueDeadLetter: _grpc.UnaryUnaryMultiCallable[_cutout_service_pb2.RequeueDeadLetterRequest, _cutout_service_pb2.RequeueDeadLetterResponse]
+    """Puts a dead-lettered job back in its queue with fresh retries."""
+    PurgeDeadLetters: _grpc.UnaryUnaryMultiCallable[_cutout_service_pb2.PurgeDeadLettersRequest, _cutout_service_pb2.PurgeDeadLettersResponse]
+    """Drops dead-lettered jobs for good (their inputs are deleted; the jobs stay FAILED)."""
 
 @_typing.type_check_only
 class CutoutServiceAsyncStub(CutoutServiceStub):
@@ -79,6 +85,12 @@ class CutoutServiceAsyncStub(CutoutServiceStub):
     """Streams a succeeded job's output bytes."""
     GetQueueStats: _aio.UnaryUnaryMultiCallable[_cutout_service_pb2.GetQueueStatsRequest, _cutout_service_pb2.GetQueueStatsResponse]  # type: ignore[assignment]
     """Returns the caller's queue depth and the fleet's capacity."""
+    ListDeadLetters: _aio.UnaryUnaryMultiCallable[_cutout_service_pb2.ListDeadLettersRequest, _cutout_service_pb2.ListDeadLettersResponse]  # type: ignore[assignment]
+    """Lists the caller's dead-lettered jobs, most recent first. GetJob inspects one."""
+    RequeueDeadLetter: _aio.UnaryUnaryMultiCallable[_cutout_service_pb2.RequeueDeadLetterRequest, _cutout_service_pb2.RequeueDeadLetterResponse]  # type: ignore[assignment]
+    """Puts a dead-lettered job back in its queue with fresh retries."""
+    PurgeDeadLetters: _aio.UnaryUnaryMultiCallable[_cutout_service_pb2.PurgeDeadLettersRequest, _cutout_service_pb2.PurgeDeadLettersResponse]  # type: ignore[assignment]
+    """Drops dead-lettered jobs for good (their inputs are deleted; the jobs stay FAILED)."""
 
 class CutoutServiceServicer(metaclass=_abc_1.ABCMeta):
     """The public API, served by the gateway. Every call carries
@@ -150,5 +162,29 @@ class CutoutServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_cutout_service_pb2.GetQueueStatsResponse, _abc.Awaitable[_cutout_service_pb2.GetQueueStatsResponse]]:
         """Returns the caller's queue depth and the fleet's capacity."""
+
+    @_abc_1.abstractmethod
+    def ListDeadLetters(
+        self,
+        request: _cutout_service_pb2.ListDeadLettersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cutout_service_pb2.ListDeadLettersResponse, _abc.Awaitable[_cutout_service_pb2.ListDeadLettersResponse]]:
+        """Lists the caller's dead-lettered jobs, most recent first. GetJob inspects one."""
+
+    @_abc_1.abstractmethod
+    def RequeueDeadLetter(
+        self,
+        request: _cutout_service_pb2.RequeueDeadLetterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cutout_service_pb2.RequeueDeadLetterResponse, _abc.Awaitable[_cutout_service_pb2.RequeueDeadLetterResponse]]:
+        """Puts a dead-lettered job back in its queue with fresh retries."""
+
+    @_abc_1.abstractmethod
+    def PurgeDeadLetters(
+        self,
+        request: _cutout_service_pb2.PurgeDeadLettersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cutout_service_pb2.PurgeDeadLettersResponse, _abc.Awaitable[_cutout_service_pb2.PurgeDeadLettersResponse]]:
+        """Drops dead-lettered jobs for good (their inputs are deleted; the jobs stay FAILED)."""
 
 def add_CutoutServiceServicer_to_server(servicer: CutoutServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

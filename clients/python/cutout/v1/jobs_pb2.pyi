@@ -457,6 +457,8 @@ class Job(_message.Message):
     INPUT_PIXELS_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    DEAD_LETTERED_FIELD_NUMBER: _builtins.int
+    RETRY_TIME_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
@@ -485,6 +487,10 @@ class Job(_message.Message):
     """Attempts started so far, 0 while never dispatched."""
     input_pixels: _builtins.int
     """Input image size in pixels (width x height), known once accepted."""
+    dead_lettered: _builtins.bool
+    """True when the job FAILED after using up its retries and waits in the
+    dead-letter queue, from which it can be requeued (its input is kept).
+    """
     @_builtins.property
     def operation(self) -> Global___Operation:
         """The operation requested."""
@@ -500,6 +506,12 @@ class Job(_message.Message):
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """When anything about the job last changed."""
+
+    @_builtins.property
+    def retry_time(self) -> _timestamp_pb2.Timestamp:
+        """While QUEUED after a failed attempt: when the next attempt may start
+        (exponential backoff with jitter). Unset otherwise.
+        """
 
     @_builtins.property
     def error(self) -> _status_pb2.Status:
@@ -528,12 +540,14 @@ class Job(_message.Message):
         input_pixels: _builtins.int = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        dead_lettered: _builtins.bool = ...,
+        retry_time: _timestamp_pb2.Timestamp | None = ...,
         error: _status_pb2.Status | None = ...,
         result: Global___Result | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "error", b"error", "operation", b"operation", "outcome", b"outcome", "record", b"record", "result", b"result", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "error", b"error", "operation", b"operation", "outcome", b"outcome", "record", b"record", "result", b"result", "retry_time", b"retry_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "batch", b"batch", "client_key", b"client_key", "create_time", b"create_time", "done", b"done", "error", b"error", "input_pixels", b"input_pixels", "name", b"name", "node", b"node", "operation", b"operation", "outcome", b"outcome", "priority", b"priority", "progress_percent", b"progress_percent", "queue_position", b"queue_position", "record", b"record", "result", b"result", "stage", b"stage", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "batch", b"batch", "client_key", b"client_key", "create_time", b"create_time", "dead_lettered", b"dead_lettered", "done", b"done", "error", b"error", "input_pixels", b"input_pixels", "name", b"name", "node", b"node", "operation", b"operation", "outcome", b"outcome", "priority", b"priority", "progress_percent", b"progress_percent", "queue_position", b"queue_position", "record", b"record", "result", b"result", "retry_time", b"retry_time", "stage", b"stage", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["error", "result"]  # noqa: Y015
     _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015

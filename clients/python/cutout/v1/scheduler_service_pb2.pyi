@@ -396,3 +396,165 @@ class SchedulerServiceGetQueueStatsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SchedulerServiceGetQueueStatsResponse: _TypeAlias = SchedulerServiceGetQueueStatsResponse  # noqa: Y015
+
+@_typing.final
+class SchedulerServiceListDeadLettersRequest(_message.Message):
+    """Request for SchedulerService.ListDeadLetters."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VENDOR_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    vendor_id: _builtins.str
+    """The vendor asking."""
+    page_size: _builtins.int
+    """1-500; 50 when 0."""
+    page_token: _builtins.str
+    """Opaque token from the previous page."""
+    def __init__(
+        self,
+        *,
+        vendor_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "vendor_id", b"vendor_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SchedulerServiceListDeadLettersRequest: _TypeAlias = SchedulerServiceListDeadLettersRequest  # noqa: Y015
+
+@_typing.final
+class SchedulerServiceListDeadLettersResponse(_message.Message):
+    """Response for SchedulerService.ListDeadLetters."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOBS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def jobs(self) -> _containers.RepeatedCompositeFieldContainer[_jobs_pb2.Job]:
+        """Most recently dead-lettered first."""
+
+    def __init__(
+        self,
+        *,
+        jobs: _abc.Iterable[_jobs_pb2.Job] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SchedulerServiceListDeadLettersResponse: _TypeAlias = SchedulerServiceListDeadLettersResponse  # noqa: Y015
+
+@_typing.final
+class SchedulerServiceRequeueDeadLetterRequest(_message.Message):
+    """Request for SchedulerService.RequeueDeadLetter."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VENDOR_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    vendor_id: _builtins.str
+    """The vendor asking."""
+    name: _builtins.str
+    """"jobs/{job_id}"."""
+    def __init__(
+        self,
+        *,
+        vendor_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "vendor_id", b"vendor_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SchedulerServiceRequeueDeadLetterRequest: _TypeAlias = SchedulerServiceRequeueDeadLetterRequest  # noqa: Y015
+
+@_typing.final
+class SchedulerServiceRequeueDeadLetterResponse(_message.Message):
+    """Response for SchedulerService.RequeueDeadLetter."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job(self) -> _jobs_pb2.Job:
+        """The job, QUEUED again."""
+
+    def __init__(
+        self,
+        *,
+        job: _jobs_pb2.Job | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SchedulerServiceRequeueDeadLetterResponse: _TypeAlias = SchedulerServiceRequeueDeadLetterResponse  # noqa: Y015
+
+@_typing.final
+class SchedulerServicePurgeDeadLettersRequest(_message.Message):
+    """Request for SchedulerService.PurgeDeadLetters."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VENDOR_ID_FIELD_NUMBER: _builtins.int
+    NAMES_FIELD_NUMBER: _builtins.int
+    ALL_FIELD_NUMBER: _builtins.int
+    vendor_id: _builtins.str
+    """The vendor asking."""
+    all: _builtins.bool
+    """Every dead letter of the vendor instead."""
+    @_builtins.property
+    def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"jobs/{job_id}" to purge, at most 1000."""
+
+    def __init__(
+        self,
+        *,
+        vendor_id: _builtins.str = ...,
+        names: _abc.Iterable[_builtins.str] | None = ...,
+        all: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all", b"all", "names", b"names", "vendor_id", b"vendor_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SchedulerServicePurgeDeadLettersRequest: _TypeAlias = SchedulerServicePurgeDeadLettersRequest  # noqa: Y015
+
+@_typing.final
+class SchedulerServicePurgeDeadLettersResponse(_message.Message):
+    """Response for SchedulerService.PurgeDeadLetters."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PURGED_COUNT_FIELD_NUMBER: _builtins.int
+    purged_count: _builtins.int
+    """How many were purged."""
+    def __init__(
+        self,
+        *,
+        purged_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["purged_count", b"purged_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SchedulerServicePurgeDeadLettersResponse: _TypeAlias = SchedulerServicePurgeDeadLettersResponse  # noqa: Y015

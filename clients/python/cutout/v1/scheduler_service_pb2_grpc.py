@@ -71,6 +71,21 @@ class SchedulerServiceStub:
                 request_serializer=cutout_dot_v1_dot_scheduler__service__pb2.SchedulerServiceGetQueueStatsRequest.SerializeToString,
                 response_deserializer=cutout_dot_v1_dot_scheduler__service__pb2.SchedulerServiceGetQueueStatsResponse.FromString,
                 _registered_method=True)
+        self.ListDeadLetters = channel.unary_unary(
+                '/cutout.v1.SchedulerService/ListDeadLetters',
+                request_serializer=cutout_dot_v1_dot_scheduler__service__pb2.SchedulerServiceListDeadLettersRequest.SerializeToString,
+                response_deserializer=cutout_dot_v1_dot_scheduler__service__pb2.SchedulerServiceListDeadLettersResponse.FromString,
+                _registered_method=True)
+        self.RequeueDeadLetter = channel.unary_unary(
+                '/cutout.v1.SchedulerService/RequeueDeadLetter',
+                request_serializer=cutout_dot_v1_dot_scheduler__service__pb2.SchedulerServiceRequeueDeadLetterRequest.SerializeToString,
+                response_deserializer=cutout_dot_v1_dot_scheduler__service__pb2.SchedulerServiceRequeueDeadLetterResponse.FromString,
+                _registered_method=True)
+        self.PurgeDeadLetters = channel.unary_unary(
+                '/cutout.v1.SchedulerService/PurgeDeadLetters',
+                request_serializer=cutout_dot_v1_dot_scheduler__service__pb2.SchedulerServicePurgeDeadLettersRequest.SerializeToString,
+                response_deserializer=cutout_dot_v1_dot_scheduler__service__pb2.SchedulerServicePurgeDeadLettersResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServiceServicer:
@@ -127,6 +142,27 @@ class SchedulerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListDeadLetters(self, request, context):
+        """A vendor's dead-lettered jobs, most recent first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RequeueDeadLetter(self, request, context):
+        """Puts a dead-lettered job back in its queue with fresh retries.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PurgeDeadLetters(self, request, context):
+        """Drops dead-lettered jobs for good.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -164,6 +200,21 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     servicer.GetQueueStats,
                     request_deserializer=cutout_dot_v1_dot_scheduler__service__pb2.SchedulerServiceGetQueueStatsRequest.FromString,
                     response_serializer=cutout_dot_v1_dot_scheduler__service__pb2.SchedulerServiceGetQueueStatsResponse.SerializeToString,
+            ),
+            'ListDeadLetters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeadLetters,
+                    request_deserializer=cutout_dot_v1_dot_scheduler__service__pb2.SchedulerServiceListDeadLettersRequest.FromString,
+                    response_serializer=cutout_dot_v1_dot_scheduler__service__pb2.SchedulerServiceListDeadLettersResponse.SerializeToString,
+            ),
+            'RequeueDeadLetter': grpc.unary_unary_rpc_method_handler(
+                    servicer.RequeueDeadLetter,
+                    request_deserializer=cutout_dot_v1_dot_scheduler__service__pb2.SchedulerServiceRequeueDeadLetterRequest.FromString,
+                    response_serializer=cutout_dot_v1_dot_scheduler__service__pb2.SchedulerServiceRequeueDeadLetterResponse.SerializeToString,
+            ),
+            'PurgeDeadLetters': grpc.unary_unary_rpc_method_handler(
+                    servicer.PurgeDeadLetters,
+                    request_deserializer=cutout_dot_v1_dot_scheduler__service__pb2.SchedulerServicePurgeDeadLettersRequest.FromString,
+                    response_serializer=cutout_dot_v1_dot_scheduler__service__pb2.SchedulerServicePurgeDeadLettersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -357,6 +408,87 @@ class SchedulerService:
             '/cutout.v1.SchedulerService/GetQueueStats',
             cutout_dot_v1_dot_scheduler__service__pb2.SchedulerServiceGetQueueStatsRequest.SerializeToString,
             cutout_dot_v1_dot_scheduler__service__pb2.SchedulerServiceGetQueueStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeadLetters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cutout.v1.SchedulerService/ListDeadLetters',
+            cutout_dot_v1_dot_scheduler__service__pb2.SchedulerServiceListDeadLettersRequest.SerializeToString,
+            cutout_dot_v1_dot_scheduler__service__pb2.SchedulerServiceListDeadLettersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RequeueDeadLetter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cutout.v1.SchedulerService/RequeueDeadLetter',
+            cutout_dot_v1_dot_scheduler__service__pb2.SchedulerServiceRequeueDeadLetterRequest.SerializeToString,
+            cutout_dot_v1_dot_scheduler__service__pb2.SchedulerServiceRequeueDeadLetterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PurgeDeadLetters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cutout.v1.SchedulerService/PurgeDeadLetters',
+            cutout_dot_v1_dot_scheduler__service__pb2.SchedulerServicePurgeDeadLettersRequest.SerializeToString,
+            cutout_dot_v1_dot_scheduler__service__pb2.SchedulerServicePurgeDeadLettersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,6 +49,12 @@ class SchedulerServiceStub:
     """Streams a succeeded job's output from storage."""
     GetQueueStats: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.SchedulerServiceGetQueueStatsRequest, _scheduler_service_pb2.SchedulerServiceGetQueueStatsResponse]
     """Queue depth and fleet capacity."""
+    ListDeadLetters: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.SchedulerServiceListDeadLettersRequest, _scheduler_service_pb2.SchedulerServiceListDeadLettersResponse]
+    """A vendor's dead-lettered jobs, most recent first."""
+    RequeueDeadLetter: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.SchedulerServiceRequeueDeadLetterRequest, _scheduler_service_pb2.SchedulerServiceRequeueDeadLetterResponse]
+    """Puts a dead-lettered job back in its queue with fresh retries."""
+    PurgeDeadLetters: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.SchedulerServicePurgeDeadLettersRequest, _scheduler_service_pb2.SchedulerServicePurgeDeadLettersResponse]
+    """Drops dead-lettered jobs for good."""
 
 @_typing.type_check_only
 class SchedulerServiceAsyncStub(SchedulerServiceStub):
@@ -71,6 +77,12 @@ class SchedulerServiceAsyncStub(SchedulerServiceStub):
     """Streams a succeeded job's output from storage."""
     GetQueueStats: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.SchedulerServiceGetQueueStatsRequest, _scheduler_service_pb2.SchedulerServiceGetQueueStatsResponse]  # type: ignore[assignment]
     """Queue depth and fleet capacity."""
+    ListDeadLetters: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.SchedulerServiceListDeadLettersRequest, _scheduler_service_pb2.SchedulerServiceListDeadLettersResponse]  # type: ignore[assignment]
+    """A vendor's dead-lettered jobs, most recent first."""
+    RequeueDeadLetter: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.SchedulerServiceRequeueDeadLetterRequest, _scheduler_service_pb2.SchedulerServiceRequeueDeadLetterResponse]  # type: ignore[assignment]
+    """Puts a dead-lettered job back in its queue with fresh retries."""
+    PurgeDeadLetters: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.SchedulerServicePurgeDeadLettersRequest, _scheduler_service_pb2.SchedulerServicePurgeDeadLettersResponse]  # type: ignore[assignment]
+    """Drops dead-lettered jobs for good."""
 
 class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
     """Internal: the gateway's only door to the queues. Callers have already
@@ -132,5 +144,29 @@ class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_scheduler_service_pb2.SchedulerServiceGetQueueStatsResponse, _abc.Awaitable[_scheduler_service_pb2.SchedulerServiceGetQueueStatsResponse]]:
         """Queue depth and fleet capacity."""
+
+    @_abc_1.abstractmethod
+    def ListDeadLetters(
+        self,
+        request: _scheduler_service_pb2.SchedulerServiceListDeadLettersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_service_pb2.SchedulerServiceListDeadLettersResponse, _abc.Awaitable[_scheduler_service_pb2.SchedulerServiceListDeadLettersResponse]]:
+        """A vendor's dead-lettered jobs, most recent first."""
+
+    @_abc_1.abstractmethod
+    def RequeueDeadLetter(
+        self,
+        request: _scheduler_service_pb2.SchedulerServiceRequeueDeadLetterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_service_pb2.SchedulerServiceRequeueDeadLetterResponse, _abc.Awaitable[_scheduler_service_pb2.SchedulerServiceRequeueDeadLetterResponse]]:
+        """Puts a dead-lettered job back in its queue with fresh retries."""
+
+    @_abc_1.abstractmethod
+    def PurgeDeadLetters(
+        self,
+        request: _scheduler_service_pb2.SchedulerServicePurgeDeadLettersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_service_pb2.SchedulerServicePurgeDeadLettersResponse, _abc.Awaitable[_scheduler_service_pb2.SchedulerServicePurgeDeadLettersResponse]]:
+        """Drops dead-lettered jobs for good."""
 
 def add_SchedulerServiceServicer_to_server(servicer: SchedulerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
