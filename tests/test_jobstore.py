@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from cutout.v1 import jobs_pb2
 from services.common.errors import CutoutError, status_from_code
 from services.local.redis import RedisServer
-from services.scheduler.jobstore import Claim, JobStore, Retention, RetryPolicy
+from services.scheduler.jobstore import Claim, Fairness, JobStore, Retention, RetryPolicy
 from services.scheduler.keys import Keys
 
 
@@ -32,8 +32,8 @@ def submission(priority: int = 0, client_key: str = "") -> jobs_pb2.JobSubmissio
     return sub
 
 
-async def enqueue(store: JobStore, vendor: str, priority: int = 0) -> str:
-    job, _ = await store.enqueue(vendor, submission(priority), b"image-bytes", 100)
+async def enqueue(store: JobStore, vendor: str, priority: int = 0, pixels: int = 1_000_000) -> str:
+    job, _ = await store.enqueue(vendor, submission(priority), b"image-bytes", pixels)
     return job.name.removeprefix("jobs/")
 
 
@@ -46,12 +46,46 @@ async def drain(store: JobStore) -> list[Claim]:
 
 
 async def test_vendors_are_served_round_robin_not_by_arrival(store: JobStore) -> None:
+    # 1-megapixel jobs cost exactly one turn's credit (quantum 1 MP): strict alternation.
     flood = [await enqueue(store, "a") for _ in range(50)]
     late = [await enqueue(store, "b") for _ in range(3)]
     order = [c.vendor for c in await drain(store)]
     # b's three jobs go in the first six dispatches, not after a's fifty.
     assert order[:6] == ["a", "b", "a", "b", "a", "b"]
     assert sorted(c for c in order) == sorted(["a"] * len(flood) + ["b"] * len(late))
+
+
+async def test_fair_share_is_counted_in_megapixels(store: JobStore) -> None:
+    # a sends 4 MP photos, b 0.5 MP ones: per megapixel served they stay even.
+    for _ in range(20):
+        await enqueue(store, "a", pixels=4_000_000)
+        await enqueue(store, "b", pixels=500_000)
+    served = {"a": 0, "b": 0}
+    for claim in (await drain(store))[:20]:
+        served[claim.vendor] += 4_000_000 if claim.vendor == "a" else 500_000
+    assert 0.6 <= served["a"] / served["b"] <= 1.7, served
+
+
+async def test_weights_give_proportional_shares(redis_server: Callable[..., RedisServer]) -> None:
+    client = aioredis.from_url(redis_server().url)
+    store = JobStore(client, Keys("w:"), Retention(), fairness=Fairness(weights={"gold": 3.0}))
+    await store.publish_weights()
+    for _ in range(40):
+        await enqueue(store, "gold")
+        await enqueue(store, "basic")
+    first = [c.vendor for c in (await drain(store))[:40]]
+    assert first.count("gold") == 30 and first.count("basic") == 10
+    await client.aclose()
+
+
+async def test_a_flood_never_delays_another_vendor_more_than_one_round(store: JobStore) -> None:
+    for _ in range(300):
+        await enqueue(store, "flood", pixels=200_000)  # 5 per turn
+    claims = [await store.claim("node", 10_000) for _ in range(7)]
+    assert {c.vendor for c in claims if c} == {"flood"}
+    await enqueue(store, "small")
+    order = [c.vendor for c in await drain(store)]
+    assert "small" in order[:5]  # within the rest of flood's current turn
 
 
 async def test_priority_first_then_fifo_within_a_vendor(store: JobStore) -> None:
@@ -224,7 +258,7 @@ async def test_watch_replays_history_for_a_late_watcher(store: JobStore) -> None
 
 async def test_a_refused_attempt_does_not_count(store: JobStore) -> None:
     job_id = await enqueue(store, "a")
-    for _ in range(5):  # more refusals than max_attempts
+    for _ in range(5):  # more refusals than max_retries allows failures
         claim = await store.claim("node", 10_000)
         assert claim is not None and claim.attempt == 1
         full = status_from_code(grpc.StatusCode.RESOURCE_EXHAUSTED, "node is full")

@@ -10,7 +10,7 @@ import random
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import grpc
@@ -20,7 +20,7 @@ from google.rpc import status_pb2
 from cutout.names import job_name
 from cutout.v1 import jobs_pb2
 from services.common.errors import CutoutError, not_found, status_from_code
-from services.scheduler.keys import PRIORITY_BAND, Keys
+from services.scheduler.keys import PRIORITY_BAND, Keys, job_cost
 from services.scheduler.scripts import (
     CANCEL,
     CLAIM,
@@ -75,6 +75,16 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True)
+class Fairness:
+    """Weighted deficit round robin: each turn a vendor gets quantum * weight
+    milli-megapixels of credit (see scripts.CLAIM)."""
+
+    quantum_milli: int = 1000
+    weights: dict[str, float] = field(default_factory=dict)
+    default_weight: float = 1.0
+
+
+@dataclass(frozen=True)
 class Retention:
     """How long finished jobs stay readable (seconds)."""
 
@@ -126,11 +136,13 @@ class JobStore:
         keys: Keys,
         retention: Retention,
         retries: RetryPolicy | None = None,
+        fairness: Fairness | None = None,
     ) -> None:
         self.redis = redis
         self.keys = keys
         self.retention = retention
         self.retries = retries or RetryPolicy()
+        self.fairness = fairness or Fairness()
         self._enqueue = redis.register_script(ENQUEUE)
         self._claim = redis.register_script(CLAIM)
         self._progress = redis.register_script(PROGRESS)
@@ -169,6 +181,7 @@ class JobStore:
                 input_pixels,
                 image,
                 self.retention.idempotency_s,
+                job_cost(input_pixels),
             ]
         )
         job = await self.get(vendor, got.decode())
@@ -314,10 +327,26 @@ class JobStore:
     # --- dispatch -------------------------------------------------------------
 
     async def claim(self, node: str, lease_ms: int) -> Claim | None:
-        got = await self._claim(args=[self.keys.prefix, node, lease_ms])
+        got = await self._claim(
+            args=[
+                self.keys.prefix,
+                node,
+                lease_ms,
+                self.fairness.quantum_milli,
+                self.fairness.default_weight,
+            ]
+        )
         if not got:
             return None
         return Claim(job_id=got[0].decode(), attempt=int(got[1]), vendor=got[2].decode())
+
+    async def publish_weights(self) -> None:
+        """Store the configured vendor weights where the claim script reads them."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self.keys.weights)
+            if self.fairness.weights:
+                pipe.hset(self.keys.weights, mapping=cast(Any, dict(self.fairness.weights)))
+            await pipe.execute()
 
     async def operation(self, job_id: str) -> jobs_pb2.Operation:
         op = jobs_pb2.Operation()

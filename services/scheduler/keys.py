@@ -20,6 +20,9 @@ DEFAULT_PREFIX = "cutout:"
 #                          so higher priority first, then FIFO.
 # ring              LIST   vendors with waiting jobs, in round-robin order.
 # ring:members      SET    the same vendors, to keep the ring free of duplicates.
+# deficit           HASH   vendor -> unused credit (milli-megapixels) of deficit round robin.
+# turn              HASH   vendor -> 1 while its turn at the head of the ring has begun.
+# weights           HASH   vendor -> fairness weight (from CUTOUT_VENDOR_WEIGHTS; default 1).
 # leases            ZSET   running job id -> lease deadline (ms since the epoch).
 # delayed           ZSET   job id -> when its backoff ends and it rejoins its queue (ms).
 # dlq:{vendor}      ZSET   the vendor's dead-lettered job ids -> when dead-lettered (ms).
@@ -40,6 +43,7 @@ class Keys:
         self.leases = prefix + "leases"
         self.seq = prefix + "seq"
         self.vendors = prefix + "vendors"
+        self.weights = prefix + "weights"
         self.wake_channel = prefix + "wake"
         self.cancel_channel = prefix + "cancel"
 
@@ -63,6 +67,15 @@ class Keys:
 
     def dead_letters(self, vendor: str) -> str:
         return f"{self.prefix}dlq:{vendor}"
+
+
+# Fairness cost of a job in milli-megapixels, with a floor so that a flood of
+# tiny images still pays for the per-job work they cause.
+MIN_COST = 50
+
+
+def job_cost(input_pixels: int) -> int:
+    return max(MIN_COST, -(-input_pixels // 1000))
 
 
 # Queue score layout: priority band above a 40-bit sequence number.

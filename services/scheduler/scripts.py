@@ -91,7 +91,7 @@ end
 """
 
 # ARGV: prefix, id, vendor, priority, operation, record, client_key, batch,
-#       input_pixels, image, idempotency_ttl_s
+#       input_pixels, image, idempotency_ttl_s, cost
 # Returns {1, id} for a new job, {0, existing_id} for an idempotent repeat.
 ENQUEUE = (
     PRELUDE
@@ -109,7 +109,7 @@ local score = (9 - prio) * 1099511627776 + seq
 redis.call('HSET', P .. 'job:' .. id, 'vendor', vendor, 'state', 1, 'stage', 1,
   'progress', 0, 'priority', prio, 'attempt', 0, 'node', '', 'client_key', ck,
   'batch', ARGV[8], 'input_pixels', ARGV[9], 'operation', ARGV[5], 'record', ARGV[6],
-  'seq', seq, 'score', score, 'create_ms', now, 'update_ms', now)
+  'seq', seq, 'score', score, 'cost', tonumber(ARGV[12]), 'create_ms', now, 'update_ms', now)
 redis.call('SET', P .. 'input:' .. id, ARGV[10])
 redis.call('ZADD', P .. 'jobs:' .. vendor, seq, id)
 redis.call('SADD', P .. 'vendors', vendor)
@@ -122,38 +122,69 @@ return {1, id}
 """
 )
 
-# ARGV: prefix, node, lease_ms
-# Serves vendors round robin: the vendor at the head of the ring gives its
-# best job and moves to the tail. Returns {id, attempt, vendor} or nil.
+# ARGV: prefix, node, lease_ms, quantum, default_weight
+# Weighted deficit round robin over vendors, cost in milli-megapixels: the
+# vendor at the head of the ring starts its turn with quantum * weight more
+# credit, takes its best jobs while the credit covers their cost, then moves to
+# the tail. Credit left over carries to its next turn; an emptied queue forfeits
+# it. Work-conserving: if no vendor can afford its next job within a bounded
+# scan, the first vendor scanned gets it anyway. Returns {id, attempt, vendor} or nil.
 CLAIM = (
     PRELUDE
     + r"""
 local node, lease_ms = ARGV[2], tonumber(ARGV[3])
-local n = redis.call('LLEN', P .. 'ring')
-for _ = 1, n do
-  local vendor = redis.call('LMOVE', P .. 'ring', P .. 'ring', 'LEFT', 'RIGHT')
-  if not vendor then return nil end
-  local qk = P .. 'queue:' .. vendor
-  local popped = redis.call('ZPOPMIN', qk)
-  if redis.call('ZCARD', qk) == 0 then
-    redis.call('LREM', P .. 'ring', 0, vendor)
-    redis.call('SREM', P .. 'ring:members', vendor)
-  end
-  if #popped > 0 then
-    local id = popped[1]
-    local jk = P .. 'job:' .. id
-    local now = now_ms()
-    local attempt = redis.call('HINCRBY', jk, 'attempt', 1)
-    redis.call('HSET', jk, 'state', 2, 'stage', 2, 'progress', 0, 'node', node,
-      'update_ms', now, 'start_ms', now, 'retry_ms', 0)
-    redis.call('ZADD', P .. 'leases', now + lease_ms, id)
-    redis.call('SADD', P .. 'running:' .. vendor, id)
-    event(id, 'state', 2, 'stage', 2, 'progress', 0, 'node', node, 'attempt', attempt,
-      'retry_ms', 0, 'update_ms', now)
-    return {id, attempt, vendor}
+local quantum, default_weight = tonumber(ARGV[4]), tonumber(ARGV[5])
+local ring = P .. 'ring'
+local function drop_vendor(vendor)
+  redis.call('LREM', ring, 0, vendor)
+  redis.call('SREM', P .. 'ring:members', vendor)
+  redis.call('HDEL', P .. 'deficit', vendor)
+  redis.call('HDEL', P .. 'turn', vendor)
+end
+local chosen, fallback = nil, nil
+for _ = 1, 64 * math.max(1, redis.call('LLEN', ring)) do
+  local vendor = redis.call('LINDEX', ring, 0)
+  if not vendor then break end
+  local head = redis.call('ZRANGE', P .. 'queue:' .. vendor, 0, 0)
+  if #head == 0 then
+    drop_vendor(vendor)
+  else
+    local id = head[1]
+    fallback = fallback or {vendor, id}
+    local cost = tonumber(redis.call('HGET', P .. 'job:' .. id, 'cost') or '1000')
+    local credit = tonumber(redis.call('HGET', P .. 'deficit', vendor) or '0')
+    if redis.call('HGET', P .. 'turn', vendor) ~= '1' then
+      local weight = tonumber(redis.call('HGET', P .. 'weights', vendor) or default_weight)
+      credit = credit + quantum * weight
+      redis.call('HSET', P .. 'turn', vendor, 1)
+    end
+    if credit >= cost then
+      redis.call('HSET', P .. 'deficit', vendor, credit - cost)
+      chosen = {vendor, id}
+      break
+    end
+    -- Turn over: keep the credit, go to the back.
+    redis.call('HSET', P .. 'deficit', vendor, credit)
+    redis.call('HDEL', P .. 'turn', vendor)
+    redis.call('LMOVE', ring, ring, 'LEFT', 'RIGHT')
   end
 end
-return nil
+chosen = chosen or fallback
+if not chosen then return nil end
+local vendor, id = chosen[1], chosen[2]
+local qk = P .. 'queue:' .. vendor
+redis.call('ZREM', qk, id)
+if redis.call('ZCARD', qk) == 0 then drop_vendor(vendor) end
+local jk = P .. 'job:' .. id
+local now = now_ms()
+local attempt = redis.call('HINCRBY', jk, 'attempt', 1)
+redis.call('HSET', jk, 'state', 2, 'stage', 2, 'progress', 0, 'node', node,
+  'update_ms', now, 'start_ms', now, 'retry_ms', 0)
+redis.call('ZADD', P .. 'leases', now + lease_ms, id)
+redis.call('SADD', P .. 'running:' .. vendor, id)
+event(id, 'state', 2, 'stage', 2, 'progress', 0, 'node', node, 'attempt', attempt,
+  'retry_ms', 0, 'update_ms', now)
+return {id, attempt, vendor}
 """
 )
 
@@ -321,6 +352,8 @@ if st[1] == '1' then
   if redis.call('ZCARD', qk) == 0 then
     redis.call('LREM', P .. 'ring', 0, vendor)
     redis.call('SREM', P .. 'ring:members', vendor)
+    redis.call('HDEL', P .. 'deficit', vendor)
+    redis.call('HDEL', P .. 'turn', vendor)
   end
 else
   leave_running(id, vendor)

@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from cutout.v1 import scheduler_service_pb2_grpc as pb_grpc
 from services.common import serving
 from services.scheduler.dispatcher import Dispatcher, DispatchPolicy
-from services.scheduler.jobstore import JobStore, Retention, RetryPolicy
+from services.scheduler.jobstore import Fairness, JobStore, Retention, RetryPolicy
 from services.scheduler.keys import Keys
 from services.scheduler.nodes import NodePool
 from services.scheduler.service import SchedulerServicer
@@ -33,6 +33,9 @@ class SchedulerServer:
             keys,
             Retention(finished_s=settings.retention_s),
             RetryPolicy(max_retries=settings.max_retries, base_delay_ms=settings.retry_base_ms),
+            Fairness(
+                quantum_milli=round(settings.quantum_mp * 1000), weights=settings.vendor_weights
+            ),
         )
         self.pool = NodePool(settings.nodes, settings.node_poll_s, settings.max_message_bytes)
         results = LocalResultStore(settings.storage_dir)
@@ -57,6 +60,7 @@ class SchedulerServer:
 
     async def start(self) -> None:
         await self.redis.ping()  # fail fast, with the URL in the error, if Redis is not there
+        await self.store.publish_weights()
         self.port = serving.bind(self.server, self.settings.listen)
         await self.server.start()
         await serving.set_serving(self.health, [SERVICE_NAME], True)

@@ -5,8 +5,31 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.common.config import PROJECT_ROOT, env_float, env_int, env_list, env_str
+from services.common.config import (
+    PROJECT_ROOT,
+    SettingsError,
+    env_float,
+    env_int,
+    env_list,
+    env_str,
+)
 from services.common.serving import MiB
+
+
+def parse_weights(entries: list[str]) -> dict[str, float]:
+    weights: dict[str, float] = {}
+    for entry in entries:
+        vendor, _, raw = entry.partition(":")
+        try:
+            weight = float(raw)
+        except ValueError:
+            weight = -1.0
+        if not vendor or not 0 < weight <= 1000:
+            raise SettingsError(
+                f"CUTOUT_VENDOR_WEIGHTS entry {entry!r} is not vendor:weight (0-1000]"
+            )
+        weights[vendor] = weight
+    return weights
 
 
 @dataclass(frozen=True)
@@ -23,6 +46,10 @@ class SchedulerSettings:
         attempt_timeout_s: CUTOUT_ATTEMPT_TIMEOUT_S, deadline of one attempt on a node.
         max_retries: CUTOUT_MAX_RETRIES, retries of a retryable failure before the job
             is dead-lettered (so max_retries + 1 attempts).
+        quantum_mp: CUTOUT_DRR_QUANTUM_MP, megapixels of credit a vendor of weight 1 gets
+            per round-robin turn.
+        vendor_weights: CUTOUT_VENDOR_WEIGHTS, comma-separated "vendor:weight" (default 1
+            each); a vendor of weight 2 gets twice the megapixels of one of weight 1.
         retry_base_ms: CUTOUT_RETRY_BASE_MS, backoff before the first retry; it doubles
             for each further one, with +/-20% jitter.
         retention_s: CUTOUT_RETENTION_S, how long finished jobs stay readable.
@@ -42,6 +69,8 @@ class SchedulerSettings:
     attempt_timeout_s: float
     max_retries: int
     retry_base_ms: int
+    quantum_mp: float
+    vendor_weights: dict[str, float]
     retention_s: int
     max_message_bytes: int
     grace_s: float
@@ -61,6 +90,8 @@ class SchedulerSettings:
             attempt_timeout_s=env_float("CUTOUT_ATTEMPT_TIMEOUT_S", 60.0, minimum=1.0),
             max_retries=env_int("CUTOUT_MAX_RETRIES", 3, minimum=0),
             retry_base_ms=env_int("CUTOUT_RETRY_BASE_MS", 2000, minimum=0),
+            quantum_mp=env_float("CUTOUT_DRR_QUANTUM_MP", 1.0, minimum=0.001),
+            vendor_weights=parse_weights(env_list("CUTOUT_VENDOR_WEIGHTS")),
             retention_s=env_int("CUTOUT_RETENTION_S", 7 * 24 * 3600, minimum=60),
             max_message_bytes=env_int("CUTOUT_MAX_MESSAGE_BYTES", 32 * MiB, minimum=MiB),
             grace_s=env_float("CUTOUT_GRACE_S", 10.0),
