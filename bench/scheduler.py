@@ -85,11 +85,11 @@ async def throughput(cluster: LocalCluster, keys: dict[str, str], total: int) ->
     ids: list[str] = []
     clients = {v: AsyncClient(cluster.gateway_address, keys[v], timeout_s=300) for v in VENDORS}
     started = time.monotonic()
+    batches = [
+        (v, min(1000, n - start)) for v, n in shares.items() for start in range(0, n, 1000)
+    ]  # SubmitBatch takes at most 1,000 items
     replies = await asyncio.gather(
-        *(
-            clients[v].submit_batch([build_submission(image) for _ in range(n)])
-            for v, n in shares.items()
-        )
+        *(clients[v].submit_batch([build_submission(image) for _ in range(k)]) for v, k in batches)
     )
     for reply in replies:
         ids += [o.job.name.removeprefix("jobs/") for o in reply.outcomes if o.HasField("job")]
