@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -106,4 +105,4 @@ def _no_proxy_for_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
     for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "grpc_proxy"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    os.environ.pop("CUTOUT_API_KEY", None)
+    monkeypatch.delenv("CUTOUT_API_KEY", raising=False)

@@ -22,7 +22,7 @@ from cutout.client import build_submission
 from cutout.v1 import jobs_pb2
 from services.gateway.auth import new_key
 from services.local.cluster import ClusterConfig, LocalCluster
-from tests.conftest import KEYS, jpeg
+from tests.conftest import KEYS
 
 A, B = KEYS["vendor-a"], KEYS["vendor-b"]
 
@@ -351,12 +351,6 @@ def test_cli_submit_wait_writes_results(
     )  # fmt: skip
     assert bad.returncode == 1
     assert "remove_background.model" in bad.stderr and "unknown model" in bad.stderr
-
-
-def test_jpeg_helper_roundtrip() -> None:
-    # Guards the fixture the other tests rely on: real JPEG bytes, not arrays.
-    data = jpeg(np.zeros((8, 8, 3), dtype=np.uint8))
-    assert Image.open(io.BytesIO(data)).format == "JPEG"
 
 
 def test_blocking_client_does_what_the_async_one_does(

@@ -258,7 +258,7 @@ async def test_watch_replays_history_for_a_late_watcher(store: JobStore) -> None
 
 async def test_a_refused_attempt_does_not_count(store: JobStore) -> None:
     job_id = await enqueue(store, "a")
-    for _ in range(5):  # more refusals than max_retries allows failures
+    for _ in range(5):  # more refusals than max_retries would allow failures
         claim = await store.claim("node", 10_000)
         assert claim is not None and claim.attempt == 1
         full = status_from_code(grpc.StatusCode.RESOURCE_EXHAUSTED, "node is full")

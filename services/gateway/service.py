@@ -82,7 +82,7 @@ class CutoutServicer(pb_grpc.CutoutServiceServicer):
             )
         batch = f"batches/{uuid.uuid4().hex}"
 
-        async def one(index: int, item: object) -> pb.BatchItemOutcome:
+        async def one(index: int) -> pb.BatchItemOutcome:
             outcome = pb.BatchItemOutcome(index=index)
             try:
                 submission, pixels = validate(
@@ -102,7 +102,7 @@ class CutoutServicer(pb_grpc.CutoutServiceServicer):
                 outcome.error.message = exc.details() or ""
             return outcome
 
-        outcomes = await asyncio.gather(*(one(i, s) for i, s in enumerate(request.submissions)))
+        outcomes = await asyncio.gather(*(one(i) for i in range(count)))
         accepted = sum(1 for o in outcomes if o.HasField("job"))
         log.info(
             "batch accepted",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from services.common.config import PROJECT_ROOT, default_model_dir
 from services.gateway.auth import hash_key
-from services.local.redis import RedisServer
+from services.local.redis import RedisServer, free_port
 
 
 @dataclass
@@ -142,8 +142,6 @@ class LocalCluster:
                 self.redis_url = self.redis.url
             # Node ports first, so the scheduler knows where to look even
             # before the nodes are up (a job waits until one is).
-            from services.local.redis import free_port
-
             self._node_ports = [free_port() for _ in range(self.config.nodes)]
             self.start_scheduler(timeout_s)
             for i in range(self.config.nodes if start_nodes else 0):

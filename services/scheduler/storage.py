@@ -24,8 +24,6 @@ class ResultStore(Protocol):
         """Yield the stored bytes in chunks of at most 1 MiB."""
         ...
 
-    async def delete(self, uri: str) -> None: ...
-
 
 class LocalResultStore:
     """Files under one directory: `<root>/<vendor>/<job_id>.<ext>`, URI `local:<key>`."""
@@ -53,10 +51,6 @@ class LocalResultStore:
                 yield chunk
         finally:
             f.close()
-
-    async def delete(self, uri: str) -> None:
-        path = self._path(uri.removeprefix("local:"))
-        await asyncio.to_thread(path.unlink, True)
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
