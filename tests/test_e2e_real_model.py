@@ -78,7 +78,7 @@ def real_cluster(make_cluster, real_model_dir: Path) -> LocalCluster:  # type: i
 async def test_real_photos_match_rembg(
     real_cluster: LocalCluster, real_model_dir: Path, photos: dict[str, bytes]
 ) -> None:
-    names = ["astronaut", "chelsea"]
+    names = ["astronaut", "chelsea", "coffee"]
     results = await asyncio.gather(
         *(run_job(real_cluster.gateway_address, photos[n]) for n in names)
     )
@@ -92,7 +92,9 @@ async def test_real_photos_match_rembg(
         ours = np.asarray(cutout.getchannel("A"), dtype=np.float64)
         theirs = rembg_alpha(real_model_dir, photos[name])
         mad = np.abs(ours - theirs).mean()
-        assert mad <= 1.0, f"{name}: mean alpha difference {mad:.3f}/255 from rembg.remove"
+        assert mad <= 2.0, f"{name}: mean alpha difference {mad:.3f}/255 from rembg.remove"
+        iou = ((ours > 127.5) & (theirs > 127.5)).sum() / ((ours > 127.5) | (theirs > 127.5)).sum()
+        assert iou >= 0.99, f"{name}: mask IoU {iou:.4f} with rembg.remove"
         # Not a trivial mask: the subject is kept and the background removed.
         assert 0.1 < (ours > 127).mean() < 0.9
 

@@ -11,11 +11,15 @@ from typing import Protocol
 import onnxruntime as ort
 from PIL import Image
 
+from services.inference.masking import KNOWN, MaskSession, custom_preprocessing
+
 log = logging.getLogger(__name__)
 
 
 class MaskModel(Protocol):
     """What the pipeline needs from a model: a mask the size of the image."""
+
+    inner_session: ort.InferenceSession
 
     def predict(self, img: Image.Image) -> list[Image.Image]: ...
 
@@ -47,17 +51,13 @@ def discover(model_dir: Path) -> list[str]:
 
 
 def load_model(model_dir: Path, name: str, providers: list[str], threads: int) -> LoadedModel:
-    """Load one model through rembg.
+    """Load one model.
 
-    A file named after one of rembg's sessions (isnet-general-use, u2net, ...)
-    gets that session's own pre- and post-processing; any other file is run as
-    an IS-Net style custom model (rembg's dis_custom).
+    A custom file, or one named after a rembg session whose preprocessing
+    masking.KNOWN reproduces, runs in Cutout's own MaskSession (same steps as
+    rembg, vectorised). Any other rembg session name (sam, birefnet-*, ...)
+    runs through rembg itself.
     """
-    # rembg finds model files only under its home directory.
-    os.environ["U2NET_HOME"] = str(model_dir)
-    from rembg import new_session
-    from rembg.sessions import sessions_names
-
     path = model_dir / f"{name}.onnx"
     if not path.is_file():
         raise ModelError(f"model {name!r}: no file {path} (set CUTOUT_MODEL_DIR or CUTOUT_MODELS)")
@@ -65,12 +65,19 @@ def load_model(model_dir: Path, name: str, providers: list[str], threads: int) -
     if threads > 0:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-    if name in sessions_names:
-        session = new_session(name, sess_opts=opts, providers=providers)
+    from rembg.sessions import sessions_names
+
+    session: MaskModel
+    if name in KNOWN or name not in sessions_names:
+        inner = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        prep = KNOWN.get(name) or custom_preprocessing(inner)
+        session = MaskSession(inner, prep)
     else:
-        session = new_session(
-            "dis_custom", sess_opts=opts, providers=providers, model_path=str(path)
-        )
+        # rembg finds model files only under its home directory.
+        os.environ["U2NET_HOME"] = str(model_dir)
+        from rembg import new_session
+
+        session = new_session(name, sess_opts=opts, providers=providers)
     active = session.inner_session.get_providers()[0]
     if providers and active != providers[0]:
         # Asked for an accelerator and quietly given the CPU: say so loudly.
