@@ -79,8 +79,25 @@ async def job_times(redis: aioredis.Redis, ids: list[str]) -> list[tuple[str, in
     return out
 
 
+def cpu_seconds(cluster: LocalCluster) -> dict[str, float]:
+    """CPU time (user + system) each process of the cluster has used so far."""
+    procs = {"redis": cluster.redis.proc if cluster.redis else None}
+    for svc in [cluster.gateway, cluster.scheduler, *cluster.nodes]:
+        if svc is not None:
+            procs[svc.name] = svc.proc
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for name, proc in procs.items():
+        if proc is None:
+            continue
+        fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        out[name] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 async def throughput(cluster: LocalCluster, keys: dict[str, str], total: int) -> dict[str, float]:
     image = small_jpeg()
+    cpu_before = cpu_seconds(cluster)
     shares = {"v0": int(total * 0.7), "v1": total // 10, "v2": total // 10, "v3": total // 10}
     ids: list[str] = []
     clients = {v: AsyncClient(cluster.gateway_address, keys[v], timeout_s=300) for v in VENDORS}
@@ -100,6 +117,7 @@ async def throughput(cluster: LocalCluster, keys: dict[str, str], total: int) ->
             break
         await asyncio.sleep(0.5)
     wall = time.monotonic() - started
+    cpu_after = cpu_seconds(cluster)
     times = await job_times(redis, ids)
     await redis.aclose()
     for c in clients.values():
@@ -115,6 +133,11 @@ async def throughput(cluster: LocalCluster, keys: dict[str, str], total: int) ->
         "wall_s": wall,
         "jain_index": jain([float(served[v]) for v in VENDORS]),
         "served_in_window": served,  # type: ignore[dict-item]
+        # Where the time goes: CPU milliseconds per job in each process.
+        "cpu_ms_per_job": {  # type: ignore[dict-item]
+            k: round((cpu_after[k] - cpu_before[k]) * 1000 / max(1, len(times)), 2)
+            for k in cpu_after
+        },
     }
 
 
@@ -201,6 +224,7 @@ async def main() -> None:
         "jobs": tp["jobs"],
         "latency_jobs": lat["n"],
         "served_in_fairness_window": tp["served_in_window"],
+        "cpu_ms_per_job": tp["cpu_ms_per_job"],
         "nodes": args.nodes,
         "node_capacity": 4,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
@@ -216,6 +240,8 @@ async def main() -> None:
     print(f"{'scheduling delay p99 (ms)':<40} {result['p99_ms']:>12}")
     print(f"{'Jain index, 4 vendors, v0 flooding':<40} {result['jain_index']:>12}")
     print(f"{'dispatch-only cycles/s (no nodes)':<40} {result['dispatch_only_jobs_per_s']:>12}")
+    for proc, ms in tp["cpu_ms_per_job"].items():  # type: ignore[attr-defined]
+        print(f"{'CPU ms per job: ' + proc:<40} {ms:>12}")
     print(f"wrote {args.out}")
 
 

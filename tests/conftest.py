@@ -61,8 +61,17 @@ def real_model_dir() -> Path:
 def make_cluster(tmp_path: Path) -> Iterator[Callable[..., LocalCluster]]:
     clusters: list[LocalCluster] = []
 
-    def make(model_dir: Path, nodes: int = 1, start: bool = True, **extra_env: str) -> LocalCluster:
+    def make(
+        model_dir: Path,
+        nodes: int = 1,
+        start: bool = True,
+        dns_nodes: bool = False,
+        appendfsync: str = "everysec",
+        **extra_env: str,
+    ) -> LocalCluster:
         config = ClusterConfig(
+            dns_nodes=dns_nodes,
+            appendfsync=appendfsync,
             nodes=nodes,
             gateway_port=0,
             workdir=tmp_path / f"cluster-{len(clusters)}",

@@ -13,7 +13,14 @@ import redis.asyncio as aioredis
 from cutout.v1 import jobs_pb2
 from services.common.errors import CutoutError, status_from_code
 from services.local.redis import RedisServer
-from services.scheduler.jobstore import Claim, Fairness, JobStore, Retention, RetryPolicy
+from services.scheduler.jobstore import (
+    Claim,
+    Fairness,
+    JobStore,
+    Retention,
+    RetryPolicy,
+    estimate_wait_ms,
+)
 from services.scheduler.keys import Keys
 
 
@@ -96,15 +103,35 @@ async def test_priority_first_then_fifo_within_a_vendor(store: JobStore) -> None
     assert [c.job_id for c in await drain(store)] == [high, mid, low1, low2]
 
 
-async def test_queue_position_and_stats(store: JobStore) -> None:
+async def test_queue_position_eta_and_stats(store: JobStore) -> None:
     ids = [await enqueue(store, "a", p) for p in (0, 0, 3)]
-    assert [await store.queue_position("a", i) for i in ids] == [2, 3, 1]
+    assert [(await store.place("a", i)).position for i in ids] == [2, 3, 1]
+    # No job has run yet: no basis for an ETA, so none is given.
+    assert not (await store.get("a", ids[0])).HasField("estimated_wait")
     stats = await store.stats("a")
     assert stats.queued == 3
     assert [(p.priority, p.queued) for p in stats.by_priority] == [(3, 1), (0, 2)]
-    await store.claim("node", 10_000)
+    claim = await store.claim("node", 10_000)
+    assert claim is not None and claim.job_id == ids[2]
     stats = await store.stats("")
-    assert (stats.queued, stats.running) == (2, 1)
+    assert (stats.queued, stats.running, stats.attempts_started) == (2, 1, 1)
+    await asyncio.sleep(0.2)
+    assert await store.complete(claim, jobs_pb2.Result(uri="local:x"))
+    # One job ran for ~200 ms on a fleet of 1 slot: the 2nd in line waits ~2 runs.
+    job = await store.get("a", ids[1])
+    assert job.queue_position == 2
+    eta_ms = job.estimated_wait.ToMilliseconds()
+    assert 2 * 150 <= eta_ms <= 2 * 1000, eta_ms
+    store.fleet_capacity = lambda: 2  # twice the slots: half the wait
+    assert (await store.get("a", ids[1])).estimated_wait.ToMilliseconds() == eta_ms // 2
+    stats = await store.stats("a")
+    assert (stats.succeeded, stats.running, stats.lease_losses) == (1, 0, 0)
+
+
+def test_wait_estimate_shares_the_fleet_among_waiting_vendors() -> None:
+    assert estimate_wait_ms(position=8, capacity=8, active_vendors=1, run_ms=100) == 100
+    assert estimate_wait_ms(position=8, capacity=8, active_vendors=4, run_ms=100) == 400
+    assert estimate_wait_ms(position=1, capacity=2, active_vendors=4, run_ms=100) == 100
 
 
 async def test_idempotency_key_is_per_vendor(store: JobStore) -> None:
@@ -161,6 +188,28 @@ async def test_expired_leases_back_off_then_dead_letter(store: JobStore) -> None
     assert job.error.code == grpc.StatusCode.UNAVAILABLE.value[0]
     assert "lease expired" in job.error.message
     assert await store.input_image(job_id) == b"image-bytes"  # kept for a requeue
+    stats = await store.stats("a")
+    assert (stats.attempts_started, stats.lease_losses) == (3, 3)
+    assert (stats.retries, stats.dead_lettered, stats.succeeded) == (2, 1, 0)
+
+
+async def test_stored_outputs_expire_with_their_jobs(
+    redis_server: Callable[..., RedisServer],
+) -> None:
+    redis = aioredis.from_url(redis_server().url)
+    store = JobStore(redis, Keys("retention:"), Retention(finished_s=1))
+    job_id = await enqueue(store, "a")
+    claim = await store.claim("node", 10_000)
+    assert claim is not None
+    await store.track_blob("local:a/orphan.png")  # an attempt that lost its job
+    assert await store.complete(claim, jobs_pb2.Result(uri=f"local:a/{job_id}.png"))
+    assert await store.expired_blobs() == []
+    await asyncio.sleep(1.1)
+    due = set(await store.expired_blobs())
+    assert due == {"local:a/orphan.png", f"local:a/{job_id}.png"}
+    await store.forget_blobs(list(due))
+    assert await store.expired_blobs() == []
+    await redis.aclose()
 
 
 async def test_backoff_doubles_with_jitter(store: JobStore) -> None:

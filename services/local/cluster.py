@@ -48,7 +48,9 @@ class ClusterConfig:
         models: model names to load (every *.onnx in model_dir when empty).
         api_keys: {vendor: key} the gateway accepts.
         extra_env: more settings for every service (CUTOUT_LEASE_MS, ...).
-        appendfsync: AOF fsync policy of the embedded Redis.
+        appendfsync: AOF fsync policy of the embedded Redis ("everysec" or "always").
+        dns_nodes: give the scheduler `dns:///localhost:PORT` instead of the node list,
+            so it finds its (single) node through a DNS lookup as in Kubernetes.
     """
 
     nodes: int = 2
@@ -60,6 +62,7 @@ class ClusterConfig:
     api_keys: dict[str, str] = field(default_factory=dict)
     extra_env: dict[str, str] = field(default_factory=dict)
     appendfsync: str = "everysec"
+    dns_nodes: bool = False
 
 
 class LocalCluster:
@@ -69,6 +72,7 @@ class LocalCluster:
         self.redis: RedisServer | None = None
         self.redis_url = config.redis_url
         self.scheduler: Service | None = None
+        self.extra_schedulers: list[Service] = []
         self.nodes: list[Service] = []
         self.gateway: Service | None = None
         self.models = config.models or sorted(p.stem for p in config.model_dir.glob("*.onnx"))
@@ -153,14 +157,28 @@ class LocalCluster:
             self.stop()
             raise
 
-    def start_scheduler(self, timeout_s: float = 60.0) -> Service:
+    def _scheduler_env(self) -> dict[str, str]:
         env = self._base_env()
-        env.update(
-            {
-                "CUTOUT_SCHEDULER_LISTEN": "127.0.0.1:0",
-                "CUTOUT_NODES": ",".join(f"127.0.0.1:{p}" for p in self._node_ports),
-            }
-        )
+        if self.config.dns_nodes:
+            if len(self._node_ports) != 1:
+                raise ValueError("dns_nodes needs exactly one node (localhost has one address)")
+            nodes = f"dns:///localhost:{self._node_ports[0]}"
+        else:
+            nodes = ",".join(f"127.0.0.1:{p}" for p in self._node_ports)
+        env.update({"CUTOUT_SCHEDULER_LISTEN": "127.0.0.1:0", "CUTOUT_NODES": nodes})
+        return env
+
+    def add_scheduler(self, timeout_s: float = 60.0) -> Service:
+        """Another scheduler replica on the same Redis and nodes (not behind the gateway)."""
+        name = f"scheduler-{len(self.extra_schedulers) + 2}"
+        svc = self._service(name, "services.scheduler", self._scheduler_env())
+        self.extra_schedulers.append(svc)
+        self._spawn(svc)
+        self._wait_ready(svc, timeout_s)
+        return svc
+
+    def start_scheduler(self, timeout_s: float = 60.0) -> Service:
+        env = self._scheduler_env()
         if self.scheduler is None:
             self.scheduler = self._service("scheduler", "services.scheduler", env)
         elif self.scheduler.port:
@@ -229,8 +247,9 @@ class LocalCluster:
         """Gateway first (no new work), then scheduler, nodes, Redis."""
         if self.gateway:
             self.terminate(self.gateway)
-        if self.scheduler:
-            self.terminate(self.scheduler)
+        for scheduler in [self.scheduler, *self.extra_schedulers]:
+            if scheduler:
+                self.terminate(scheduler)
         for node in self.nodes:
             self.terminate(node)
         if self.redis:

@@ -29,7 +29,7 @@ def local_key(workdir: Path) -> str:
     return key
 
 
-def run_up(nodes: int, port: int, workdir: Path | None) -> int:
+def run_up(nodes: int, port: int, workdir: Path | None, appendfsync: str = "everysec") -> int:
     workdir = workdir or PROJECT_ROOT / "var"
     key = local_key(workdir)
     config = ClusterConfig(
@@ -38,6 +38,7 @@ def run_up(nodes: int, port: int, workdir: Path | None) -> int:
         workdir=workdir,
         redis_url=os.environ.get("CUTOUT_REDIS_URL", ""),
         api_keys={"local": key},
+        appendfsync=appendfsync,
     )
     cluster = LocalCluster(config)
     stop = threading.Event()

@@ -25,6 +25,7 @@ from services.common.errors import NON_RETRYABLE, status_from_code
 from services.scheduler.jobstore import Claim, JobStore
 from services.scheduler.keys import Keys
 from services.scheduler.nodes import Node, NodePool
+from services.scheduler.progress import ProgressThrottle
 from services.scheduler.storage import ResultStore
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class DispatchPolicy:
     lease_ms: int = 15_000
     attempt_timeout_s: float = 60.0
     reap_interval_s: float = 0.25
+    progress_interval_s: float = 0.2
 
 
 class ProtocolError(Exception):
@@ -103,6 +105,23 @@ class Dispatcher:
             except aioredis.RedisError as exc:
                 log.warning("reaper could not reach redis", extra={"error": str(exc)})
             await asyncio.sleep(self.policy.reap_interval_s)
+
+    async def sweep_forever(self, interval_s: float = 30.0) -> None:
+        """Delete stored outputs whose jobs have expired (retention), in small batches.
+
+        Each URI is forgotten only after its blob is gone, so a crash in
+        between repeats a delete instead of leaking a file; several
+        schedulers sweeping at once only repeat deletes.
+        """
+        while True:
+            try:
+                while due := await self.store.expired_blobs():
+                    for uri in due:
+                        await self.results.delete(uri)
+                    await self.store.forget_blobs(due)
+            except (aioredis.RedisError, OSError) as exc:
+                log.warning("retention sweep failed; will retry", extra={"error": str(exc)})
+            await asyncio.sleep(interval_s)
 
     async def drain(self, grace_s: float) -> None:
         """Stop claiming; give running attempts grace_s to finish, then cancel them.
@@ -184,40 +203,44 @@ class Dispatcher:
             self._kick.set()
 
     async def _run_on_node(self, claim: Claim, node: Node) -> None:
-        image = await self.store.input_image(claim.job_id)
-        if image is None:
-            return  # cancelled between claim and start
+        if claim.image is None:
+            return  # no input: cancelled as it was claimed
         request = inference_pb2.ProcessRequest(
             name=job_name(claim.job_id),
             attempt=claim.attempt,
-            operation=await self.store.operation(claim.job_id),
-            image=image,
+            operation=jobs_pb2.Operation.FromString(claim.operation),
+            image=claim.image,
         )
         call = node.stub.Process(request, timeout=self.policy.attempt_timeout_s)
         output: inference_pb2.ProcessOutput | None = None
         chunks: list[bytes] = []
+
+        async def write(stage: int, percent: int) -> bool:
+            return await self.store.progress(claim, stage, percent, self.policy.lease_ms)
+
+        progress = ProgressThrottle(write, self.policy.progress_interval_s)
         try:
             async for response in call:
                 kind = response.WhichOneof("payload")
                 if kind == "progress":
-                    alive = await self.store.progress(
-                        claim,
-                        response.progress.stage,
-                        response.progress.progress_percent,
-                        self.policy.lease_ms,
-                    )
-                    if not alive:
+                    p = response.progress
+                    if not await progress.report(p.stage, p.progress_percent):
                         return  # fenced off: cancelled or re-leased elsewhere
                 elif kind == "output":
                     output = response.output
                 elif kind == "chunk":
                     chunks.append(response.chunk)
+            await self._store_result(claim, output, b"".join(chunks), progress)
         finally:
             call.cancel()
-        await self._store_result(claim, output, b"".join(chunks))
+            await progress.close()
 
     async def _store_result(
-        self, claim: Claim, output: inference_pb2.ProcessOutput | None, data: bytes
+        self,
+        claim: Claim,
+        output: inference_pb2.ProcessOutput | None,
+        data: bytes,
+        progress: ProgressThrottle,
     ) -> None:
         if output is None or output.content_type not in EXTENSIONS:
             raise ProtocolError("node ended the stream without a usable output header")
@@ -227,9 +250,10 @@ class Dispatcher:
                 f"output arrived damaged: {len(data)} of {output.size_bytes} bytes, "
                 f"sha256 {digest[:12]}"
             )
-        await self.store.progress(claim, jobs_pb2.STAGE_STORING, 95, self.policy.lease_ms)
+        await progress.report(jobs_pb2.STAGE_STORING, 95)
         key = f"{claim.vendor}/{claim.job_id}.{EXTENSIONS[output.content_type]}"
         uri = await self.results.put(key, data, output.content_type)
+        await self.store.track_blob(uri)
         result = jobs_pb2.Result(
             content_type=output.content_type,
             size_bytes=output.size_bytes,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -57,6 +57,8 @@ class Claim:
     job_id: str
     attempt: int
     vendor: str
+    operation: bytes = b""  # serialized jobs_pb2.Operation
+    image: bytes | None = None  # None: the input is gone (the job was cancelled)
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,26 @@ def _ms_to_ts(ms: int, ts: Any) -> None:
     ts.FromMilliseconds(ms)
 
 
-def job_from_fields(job_id: str, f: Fields, queue_position: int = 0) -> jobs_pb2.Job:
+@dataclass(frozen=True)
+class Place:
+    """Where a queued job stands: its position and the estimated wait (ms, None unknown)."""
+
+    position: int = 0
+    wait_ms: int | None = None
+
+
+def estimate_wait_ms(position: int, capacity: int, active_vendors: int, run_ms: float) -> int:
+    """Rounds of the fleet the jobs ahead need, times the average run time.
+
+    Under contention deficit round robin gives each waiting vendor about an
+    equal share of the fleet's slots, so a vendor's queue drains at
+    capacity / active_vendors jobs per run time.
+    """
+    share = max(1.0, capacity / max(1, active_vendors))
+    return int(-(-position // share) * run_ms)
+
+
+def job_from_fields(job_id: str, f: Fields, place: Place = Place()) -> jobs_pb2.Job:
     """Build the API's Job from the hash fields (or hash fields plus events)."""
     state = int(f.get(b"state", b"0"))
     job = jobs_pb2.Job(
@@ -111,8 +132,10 @@ def job_from_fields(job_id: str, f: Fields, queue_position: int = 0) -> jobs_pb2
         node=f.get(b"node", b"").decode(),
         attempt=int(f.get(b"attempt", b"0")),
         input_pixels=int(f.get(b"input_pixels", b"0")),
-        queue_position=queue_position if state == jobs_pb2.JOB_STATE_QUEUED else 0,
+        queue_position=place.position if state == jobs_pb2.JOB_STATE_QUEUED else 0,
     )
+    if state == jobs_pb2.JOB_STATE_QUEUED and place.position and place.wait_ms is not None:
+        job.estimated_wait.FromMilliseconds(place.wait_ms)
     job.operation.ParseFromString(f.get(b"operation", b""))
     job.dead_lettered = f.get(b"dead_lettered") == b"1"
     retry_ms = int(f.get(b"retry_ms") or b"0")
@@ -143,6 +166,8 @@ class JobStore:
         self.retention = retention
         self.retries = retries or RetryPolicy()
         self.fairness = fairness or Fairness()
+        # Concurrent jobs the fleet can take, for ETAs; the scheduler wires in its node pool.
+        self.fleet_capacity: Callable[[], int] = lambda: 1
         self._enqueue = redis.register_script(ENQUEUE)
         self._claim = redis.register_script(CLAIM)
         self._progress = redis.register_script(PROGRESS)
@@ -196,16 +221,26 @@ class JobStore:
             raise not_found(f"job {job_name(job_id)}")
         return fields
 
-    async def queue_position(self, vendor: str, job_id: str) -> int:
-        rank = cast("int | None", await self.redis.zrank(self.keys.queue(vendor), job_id))
-        return 0 if rank is None else int(rank) + 1
+    async def place(self, vendor: str, job_id: str) -> Place:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zrank(self.keys.queue(vendor), job_id)
+            pipe.scard(self.keys.ring_members)
+            pipe.hget(self.keys.eta, "run_ms")
+            rank, active, run_ms = await pipe.execute()
+        if rank is None:
+            return Place()
+        position = int(rank) + 1
+        if run_ms is None:
+            return Place(position)
+        wait = estimate_wait_ms(position, self.fleet_capacity(), int(active), float(run_ms))
+        return Place(position, wait)
 
     async def get(self, vendor: str, job_id: str) -> jobs_pb2.Job:
         fields = await self._fields(vendor, job_id)
-        position = 0
+        place = Place()
         if int(fields[b"state"]) == jobs_pb2.JOB_STATE_QUEUED:
-            position = await self.queue_position(vendor, job_id)
-        return job_from_fields(job_id, fields, position)
+            place = await self.place(vendor, job_id)
+        return job_from_fields(job_id, fields, place)
 
     async def input_image(self, job_id: str) -> bytes | None:
         return cast("bytes | None", await self.redis.get(self.keys.input(job_id)))
@@ -245,9 +280,9 @@ class JobStore:
                     return  # expired while watched
                 if job.state == jobs_pb2.JOB_STATE_QUEUED:
                     # Nothing happened to this job, but jobs ahead of it may have left.
-                    position = await self.queue_position(vendor, job_id)
-                    if position != job.queue_position:
-                        job = job_from_fields(job_id, state, position)
+                    place = await self.place(vendor, job_id)
+                    if place.position != job.queue_position:
+                        job = job_from_fields(job_id, state, place)
                         yield job
                 continue
             for entry_id, data in got[0][1]:
@@ -257,10 +292,10 @@ class JobStore:
 
     async def _apply(self, vendor: str, job_id: str, state: Fields, event: Fields) -> jobs_pb2.Job:
         state.update(event)
-        position = 0
+        place = Place()
         if int(state[b"state"]) == jobs_pb2.JOB_STATE_QUEUED:
-            position = await self.queue_position(vendor, job_id)
-        return job_from_fields(job_id, state, position)
+            place = await self.place(vendor, job_id)
+        return job_from_fields(job_id, state, place)
 
     async def page(
         self, vendor: str, state: int, page_size: int, page_token: str
@@ -309,15 +344,23 @@ class JobStore:
         async with self.redis.pipeline(transaction=False) as pipe:
             for v in vendors:
                 pipe.scard(self.keys.running(v))
+                pipe.hgetall(self.keys.counters(v))
                 for p in range(10):
                     low = (9 - p) * PRIORITY_BAND
                     pipe.zcount(self.keys.queue(v), low, f"({low + PRIORITY_BAND}")
             rows = await pipe.execute()
         for i in range(len(vendors)):
-            chunk = rows[i * 11 : (i + 1) * 11]
+            chunk = rows[i * 12 : (i + 1) * 12]
             stats.running += int(chunk[0])
+            counts = {k.decode(): int(n) for k, n in chunk[1].items()}
+            stats.attempts_started += counts.get("attempts", 0)
+            stats.lease_losses += counts.get("lease_lost", 0)
+            stats.retries += counts.get("retried", 0)
+            stats.dead_lettered += counts.get("dead_lettered", 0)
+            stats.succeeded += counts.get("succeeded", 0)
+            stats.failed += counts.get("failed", 0)
             for p in range(10):
-                by_priority[p] += int(chunk[1 + p])
+                by_priority[p] += int(chunk[2 + p])
         stats.queued = sum(by_priority)
         for p in range(9, -1, -1):
             if by_priority[p]:
@@ -338,7 +381,13 @@ class JobStore:
         )
         if not got:
             return None
-        return Claim(job_id=got[0].decode(), attempt=int(got[1]), vendor=got[2].decode())
+        return Claim(
+            job_id=got[0].decode(),
+            attempt=int(got[1]),
+            vendor=got[2].decode(),
+            operation=got[3],
+            image=got[4] if len(got) > 4 else None,
+        )
 
     async def publish_weights(self) -> None:
         """Store the configured vendor weights where the claim script reads them."""
@@ -347,13 +396,6 @@ class JobStore:
             if self.fairness.weights:
                 pipe.hset(self.keys.weights, mapping=cast(Any, dict(self.fairness.weights)))
             await pipe.execute()
-
-    async def operation(self, job_id: str) -> jobs_pb2.Operation:
-        op = jobs_pb2.Operation()
-        op.ParseFromString(
-            cast("bytes | None", await self.redis.hget(self.keys.job(job_id), "operation")) or b""
-        )
-        return op
 
     async def progress(self, claim: Claim, stage: int, percent: int, lease_ms: int) -> bool:
         """Record progress and renew the lease; False when the attempt is fenced off."""
@@ -373,9 +415,28 @@ class JobStore:
                 claim.attempt,
                 result.SerializeToString(),
                 self.retention.finished_s,
+                result.uri,
             ]
         )
         return bool(ok)
+
+    # --- retention of stored outputs ----------------------------------------------
+
+    async def track_blob(self, uri: str) -> None:
+        """Register a stored output before its job completes, so an attempt that
+        loses its job (cancelled, fenced off) cannot leave it behind forever."""
+        deadline = int((time.time() + self.retention.finished_s) * 1000)
+        await self.redis.zadd(self.keys.blobs, {uri: deadline})
+
+    async def expired_blobs(self, limit: int = 100) -> list[str]:
+        due = await self.redis.zrangebyscore(
+            self.keys.blobs, "-inf", int(time.time() * 1000), start=0, num=limit
+        )
+        return [b.decode() for b in cast(list[bytes], due)]
+
+    async def forget_blobs(self, uris: list[str]) -> None:
+        if uris:
+            await self.redis.zrem(self.keys.blobs, *uris)
 
     async def fail(self, claim: Claim, error: status_pb2.Status) -> bool:
         ok = await self._fail(

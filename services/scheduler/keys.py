@@ -31,6 +31,11 @@ DEFAULT_PREFIX = "cutout:"
 # idem:{vendor}:{k} STRING job id for an idempotency key; expires after 24 h.
 # seq               STRING global submission counter.
 # vendors           SET    every vendor that ever submitted, for global stats.
+# counters:{vendor} HASH   monotonic counts: attempts, lease_lost, retried, dead_lettered,
+#                          succeeded, failed.
+# eta               HASH   run_ms: moving average of attempt run time, for queue ETAs.
+# blobs             ZSET   stored result URI -> when its job expires (ms); the sweeper
+#                          deletes the blob then, so storage is retained as long as the job.
 # wake              PUBSUB published on every enqueue and requeue: dispatchers wake up.
 # cancel            PUBSUB job id of a cancelled running job: its dispatcher cancels the node call.
 
@@ -44,6 +49,8 @@ class Keys:
         self.seq = prefix + "seq"
         self.vendors = prefix + "vendors"
         self.weights = prefix + "weights"
+        self.eta = prefix + "eta"
+        self.blobs = prefix + "blobs"
         self.wake_channel = prefix + "wake"
         self.cancel_channel = prefix + "cancel"
 
@@ -64,6 +71,9 @@ class Keys:
 
     def vendor_jobs(self, vendor: str) -> str:
         return f"{self.prefix}jobs:{vendor}"
+
+    def counters(self, vendor: str) -> str:
+        return f"{self.prefix}counters:{vendor}"
 
     def dead_letters(self, vendor: str) -> str:
         return f"{self.prefix}dlq:{vendor}"

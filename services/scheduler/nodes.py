@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -64,30 +66,113 @@ def least_loaded(nodes: list[Node], rng: random.Random) -> Node | None:
     return a if a.free >= b.free else b
 
 
+Resolve = Callable[[str, int], Awaitable[list[str]]]  # (host, port) -> addresses
+
+
+async def resolve_all(host: str, port: int) -> list[str]:
+    """Every A and AAAA record of host, as gRPC target strings."""
+    infos = await asyncio.get_running_loop().getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+    )
+    found: list[str] = []
+    for family, _, _, _, sockaddr in infos:
+        ip = str(sockaddr[0])
+        target = f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}"
+        if target not in found:
+            found.append(target)
+    return found
+
+
+def split_entries(entries: list[str]) -> tuple[list[str], list[tuple[str, int]]]:
+    """CUTOUT_NODES entries -> (static addresses, (name, port) to look up in DNS)."""
+    static: list[str] = []
+    names: list[tuple[str, int]] = []
+    for entry in entries:
+        if entry.startswith("dns:///"):
+            host, sep, port = entry.removeprefix("dns:///").rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f"node entry {entry!r} is not dns:///name:port")
+            names.append((host, int(port)))
+        else:
+            static.append(entry)
+    return static, names
+
+
 class NodePool:
-    """Polls a static list of nodes with grpc.health.v1 and GetLoad."""
+    """The nodes to dispatch to: a static list and/or every DNS record of a name.
+
+    Each is polled with grpc.health.v1 and GetLoad. A node that leaves DNS
+    (its pod is gone or being replaced) takes no new job; its channel closes
+    once the attempts running on it are over.
+    """
 
     def __init__(
-        self, addresses: list[str], poll_interval_s: float, max_message_bytes: int
+        self,
+        entries: list[str],
+        poll_interval_s: float,
+        max_message_bytes: int,
+        dns_interval_s: float = 5.0,
+        resolve: Resolve = resolve_all,
     ) -> None:
-        options = [
+        self._options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ]
-        self.nodes: list[Node] = []
-        for address in addresses:
-            channel = grpc.aio.insecure_channel(address, options=options)
-            self.nodes.append(
-                Node(
-                    address=address,
-                    channel=channel,
-                    stub=inference_grpc.InferenceServiceStub(channel),
-                    health=health_pb2_grpc.HealthStub(channel),
-                )
-            )
+        self.static, self.dns_names = split_entries(entries)
+        self.nodes: list[Node] = [self._connect(a) for a in self.static]
+        self._retired: list[Node] = []
         self.poll_interval_s = poll_interval_s
+        self.dns_interval_s = dns_interval_s
+        self._resolve = resolve
+        self._next_lookup = 0.0
         self.changed = asyncio.Event()
         self._rng = random.Random()
+
+    def _connect(self, address: str) -> Node:
+        channel = grpc.aio.insecure_channel(address, options=self._options)
+        return Node(
+            address=address,
+            channel=channel,
+            stub=inference_grpc.InferenceServiceStub(channel),
+            health=health_pb2_grpc.HealthStub(channel),
+        )
+
+    async def refresh_dns(self) -> None:
+        """Look the DNS names up again; add new records, retire vanished ones.
+
+        A failed lookup keeps the nodes known so far (a DNS hiccup must not
+        empty the fleet).
+        """
+        if not self.dns_names:
+            return
+        wanted = list(self.static)
+        for host, port in self.dns_names:
+            try:
+                found = await self._resolve(host, port)
+            except OSError as exc:
+                log.warning("node DNS lookup failed", extra={"dns_name": host, "error": str(exc)})
+                return
+            wanted += [a for a in found if a not in wanted]
+        known = {n.address: n for n in self.nodes}
+        added = [a for a in wanted if a not in known]
+        gone = [n for n in self.nodes if n.address not in wanted]
+        if added or gone:
+            log.info(
+                "node set changed", extra={"added": added, "removed": [n.address for n in gone]}
+            )
+        for node in gone:
+            node.healthy = False  # no new work
+            self._retired.append(node)
+        self.nodes = [n for n in self.nodes if n.address in wanted] + [
+            self._connect(a) for a in added
+        ]
+        still: list[Node] = []
+        for node in self._retired:
+            if node.local_in_flight > 0:
+                still.append(node)
+            else:
+                await node.channel.close(None)
+        self._retired = still
 
     def pick(self) -> Node | None:
         return least_loaded(self.nodes, self._rng)
@@ -125,7 +210,11 @@ class NodePool:
             self.changed.set()
 
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
+            if loop.time() >= self._next_lookup:
+                self._next_lookup = loop.time() + self.dns_interval_s
+                await self.refresh_dns()
             await self.poll_once()
             await asyncio.sleep(self.poll_interval_s)
 
@@ -135,4 +224,4 @@ class NodePool:
         return len(up), sum(n.capacity for n in up), sum(n.in_flight for n in up)
 
     async def close(self) -> None:
-        await asyncio.gather(*(n.channel.close(None) for n in self.nodes))
+        await asyncio.gather(*(n.channel.close(None) for n in self.nodes + self._retired))

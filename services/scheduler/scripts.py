@@ -52,6 +52,12 @@ end
 -- A failed or lost attempt (the attempt-th). Within max_retries it waits
 -- base_ms * 2^(attempt-1) * jitter, then goes back to its old place in the
 -- queue (see PROMOTE); after that it FAILS into the dead-letter queue, input kept.
+-- Per-vendor counters (monotonic, for stats and metrics): attempts, lease_lost,
+-- retried, dead_lettered, succeeded, failed.
+local function count(vendor, field, n)
+  redis.call('HINCRBY', P .. 'counters:' .. vendor, field, n or 1)
+end
+
 local function retry_or_dead_letter(id, vendor, attempt, max_retries, base_ms, jitter, err, retention)
   leave_running(id, vendor)
   local jk = P .. 'job:' .. id
@@ -62,8 +68,10 @@ local function retry_or_dead_letter(id, vendor, attempt, max_retries, base_ms, j
     event(id, 'dead_lettered', 1)
     redis.call('EXPIRE', P .. 'input:' .. id, retention)
     redis.call('ZADD', P .. 'dlq:' .. vendor, now_ms(), id)
+    count(vendor, 'dead_lettered')
     return 2
   end
+  count(vendor, 'retried')
   local now = now_ms()
   local due = now + math.floor(base_ms * 2 ^ (attempt - 1) * jitter)
   redis.call('HSET', jk, 'state', 1, 'stage', 1, 'progress', 0, 'node', '', 'last_error', err,
@@ -78,6 +86,7 @@ local function requeue_now(id, vendor)
   local jk = P .. 'job:' .. id
   local now = now_ms()
   redis.call('HINCRBY', jk, 'attempt', -1)
+  count(vendor, 'attempts', -1)
   redis.call('HSET', jk, 'state', 1, 'stage', 1, 'progress', 0, 'node', '', 'update_ms', now)
   event(id, 'state', 1, 'stage', 1, 'progress', 0, 'node', '', 'update_ms', now)
   enqueue_ready(id, vendor, tonumber(redis.call('HGET', jk, 'score')))
@@ -178,13 +187,16 @@ if redis.call('ZCARD', qk) == 0 then drop_vendor(vendor) end
 local jk = P .. 'job:' .. id
 local now = now_ms()
 local attempt = redis.call('HINCRBY', jk, 'attempt', 1)
+count(vendor, 'attempts')
 redis.call('HSET', jk, 'state', 2, 'stage', 2, 'progress', 0, 'node', node,
   'update_ms', now, 'start_ms', now, 'retry_ms', 0)
 redis.call('ZADD', P .. 'leases', now + lease_ms, id)
 redis.call('SADD', P .. 'running:' .. vendor, id)
 event(id, 'state', 2, 'stage', 2, 'progress', 0, 'node', node, 'attempt', attempt,
   'retry_ms', 0, 'update_ms', now)
-return {id, attempt, vendor}
+-- The attempt needs the input and the operation: hand them over in the same round trip.
+return {id, attempt, vendor, redis.call('HGET', jk, 'operation') or '',
+  redis.call('GET', P .. 'input:' .. id) or false}
 """
 )
 
@@ -207,7 +219,7 @@ return 1
 """
 )
 
-# ARGV: prefix, id, attempt, result, retention_s
+# ARGV: prefix, id, attempt, result, retention_s, result_uri
 COMPLETE = (
     PRELUDE
     + r"""
@@ -215,6 +227,16 @@ local id = ARGV[2]
 local vendor = fenced(id, ARGV[3])
 if not vendor then return 0 end
 leave_running(id, vendor)
+-- Moving average of attempt run time: what queue ETAs are estimated from.
+local started = tonumber(redis.call('HGET', P .. 'job:' .. id, 'start_ms') or '0')
+if started > 0 then
+  local run = now_ms() - started
+  local avg = tonumber(redis.call('HGET', P .. 'eta', 'run_ms') or run)
+  redis.call('HSET', P .. 'eta', 'run_ms', avg + (run - avg) * 0.1)
+end
+count(vendor, 'succeeded')
+-- The stored output lives exactly as long as the job record.
+redis.call('ZADD', P .. 'blobs', now_ms() + tonumber(ARGV[5]) * 1000, ARGV[6])
 finish_and_free(id, vendor, 3, 7, 100, 'result', ARGV[4], tonumber(ARGV[5]))
 return 1
 """
@@ -229,6 +251,7 @@ local vendor = fenced(id, ARGV[3])
 if not vendor then return 0 end
 leave_running(id, vendor)
 local progress = tonumber(redis.call('HGET', P .. 'job:' .. id, 'progress'))
+count(vendor, 'failed')
 finish_and_free(id, vendor, 4, 7, progress, 'error', ARGV[4], tonumber(ARGV[5]))
 return 1
 """
@@ -263,6 +286,7 @@ local expired = redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', now_ms(), 'LI
 for _, id in ipairs(expired) do
   local st = redis.call('HMGET', P .. 'job:' .. id, 'state', 'attempt', 'vendor')
   if st[1] == '2' then
+    count(st[3], 'lease_lost')
     retry_or_dead_letter(id, st[3], tonumber(st[2]), tonumber(ARGV[2]), tonumber(ARGV[3]),
       tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6]))
   else

@@ -37,7 +37,13 @@ class SchedulerServer:
                 quantum_milli=round(settings.quantum_mp * 1000), weights=settings.vendor_weights
             ),
         )
-        self.pool = NodePool(settings.nodes, settings.node_poll_s, settings.max_message_bytes)
+        self.pool = NodePool(
+            settings.nodes,
+            settings.node_poll_s,
+            settings.max_message_bytes,
+            dns_interval_s=settings.node_dns_s,
+        )
+        self.store.fleet_capacity = lambda: self.pool.totals()[1]
         results = LocalResultStore(settings.storage_dir)
         self.dispatcher = Dispatcher(
             self.store,
@@ -48,6 +54,7 @@ class SchedulerServer:
             DispatchPolicy(
                 lease_ms=settings.lease_ms,
                 attempt_timeout_s=settings.attempt_timeout_s,
+                progress_interval_s=settings.progress_interval_ms / 1000,
             ),
         )
         self.server = grpc.aio.server(options=serving.server_options(settings.max_message_bytes))
@@ -68,6 +75,9 @@ class SchedulerServer:
             asyncio.create_task(self.pool.run()),
             asyncio.create_task(self.dispatcher.run()),
             asyncio.create_task(self.dispatcher.reap_forever()),
+            asyncio.create_task(
+                self.dispatcher.sweep_forever(min(30.0, max(0.5, self.settings.retention_s / 4)))
+            ),
         ]
         serving.write_ready_file(self.settings.ready_file, self.port)
         log.info("scheduler serving", extra={"port": self.port, "nodes": self.settings.nodes})

@@ -14,6 +14,7 @@ from services.common.config import (
     env_str,
 )
 from services.common.serving import MiB
+from services.scheduler.nodes import split_entries
 
 
 def parse_weights(entries: list[str]) -> dict[str, float]:
@@ -32,6 +33,14 @@ def parse_weights(entries: list[str]) -> dict[str, float]:
     return weights
 
 
+def parse_nodes(entries: list[str]) -> list[str]:
+    try:
+        split_entries(entries)
+    except ValueError as exc:
+        raise SettingsError(f"CUTOUT_NODES: {exc}") from exc
+    return entries
+
+
 @dataclass(frozen=True)
 class SchedulerSettings:
     """
@@ -39,9 +48,14 @@ class SchedulerSettings:
         listen: CUTOUT_SCHEDULER_LISTEN, host:port to serve on (port 0 picks one).
         redis_url: CUTOUT_REDIS_URL, the Redis holding queues and jobs.
         key_prefix: CUTOUT_REDIS_PREFIX, prefix of every Redis key.
-        nodes: CUTOUT_NODES, comma-separated host:port of inference nodes.
+        nodes: CUTOUT_NODES, comma-separated inference node addresses: host:port for one
+            node, or dns:///name:port for every A/AAAA record of a name (a Kubernetes
+            headless service), re-resolved every CUTOUT_NODE_DNS_S seconds.
+        node_dns_s: CUTOUT_NODE_DNS_S, seconds between DNS lookups of dns:/// entries.
         node_poll_s: CUTOUT_NODE_POLL_S, seconds between health/load polls.
         storage_dir: CUTOUT_STORAGE_DIR, where the local result store writes.
+        progress_interval_ms: CUTOUT_PROGRESS_INTERVAL_MS, least time between two progress
+            writes of one attempt (the latest report is written when it has passed).
         lease_ms: CUTOUT_LEASE_MS, how long a node may go silent before its job is requeued.
         attempt_timeout_s: CUTOUT_ATTEMPT_TIMEOUT_S, deadline of one attempt on a node.
         max_retries: CUTOUT_MAX_RETRIES, retries of a retryable failure before the job
@@ -52,7 +66,8 @@ class SchedulerSettings:
             each); a vendor of weight 2 gets twice the megapixels of one of weight 1.
         retry_base_ms: CUTOUT_RETRY_BASE_MS, backoff before the first retry; it doubles
             for each further one, with +/-20% jitter.
-        retention_s: CUTOUT_RETENTION_S, how long finished jobs stay readable.
+        retention_s: CUTOUT_RETENTION_S, how long finished jobs stay readable; their stored
+            outputs are deleted with them.
         max_message_bytes: CUTOUT_MAX_MESSAGE_BYTES, gRPC message limit (images travel inline).
         grace_s: CUTOUT_GRACE_S, how long a stopping scheduler lets attempts finish.
         ready_file: CUTOUT_READY_FILE, file to write the bound port to once serving.
@@ -64,6 +79,8 @@ class SchedulerSettings:
     key_prefix: str
     nodes: list[str]
     node_poll_s: float
+    node_dns_s: float
+    progress_interval_ms: int
     storage_dir: Path
     lease_ms: int
     attempt_timeout_s: float
@@ -83,8 +100,10 @@ class SchedulerSettings:
             listen=env_str("CUTOUT_SCHEDULER_LISTEN", "127.0.0.1:50052"),
             redis_url=env_str("CUTOUT_REDIS_URL", "redis://127.0.0.1:6379/0"),
             key_prefix=env_str("CUTOUT_REDIS_PREFIX", "cutout:"),
-            nodes=env_list("CUTOUT_NODES", "127.0.0.1:50061"),
+            nodes=parse_nodes(env_list("CUTOUT_NODES", "127.0.0.1:50061")),
             node_poll_s=env_float("CUTOUT_NODE_POLL_S", 0.5, minimum=0.05),
+            node_dns_s=env_float("CUTOUT_NODE_DNS_S", 5.0, minimum=0.1),
+            progress_interval_ms=env_int("CUTOUT_PROGRESS_INTERVAL_MS", 200, minimum=0),
             storage_dir=Path(env_str("CUTOUT_STORAGE_DIR", str(PROJECT_ROOT / "var" / "results"))),
             lease_ms=env_int("CUTOUT_LEASE_MS", 15_000, minimum=1000),
             attempt_timeout_s=env_float("CUTOUT_ATTEMPT_TIMEOUT_S", 60.0, minimum=1.0),
@@ -92,7 +111,7 @@ class SchedulerSettings:
             retry_base_ms=env_int("CUTOUT_RETRY_BASE_MS", 2000, minimum=0),
             quantum_mp=env_float("CUTOUT_DRR_QUANTUM_MP", 1.0, minimum=0.001),
             vendor_weights=parse_weights(env_list("CUTOUT_VENDOR_WEIGHTS")),
-            retention_s=env_int("CUTOUT_RETENTION_S", 7 * 24 * 3600, minimum=60),
+            retention_s=env_int("CUTOUT_RETENTION_S", 7 * 24 * 3600, minimum=1),
             max_message_bytes=env_int("CUTOUT_MAX_MESSAGE_BYTES", 32 * MiB, minimum=MiB),
             grace_s=env_float("CUTOUT_GRACE_S", 10.0),
             ready_file=env_str("CUTOUT_READY_FILE", ""),

@@ -24,6 +24,10 @@ class ResultStore(Protocol):
         """Yield the stored bytes in chunks of at most 1 MiB."""
         ...
 
+    async def delete(self, uri: str) -> None:
+        """Remove a stored output (retention); a missing one is not an error."""
+        ...
+
 
 class LocalResultStore:
     """Files under one directory: `<root>/<vendor>/<job_id>.<ext>`, URI `local:<key>`."""
@@ -42,6 +46,12 @@ class LocalResultStore:
         path = self._path(key)
         await asyncio.to_thread(_write_atomically, path, data)
         return "local:" + key
+
+    async def delete(self, uri: str) -> None:
+        if not uri.startswith("local:"):
+            return  # not ours (stored by another backend)
+        path = self._path(uri.removeprefix("local:"))
+        await asyncio.to_thread(path.unlink, missing_ok=True)
 
     async def read(self, uri: str) -> AsyncIterator[bytes]:
         path = self._path(uri.removeprefix("local:"))

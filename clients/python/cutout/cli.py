@@ -41,6 +41,8 @@ def describe(job: jobs_pb2.Job) -> str:
     parts = [job.name, state_name(job.state), f"{stage_name(job.stage)} {job.progress_percent}%"]
     if job.state == jobs_pb2.JOB_STATE_QUEUED and job.queue_position:
         parts.append(f"position {job.queue_position}")
+        if job.HasField("estimated_wait"):
+            parts.append(f"eta {job.estimated_wait.ToTimedelta().total_seconds():.0f}s")
     if job.node:
         parts.append(f"node {job.node}")
     if job.HasField("result"):
@@ -136,6 +138,9 @@ async def follow(client: AsyncClient, jobs: list[tuple[str, jobs_pb2.Job]], out_
                     status = state_name(final.state)
                     if final.state == jobs_pb2.JOB_STATE_QUEUED and final.queue_position:
                         status += f" #{final.queue_position}"
+                        if final.HasField("estimated_wait"):
+                            eta = final.estimated_wait.ToTimedelta().total_seconds()
+                            status += f" ~{eta:.0f}s"
                     elif final.state == jobs_pb2.JOB_STATE_RUNNING:
                         status = stage_name(final.stage)
                     progress.update(task, completed=final.progress_percent, status=status)
@@ -207,6 +212,10 @@ async def cmd_stats(args: argparse.Namespace) -> int:
     )
     for p in s.by_priority:
         out.print(f"  priority {p.priority}: {p.queued} queued")
+    out.print(
+        f"succeeded {s.succeeded}  failed {s.failed}  attempts {s.attempts_started}  "
+        f"retries {s.retries}  lease losses {s.lease_losses}  dead-lettered {s.dead_lettered}"
+    )
     return 0
 
 
@@ -271,7 +280,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             f"[red]cutout up needs the server parts[/red]: pip install 'cutout[server]' ({exc})"
         )
         return 2
-    return run_up(args.nodes, args.port, Path(args.workdir) if args.workdir else None)
+    workdir = Path(args.workdir) if args.workdir else None
+    return run_up(args.nodes, args.port, workdir, args.appendfsync)
 
 
 # --- parser ------------------------------------------------------------------------
@@ -294,6 +304,13 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--nodes", type=int, default=2, help="inference nodes (default 2)")
     up.add_argument("--port", type=int, default=50051, help="gateway port (default 50051)")
     up.add_argument("--workdir", default="", help="data, results and logs (default ./var)")
+    up.add_argument(
+        "--appendfsync",
+        choices=["everysec", "always"],
+        default="everysec",
+        help="AOF fsync policy of the embedded Redis: everysec can lose the last second "
+        "of accepted jobs on a power cut, always loses none and is slower (default everysec)",
+    )
     up.set_defaults(sync=cmd_up)
 
     s = sub.add_parser(

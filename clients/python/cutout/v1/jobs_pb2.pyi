@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -459,6 +460,7 @@ class Job(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     DEAD_LETTERED_FIELD_NUMBER: _builtins.int
     RETRY_TIME_FIELD_NUMBER: _builtins.int
+    ESTIMATED_WAIT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
@@ -514,6 +516,13 @@ class Job(_message.Message):
         """
 
     @_builtins.property
+    def estimated_wait(self) -> _duration_pb2.Duration:
+        """While QUEUED: estimated wait until an attempt starts, from the queue
+        position, the fleet's capacity shared among the vendors waiting, and the
+        recent average attempt run time. Unset otherwise, or before any job ran.
+        """
+
+    @_builtins.property
     def error(self) -> _status_pb2.Status:
         """Why the job FAILED or was CANCELLED."""
 
@@ -542,12 +551,13 @@ class Job(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         dead_lettered: _builtins.bool = ...,
         retry_time: _timestamp_pb2.Timestamp | None = ...,
+        estimated_wait: _duration_pb2.Duration | None = ...,
         error: _status_pb2.Status | None = ...,
         result: Global___Result | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "error", b"error", "operation", b"operation", "outcome", b"outcome", "record", b"record", "result", b"result", "retry_time", b"retry_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "error", b"error", "estimated_wait", b"estimated_wait", "operation", b"operation", "outcome", b"outcome", "record", b"record", "result", b"result", "retry_time", b"retry_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "batch", b"batch", "client_key", b"client_key", "create_time", b"create_time", "dead_lettered", b"dead_lettered", "done", b"done", "error", b"error", "input_pixels", b"input_pixels", "name", b"name", "node", b"node", "operation", b"operation", "outcome", b"outcome", "priority", b"priority", "progress_percent", b"progress_percent", "queue_position", b"queue_position", "record", b"record", "result", b"result", "retry_time", b"retry_time", "stage", b"stage", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "batch", b"batch", "client_key", b"client_key", "create_time", b"create_time", "dead_lettered", b"dead_lettered", "done", b"done", "error", b"error", "estimated_wait", b"estimated_wait", "input_pixels", b"input_pixels", "name", b"name", "node", b"node", "operation", b"operation", "outcome", b"outcome", "priority", b"priority", "progress_percent", b"progress_percent", "queue_position", b"queue_position", "record", b"record", "result", b"result", "retry_time", b"retry_time", "stage", b"stage", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["error", "result"]  # noqa: Y015
     _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
@@ -623,6 +633,12 @@ class QueueStats(_message.Message):
     HEALTHY_NODES_FIELD_NUMBER: _builtins.int
     CAPACITY_FIELD_NUMBER: _builtins.int
     IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_STARTED_FIELD_NUMBER: _builtins.int
+    LEASE_LOSSES_FIELD_NUMBER: _builtins.int
+    RETRIES_FIELD_NUMBER: _builtins.int
+    DEAD_LETTERED_FIELD_NUMBER: _builtins.int
+    SUCCEEDED_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
     queued: _builtins.int
     """Jobs waiting, for the caller (or all vendors on the internal API)."""
     running: _builtins.int
@@ -633,6 +649,23 @@ class QueueStats(_message.Message):
     """Sum of the healthy nodes' capacity, in concurrent jobs."""
     in_flight: _builtins.int
     """Jobs in flight on healthy nodes."""
+    attempts_started: _builtins.int
+    """Attempts started on nodes so far (each one an execution of the model).
+    Counters cover the caller's jobs (all vendors on the internal API) since
+    the Redis was created.
+    """
+    lease_losses: _builtins.int
+    """Attempts whose lease ran out (node or scheduler died or hung): the only
+    way a job can execute twice.
+    """
+    retries: _builtins.int
+    """Attempts that failed and were scheduled again after a backoff."""
+    dead_lettered: _builtins.int
+    """Jobs that used up their retries and went to the dead-letter queue."""
+    succeeded: _builtins.int
+    """Jobs that succeeded."""
+    failed: _builtins.int
+    """Jobs that failed without retry (invalid input)."""
     @_builtins.property
     def by_priority(self) -> _containers.RepeatedCompositeFieldContainer[Global___PriorityDepth]:
         """Waiting jobs by priority, highest first; levels with none are omitted."""
@@ -646,10 +679,16 @@ class QueueStats(_message.Message):
         healthy_nodes: _builtins.int = ...,
         capacity: _builtins.int = ...,
         in_flight: _builtins.int = ...,
+        attempts_started: _builtins.int = ...,
+        lease_losses: _builtins.int = ...,
+        retries: _builtins.int = ...,
+        dead_lettered: _builtins.int = ...,
+        succeeded: _builtins.int = ...,
+        failed: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["by_priority", b"by_priority", "capacity", b"capacity", "healthy_nodes", b"healthy_nodes", "in_flight", b"in_flight", "queued", b"queued", "running", b"running"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts_started", b"attempts_started", "by_priority", b"by_priority", "capacity", b"capacity", "dead_lettered", b"dead_lettered", "failed", b"failed", "healthy_nodes", b"healthy_nodes", "in_flight", b"in_flight", "lease_losses", b"lease_losses", "queued", b"queued", "retries", b"retries", "running", b"running", "succeeded", b"succeeded"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

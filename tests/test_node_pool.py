@@ -1,0 +1,87 @@
+"""Node discovery (static and DNS) and progress throttling, without a network."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from services.scheduler.nodes import NodePool, resolve_all, split_entries
+from services.scheduler.progress import ProgressThrottle
+
+
+def test_node_entries_split_into_static_and_dns() -> None:
+    static, names = split_entries(["10.0.0.5:50061", "dns:///inference.cutout:50061"])
+    assert static == ["10.0.0.5:50061"]
+    assert names == [("inference.cutout", 50061)]
+    for bad in ("dns:///inference", "dns:///:50061", "dns:///inference:http"):
+        with pytest.raises(ValueError, match="dns:///name:port"):
+            split_entries([bad])
+
+
+async def test_real_lookup_of_localhost_gives_loopback_targets() -> None:
+    found = await resolve_all("localhost", 50061)
+    assert "127.0.0.1:50061" in found
+    assert all(t in ("127.0.0.1:50061", "[::1]:50061") for t in found)
+
+
+async def test_dns_records_come_and_go_and_a_failed_lookup_keeps_the_fleet() -> None:
+    records = {"inference": ["10.0.0.1:7", "10.0.0.2:7"]}
+
+    async def resolve(host: str, port: int) -> list[str]:
+        if host not in records:
+            raise OSError("name does not resolve")
+        return records[host]
+
+    pool = NodePool(["dns:///inference:7", "10.9.9.9:7"], 0.1, 1 << 20, resolve=resolve)
+    await pool.refresh_dns()
+    assert sorted(n.address for n in pool.nodes) == ["10.0.0.1:7", "10.0.0.2:7", "10.9.9.9:7"]
+    first = {n.address: n for n in pool.nodes}
+
+    # A pod replaced: one record goes, one comes. The running job keeps its node.
+    first["10.0.0.1:7"].local_in_flight = 1
+    first["10.0.0.1:7"].healthy = True
+    records["inference"] = ["10.0.0.2:7", "10.0.0.3:7"]
+    await pool.refresh_dns()
+    assert sorted(n.address for n in pool.nodes) == ["10.0.0.2:7", "10.0.0.3:7", "10.9.9.9:7"]
+    assert first["10.0.0.2:7"] in pool.nodes  # the surviving node keeps its channel
+    gone = first["10.0.0.1:7"]
+    assert not gone.healthy and gone.free == 0  # no new work for the departed node
+
+    # DNS down: keep what we know rather than dropping every node.
+    del records["inference"]
+    await pool.refresh_dns()
+    assert len(pool.nodes) == 3
+    await pool.close()
+
+
+async def test_progress_is_throttled_but_the_latest_report_lands() -> None:
+    written: list[tuple[int, int]] = []
+
+    async def write(stage: int, percent: int) -> bool:
+        written.append((stage, percent))
+        return True
+
+    throttle = ProgressThrottle(write, interval_s=0.1)
+    for i in range(5):  # a burst right after the claim: none written yet
+        assert await throttle.report(3, i * 10)
+    assert written == []
+    await asyncio.sleep(0.15)
+    assert written == [(3, 40)]  # only the latest of the burst
+    await asyncio.sleep(0.15)
+    assert await throttle.report(5, 90)  # interval passed: written at once
+    assert written == [(3, 40), (5, 90)]
+    assert await throttle.report(6, 95)
+    await throttle.close()  # the attempt ended: the pending report is dropped
+    await asyncio.sleep(0.15)
+    assert written == [(3, 40), (5, 90)]
+
+
+async def test_a_fenced_off_attempt_is_reported_once_known() -> None:
+    async def write(stage: int, percent: int) -> bool:
+        return False  # the job moved on (cancelled, or leased elsewhere)
+
+    throttle = ProgressThrottle(write, interval_s=0.0)
+    assert not await throttle.report(3, 10)
+    assert not await throttle.report(3, 20)
+    await throttle.close()
