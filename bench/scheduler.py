@@ -124,9 +124,14 @@ async def throughput(cluster: LocalCluster, keys: dict[str, str], total: int) ->
         await c.close()
     first = min(t[1] for t in times)
     last = max(t[3] for t in times)
-    # Fairness window: until the first of the smaller vendors ran out of work.
-    window_end = min(max(t[3] for t in times if t[0] == v) for v in VENDORS[1:])
-    served = {v: sum(1 for t in times if t[0] == v and t[3] <= window_end) for v in VENDORS}
+    # Fairness window: while all four were backlogged, from the moment the last
+    # vendor's first job was accepted until the first vendor ran out of work.
+    window_start = max(min(t[1] for t in times if t[0] == v) for v in VENDORS)
+    window_end = min(max(t[3] for t in times if t[0] == v) for v in VENDORS)
+    served = {
+        v: sum(1 for t in times if t[0] == v and window_start <= t[3] <= window_end)
+        for v in VENDORS
+    }
     return {
         "jobs": len(times),
         "jobs_per_s": len(times) / ((last - first) / 1000),

@@ -18,6 +18,7 @@ from PIL import Image
 
 from services.common.config import default_model_dir
 from services.gateway.auth import new_key
+from services.gateway.ratelimit import GENEROUS
 from services.local.cluster import ClusterConfig, LocalCluster
 from services.local.redis import RedisServer
 from tests.tinymodel import build_tiny_model
@@ -67,9 +68,11 @@ def make_cluster(tmp_path: Path) -> Iterator[Callable[..., LocalCluster]]:
         start: bool = True,
         dns_nodes: bool = False,
         appendfsync: str = "everysec",
+        rate_limits: str = GENEROUS,
         **extra_env: str,
     ) -> LocalCluster:
         config = ClusterConfig(
+            rate_limits=rate_limits,
             dns_nodes=dns_nodes,
             appendfsync=appendfsync,
             nodes=nodes,

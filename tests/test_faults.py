@@ -105,21 +105,24 @@ async def test_scheduler_killed_mid_job_job_still_finishes(
         assert other.state == jobs_pb2.JOB_STATE_SUCCEEDED, other.error.message
 
 
-async def test_redis_restart_keeps_jobs_and_dispatch_resumes(
+async def test_redis_killed_and_restarted_keeps_every_queued_job(
     make_cluster, tiny_model_dir: Path, photos: dict[str, bytes]
 ) -> None:  # type: ignore[no-untyped-def]
-    cluster: LocalCluster = make_cluster(tiny_model_dir, nodes=1)
+    cluster: LocalCluster = make_cluster(tiny_model_dir, nodes=1, start=False)
+    cluster.start(start_nodes=False)  # nothing can run: every job stays queued
     async with AsyncClient(cluster.gateway_address, A) as client:
-        before = await client.submit(photos["coffee"])
-        assert (await final_state(client, before.name)).state == jobs_pb2.JOB_STATE_SUCCEEDED
+        names = [(await client.submit(photos["coffee"])).name for _ in range(20)]
         assert cluster.redis is not None
-        await asyncio.to_thread(cluster.redis.stop)  # a clean shutdown writes the AOF out
-        await asyncio.sleep(1.5)  # the scheduler polls a Redis that is not there
-        await asyncio.to_thread(cluster.redis.start)
-        again = await client.get(before.name)  # replayed from the AOF
-        assert again.state == jobs_pb2.JOB_STATE_SUCCEEDED
-        _, data = await client.result(before.name)
+        await asyncio.sleep(1.2)  # appendfsync everysec: let the second pass
+        await asyncio.to_thread(cluster.redis.kill)  # SIGKILL, no clean shutdown
+        await asyncio.sleep(1.0)  # the scheduler polls a Redis that is not there
+        await asyncio.to_thread(cluster.redis.start)  # replays the AOF
+        queued = [await client.get(n) for n in names]
+        assert [j.state for j in queued] == [jobs_pb2.JOB_STATE_QUEUED] * 20
+        assert sorted(j.queue_position for j in queued) == list(range(1, 21))
+        await asyncio.to_thread(cluster.start_node, 0)
+        for name in names:
+            done = await final_state(client, name, timeout_s=60)
+            assert done.state == jobs_pb2.JOB_STATE_SUCCEEDED, done.error.message
+        _, data = await client.result(names[0])
         assert Image.open(io.BytesIO(data)).mode == "RGBA"
-        after = await client.submit(photos["chelsea"])
-        done = await final_state(client, after.name, timeout_s=60)
-        assert done.state == jobs_pb2.JOB_STATE_SUCCEEDED, done.error.message

@@ -55,7 +55,7 @@ async def test_dns_records_come_and_go_and_a_failed_lookup_keeps_the_fleet() -> 
     await pool.close()
 
 
-async def test_progress_is_throttled_but_the_latest_report_lands() -> None:
+async def test_progress_within_a_stage_is_throttled_but_every_stage_lands() -> None:
     written: list[tuple[int, int]] = []
 
     async def write(stage: int, percent: int) -> bool:
@@ -63,18 +63,20 @@ async def test_progress_is_throttled_but_the_latest_report_lands() -> None:
         return True
 
     throttle = ProgressThrottle(write, interval_s=0.1)
-    for i in range(5):  # a burst right after the claim: none written yet
+    assert await throttle.report(3, 0)  # a new stage: written at once
+    for i in range(1, 5):  # a burst within the stage: held back
         assert await throttle.report(3, i * 10)
-    assert written == []
+    assert written == [(3, 0)]
     await asyncio.sleep(0.15)
-    assert written == [(3, 40)]  # only the latest of the burst
-    await asyncio.sleep(0.15)
-    assert await throttle.report(5, 90)  # interval passed: written at once
-    assert written == [(3, 40), (5, 90)]
-    assert await throttle.report(6, 95)
+    assert written == [(3, 0), (3, 40)]  # only the latest of the burst
+    assert await throttle.report(5, 85)  # the next stage at once
+    assert await throttle.report(5, 90)
+    assert await throttle.report(6, 95)  # a new stage supersedes the pending 90
+    assert written == [(3, 0), (3, 40), (5, 85), (6, 95)]
+    assert await throttle.report(6, 97)
     await throttle.close()  # the attempt ended: the pending report is dropped
     await asyncio.sleep(0.15)
-    assert written == [(3, 40), (5, 90)]
+    assert written == [(3, 0), (3, 40), (5, 85), (6, 95)]
 
 
 async def test_a_fenced_off_attempt_is_reported_once_known() -> None:

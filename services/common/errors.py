@@ -29,6 +29,10 @@ class CutoutError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
     violations: list[FieldViolation] = field(default_factory=list)
     retry_after_s: float | None = None
+    # google.rpc.QuotaFailure violations: (subject, description).
+    quota_violations: list[tuple[str, str]] = field(default_factory=list)
+    # Extra trailing metadata (ratelimit-limit, ratelimit-remaining, ratelimit-reset).
+    trailers: list[tuple[str, str]] = field(default_factory=list)
 
     def __str__(self) -> str:
         return self.message
@@ -53,6 +57,16 @@ class CutoutError(Exception):
             packed = any_pb2.Any()
             packed.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
             details.append(packed)
+        if self.quota_violations:
+            failure = error_details_pb2.QuotaFailure(
+                violations=[
+                    error_details_pb2.QuotaFailure.Violation(subject=s, description=d)
+                    for s, d in self.quota_violations
+                ]
+            )
+            packed = any_pb2.Any()
+            packed.Pack(failure)
+            details.append(packed)
         return status_pb2.Status(code=self.code.value[0], message=self.message, details=details)
 
 
@@ -71,7 +85,8 @@ def not_found(what: str) -> CutoutError:
 async def abort(context: grpc.aio.ServicerContext[object, object], err: CutoutError) -> NoReturn:
     # The same as abort_with_status: the rich status travels in the trailers.
     status = rpc_status.to_status(err.to_status())
-    await context.abort(status.code, status.details, status.trailing_metadata)
+    trailers = tuple(status.trailing_metadata) + tuple(err.trailers)
+    await context.abort(status.code, status.details, trailers)
     raise AssertionError("abort returned")  # pragma: no cover
 
 

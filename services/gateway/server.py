@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 
 import grpc
+import redis.asyncio as aioredis
 
 from cutout.v1 import cutout_service_pb2_grpc as pb_grpc
 from cutout.v1 import scheduler_service_pb2_grpc as spb_grpc
 from services.common import serving
 from services.gateway.auth import KeyTable, parse_key_entries
 from services.gateway.intake import Limits
+from services.gateway.ratelimit import RateLimiter
 from services.gateway.service import CutoutServicer
 from services.gateway.settings import GatewaySettings
 
@@ -31,12 +33,15 @@ class GatewayServer:
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
             ],
         )
+        self.redis = aioredis.from_url(settings.redis_url)
+        limiter = RateLimiter(self.redis, settings.key_prefix, settings.rate_limits)
         servicer = CutoutServicer(
             keys,
             spb_grpc.SchedulerServiceStub(self.channel),
             Limits(settings.max_image_bytes, settings.max_pixels, tuple(settings.models)),
             settings.max_batch,
             settings.scheduler_timeout_s,
+            limiter,
         )
         self.server = grpc.aio.server(options=serving.server_options(settings.max_message_bytes))
         pb_grpc.add_CutoutServiceServicer_to_server(servicer, self.server)
@@ -44,6 +49,7 @@ class GatewayServer:
         self.port = 0
 
     async def start(self) -> None:
+        await self.redis.ping()  # fail fast, with the URL in the error, if Redis is not there
         self.port = serving.bind(self.server, self.settings.listen)
         await self.server.start()
         await serving.set_serving(self.health, [SERVICE_NAME], True)
@@ -54,3 +60,4 @@ class GatewayServer:
         await serving.set_serving(self.health, [SERVICE_NAME], False)
         await self.server.stop(grace=5.0)
         await self.channel.close(None)
+        await self.redis.aclose()

@@ -9,14 +9,17 @@ from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import grpc
+import redis.asyncio as aioredis
 
 from cutout.v1 import cutout_service_pb2 as pb
 from cutout.v1 import cutout_service_pb2_grpc as pb_grpc
+from cutout.v1 import jobs_pb2
 from cutout.v1 import scheduler_service_pb2 as spb
 from cutout.v1 import scheduler_service_pb2_grpc as spb_grpc
 from services.common.errors import CutoutError, abort, invalid_argument
 from services.gateway.auth import KeyTable
 from services.gateway.intake import Limits, validate
+from services.gateway.ratelimit import Decision, RateLimiter, refusal, trailers
 
 log = logging.getLogger(__name__)
 Context = grpc.aio.ServicerContext[object, object]
@@ -29,6 +32,10 @@ async def _relay(context: Context, exc: grpc.aio.AioRpcError) -> None:
     )
 
 
+def _operation(submission: jobs_pb2.JobSubmission) -> str:
+    return str(submission.operation.WhichOneof("kind") or "remove_background")
+
+
 class CutoutServicer(pb_grpc.CutoutServiceServicer):
     def __init__(
         self,
@@ -37,7 +44,9 @@ class CutoutServicer(pb_grpc.CutoutServiceServicer):
         limits: Limits,
         max_batch: int,
         timeout_s: float,
+        limiter: RateLimiter,
     ) -> None:
+        self.limiter = limiter
         self.keys = keys
         self.scheduler = scheduler
         self.limits = limits
@@ -50,12 +59,38 @@ class CutoutServicer(pb_grpc.CutoutServiceServicer):
         except CutoutError as err:
             await abort(context, err)
 
+    async def _take(self, vendor: str, quota: str, wanted: int) -> Decision | None:
+        """Units of a quota; None when the quota is not limited (unknown name)."""
+        if quota not in self.limiter.quotas or wanted == 0:
+            return None
+        try:
+            return await self.limiter.take(vendor, quota, wanted)
+        except aioredis.RedisError as exc:
+            # Fail closed but retryable: without the limiter no quota can be kept.
+            raise CutoutError(
+                f"rate limiter unavailable, retry shortly: {exc}", grpc.StatusCode.UNAVAILABLE
+            ) from exc
+
+    async def _admit_one(self, vendor: str, operation: str, context: Context) -> None:
+        """One image of one operation: its operation quota, then the request quota."""
+        shown: Decision | None = None
+        for quota in (operation, "requests"):
+            decision = await self._take(vendor, quota, 1)
+            if decision is None:
+                continue
+            if not decision.allowed:
+                raise refusal(decision, vendor)
+            shown = shown or decision
+        if shown is not None:
+            context.set_trailing_metadata(tuple(trailers(shown)))
+
     async def SubmitJob(
         self, request: pb.SubmitJobRequest, context: Context
     ) -> pb.SubmitJobResponse:
         vendor = await self._vendor(context)
         try:
             submission, pixels = validate(request.submission, "submission", self.limits)
+            await self._admit_one(vendor, _operation(submission), context)
         except CutoutError as err:
             await abort(context, err)
         try:
@@ -81,13 +116,20 @@ class CutoutServicer(pb_grpc.CutoutServiceServicer):
                 invalid_argument("submissions", f"send 1-{self.max_batch} items, not {count}"),
             )
         batch = f"batches/{uuid.uuid4().hex}"
+        try:
+            whole = await self._take(vendor, "batches", 1)
+            if whole is not None and not whole.allowed:
+                raise refusal(whole, vendor)
+            checked, refused = await self._admit_items(vendor, request)
+        except CutoutError as err:
+            await abort(context, err)
 
         async def one(index: int) -> pb.BatchItemOutcome:
             outcome = pb.BatchItemOutcome(index=index)
             try:
-                submission, pixels = validate(
-                    request.submissions[index], f"submissions[{index}]", self.limits
-                )
+                if index in refused:
+                    raise refused[index]
+                submission, pixels = checked[index]
                 reply = await self.scheduler.EnqueueJob(
                     spb.EnqueueJobRequest(
                         vendor_id=vendor, submission=submission, input_pixels=pixels, batch=batch
@@ -109,6 +151,42 @@ class CutoutServicer(pb_grpc.CutoutServiceServicer):
             extra={"vendor": vendor, "batch": batch, "accepted": accepted, "items": count},
         )
         return pb.SubmitBatchResponse(batch=batch, outcomes=outcomes)
+
+    async def _admit_items(
+        self, vendor: str, request: pb.SubmitBatchRequest
+    ) -> tuple[dict[int, tuple[jobs_pb2.JobSubmission, int]], dict[int, CutoutError]]:
+        """Validate every item, then count the valid ones against their quotas.
+
+        Items are admitted in order while their operation's quota and the
+        request quota last; the rest are refused one by one (with RetryInfo),
+        never the whole batch.
+        """
+        checked: dict[int, tuple[jobs_pb2.JobSubmission, int]] = {}
+        refused: dict[int, CutoutError] = {}
+        by_operation: dict[str, list[int]] = {}
+        for index, item in enumerate(request.submissions):
+            try:
+                checked[index] = validate(item, f"submissions[{index}]", self.limits)
+            except CutoutError as err:
+                refused[index] = err
+                continue
+            by_operation.setdefault(_operation(checked[index][0]), []).append(index)
+        admitted: list[int] = []
+        for operation, indices in by_operation.items():
+            decision = await self._take(vendor, operation, len(indices))
+            n = len(indices) if decision is None else decision.admitted
+            admitted += indices[:n]
+            for index in indices[n:]:
+                assert decision is not None
+                refused[index] = refusal(decision, vendor)
+        admitted.sort()
+        decision = await self._take(vendor, "requests", len(admitted))
+        if decision is not None:
+            for index in admitted[decision.admitted :]:
+                refused[index] = refusal(decision, vendor)
+        for index in refused:
+            checked.pop(index, None)
+        return checked, refused
 
     async def GetJob(self, request: pb.GetJobRequest, context: Context) -> pb.GetJobResponse:
         vendor = await self._vendor(context)

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.common.config import env_float, env_int, env_list, env_str
+from services.common.config import SettingsError, env_float, env_int, env_list, env_str
 from services.common.serving import MiB
+from services.gateway.ratelimit import Quota, parse_quotas
+
+
+def _quotas(spec: str) -> dict[str, Quota]:
+    try:
+        return parse_quotas(spec)
+    except ValueError as exc:
+        raise SettingsError(f"CUTOUT_RATE_LIMITS: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -21,6 +29,12 @@ class GatewaySettings:
         max_batch: CUTOUT_MAX_BATCH, most items in one SubmitBatch.
         max_message_bytes: CUTOUT_GATEWAY_MAX_MESSAGE_BYTES, gRPC limit for a request.
         scheduler_timeout_s: CUTOUT_SCHEDULER_TIMEOUT_S, deadline of unary calls to the scheduler.
+        redis_url: CUTOUT_REDIS_URL, the Redis holding rate-limit state (the scheduler's).
+        key_prefix: CUTOUT_REDIS_PREFIX, prefix of every Redis key.
+        rate_limits: CUTOUT_RATE_LIMITS, per-vendor quotas "name=LIMIT/SECONDS,...": requests
+            (every image submitted), remove_background, crop_face, batches; unnamed ones keep
+            the defaults requests=50/900, remove_background=30/3600, crop_face=30/3600,
+            batches=10/3600.
         ready_file: CUTOUT_READY_FILE, file to write the bound port to once serving.
         log_level: CUTOUT_LOG_LEVEL.
     """
@@ -34,6 +48,9 @@ class GatewaySettings:
     max_batch: int
     max_message_bytes: int
     scheduler_timeout_s: float
+    redis_url: str
+    key_prefix: str
+    rate_limits: dict[str, Quota]
     ready_file: str
     log_level: str
 
@@ -49,6 +66,9 @@ class GatewaySettings:
             max_batch=env_int("CUTOUT_MAX_BATCH", 1000, minimum=1),
             max_message_bytes=env_int("CUTOUT_GATEWAY_MAX_MESSAGE_BYTES", 64 * MiB, minimum=MiB),
             scheduler_timeout_s=env_float("CUTOUT_SCHEDULER_TIMEOUT_S", 10.0, minimum=0.1),
+            redis_url=env_str("CUTOUT_REDIS_URL", "redis://127.0.0.1:6379/0"),
+            key_prefix=env_str("CUTOUT_REDIS_PREFIX", "cutout:"),
+            rate_limits=_quotas(env_str("CUTOUT_RATE_LIMITS", "")),
             ready_file=env_str("CUTOUT_READY_FILE", ""),
             log_level=env_str("CUTOUT_LOG_LEVEL", "INFO"),
         )

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from services.common.config import PROJECT_ROOT, default_model_dir
 from services.gateway.auth import hash_key
+from services.gateway.ratelimit import GENEROUS
 from services.local.redis import RedisServer, free_port
 
 
@@ -49,6 +50,8 @@ class ClusterConfig:
         api_keys: {vendor: key} the gateway accepts.
         extra_env: more settings for every service (CUTOUT_LEASE_MS, ...).
         appendfsync: AOF fsync policy of the embedded Redis ("everysec" or "always").
+        rate_limits: CUTOUT_RATE_LIMITS of the gateway; generous by default (a local
+            cluster is not where quotas matter, but the limiter still runs).
         dns_nodes: give the scheduler `dns:///localhost:PORT` instead of the node list,
             so it finds its (single) node through a DNS lookup as in Kubernetes.
     """
@@ -63,6 +66,7 @@ class ClusterConfig:
     extra_env: dict[str, str] = field(default_factory=dict)
     appendfsync: str = "everysec"
     dns_nodes: bool = False
+    rate_limits: str = GENEROUS
 
 
 class LocalCluster:
@@ -214,6 +218,7 @@ class LocalCluster:
         env.update(
             {
                 "CUTOUT_GATEWAY_LISTEN": f"127.0.0.1:{self.config.gateway_port}",
+                "CUTOUT_RATE_LIMITS": self.config.rate_limits,
                 "CUTOUT_SCHEDULER_ADDR": self.scheduler.address,
                 "CUTOUT_API_KEYS": ",".join(
                     f"{v}:{hash_key(k)}" for v, k in self.config.api_keys.items()

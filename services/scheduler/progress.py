@@ -1,12 +1,11 @@
-"""Throttled progress: a node may report many times a second, Redis hears at most a few.
+"""Throttled progress: a node may report many times a second, Redis hears fewer.
 
-Each write is a Lua call and a stream entry that every watcher reads, so a
-fast job reporting five stages in a few milliseconds would cost more than
-its inference. The throttle writes at once when the last write is older than
-the interval, otherwise keeps only the latest report and writes it when the
+Each write is a Lua call and a stream entry that every watcher reads. A new
+stage is always written at once (watchers see every stage of the pipeline);
+reports within one stage are written at once when the last write is older
+than the interval, otherwise only the latest is kept and written when the
 interval has passed (unless the attempt ends first: its final state
-supersedes it). Watchers therefore see every stage that lasts longer than the
-interval, and progress never goes backwards.
+supersedes it). Progress never goes backwards.
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ class ProgressThrottle:
         self._interval = interval_s
         self._last = time.monotonic()  # the claim itself recorded RUNNING
         self._pending: tuple[int, int] | None = None
+        self._stage = -1
         self._flusher: asyncio.Task[None] | None = None
         self.alive = True
 
@@ -33,7 +33,10 @@ class ProgressThrottle:
         if not self.alive:
             return False
         wait = self._last + self._interval - time.monotonic()
-        if wait <= 0 and self._flusher is None:
+        if stage != self._stage:
+            self._pending = None  # superseded by this report
+            await self._send(stage, percent)
+        elif wait <= 0 and self._flusher is None:
             await self._send(stage, percent)
         else:
             self._pending = (stage, percent)
@@ -51,6 +54,7 @@ class ProgressThrottle:
 
     async def _send(self, stage: int, percent: int) -> None:
         self._last = time.monotonic()
+        self._stage = stage
         self.alive = await self._write(stage, percent)
 
     async def close(self) -> None:

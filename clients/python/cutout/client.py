@@ -14,8 +14,10 @@ retried submit returns the same job instead of creating a second one.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -135,15 +137,35 @@ def _key(api_key: str | None) -> str:
     return key
 
 
+def _rate_limit_delay(err: CutoutError, waited: float, budget: float) -> float | None:
+    """How long to wait before retrying a rate-limited call, or None to give up.
+
+    The submission carries its client_key, so a retry can never create a
+    second job."""
+    if not err.rate_limited or err.retry_after_s is None:
+        return None
+    if waited + err.retry_after_s > budget:
+        return None
+    return err.retry_after_s
+
+
 class AsyncClient:
     """asyncio client; use as `async with AsyncClient(...) as c:`."""
 
     def __init__(
-        self, address: str | None = None, api_key: str | None = None, *, timeout_s: float = 30.0
+        self,
+        address: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout_s: float = 30.0,
+        rate_limit_wait_s: float = 300.0,
     ) -> None:
+        """rate_limit_wait_s: how long a submit may wait in total for the server's
+        rate limit (it says when to retry); 0 raises the RESOURCE_EXHAUSTED at once."""
         self.address = address or os.environ.get("CUTOUT_ADDR", DEFAULT_ADDR)
         self._md = _metadata(_key(api_key))
         self.timeout_s = timeout_s
+        self.rate_limit_wait_s = rate_limit_wait_s
         self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.CutoutServiceStub(self._channel)
 
@@ -157,14 +179,22 @@ class AsyncClient:
         await self._channel.close(None)
 
     async def submit_submission(self, submission: jobs_pb2.JobSubmission) -> pb.SubmitJobResponse:
-        try:
-            return await self._stub.SubmitJob(
-                pb.SubmitJobRequest(submission=submission),
-                metadata=self._md,
-                timeout=self.timeout_s,
-            )
-        except grpc.RpcError as exc:
-            raise CutoutError.from_rpc_error(exc) from None
+        """Submit; when rate limited, wait as the server says (up to rate_limit_wait_s)."""
+        waited = 0.0
+        while True:
+            try:
+                return await self._stub.SubmitJob(
+                    pb.SubmitJobRequest(submission=submission),
+                    metadata=self._md,
+                    timeout=self.timeout_s,
+                )
+            except grpc.RpcError as exc:
+                err = CutoutError.from_rpc_error(exc)
+                delay = _rate_limit_delay(err, waited, self.rate_limit_wait_s)
+                if delay is None:
+                    raise err from None
+            await asyncio.sleep(delay)
+            waited += delay
 
     async def submit(self, image: bytes | str | os.PathLike[str], **options: Any) -> jobs_pb2.Job:
         """Submit one image; options as in build_submission. Returns the queued job."""
@@ -288,11 +318,19 @@ class Client:
     """Blocking client; use as `with Client(...) as c:`."""
 
     def __init__(
-        self, address: str | None = None, api_key: str | None = None, *, timeout_s: float = 30.0
+        self,
+        address: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout_s: float = 30.0,
+        rate_limit_wait_s: float = 300.0,
     ) -> None:
+        """rate_limit_wait_s: how long a submit may wait in total for the server's
+        rate limit (it says when to retry); 0 raises the RESOURCE_EXHAUSTED at once."""
         self.address = address or os.environ.get("CUTOUT_ADDR", DEFAULT_ADDR)
         self._md = _metadata(_key(api_key))
         self.timeout_s = timeout_s
+        self.rate_limit_wait_s = rate_limit_wait_s
         self._channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.CutoutServiceStub(self._channel)
 
@@ -306,11 +344,19 @@ class Client:
         self._channel.close()
 
     def submit_submission(self, submission: jobs_pb2.JobSubmission) -> pb.SubmitJobResponse:
+        """Submit; when rate limited, wait as the server says (up to rate_limit_wait_s)."""
         request = pb.SubmitJobRequest(submission=submission)
-        try:
-            return self._stub.SubmitJob(request, metadata=self._md, timeout=self.timeout_s)
-        except grpc.RpcError as exc:
-            raise CutoutError.from_rpc_error(exc) from None
+        waited = 0.0
+        while True:
+            try:
+                return self._stub.SubmitJob(request, metadata=self._md, timeout=self.timeout_s)
+            except grpc.RpcError as exc:
+                err = CutoutError.from_rpc_error(exc)
+                delay = _rate_limit_delay(err, waited, self.rate_limit_wait_s)
+                if delay is None:
+                    raise err from None
+            time.sleep(delay)
+            waited += delay
 
     def submit(self, image: bytes | str | os.PathLike[str], **options: Any) -> jobs_pb2.Job:
         """Submit one image; options as in build_submission. Returns the queued job."""
