@@ -14,6 +14,7 @@ from cutout.v1 import jobs_pb2
 from services.common.errors import CutoutError, status_from_code
 from services.local.redis import RedisServer
 from services.scheduler.jobstore import (
+    Admission,
     Claim,
     Fairness,
     JobStore,
@@ -314,3 +315,28 @@ async def test_a_refused_attempt_does_not_count(store: JobStore) -> None:
         assert await store.retry(claim, full, refund=True) == 3
     job = await store.get("a", job_id)
     assert job.state == jobs_pb2.JOB_STATE_QUEUED and job.attempt == 0
+
+
+async def test_admission_caps_shed_load_per_vendor_and_globally(
+    redis_server: Callable[..., RedisServer],
+) -> None:
+    redis = aioredis.from_url(redis_server().url)
+    store = JobStore(
+        redis, Keys("cap:"), Retention(), admission=Admission(max_queued_per_vendor=3, max_queued=5)
+    )
+    for _ in range(3):
+        await enqueue(store, "a")
+    with pytest.raises(CutoutError, match="vendor a already has 3 jobs waiting") as full:
+        await enqueue(store, "a")
+    assert full.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and full.value.retry_after_s
+    # A repeated submission is answered from its idempotency key, even when full.
+    first, _ = await store.enqueue("b", submission(client_key="k"), b"x", 1)
+    await enqueue(store, "b")
+    with pytest.raises(CutoutError, match="the cluster has 5 jobs waiting"):
+        await enqueue(store, "c")
+    again, deduplicated = await store.enqueue("b", submission(client_key="k"), b"x", 1)
+    assert deduplicated and again.name == first.name
+    # Once a job starts, there is room again.
+    assert await store.claim("node", 10_000) is not None
+    await enqueue(store, "c")
+    await redis.aclose()

@@ -71,9 +71,7 @@ async def test_batch_items_count_one_by_one_and_batches_have_their_own_quota(
         assert codes[3] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
         assert ok == [i for i in range(40) if i != 3][:30]
         assert sorted(codes) == [3, *range(31, 40)]
-        assert all(
-            codes[i] == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0] for i in range(31, 40)
-        )
+        assert all(codes[i] == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0] for i in range(31, 40))
         with pytest.raises(CutoutError) as second:  # batches=1/3600
             await client.submit_batch([build_submission(photos["coffee"])])
         assert second.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -96,3 +94,21 @@ def test_the_client_waits_as_told_and_retries(
     with Client(cluster.gateway_address, A) as patient:  # waits by default
         jobs = [patient.submit(photos["coffee"]) for _ in range(4)]
     assert len({j.name for j in jobs}) == 4
+
+
+async def test_queue_caps_shed_load_with_a_clear_error(
+    make_cluster, tiny_model_dir: Path, photos: dict[str, bytes]
+) -> None:  # type: ignore[no-untyped-def]
+    cluster: LocalCluster = make_cluster(
+        tiny_model_dir, start=False, CUTOUT_MAX_QUEUED_PER_VENDOR="5"
+    )
+    cluster.start(start_nodes=False)
+    async with AsyncClient(cluster.gateway_address, A, rate_limit_wait_s=0) as client:
+        for _ in range(5):
+            await client.submit(photos["coffee"])
+        with pytest.raises(CutoutError) as shed:
+            await client.submit(photos["coffee"])
+        assert shed.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "vendor-a already has 5 jobs waiting" in shed.value.message
+        assert shed.value.retry_after_s == 5.0
+        assert (await client.stats()).queued == 5

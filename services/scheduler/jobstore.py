@@ -99,6 +99,15 @@ def _ms_to_ts(ms: int, ts: Any) -> None:
 
 
 @dataclass(frozen=True)
+class Admission:
+    """Caps on waiting jobs, checked atomically at enqueue."""
+
+    max_queued_per_vendor: int = 10_000
+    max_queued: int = 100_000
+    retry_after_s: float = 5.0
+
+
+@dataclass(frozen=True)
 class Place:
     """Where a queued job stands: its position and the estimated wait (ms, None unknown)."""
 
@@ -160,7 +169,9 @@ class JobStore:
         retention: Retention,
         retries: RetryPolicy | None = None,
         fairness: Fairness | None = None,
+        admission: Admission | None = None,
     ) -> None:
+        self.admission = admission or Admission()
         self.redis = redis
         self.keys = keys
         self.retention = retention
@@ -207,8 +218,24 @@ class JobStore:
                 image,
                 self.retention.idempotency_s,
                 job_cost(input_pixels),
+                self.admission.max_queued_per_vendor,
+                self.admission.max_queued,
             ]
         )
+        if created == -1:
+            raise CutoutError(
+                f"vendor {vendor} already has {self.admission.max_queued_per_vendor} jobs "
+                "waiting; retry once some have started",
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                retry_after_s=self.admission.retry_after_s,
+            )
+        if created == -2:
+            raise CutoutError(
+                f"the cluster has {self.admission.max_queued} jobs waiting and sheds load; "
+                "retry shortly",
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                retry_after_s=self.admission.retry_after_s,
+            )
         job = await self.get(vendor, got.decode())
         return job, created == 0
 

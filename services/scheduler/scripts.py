@@ -100,6 +100,7 @@ end
 """
 
 # ARGV: prefix, id, vendor, priority, operation, record, client_key, batch,
+#       (continued below: ..., max_queued_vendor, max_queued_total)
 #       input_pixels, image, idempotency_ttl_s, cost
 # Returns {1, id} for a new job, {0, existing_id} for an idempotent repeat.
 ENQUEUE = (
@@ -112,6 +113,15 @@ if ck ~= '' then
     return {0, existing}
   end
 end
+-- Admission control: shed load before Redis memory fills (-1 vendor cap, -2 global cap).
+if redis.call('ZCARD', P .. 'queue:' .. vendor) >= tonumber(ARGV[13]) then
+  return {-1, ''}
+end
+local waiting = 0
+for _, v in ipairs(redis.call('SMEMBERS', P .. 'ring:members')) do
+  waiting = waiting + redis.call('ZCARD', P .. 'queue:' .. v)
+end
+if waiting >= tonumber(ARGV[14]) then return {-2, ''} end
 local now = now_ms()
 local seq = redis.call('INCR', P .. 'seq')
 local score = (9 - prio) * 1099511627776 + seq

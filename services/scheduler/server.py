@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from cutout.v1 import scheduler_service_pb2_grpc as pb_grpc
 from services.common import serving
 from services.scheduler.dispatcher import Dispatcher, DispatchPolicy
-from services.scheduler.jobstore import Fairness, JobStore, Retention, RetryPolicy
+from services.scheduler.jobstore import Admission, Fairness, JobStore, Retention, RetryPolicy
 from services.scheduler.keys import Keys
 from services.scheduler.nodes import NodePool
 from services.scheduler.service import SchedulerServicer
@@ -35,6 +35,10 @@ class SchedulerServer:
             RetryPolicy(max_retries=settings.max_retries, base_delay_ms=settings.retry_base_ms),
             Fairness(
                 quantum_milli=round(settings.quantum_mp * 1000), weights=settings.vendor_weights
+            ),
+            Admission(
+                max_queued_per_vendor=settings.max_queued_per_vendor,
+                max_queued=settings.max_queued,
             ),
         )
         self.pool = NodePool(

@@ -66,6 +66,10 @@ class SchedulerSettings:
             each); a vendor of weight 2 gets twice the megapixels of one of weight 1.
         retry_base_ms: CUTOUT_RETRY_BASE_MS, backoff before the first retry; it doubles
             for each further one, with +/-20% jitter.
+        max_queued_per_vendor: CUTOUT_MAX_QUEUED_PER_VENDOR, waiting jobs one vendor may have;
+            beyond it submits get RESOURCE_EXHAUSTED.
+        max_queued: CUTOUT_MAX_QUEUED, waiting jobs in the whole cluster; beyond it every
+            submit is shed with RESOURCE_EXHAUSTED (size it to Redis memory / 20 MiB inputs).
         retention_s: CUTOUT_RETENTION_S, how long finished jobs stay readable; their stored
             outputs are deleted with them.
         max_message_bytes: CUTOUT_MAX_MESSAGE_BYTES, gRPC message limit (images travel inline).
@@ -88,6 +92,8 @@ class SchedulerSettings:
     retry_base_ms: int
     quantum_mp: float
     vendor_weights: dict[str, float]
+    max_queued_per_vendor: int
+    max_queued: int
     retention_s: int
     max_message_bytes: int
     grace_s: float
@@ -111,6 +117,8 @@ class SchedulerSettings:
             retry_base_ms=env_int("CUTOUT_RETRY_BASE_MS", 2000, minimum=0),
             quantum_mp=env_float("CUTOUT_DRR_QUANTUM_MP", 1.0, minimum=0.001),
             vendor_weights=parse_weights(env_list("CUTOUT_VENDOR_WEIGHTS")),
+            max_queued_per_vendor=env_int("CUTOUT_MAX_QUEUED_PER_VENDOR", 10_000, minimum=1),
+            max_queued=env_int("CUTOUT_MAX_QUEUED", 100_000, minimum=1),
             retention_s=env_int("CUTOUT_RETENTION_S", 7 * 24 * 3600, minimum=1),
             max_message_bytes=env_int("CUTOUT_MAX_MESSAGE_BYTES", 32 * MiB, minimum=MiB),
             grace_s=env_float("CUTOUT_GRACE_S", 10.0),
