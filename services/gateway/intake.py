@@ -143,11 +143,8 @@ def validate(
     if source is None:
         violations.append(FieldViolation(f"{prefix}.image", "required: content (bytes) or uri"))
     elif source == "uri":
-        raise CutoutError(
-            f"{prefix}.image.uri: fetching images by URL is not enabled on this cluster yet; "
-            "send the bytes in image.content",
-            grpc.StatusCode.UNIMPLEMENTED,
-        )
+        # The gateway fetches URLs (services/gateway/fetch.py) before validating.
+        raise CutoutError(f"{prefix}.image.uri: not fetched", grpc.StatusCode.INTERNAL)
     if violations:
         summary = "; ".join(f"{v.field}: {v.description}" for v in violations)
         raise CutoutError(summary, grpc.StatusCode.INVALID_ARGUMENT, violations)

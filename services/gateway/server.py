@@ -11,6 +11,7 @@ from cutout.v1 import cutout_service_pb2_grpc as pb_grpc
 from cutout.v1 import scheduler_service_pb2_grpc as spb_grpc
 from services.common import serving
 from services.gateway.auth import KeyTable, parse_key_entries
+from services.gateway.fetch import Fetcher, FetchPolicy
 from services.gateway.intake import Limits
 from services.gateway.ratelimit import RateLimiter
 from services.gateway.service import CutoutServicer
@@ -42,6 +43,15 @@ class GatewayServer:
             settings.max_batch,
             settings.scheduler_timeout_s,
             limiter,
+            Fetcher(
+                FetchPolicy(
+                    max_bytes=settings.max_image_bytes,
+                    timeout_s=settings.url_timeout_s,
+                    max_redirects=settings.url_max_redirects,
+                    allow_http=settings.url_allow_http,
+                    allow_hosts=frozenset(settings.url_allow_hosts),
+                )
+            ),
         )
         self.server = grpc.aio.server(options=serving.server_options(settings.max_message_bytes))
         pb_grpc.add_CutoutServiceServicer_to_server(servicer, self.server)

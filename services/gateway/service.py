@@ -18,6 +18,7 @@ from cutout.v1 import scheduler_service_pb2 as spb
 from cutout.v1 import scheduler_service_pb2_grpc as spb_grpc
 from services.common.errors import CutoutError, abort, invalid_argument
 from services.gateway.auth import KeyTable
+from services.gateway.fetch import Fetcher
 from services.gateway.intake import Limits, validate
 from services.gateway.ratelimit import Decision, RateLimiter, refusal, trailers
 
@@ -45,8 +46,11 @@ class CutoutServicer(pb_grpc.CutoutServiceServicer):
         max_batch: int,
         timeout_s: float,
         limiter: RateLimiter,
+        fetcher: Fetcher,
     ) -> None:
         self.limiter = limiter
+        self.fetcher = fetcher
+        self._fetching = asyncio.Semaphore(16)  # concurrent URL fetches per gateway
         self.keys = keys
         self.scheduler = scheduler
         self.limits = limits
@@ -58,6 +62,17 @@ class CutoutServicer(pb_grpc.CutoutServiceServicer):
             return self.keys.vendor_for(context.invocation_metadata() or ())
         except CutoutError as err:
             await abort(context, err)
+
+    async def _fetched(self, sub: jobs_pb2.JobSubmission, prefix: str) -> jobs_pb2.JobSubmission:
+        """The submission with a URL image replaced by the bytes fetched from it."""
+        if sub.image.WhichOneof("source") != "uri":
+            return sub
+        async with self._fetching:
+            data = await self.fetcher.fetch(sub.image.uri, f"{prefix}.image.uri")
+        out = jobs_pb2.JobSubmission()
+        out.CopyFrom(sub)
+        out.image.content = data
+        return out
 
     async def _take(self, vendor: str, quota: str, wanted: int) -> Decision | None:
         """Units of a quota; None when the quota is not limited (unknown name)."""
@@ -89,8 +104,9 @@ class CutoutServicer(pb_grpc.CutoutServiceServicer):
     ) -> pb.SubmitJobResponse:
         vendor = await self._vendor(context)
         try:
-            submission, pixels = validate(request.submission, "submission", self.limits)
-            await self._admit_one(vendor, _operation(submission), context)
+            await self._admit_one(vendor, _operation(request.submission), context)
+            fetched = await self._fetched(request.submission, "submission")
+            submission, pixels = validate(fetched, "submission", self.limits)
         except CutoutError as err:
             await abort(context, err)
         try:
@@ -164,8 +180,18 @@ class CutoutServicer(pb_grpc.CutoutServiceServicer):
         checked: dict[int, tuple[jobs_pb2.JobSubmission, int]] = {}
         refused: dict[int, CutoutError] = {}
         by_operation: dict[str, list[int]] = {}
-        for index, item in enumerate(request.submissions):
+
+        async def fetch(index: int) -> jobs_pb2.JobSubmission | CutoutError:
             try:
+                return await self._fetched(request.submissions[index], f"submissions[{index}]")
+            except CutoutError as err:
+                return err
+
+        items = await asyncio.gather(*(fetch(i) for i in range(len(request.submissions))))
+        for index, item in enumerate(items):
+            try:
+                if isinstance(item, CutoutError):
+                    raise item
                 checked[index] = validate(item, f"submissions[{index}]", self.limits)
             except CutoutError as err:
                 refused[index] = err

@@ -29,6 +29,12 @@ class GatewaySettings:
         max_batch: CUTOUT_MAX_BATCH, most items in one SubmitBatch.
         max_message_bytes: CUTOUT_GATEWAY_MAX_MESSAGE_BYTES, gRPC limit for a request.
         scheduler_timeout_s: CUTOUT_SCHEDULER_TIMEOUT_S, deadline of unary calls to the scheduler.
+        url_allow_http: CUTOUT_URL_ALLOW_HTTP=1 also fetches http:// image URLs (https only
+            by default).
+        url_allow_hosts: CUTOUT_URL_ALLOW_HOSTS, comma-separated host names or IPs whose
+            addresses skip the public-address check (internal image hosts you trust).
+        url_timeout_s: CUTOUT_URL_TIMEOUT_S, time for a whole URL fetch, redirects included.
+        url_max_redirects: CUTOUT_URL_MAX_REDIRECTS, redirects followed (each re-checked).
         redis_url: CUTOUT_REDIS_URL, the Redis holding rate-limit state (the scheduler's).
         key_prefix: CUTOUT_REDIS_PREFIX, prefix of every Redis key.
         rate_limits: CUTOUT_RATE_LIMITS, per-vendor quotas "name=LIMIT/SECONDS,...": requests
@@ -48,6 +54,10 @@ class GatewaySettings:
     max_batch: int
     max_message_bytes: int
     scheduler_timeout_s: float
+    url_allow_http: bool
+    url_allow_hosts: list[str]
+    url_timeout_s: float
+    url_max_redirects: int
     redis_url: str
     key_prefix: str
     rate_limits: dict[str, Quota]
@@ -66,6 +76,10 @@ class GatewaySettings:
             max_batch=env_int("CUTOUT_MAX_BATCH", 1000, minimum=1),
             max_message_bytes=env_int("CUTOUT_GATEWAY_MAX_MESSAGE_BYTES", 64 * MiB, minimum=MiB),
             scheduler_timeout_s=env_float("CUTOUT_SCHEDULER_TIMEOUT_S", 10.0, minimum=0.1),
+            url_allow_http=env_str("CUTOUT_URL_ALLOW_HTTP", "0") == "1",
+            url_allow_hosts=env_list("CUTOUT_URL_ALLOW_HOSTS"),
+            url_timeout_s=env_float("CUTOUT_URL_TIMEOUT_S", 10.0, minimum=0.1),
+            url_max_redirects=env_int("CUTOUT_URL_MAX_REDIRECTS", 3, minimum=0),
             redis_url=env_str("CUTOUT_REDIS_URL", "redis://127.0.0.1:6379/0"),
             key_prefix=env_str("CUTOUT_REDIS_PREFIX", "cutout:"),
             rate_limits=_quotas(env_str("CUTOUT_RATE_LIMITS", "")),

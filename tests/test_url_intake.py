@@ -1,0 +1,167 @@
+"""Images by URL: hostile addresses refused with a reason, allowed hosts fetched, caps kept."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from aiohttp import web
+
+from cutout import AsyncClient, CutoutError
+from cutout.client import build_submission
+from cutout.v1 import jobs_pb2
+from services.common.errors import CutoutError as ServerError
+from services.gateway.fetch import Fetcher, FetchPolicy, forbidden
+from services.local.cluster import LocalCluster
+from tests.conftest import KEYS
+
+A = KEYS["vendor-a"]
+
+
+async def fake_dns(host: str, port: int) -> list[str]:
+    """Names that resolve somewhere dangerous, as a hostile DNS server would answer."""
+    table = {
+        "loopback.example": ["127.0.0.1"],
+        "mixed.example": ["93.184.215.14", "10.1.2.3"],  # one public, one private
+        "v6-mapped.example": ["::ffff:169.254.169.254"],
+    }
+    if host in table:
+        return table[host]
+    from services.gateway.fetch import system_resolve
+
+    return await system_resolve(host, port)
+
+
+HOSTILE = {
+    "http://127.0.0.1/a.jpg": "127.0.0.1 is loopback",
+    "http://localhost/a.jpg": "is loopback",
+    "http://10.0.0.1/a.jpg": "10.0.0.1 is private",
+    "http://169.254.169.254/latest/meta-data/": "169.254.169.254 is link-local",
+    "http://[::1]/a.jpg": "::1 is loopback",
+    "http://[::ffff:127.0.0.1]/a.jpg": "127.0.0.1 is loopback (inside ::ffff:7f00:1)",
+    "http://[64:ff9b::a9fe:a9fe]/": "(inside 64:ff9b::a9fe:a9fe)",  # NAT64 of metadata
+    "http://2130706433/a.jpg": "127.0.0.1 is loopback",  # decimal IPv4
+    "http://0x7f000001/a.jpg": "127.0.0.1 is loopback",  # hex IPv4
+    "http://0/a.jpg": "0.0.0.0 is",
+    "http://loopback.example/a.jpg": "host 'loopback.example' resolves to 127.0.0.1 is loopback",
+    "http://mixed.example/a.jpg": "10.1.2.3 is private",
+    "http://v6-mapped.example/": "169.254.169.254 is link-local",
+    "http://[fd00:ec2::254]/": "cloud metadata",
+    "http://100.100.100.200/": "cloud metadata",
+    "http://user:pw@93.184.215.14/": "credentials in URLs are not accepted",
+    "file:///etc/passwd": "only https and http URLs are fetched",
+    "gopher://127.0.0.1:6379/_FLUSHALL": "only https and http URLs are fetched",
+}
+
+
+@pytest.mark.parametrize("url", sorted(HOSTILE))
+async def test_hostile_urls_are_refused_with_the_reason(url: str) -> None:
+    fetcher = Fetcher(FetchPolicy(allow_http=True), resolve=fake_dns)
+    with pytest.raises(ServerError) as refused:
+        await fetcher.fetch(url, "submission.image.uri")
+    err = refused.value
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert HOSTILE[url] in err.message, err.message
+    assert err.violations[0].field == "submission.image.uri"
+
+
+async def test_only_https_by_default() -> None:
+    with pytest.raises(ServerError, match="only https URLs are fetched"):
+        await Fetcher(FetchPolicy()).fetch("http://93.184.215.14/a.jpg", "uri")
+
+
+def test_public_addresses_pass_the_check() -> None:
+    for address in ("93.184.215.14", "2606:2800:21f:cb07:6820:80da:af6b:8b2c", "8.8.8.8"):
+        assert forbidden(ipaddress.ip_address(address)) is None
+
+
+@pytest.fixture
+async def image_server(photos: dict[str, bytes]) -> AsyncIterator[str]:
+    """A loopback HTTP server: images, redirects (one to a private address), a big body."""
+    app = web.Application()
+
+    async def photo(request: web.Request) -> web.Response:
+        return web.Response(body=photos["coffee"], content_type="image/jpeg")
+
+    async def to_private(request: web.Request) -> web.Response:
+        raise web.HTTPFound("http://10.0.0.1/internal.jpg")
+
+    async def to_photo(request: web.Request) -> web.Response:
+        raise web.HTTPFound("/coffee.jpg")
+
+    async def loop(request: web.Request) -> web.Response:
+        raise web.HTTPFound("/loop")
+
+    async def huge(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        for _ in range(64):  # 4 MiB, no Content-Length: the cap must cut it
+            await response.write(b"\0" * 65536)
+        return response
+
+    app.add_routes(
+        [
+            web.get("/coffee.jpg", photo),
+            web.get("/to-private", to_private),
+            web.get("/to-photo", to_photo),
+            web.get("/loop", loop),
+            web.get("/huge", huge),
+        ]
+    )
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield f"http://127.0.0.1:{port}"
+    await runner.cleanup()
+
+
+async def test_allowed_host_is_fetched_and_its_redirects_are_checked(image_server: str) -> None:
+    fetcher = Fetcher(
+        FetchPolicy(allow_http=True, allow_hosts=frozenset({"127.0.0.1"}), max_bytes=1 << 20)
+    )
+    data = await fetcher.fetch(f"{image_server}/to-photo", "uri")
+    assert data[:3] == b"\xff\xd8\xff"  # the JPEG, after one redirect
+    cases = {
+        "/to-private": "10.0.0.1 is private",
+        "/loop": "more than 3 redirects",
+        "/huge": "exceeds the limit of 1048576 bytes",
+        "/missing": "the server answered HTTP 404",
+    }
+    for path, reason in cases.items():
+        with pytest.raises(ServerError, match=reason):
+            await fetcher.fetch(image_server + path, "uri")
+
+
+async def test_gateway_takes_urls_and_refuses_hostile_ones(
+    make_cluster, tiny_model_dir: Path, image_server: str
+) -> None:  # type: ignore[no-untyped-def]
+    cluster: LocalCluster = make_cluster(
+        tiny_model_dir, CUTOUT_URL_ALLOW_HTTP="1", CUTOUT_URL_ALLOW_HOSTS="127.0.0.1"
+    )
+    async with AsyncClient(cluster.gateway_address, A) as client:
+        job = await client.submit(f"{image_server}/coffee.jpg")
+        async for event in client.watch(job.name):
+            final = event.job
+        assert final.state == jobs_pb2.JOB_STATE_SUCCEEDED, final.error.message
+        assert (final.result.width_px, final.result.height_px) == (600, 400)
+        with pytest.raises(CutoutError) as refused:
+            await client.submit("http://169.254.169.254/latest/meta-data/")
+        assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert refused.value.violations[0][0] == "submission.image.uri"
+        assert "link-local" in refused.value.message
+        # In a batch, the hostile item is refused on its own.
+        reply = await client.submit_batch(
+            [
+                build_submission(f"{image_server}/coffee.jpg"),
+                build_submission(f"{image_server}/to-private"),
+            ]
+        )
+        assert reply.outcomes[0].HasField("job")
+        assert "10.0.0.1 is private" in reply.outcomes[1].error.message
+        await asyncio.sleep(0)
