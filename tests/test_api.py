@@ -202,12 +202,13 @@ async def test_bad_submissions_get_a_clear_error(
         assert "30000x30000" in err.value.message
 
 
-async def test_url_intake_is_refused_until_it_is_safe(idle: LocalCluster) -> None:
+async def test_unreachable_url_is_a_clear_invalid_argument(idle: LocalCluster) -> None:
     async with AsyncClient(idle.gateway_address, A) as client:
         with pytest.raises(CutoutError) as err:
-            await client.submit("https://example.com/photo.jpg")
-    assert err.value.code == grpc.StatusCode.UNIMPLEMENTED
-    assert "image.content" in err.value.message
+            await client.submit("https://no-such-host.invalid/photo.jpg")
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "host 'no-such-host.invalid' does not resolve" in err.value.message
+    assert [f for f, _ in err.value.violations] == ["submission.image.uri"]
 
 
 # --- queue operations -------------------------------------------------------------------------

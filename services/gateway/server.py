@@ -34,7 +34,11 @@ class GatewayServer:
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
             ],
         )
-        self.redis = aioredis.from_url(settings.redis_url)
+        self.redis = aioredis.Redis(
+            connection_pool=aioredis.BlockingConnectionPool.from_url(
+                settings.redis_url, max_connections=64, timeout=20
+            )
+        )
         limiter = RateLimiter(self.redis, settings.key_prefix, settings.rate_limits)
         servicer = CutoutServicer(
             keys,

@@ -140,18 +140,24 @@ class CutoutServicer(pb_grpc.CutoutServiceServicer):
         except CutoutError as err:
             await abort(context, err)
 
+        in_flight = asyncio.Semaphore(64)  # enqueues of one batch at a time
+
         async def one(index: int) -> pb.BatchItemOutcome:
             outcome = pb.BatchItemOutcome(index=index)
             try:
                 if index in refused:
                     raise refused[index]
                 submission, pixels = checked[index]
-                reply = await self.scheduler.EnqueueJob(
-                    spb.EnqueueJobRequest(
-                        vendor_id=vendor, submission=submission, input_pixels=pixels, batch=batch
-                    ),
-                    timeout=self.timeout_s,
-                )
+                async with in_flight:
+                    reply = await self.scheduler.EnqueueJob(
+                        spb.EnqueueJobRequest(
+                            vendor_id=vendor,
+                            submission=submission,
+                            input_pixels=pixels,
+                            batch=batch,
+                        ),
+                        timeout=self.timeout_s,
+                    )
                 outcome.job.CopyFrom(reply.job)
             except CutoutError as err:
                 outcome.error.CopyFrom(err.to_status())

@@ -26,7 +26,13 @@ SERVICE_NAME = "cutout.v1.SchedulerService"
 class SchedulerServer:
     def __init__(self, settings: SchedulerSettings) -> None:
         self.settings = settings
-        self.redis = aioredis.from_url(settings.redis_url, decode_responses=False)
+        # A bounded pool that waits for a free connection instead of failing a burst
+        # (a 1,000-item batch arrives as 1,000 concurrent EnqueueJob calls).
+        self.redis = aioredis.Redis(
+            connection_pool=aioredis.BlockingConnectionPool.from_url(
+                settings.redis_url, max_connections=128, timeout=20
+            )
+        )
         keys = Keys(settings.key_prefix)
         self.store = JobStore(
             self.redis,
