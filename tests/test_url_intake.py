@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -164,4 +163,3 @@ async def test_gateway_takes_urls_and_refuses_hostile_ones(
         )
         assert reply.outcomes[0].HasField("job")
         assert "10.0.0.1 is private" in reply.outcomes[1].error.message
-        await asyncio.sleep(0)
