@@ -16,7 +16,6 @@ import ipaddress
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
@@ -207,7 +206,7 @@ class Fetcher:
                     raise self._refuse(field_path, url, f"connection failed ({exc})") from None
         raise self._refuse(field_path, url, f"more than {self.policy.max_redirects} redirects")
 
-    async def _read(self, response: Any, url: str, field_path: str) -> bytes:
+    async def _read(self, response: aiohttp.ClientResponse, url: str, field_path: str) -> bytes:
         limit = self.policy.max_bytes
         declared = response.content_length
         if declared is not None and declared > limit:

@@ -1,8 +1,10 @@
 """The image work of one job, as plain functions (no gRPC, no asyncio).
 
-For background removal this is rembg.remove split into stages so progress
-can be reported between them; the steps and their order are rembg's, so the
-output is the same image rembg.remove gives.
+For background removal these are rembg.remove's steps split into stages so
+progress can be reported between them; the mask comes from the model's
+session (services/inference/masking.py for IS-Net/U2Net and custom files,
+rembg's own session otherwise), so the output stays within 2/255 of what
+rembg.remove gives.
 """
 
 from __future__ import annotations

@@ -222,19 +222,15 @@ class JobStore:
                 self.admission.max_queued,
             ]
         )
-        if created == -1:
-            raise CutoutError(
-                f"vendor {vendor} already has {self.admission.max_queued_per_vendor} jobs "
+        if created < 0:  # over an admission cap: -1 the vendor's, -2 the cluster's
+            what = {
+                -1: f"vendor {vendor} already has {self.admission.max_queued_per_vendor} jobs "
                 "waiting; retry once some have started",
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                retry_after_s=self.admission.retry_after_s,
-            )
-        if created == -2:
-            raise CutoutError(
-                f"the cluster has {self.admission.max_queued} jobs waiting and sheds load; "
+                -2: f"the cluster has {self.admission.max_queued} jobs waiting and sheds load; "
                 "retry shortly",
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                retry_after_s=self.admission.retry_after_s,
+            }[created]
+            raise CutoutError(
+                what, grpc.StatusCode.RESOURCE_EXHAUSTED, retry_after_s=self.admission.retry_after_s
             )
         job = await self.get(vendor, got.decode())
         return job, created == 0

@@ -25,6 +25,7 @@ class ProgressThrottle:
         self._last = time.monotonic()  # the claim itself recorded RUNNING
         self._pending: tuple[int, int] | None = None
         self._stage = -1
+        self._writing = asyncio.Lock()  # writes land in the order they were decided
         self._flusher: asyncio.Task[None] | None = None
         self.alive = True
 
@@ -55,7 +56,9 @@ class ProgressThrottle:
     async def _send(self, stage: int, percent: int) -> None:
         self._last = time.monotonic()
         self._stage = stage
-        self.alive = await self._write(stage, percent)
+        async with self._writing:
+            if self.alive:
+                self.alive = await self._write(stage, percent)
 
     async def close(self) -> None:
         """The attempt is over: drop what has not been written."""
