@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -22,11 +24,12 @@ from cutout.names import job_name
 from cutout.v1 import inference_service_pb2 as inference_pb2
 from cutout.v1 import jobs_pb2
 from services.common.errors import NON_RETRYABLE, status_from_code
+from services.scheduler import metrics
 from services.scheduler.jobstore import Claim, JobStore
 from services.scheduler.keys import Keys
 from services.scheduler.nodes import Node, NodePool
 from services.scheduler.progress import ProgressThrottle
-from services.scheduler.storage import ResultStore
+from services.scheduler.storage import ResultStores, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +53,11 @@ class Dispatcher:
         self,
         store: JobStore,
         pool: NodePool,
-        results: ResultStore,
+        results: ResultStores,
         redis: aioredis.Redis,
         keys: Keys,
         policy: DispatchPolicy,
+        on_delivery: Callable[[], None] = lambda: None,
     ) -> None:
         self.store = store
         self.pool = pool
@@ -61,6 +65,7 @@ class Dispatcher:
         self.redis = redis
         self.keys = keys
         self.policy = policy
+        self.on_delivery = on_delivery  # wakes the delivery loop
         self._kick = asyncio.Event()
         self._attempts: dict[str, asyncio.Task[None]] = {}
         self._stopping = False
@@ -98,6 +103,7 @@ class Dispatcher:
         while True:
             try:
                 gone = await self.store.reap()
+                metrics.LEASE_LOSSES.inc(len(gone))
                 if gone:
                     log.warning("leases expired; jobs will be retried", extra={"jobs": gone})
                 if await self.store.promote():
@@ -119,6 +125,9 @@ class Dispatcher:
                     for uri in due:
                         await self.results.delete(uri)
                     await self.store.forget_blobs(due)
+            except StorageError as exc:
+                metrics.STORAGE_ERRORS.labels("remote", "delete").inc()
+                log.warning("retention sweep failed; will retry", extra={"error": str(exc)})
             except (aioredis.RedisError, OSError) as exc:
                 log.warning("retention sweep failed; will retry", extra={"error": str(exc)})
             await asyncio.sleep(interval_s)
@@ -184,6 +193,10 @@ class Dispatcher:
             "attempt": claim.attempt,
         }
         log.info("attempt started", extra=extra)
+        metrics.ATTEMPTS.inc()
+        if claim.attempt == 1 and claim.created_ms:
+            metrics.QUEUE_WAIT.observe(max(0.0, time.time() - claim.created_ms / 1000))
+        started = time.perf_counter()
         renewer = asyncio.create_task(self._renew(claim))
         try:
             await self._run_on_node(claim, node)
@@ -197,6 +210,7 @@ class Dispatcher:
                 claim, grpc.StatusCode.INTERNAL, f"attempt {claim.attempt} failed: {exc}"
             )
         finally:
+            metrics.RUN.observe(time.perf_counter() - started)
             renewer.cancel()
             node.local_in_flight -= 1
             self._attempts.pop(claim.job_id, None)
@@ -252,8 +266,14 @@ class Dispatcher:
             )
         await progress.report(jobs_pb2.STAGE_STORING, 95)
         key = f"{claim.vendor}/{claim.job_id}.{EXTENSIONS[output.content_type]}"
-        uri = await self.results.put(key, data, output.content_type)
+        record = jobs_pb2.RecordRef.FromString(claim.record) if claim.record else None
+        uri = await self._put(claim, key, data, output.content_type, record)
         await self.store.track_blob(uri)
+        # Still to do after SUCCEEDED: an upload that failed inline, a record update.
+        pending_upload = self.results.remote_for(claim.vendor) is not None and uri.startswith(
+            "local:"
+        )
+        deliver = pending_upload or record is not None
         result = jobs_pb2.Result(
             content_type=output.content_type,
             size_bytes=output.size_bytes,
@@ -262,13 +282,46 @@ class Dispatcher:
             uri=uri,
             sha256=digest,
         )
-        if await self.store.complete(claim, result):
+        if await self.store.complete(claim, result, deliver=deliver):
+            metrics.JOBS_FINISHED.labels("succeeded").inc()
+            if claim.created_ms:
+                metrics.END_TO_END.observe(max(0.0, time.time() - claim.created_ms / 1000))
+            if deliver:
+                self.on_delivery()
             log.info(
                 "job succeeded",
-                extra={"job_id": claim.job_id, "vendor": claim.vendor, "bytes": len(data)},
+                extra={
+                    "job_id": claim.job_id,
+                    "vendor": claim.vendor,
+                    "bytes": len(data),
+                    "pending_upload": pending_upload,
+                },
             )
         else:
             log.info("attempt finished after its job moved on", extra={"job_id": claim.job_id})
+
+    async def _put(
+        self,
+        claim: Claim,
+        key: str,
+        data: bytes,
+        content_type: str,
+        record: jobs_pb2.RecordRef | None,
+    ) -> str:
+        """Store in the vendor's remote store; if that fails, keep it locally for later."""
+        remote = self.results.remote_for(claim.vendor)
+        if remote is not None:
+            try:
+                return await remote.put(
+                    key, data, content_type, folder=record.project_id if record else ""
+                )
+            except StorageError as exc:
+                metrics.STORAGE_ERRORS.labels(self.results.backend_of(claim.vendor), "put").inc()
+                log.warning(
+                    "upload failed; output kept locally and uploaded later",
+                    extra={"job_id": claim.job_id, "vendor": claim.vendor, "error": str(exc)},
+                )
+        return await self.results.local.put(key, data, content_type)
 
     async def _on_node_error(
         self,
@@ -282,7 +335,8 @@ class Dispatcher:
             "node answered with an error", extra={**extra, "code": code.name, "details": details}
         )
         if code.value[0] in NON_RETRYABLE:
-            await self.store.fail(claim, status_from_code(code, details))
+            if await self.store.fail(claim, status_from_code(code, details)):
+                metrics.JOBS_FINISHED.labels("failed").inc()
             return
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             # Full or draining: it refused before starting. Our view of its load
@@ -299,7 +353,11 @@ class Dispatcher:
         self, claim: Claim, code: grpc.StatusCode, message: str, refund: bool = False
     ) -> None:
         outcome = await self.store.retry(claim, status_from_code(code, message), refund)
+        if outcome == 1:
+            metrics.RETRIES.inc()
         if outcome == 2:
+            metrics.DEAD_LETTERS.inc()
+            metrics.JOBS_FINISHED.labels("failed").inc()
             log.warning(
                 "job dead-lettered after its last retry",
                 extra={"job_id": claim.job_id, "vendor": claim.vendor, "error": message},

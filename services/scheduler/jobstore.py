@@ -59,6 +59,8 @@ class Claim:
     vendor: str
     operation: bytes = b""  # serialized jobs_pb2.Operation
     image: bytes | None = None  # None: the input is gone (the job was cancelled)
+    record: bytes = b""  # serialized jobs_pb2.RecordRef, empty when the job names none
+    created_ms: int = 0  # when the job was submitted (ms since the epoch)
 
 
 @dataclass(frozen=True)
@@ -409,7 +411,9 @@ class JobStore:
             attempt=int(got[1]),
             vendor=got[2].decode(),
             operation=got[3],
-            image=got[4] if len(got) > 4 else None,
+            image=got[4],
+            record=got[5],
+            created_ms=int(got[6]),
         )
 
     async def publish_weights(self) -> None:
@@ -430,7 +434,8 @@ class JobStore:
     async def renew(self, claim: Claim, lease_ms: int) -> bool:
         return await self.progress(claim, 0, 0, lease_ms)
 
-    async def complete(self, claim: Claim, result: jobs_pb2.Result) -> bool:
+    async def complete(self, claim: Claim, result: jobs_pb2.Result, deliver: bool = False) -> bool:
+        """SUCCEEDED, if this attempt still holds the job; deliver queues its delivery."""
         ok = await self._complete(
             args=[
                 self.keys.prefix,
@@ -439,6 +444,7 @@ class JobStore:
                 result.SerializeToString(),
                 self.retention.finished_s,
                 result.uri,
+                1 if deliver else 0,
             ]
         )
         return bool(ok)

@@ -36,6 +36,9 @@ DEFAULT_PREFIX = "cutout:"
 # eta               HASH   run_ms: moving average of attempt run time, for queue ETAs.
 # blobs             ZSET   stored result URI -> when its job expires (ms); the sweeper
 #                          deletes the blob then, so storage is retained as long as the job.
+# deliveries        ZSET   succeeded job id -> when its delivery is next due (ms): the upload
+#                          to a remote store that failed inline, and/or its record update.
+# delivery_tries    HASH   job id -> failed delivery tries so far (for backoff).
 # wake              PUBSUB published on every enqueue and requeue: dispatchers wake up.
 # cancel            PUBSUB job id of a cancelled running job: its dispatcher cancels the node call.
 
@@ -51,6 +54,8 @@ class Keys:
         self.weights = prefix + "weights"
         self.eta = prefix + "eta"
         self.blobs = prefix + "blobs"
+        self.deliveries = prefix + "deliveries"
+        self.delivery_tries = prefix + "delivery_tries"
         self.wake_channel = prefix + "wake"
         self.cancel_channel = prefix + "cancel"
 

@@ -206,7 +206,8 @@ event(id, 'state', 2, 'stage', 2, 'progress', 0, 'node', node, 'attempt', attemp
   'retry_ms', 0, 'update_ms', now)
 -- The attempt needs the input and the operation: hand them over in the same round trip.
 return {id, attempt, vendor, redis.call('HGET', jk, 'operation') or '',
-  redis.call('GET', P .. 'input:' .. id) or false}
+  redis.call('GET', P .. 'input:' .. id) or false, redis.call('HGET', jk, 'record') or '',
+  redis.call('HGET', jk, 'create_ms') or '0'}
 """
 )
 
@@ -229,7 +230,9 @@ return 1
 """
 )
 
-# ARGV: prefix, id, attempt, result, retention_s, result_uri
+# ARGV: prefix, id, attempt, result, retention_s, result_uri, deliver
+# deliver=1: the job still has a delivery to make (a pending upload, a record
+# update); only the attempt that wins the fence queues it, so it is made once.
 COMPLETE = (
     PRELUDE
     + r"""
@@ -247,6 +250,7 @@ end
 count(vendor, 'succeeded')
 -- The stored output lives exactly as long as the job record.
 redis.call('ZADD', P .. 'blobs', now_ms() + tonumber(ARGV[5]) * 1000, ARGV[6])
+if ARGV[7] == '1' then redis.call('ZADD', P .. 'deliveries', now_ms(), id) end
 finish_and_free(id, vendor, 3, 7, 100, 'result', ARGV[4], tonumber(ARGV[5]))
 return 1
 """
@@ -395,5 +399,21 @@ else
 end
 finish_and_free(id, vendor, 5, 7, tonumber(st[3]), 'error', ARGV[4], tonumber(ARGV[5]))
 return 1
+"""
+)
+
+# ARGV: prefix, limit, lease_ms
+# Leases up to `limit` due deliveries: each is pushed lease_ms into the future,
+# so another scheduler does not take it while this one works; a crash only
+# delays it by the lease.
+CLAIM_DELIVERIES = (
+    PRELUDE
+    + r"""
+local now = now_ms()
+local due = redis.call('ZRANGEBYSCORE', P .. 'deliveries', '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
+for _, id in ipairs(due) do
+  redis.call('ZADD', P .. 'deliveries', now + tonumber(ARGV[3]), id)
+end
+return due
 """
 )

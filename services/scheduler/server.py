@@ -11,13 +11,19 @@ import redis.asyncio as aioredis
 
 from cutout.v1 import scheduler_service_pb2_grpc as pb_grpc
 from services.common import serving
+from services.common.metrics import RpcMetrics
+from services.common.metrics import serve as serve_metrics
+from services.scheduler.cloudinary_store import CloudinaryAccount, CloudinaryResultStore
+from services.scheduler.delivery import Deliverer, Outbox
 from services.scheduler.dispatcher import Dispatcher, DispatchPolicy
 from services.scheduler.jobstore import Admission, Fairness, JobStore, Retention, RetryPolicy
 from services.scheduler.keys import Keys
+from services.scheduler.metrics import QueueGauges
 from services.scheduler.nodes import NodePool
+from services.scheduler.records import MysqlTarget, RecordWriter
 from services.scheduler.service import SchedulerServicer
 from services.scheduler.settings import SchedulerSettings
-from services.scheduler.storage import LocalResultStore
+from services.scheduler.storage import LocalResultStore, ResultStores
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "cutout.v1.SchedulerService"
@@ -54,7 +60,20 @@ class SchedulerServer:
             dns_interval_s=settings.node_dns_s,
         )
         self.store.fleet_capacity = lambda: self.pool.totals()[1]
-        results = LocalResultStore(settings.storage_dir)
+        remote = None
+        if settings.uses_cloudinary():
+            remote = CloudinaryResultStore(
+                CloudinaryAccount.from_url(settings.cloudinary_url), settings.storage_timeout_s
+            )
+        local = LocalResultStore(settings.storage_dir)
+        results = ResultStores(local, remote, settings.storage, settings.vendor_storage)
+        self.writer = (
+            RecordWriter(MysqlTarget.from_url(settings.mysql_url)) if settings.mysql_url else None
+        )
+        self.deliverer = Deliverer(
+            Outbox(self.redis, keys), results, self.writer, settings.delivery_retry_ms
+        )
+        self.gauges = QueueGauges(self.redis, keys, self.pool)
         self.dispatcher = Dispatcher(
             self.store,
             self.pool,
@@ -66,18 +85,25 @@ class SchedulerServer:
                 attempt_timeout_s=settings.attempt_timeout_s,
                 progress_interval_s=settings.progress_interval_ms / 1000,
             ),
+            on_delivery=self.deliverer.wake.set,
         )
-        self.server = grpc.aio.server(options=serving.server_options(settings.max_message_bytes))
+        self.server = grpc.aio.server(
+            options=serving.server_options(settings.max_message_bytes),
+            interceptors=[RpcMetrics()],
+        )
         pb_grpc.add_SchedulerServiceServicer_to_server(
-            SchedulerServicer(self.store, self.pool, results), self.server
+            SchedulerServicer(self.store, self.pool, results, records=self.writer is not None),
+            self.server,
         )
         self.health = serving.add_health_and_reflection(self.server, [SERVICE_NAME])
         self.port = 0
+        self.metrics_port = 0
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         await self.redis.ping()  # fail fast, with the URL in the error, if Redis is not there
         await self.store.publish_weights()
+        self.metrics_port = serve_metrics(self.settings.metrics_listen)
         self.port = serving.bind(self.server, self.settings.listen)
         await self.server.start()
         await serving.set_serving(self.health, [SERVICE_NAME], True)
@@ -88,9 +114,20 @@ class SchedulerServer:
             asyncio.create_task(
                 self.dispatcher.sweep_forever(min(30.0, max(0.5, self.settings.retention_s / 4)))
             ),
+            asyncio.create_task(self.deliverer.run_forever()),
+            asyncio.create_task(self.gauges.refresh_forever(self.settings.metrics_interval_s)),
         ]
         serving.write_ready_file(self.settings.ready_file, self.port)
-        log.info("scheduler serving", extra={"port": self.port, "nodes": self.settings.nodes})
+        log.info(
+            "scheduler serving",
+            extra={
+                "port": self.port,
+                "metrics_port": self.metrics_port,
+                "nodes": self.settings.nodes,
+                "storage": self.settings.storage,
+                "records": self.writer is not None,
+            },
+        )
 
     async def stop(self) -> None:
         await serving.set_serving(self.health, [SERVICE_NAME], False)
@@ -102,4 +139,6 @@ class SchedulerServer:
                 await task
         await self.server.stop(grace=2.0)
         await self.pool.close()
+        if self.writer is not None:
+            await self.writer.close()
         await self.redis.aclose()

@@ -14,7 +14,7 @@ from services.common.errors import CutoutError, abort, invalid_argument, not_fou
 from services.scheduler.jobstore import JobStore, ensure_succeeded
 from services.scheduler.keys import MAX_PRIORITY
 from services.scheduler.nodes import NodePool
-from services.scheduler.storage import ResultStore
+from services.scheduler.storage import ResultStores, StorageError
 
 Context = grpc.aio.ServicerContext[object, object]
 VENDOR_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -37,10 +37,13 @@ def _job_id(name: str) -> str:
 
 
 class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
-    def __init__(self, store: JobStore, pool: NodePool, results: ResultStore) -> None:
+    def __init__(
+        self, store: JobStore, pool: NodePool, results: ResultStores, records: bool = False
+    ) -> None:
         self.store = store
         self.pool = pool
         self.results = results
+        self.records = records  # a records database is configured
 
     async def EnqueueJob(
         self, request: pb.EnqueueJobRequest, context: Context
@@ -56,6 +59,12 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
                 )
             if sub.operation.WhichOneof("kind") is None:
                 raise invalid_argument("submission.operation", "an operation is required")
+            if sub.HasField("record") and not self.records:
+                raise CutoutError(
+                    "this cluster has no records database (CUTOUT_MYSQL_URL is unset): "
+                    "submit without submission.record",
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                )
             job, dedup = await self.store.enqueue(
                 vendor, sub, sub.image.content, request.input_pixels, request.batch
             )
@@ -123,6 +132,9 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
                 raise CutoutError(
                     f"the stored output of {job.name} is missing", grpc.StatusCode.DATA_LOSS
                 ) from None
+            except StorageError as exc:
+                # Kept by a remote store (Cloudinary): the result's uri is its URL.
+                raise CutoutError(str(exc), grpc.StatusCode.FAILED_PRECONDITION) from None
         except CutoutError as err:
             await abort(context, err)
 

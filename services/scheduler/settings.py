@@ -8,6 +8,7 @@ from pathlib import Path
 from services.common.config import (
     PROJECT_ROOT,
     SettingsError,
+    env_choice,
     env_float,
     env_int,
     env_list,
@@ -33,6 +34,22 @@ def parse_weights(entries: list[str]) -> dict[str, float]:
     return weights
 
 
+BACKENDS = ("local", "cloudinary")
+
+
+def parse_vendor_storage(entries: list[str]) -> dict[str, str]:
+    chosen: dict[str, str] = {}
+    for entry in entries:
+        vendor, _, backend = entry.partition(":")
+        if not vendor or backend not in BACKENDS:
+            raise SettingsError(
+                f"CUTOUT_VENDOR_STORAGE entry {entry!r} is not vendor:backend "
+                f"(backend one of {', '.join(BACKENDS)})"
+            )
+        chosen[vendor] = backend
+    return chosen
+
+
 def parse_nodes(entries: list[str]) -> list[str]:
     try:
         split_entries(entries)
@@ -53,7 +70,20 @@ class SchedulerSettings:
             headless service), re-resolved every CUTOUT_NODE_DNS_S seconds.
         node_dns_s: CUTOUT_NODE_DNS_S, seconds between DNS lookups of dns:/// entries.
         node_poll_s: CUTOUT_NODE_POLL_S, seconds between health/load polls.
-        storage_dir: CUTOUT_STORAGE_DIR, where the local result store writes.
+        storage_dir: CUTOUT_STORAGE_DIR, where the local result store writes (and where
+            outputs wait whose remote upload failed). Shared by all scheduler replicas.
+        storage: CUTOUT_STORAGE, the default result backend: local or cloudinary.
+        vendor_storage: CUTOUT_VENDOR_STORAGE, comma-separated "vendor:backend" overrides.
+        cloudinary_url: CLOUDINARY_URL, cloudinary://KEY:SECRET@CLOUD (required when any
+            vendor uses cloudinary; an upload_prefix query parameter changes the API host).
+        storage_timeout_s: CUTOUT_STORAGE_TIMEOUT_S, timeout of one remote storage call.
+        mysql_url: CUTOUT_MYSQL_URL, mysql://USER[:PASSWORD]@HOST[:PORT]/DB holding the
+            vendors' data_records; empty: jobs that name a record are refused.
+        delivery_retry_ms: CUTOUT_DELIVERY_RETRY_MS, backoff before a failed upload or record
+            update is tried again; it doubles per failure up to five minutes.
+        metrics_listen: CUTOUT_METRICS_LISTEN, host:port of the Prometheus /metrics endpoint
+            (empty: off).
+        metrics_interval_s: CUTOUT_METRICS_INTERVAL_S, how often queue gauges are read from Redis.
         progress_interval_ms: CUTOUT_PROGRESS_INTERVAL_MS, least time between two progress
             writes of one attempt (the latest report is written when it has passed).
         lease_ms: CUTOUT_LEASE_MS, how long a node may go silent before its job is requeued.
@@ -86,6 +116,14 @@ class SchedulerSettings:
     node_dns_s: float
     progress_interval_ms: int
     storage_dir: Path
+    storage: str
+    vendor_storage: dict[str, str]
+    cloudinary_url: str
+    storage_timeout_s: float
+    mysql_url: str
+    delivery_retry_ms: int
+    metrics_listen: str
+    metrics_interval_s: float
     lease_ms: int
     attempt_timeout_s: float
     max_retries: int
@@ -111,6 +149,14 @@ class SchedulerSettings:
             node_dns_s=env_float("CUTOUT_NODE_DNS_S", 5.0, minimum=0.1),
             progress_interval_ms=env_int("CUTOUT_PROGRESS_INTERVAL_MS", 200, minimum=0),
             storage_dir=Path(env_str("CUTOUT_STORAGE_DIR", str(PROJECT_ROOT / "var" / "results"))),
+            storage=env_choice("CUTOUT_STORAGE", "local", BACKENDS),
+            vendor_storage=parse_vendor_storage(env_list("CUTOUT_VENDOR_STORAGE")),
+            cloudinary_url=env_str("CLOUDINARY_URL", ""),
+            storage_timeout_s=env_float("CUTOUT_STORAGE_TIMEOUT_S", 30.0, minimum=0.1),
+            mysql_url=env_str("CUTOUT_MYSQL_URL", ""),
+            delivery_retry_ms=env_int("CUTOUT_DELIVERY_RETRY_MS", 1000, minimum=10),
+            metrics_listen=env_str("CUTOUT_METRICS_LISTEN", "0.0.0.0:9102"),
+            metrics_interval_s=env_float("CUTOUT_METRICS_INTERVAL_S", 5.0, minimum=0.1),
             lease_ms=env_int("CUTOUT_LEASE_MS", 15_000, minimum=1000),
             attempt_timeout_s=env_float("CUTOUT_ATTEMPT_TIMEOUT_S", 60.0, minimum=1.0),
             max_retries=env_int("CUTOUT_MAX_RETRIES", 3, minimum=0),
@@ -124,4 +170,12 @@ class SchedulerSettings:
             grace_s=env_float("CUTOUT_GRACE_S", 10.0),
             ready_file=env_str("CUTOUT_READY_FILE", ""),
             log_level=env_str("CUTOUT_LOG_LEVEL", "INFO"),
-        )
+        ).checked()
+
+    def uses_cloudinary(self) -> bool:
+        return "cloudinary" in (self.storage, *self.vendor_storage.values())
+
+    def checked(self) -> SchedulerSettings:
+        if self.uses_cloudinary() and not self.cloudinary_url:
+            raise SettingsError("a vendor stores results in cloudinary but CLOUDINARY_URL is unset")
+        return self

@@ -1,4 +1,9 @@
-"""Where results are kept. Local directory by default; more backends plug in here."""
+"""Where results are kept: a local directory by default, Cloudinary per vendor.
+
+`ResultStores` picks the backend for each vendor (CUTOUT_STORAGE and
+CUTOUT_VENDOR_STORAGE) and routes reads and deletes by the URI a result
+carries: `local:<vendor>/<job>.<ext>` or the https URL a remote store gave.
+"""
 
 from __future__ import annotations
 
@@ -13,11 +18,18 @@ CHUNK = 1024 * 1024
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}/[0-9a-f]{32}\.[a-z]{3,4}$")
 
 
+class StorageError(Exception):
+    """A backend could not store, read or delete an output (transient or not)."""
+
+
 class ResultStore(Protocol):
     """A backend that keeps job outputs."""
 
-    async def put(self, key: str, data: bytes, content_type: str) -> str:
-        """Store data under key (overwriting) and return its URI."""
+    async def put(self, key: str, data: bytes, content_type: str, folder: str = "") -> str:
+        """Store data under key `<vendor>/<job_id>.<ext>` (overwriting) and return its URI.
+
+        folder: the vendor's project, for backends that file outputs by project.
+        """
         ...
 
     def read(self, uri: str) -> AsyncIterator[bytes]:
@@ -42,7 +54,7 @@ class LocalResultStore:
             raise ValueError(f"unsafe storage key {key!r}")
         return self.root / key
 
-    async def put(self, key: str, data: bytes, content_type: str) -> str:
+    async def put(self, key: str, data: bytes, content_type: str, folder: str = "") -> str:
         path = self._path(key)
         await asyncio.to_thread(_write_atomically, path, data)
         return "local:" + key
@@ -71,3 +83,43 @@ def _write_atomically(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(path)
+
+
+class ResultStores:
+    """The local store plus any remote ones, and which vendor uses which.
+
+    The local store is always there: it is the default, where GetResult
+    streams from, and where an output waits when its remote upload fails
+    (the delivery loop uploads it later).
+    """
+
+    def __init__(
+        self,
+        local: LocalResultStore,
+        remote: ResultStore | None = None,
+        default: str = "local",
+        by_vendor: dict[str, str] | None = None,
+    ) -> None:
+        self.local = local
+        self.remote = remote
+        self.default = default
+        self.by_vendor = by_vendor or {}
+
+    def backend_of(self, vendor: str) -> str:
+        return self.by_vendor.get(vendor, self.default)
+
+    def remote_for(self, vendor: str) -> ResultStore | None:
+        """The remote store this vendor's outputs belong in, or None for local."""
+        return self.remote if self.backend_of(vendor) != "local" else None
+
+    async def read(self, uri: str) -> AsyncIterator[bytes]:
+        if not uri.startswith("local:"):
+            raise StorageError(f"this result is not kept here: download it from {uri}")
+        async for chunk in self.local.read(uri):
+            yield chunk
+
+    async def delete(self, uri: str) -> None:
+        if uri.startswith("local:"):
+            await self.local.delete(uri)
+        elif self.remote is not None:
+            await self.remote.delete(uri)
