@@ -17,6 +17,7 @@ import grpc
 import redis.asyncio as aioredis
 
 from services.common.errors import CutoutError
+from services.gateway.metrics import RATE_LIMIT_REFUSALS
 
 # ARGV: key, interval_ms, period_ms, wanted. Returns {admitted, tat_ms, now_ms}.
 # Time is Redis's clock, so every gateway replica agrees on it.
@@ -143,6 +144,7 @@ def trailers(d: Decision) -> list[tuple[str, str]]:
 def refusal(d: Decision, vendor: str) -> CutoutError:
     """RESOURCE_EXHAUSTED with RetryInfo, QuotaFailure and the RateLimit trailers."""
     wait = max(d.retry_after_s, 0.001)
+    RATE_LIMIT_REFUSALS.labels(d.quota_name).inc()
     return CutoutError(
         f"rate limit: {d.quota_name} is limited to {d.quota.limit} per {d.quota.period_s} s "
         f"for vendor {vendor}; retry in {wait:.1f} s",

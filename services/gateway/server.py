@@ -10,6 +10,8 @@ import redis.asyncio as aioredis
 from cutout.v1 import cutout_service_pb2_grpc as pb_grpc
 from cutout.v1 import scheduler_service_pb2_grpc as spb_grpc
 from services.common import serving
+from services.common.metrics import RpcMetrics
+from services.common.metrics import serve as serve_metrics
 from services.gateway.auth import KeyTable, parse_key_entries
 from services.gateway.fetch import Fetcher, FetchPolicy
 from services.gateway.intake import Limits
@@ -57,18 +59,30 @@ class GatewayServer:
                 )
             ),
         )
-        self.server = grpc.aio.server(options=serving.server_options(settings.max_message_bytes))
+        self.server = grpc.aio.server(
+            options=serving.server_options(settings.max_message_bytes),
+            interceptors=[RpcMetrics()],
+        )
         pb_grpc.add_CutoutServiceServicer_to_server(servicer, self.server)
         self.health = serving.add_health_and_reflection(self.server, [SERVICE_NAME])
         self.port = 0
+        self.metrics_port = 0
 
     async def start(self) -> None:
         await self.redis.ping()  # fail fast, with the URL in the error, if Redis is not there
+        self.metrics_port = serve_metrics(self.settings.metrics_listen)
         self.port = serving.bind(self.server, self.settings.listen)
         await self.server.start()
         await serving.set_serving(self.health, [SERVICE_NAME], True)
         serving.write_ready_file(self.settings.ready_file, self.port)
-        log.info("gateway serving", extra={"port": self.port, "scheduler": self.settings.scheduler})
+        log.info(
+            "gateway serving",
+            extra={
+                "port": self.port,
+                "metrics_port": self.metrics_port,
+                "scheduler": self.settings.scheduler,
+            },
+        )
 
     async def stop(self) -> None:
         await serving.set_serving(self.health, [SERVICE_NAME], False)

@@ -17,6 +17,7 @@ from cutout.v1 import jobs_pb2
 from cutout.v1 import scheduler_service_pb2 as spb
 from cutout.v1 import scheduler_service_pb2_grpc as spb_grpc
 from services.common.errors import CutoutError, abort, invalid_argument
+from services.gateway import metrics
 from services.gateway.auth import KeyTable
 from services.gateway.fetch import Fetcher
 from services.gateway.intake import Limits, validate
@@ -168,6 +169,9 @@ class CutoutServicer(pb_grpc.CutoutServiceServicer):
 
         outcomes = await asyncio.gather(*(one(i) for i in range(count)))
         accepted = sum(1 for o in outcomes if o.HasField("job"))
+        metrics.BATCH_SIZE.observe(count)
+        metrics.BATCH_ITEMS.labels("accepted").inc(accepted)
+        metrics.BATCH_ITEMS.labels("rejected").inc(count - accepted)
         log.info(
             "batch accepted",
             extra={"vendor": vendor, "batch": batch, "accepted": accepted, "items": count},

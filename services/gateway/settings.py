@@ -41,6 +41,8 @@ class GatewaySettings:
             (every image submitted), remove_background, crop_face, batches; unnamed ones keep
             the defaults requests=50/900, remove_background=30/3600, crop_face=30/3600,
             batches=10/3600.
+        metrics_listen: CUTOUT_METRICS_LISTEN, host:port of the Prometheus /metrics endpoint
+            (empty: off).
         ready_file: CUTOUT_READY_FILE, file to write the bound port to once serving.
         log_level: CUTOUT_LOG_LEVEL.
     """
@@ -61,6 +63,7 @@ class GatewaySettings:
     redis_url: str
     key_prefix: str
     rate_limits: dict[str, Quota]
+    metrics_listen: str
     ready_file: str
     log_level: str
 
@@ -83,6 +86,7 @@ class GatewaySettings:
             redis_url=env_str("CUTOUT_REDIS_URL", "redis://127.0.0.1:6379/0"),
             key_prefix=env_str("CUTOUT_REDIS_PREFIX", "cutout:"),
             rate_limits=_quotas(env_str("CUTOUT_RATE_LIMITS", "")),
+            metrics_listen=env_str("CUTOUT_METRICS_LISTEN", "0.0.0.0:9101"),
             ready_file=env_str("CUTOUT_READY_FILE", ""),
             log_level=env_str("CUTOUT_LOG_LEVEL", "INFO"),
         )

@@ -10,6 +10,9 @@ import grpc
 
 from cutout.v1 import inference_service_pb2_grpc as pb_grpc
 from services.common import serving
+from services.common.metrics import RpcMetrics
+from services.common.metrics import serve as serve_metrics
+from services.inference import metrics
 from services.inference.models import ModelCatalog, ModelError, requested_providers
 from services.inference.service import InferenceServicer
 from services.inference.settings import NodeSettings
@@ -21,10 +24,14 @@ SERVICE_NAME = "cutout.v1.InferenceService"
 class NodeServer:
     def __init__(self, settings: NodeSettings) -> None:
         self.settings = settings
-        self.server = grpc.aio.server(options=serving.server_options(settings.max_message_bytes))
+        self.server = grpc.aio.server(
+            options=serving.server_options(settings.max_message_bytes),
+            interceptors=[RpcMetrics()],
+        )
         self.health = serving.add_health_and_reflection(self.server, [SERVICE_NAME])
         self.servicer: InferenceServicer | None = None
         self.port = 0
+        self.metrics_port = 0
 
     async def start(self) -> None:
         s = self.settings
@@ -42,6 +49,9 @@ class NodeServer:
             if on_cpu:
                 raise ModelError(f"CUTOUT_REQUIRE_GPU=1 but {on_cpu} run on the CPU")
         self.servicer = InferenceServicer(catalog, s.node_id, s.capacity, s.max_pixels)
+        metrics.describe_models(catalog)
+        metrics.CAPACITY.set(s.capacity)
+        self.metrics_port = serve_metrics(s.metrics_listen)
         pb_grpc.add_InferenceServiceServicer_to_server(self.servicer, self.server)
         self.port = serving.bind(self.server, s.listen)
         await self.server.start()
@@ -49,7 +59,12 @@ class NodeServer:
         serving.write_ready_file(s.ready_file, self.port)
         log.info(
             "node serving",
-            extra={"port": self.port, "node": s.node_id, "models": list(catalog.models)},
+            extra={
+                "port": self.port,
+                "metrics_port": self.metrics_port,
+                "node": s.node_id,
+                "models": list(catalog.models),
+            },
         )
 
     async def stop(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
@@ -14,12 +15,25 @@ from cutout.v1 import inference_service_pb2 as pb
 from cutout.v1 import inference_service_pb2_grpc as pb_grpc
 from cutout.v1.jobs_pb2 import Stage
 from services.common.errors import CutoutError, abort
-from services.inference import pipeline
+from services.inference import metrics, pipeline
 from services.inference.models import ModelCatalog
 
 log = logging.getLogger(__name__)
 Context = grpc.aio.ServicerContext[object, object]
 CHUNK = 1024 * 1024
+
+
+def _count(work: asyncio.Future[Any], operation: str, started: float) -> None:
+    metrics.PROCESS_SECONDS.labels(operation).observe(time.perf_counter() - started)
+    if work.cancelled():
+        outcome = "cancelled"
+    elif isinstance(work.exception(), pipeline.InvalidImage | pipeline.Unsupported):
+        outcome = "invalid"
+    elif work.exception() is not None:
+        outcome = "error"
+    else:
+        outcome = "succeeded"
+    metrics.NODE_JOBS.labels(operation, outcome).inc()
 
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
@@ -39,6 +53,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         # Called when the work itself ends, not when the stream does: a
         # cancelled call keeps its slot until its thread is really free.
         self.in_flight -= 1
+        metrics.IN_FLIGHT.set(self.in_flight)
         if self.in_flight == 0:
             self.idle.set()
 
@@ -68,7 +83,10 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             loop.call_soon_threadsafe(events.put_nowait, (stage, percent))
 
         self.in_flight += 1
+        metrics.IN_FLIGHT.set(self.in_flight)
         self.idle.clear()
+        operation = request.operation.WhichOneof("kind") or "none"
+        started = time.perf_counter()
         work = loop.run_in_executor(
             self.executor,
             pipeline.run,
@@ -79,6 +97,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             report,
         )
         work.add_done_callback(self._release)
+        work.add_done_callback(lambda f: _count(f, operation, started))
         log.info("processing", extra=extra)
         while not work.done() or not events.empty():
             getter = asyncio.ensure_future(events.get())

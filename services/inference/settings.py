@@ -27,6 +27,8 @@ class NodeSettings:
         max_pixels: CUTOUT_MAX_PIXELS, largest input decoded, in pixels.
         max_message_bytes: CUTOUT_MAX_MESSAGE_BYTES, gRPC message limit.
         grace_s: CUTOUT_GRACE_S, how long a draining node waits for its jobs.
+        metrics_listen: CUTOUT_METRICS_LISTEN, host:port of the Prometheus /metrics endpoint
+            (empty: off).
         ready_file: CUTOUT_READY_FILE, file to write the bound port to once serving.
         log_level: CUTOUT_LOG_LEVEL.
     """
@@ -42,6 +44,7 @@ class NodeSettings:
     max_pixels: int
     max_message_bytes: int
     grace_s: float
+    metrics_listen: str
     ready_file: str
     log_level: str
 
@@ -59,6 +62,7 @@ class NodeSettings:
             max_pixels=env_int("CUTOUT_MAX_PIXELS", 40_000_000, minimum=1),
             max_message_bytes=env_int("CUTOUT_MAX_MESSAGE_BYTES", 32 * MiB, minimum=MiB),
             grace_s=env_float("CUTOUT_GRACE_S", 30.0),
+            metrics_listen=env_str("CUTOUT_METRICS_LISTEN", "0.0.0.0:9103"),
             ready_file=env_str("CUTOUT_READY_FILE", ""),
             log_level=env_str("CUTOUT_LOG_LEVEL", "INFO"),
         )

@@ -30,6 +30,11 @@ class Service:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     port: int = 0
+    metrics_port: int = 0
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     @property
     def address(self) -> str:
@@ -107,7 +112,9 @@ class LocalCluster:
     def _service(self, name: str, module: str, env: dict[str, str]) -> Service:
         logs = self.workdir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        return Service(name, module, env, logs / f"{name}.log")
+        metrics_port = free_port()  # each process serves its own /metrics
+        env = {**env, "CUTOUT_METRICS_LISTEN": f"127.0.0.1:{metrics_port}"}
+        return Service(name, module, env, logs / f"{name}.log", metrics_port=metrics_port)
 
     def _spawn(self, svc: Service) -> None:
         ready = self._ready_dir / f"{svc.name}.port"

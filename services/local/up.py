@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
@@ -12,6 +13,8 @@ from rich.console import Console
 from services.common.config import PROJECT_ROOT
 from services.gateway.auth import new_key
 from services.local.cluster import ClusterConfig, LocalCluster
+from services.scheduler.migrate import migrate
+from services.scheduler.records import MysqlTarget
 
 console = Console(soft_wrap=True)
 
@@ -41,6 +44,10 @@ def run_up(nodes: int, port: int, workdir: Path | None, appendfsync: str = "ever
         appendfsync=appendfsync,
     )
     cluster = LocalCluster(config)
+    mysql_url = os.environ.get("CUTOUT_MYSQL_URL", "")
+    if mysql_url:  # records database configured: bring its schema up to date first
+        applied = asyncio.run(migrate(MysqlTarget.from_url(mysql_url)))
+        console.print(f"data_records migrations applied: {', '.join(applied) or 'none needed'}")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -63,6 +70,9 @@ def print_summary(cluster: LocalCluster, key: str) -> None:
     console.print(f"  scheduler  {cluster.scheduler.address}")
     for node in cluster.nodes:
         console.print(f"  {node.name:<10} {node.address}   models: {', '.join(cluster.models)}")
+    for svc in [cluster.gateway, cluster.scheduler, *cluster.nodes]:
+        if svc is not None:
+            console.print(f"  metrics    {svc.metrics_url}   ({svc.name})")
     redis_note = f"embedded, AOF {cluster.config.appendfsync}" if cluster.redis else "external"
     console.print(f"  redis      {cluster.redis_url}   ({redis_note})")
     console.print(f"  results    {cluster.workdir / 'results'}")

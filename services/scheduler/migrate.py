@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import warnings
 from importlib import resources
 
 import aiomysql
+import pymysql
 
 from services.scheduler.records import MysqlTarget
 
@@ -51,18 +53,23 @@ async def migrate(target: MysqlTarget) -> list[str]:
             (locked,) = await cur.fetchone()
             if locked != 1:
                 raise RuntimeError("another migration has held the lock for 60 s")
-            await cur.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations ("
-                " version VARCHAR(128) NOT NULL PRIMARY KEY,"
-                " applied_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6))"
-            )
+            await cur.execute("SHOW TABLES LIKE 'schema_migrations'")
+            if not await cur.fetchall():
+                await cur.execute(
+                    "CREATE TABLE schema_migrations ("
+                    " version VARCHAR(128) NOT NULL PRIMARY KEY,"
+                    " applied_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6))"
+                )
             await cur.execute("SELECT version FROM schema_migrations")
             done = {row[0] for row in await cur.fetchall()}
             for version, sql in migrations():
                 if version in done:
                     continue
-                for statement in split_statements(sql):
-                    await cur.execute(statement)
+                with warnings.catch_warnings():
+                    # "IF NOT EXISTS" notes on an old system's existing table are expected.
+                    warnings.simplefilter("ignore", pymysql.Warning)
+                    for statement in split_statements(sql):
+                        await cur.execute(statement)
                 await cur.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
                 applied.append(version)
             await cur.execute("SELECT RELEASE_LOCK(%s)", (LOCK,))

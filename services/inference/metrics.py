@@ -1,0 +1,38 @@
+"""An inference node's Prometheus metrics (RPC counts come from services.common.metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from services.inference.models import ModelCatalog
+
+NODE_JOBS = Counter(
+    "cutout_node_jobs_total",
+    "Attempts this node ran, by operation and outcome: succeeded, invalid, error, cancelled",
+    ["operation", "outcome"],
+)
+PROCESS_SECONDS = Histogram(
+    "cutout_node_process_seconds",
+    "Decode, inference and encode of one attempt on this node",
+    ["operation"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+IN_FLIGHT = Gauge("cutout_node_jobs_in_flight", "Attempts running on this node now")
+CAPACITY = Gauge("cutout_node_jobs_capacity", "Attempts this node takes at once")
+EXECUTION_PROVIDER = Gauge(
+    "cutout_model_execution_provider",
+    "1 for the ONNX Runtime execution provider each model really runs on",
+    ["model", "provider"],
+)
+PROVIDER_FALLBACK = Gauge(
+    "cutout_model_provider_fallback",
+    "1 when a model runs on another provider than the first one requested (GPU asked, CPU given)",
+    ["model"],
+)
+
+
+def describe_models(catalog: ModelCatalog) -> None:
+    for m in catalog.models.values():
+        EXECUTION_PROVIDER.labels(m.name, m.execution_provider).set(1)
+        fell_back = bool(m.requested_providers) and m.execution_provider != m.requested_providers[0]
+        PROVIDER_FALLBACK.labels(m.name).set(1 if fell_back else 0)
