@@ -108,6 +108,8 @@ def photos() -> dict[str, bytes]:
         "astronaut": jpeg(skimage.data.astronaut()),
         "chelsea": jpeg(skimage.data.chelsea()),
         "coffee": jpeg(skimage.data.coffee()),
+        # 150x100: for runs of hundreds of jobs where the pixels do not matter.
+        "coffee_small": jpeg(skimage.data.coffee()[::4, ::4]),
     }
 
 
