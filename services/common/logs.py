@@ -4,12 +4,32 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any
 
 # Attributes every LogRecord has; anything else came from `extra=` and is logged.
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+
+# Secrets that could reach a log line through an error message: API keys
+# ("ck_..." or after "Bearer"), and passwords in cloudinary:// or mysql:// URLs.
+_SECRETS = (
+    (re.compile(r"\bck_[A-Za-z0-9_-]{8,}"), "ck_***"),
+    (re.compile(r"(?i)(bearer\s+)\S+"), r"\1***"),
+    (
+        re.compile(r"\b(cloudinary|mysql|mariadb|redis|rediss)://([^:/@\s]*):[^@\s]*@"),
+        r"\1://\2:***@",
+    ),
+)
+
+
+def redact(text: str) -> str:
+    """The text with every API key and URL password replaced by ***."""
+    for pattern, replacement in _SECRETS:
+        text = pattern.sub(replacement, text)
+    return text
 
 
 class JsonFormatter(logging.Formatter):
@@ -31,7 +51,7 @@ class JsonFormatter(logging.Formatter):
                 out[key] = value
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
+        return redact(json.dumps(out, default=str))
 
 
 def setup(service: str, level: str = "INFO") -> None:

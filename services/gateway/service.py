@@ -337,7 +337,10 @@ class CutoutServicer(pb_grpc.CutoutServiceServicer):
             )
         except grpc.aio.AioRpcError as exc:
             await _relay(context, exc)
-        log.info("dead letter requeued", extra={"job_id": request.name, "vendor": vendor})
+        log.info(
+            "dead letter requeued",
+            extra={"job_id": request.name.removeprefix("jobs/"), "vendor": vendor},
+        )
         return pb.RequeueDeadLetterResponse(job=reply.job)
 
     async def PurgeDeadLetters(

@@ -73,6 +73,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             )
         extra = {
             "job_id": request.name.removeprefix("jobs/"),
+            "vendor": request.vendor_id,
             "node": self.node_id,
             "attempt": request.attempt,
         }

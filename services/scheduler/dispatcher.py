@@ -224,6 +224,7 @@ class Dispatcher:
             attempt=claim.attempt,
             operation=jobs_pb2.Operation.FromString(claim.operation),
             image=claim.image,
+            vendor_id=claim.vendor,
         )
         call = node.stub.Process(request, timeout=self.policy.attempt_timeout_s)
         output: inference_pb2.ProcessOutput | None = None
@@ -244,7 +245,7 @@ class Dispatcher:
                     output = response.output
                 elif kind == "chunk":
                     chunks.append(response.chunk)
-            await self._store_result(claim, output, b"".join(chunks), progress)
+            await self._store_result(claim, node, output, b"".join(chunks), progress)
         finally:
             call.cancel()
             await progress.close()
@@ -252,6 +253,7 @@ class Dispatcher:
     async def _store_result(
         self,
         claim: Claim,
+        node: Node,
         output: inference_pb2.ProcessOutput | None,
         data: bytes,
         progress: ProgressThrottle,
@@ -293,12 +295,16 @@ class Dispatcher:
                 extra={
                     "job_id": claim.job_id,
                     "vendor": claim.vendor,
+                    "node": node.address,
                     "bytes": len(data),
                     "pending_upload": pending_upload,
                 },
             )
         else:
-            log.info("attempt finished after its job moved on", extra={"job_id": claim.job_id})
+            log.info(
+                "attempt finished after its job moved on",
+                extra={"job_id": claim.job_id, "vendor": claim.vendor, "node": node.address},
+            )
 
     async def _put(
         self,

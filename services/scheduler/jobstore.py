@@ -20,6 +20,7 @@ from google.rpc import status_pb2
 from cutout.names import job_name
 from cutout.v1 import jobs_pb2
 from services.common.errors import CutoutError, not_found, status_from_code
+from services.scheduler import metrics
 from services.scheduler.keys import PRIORITY_BAND, Keys, job_cost
 from services.scheduler.scripts import (
     CANCEL,
@@ -231,6 +232,7 @@ class JobStore:
                 -2: f"the cluster has {self.admission.max_queued} jobs waiting and sheds load; "
                 "retry shortly",
             }[created]
+            metrics.ADMISSION_REFUSALS.labels("vendor" if created == -1 else "cluster").inc()
             raise CutoutError(
                 what, grpc.StatusCode.RESOURCE_EXHAUSTED, retry_after_s=self.admission.retry_after_s
             )

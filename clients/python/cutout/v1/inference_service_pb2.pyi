@@ -29,12 +29,15 @@ class ProcessRequest(_message.Message):
     ATTEMPT_FIELD_NUMBER: _builtins.int
     OPERATION_FIELD_NUMBER: _builtins.int
     IMAGE_FIELD_NUMBER: _builtins.int
+    VENDOR_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """"jobs/{job_id}", for logs."""
     attempt: _builtins.int
     """1-based attempt number, for logs."""
     image: _builtins.bytes
     """The encoded input image, at most the node's message limit (32 MiB by default)."""
+    vendor_id: _builtins.str
+    """The vendor the job belongs to, for logs."""
     @_builtins.property
     def operation(self) -> _jobs_pb2.Operation:
         """What to do."""
@@ -46,10 +49,11 @@ class ProcessRequest(_message.Message):
         attempt: _builtins.int = ...,
         operation: _jobs_pb2.Operation | None = ...,
         image: _builtins.bytes = ...,
+        vendor_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "image", b"image", "name", b"name", "operation", b"operation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "image", b"image", "name", b"name", "operation", b"operation", "vendor_id", b"vendor_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
