@@ -9,6 +9,9 @@ their own mariadbd (tests/mariadb.py) so the shared server is left alone.
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -233,3 +236,14 @@ async def test_a_record_without_a_database_is_refused_up_front(
             await client.submit(photos["coffee_small"], record=("proj", "r1"))
     assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
     assert "CUTOUT_MYSQL_URL" in str(err.value)
+    # The CLI says the same and exits non-zero.
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(photos["coffee_small"])
+    cli = subprocess.run(
+        [sys.executable, "-m", "cutout.cli", "submit", str(photo), "--record", "proj/r1"],
+        env={**os.environ, "CUTOUT_ADDR": cluster.gateway_address, "CUTOUT_API_KEY": A},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert cli.returncode == 1 and "CUTOUT_MYSQL_URL" in cli.stdout + cli.stderr

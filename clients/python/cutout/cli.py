@@ -85,6 +85,13 @@ async def cmd_submit(args: argparse.Namespace) -> int:
     if not inputs:
         console.print("[red]nothing to submit[/red]: no image files found")
         return 2
+    record = None
+    if args.record:
+        project, _, record_id = args.record.partition("/")
+        if not project or not record_id or len(inputs) != 1:
+            console.print("[red]--record[/red] takes PROJECT/RECORD and exactly one image")
+            return 2
+        record = (project, record_id)
     async with AsyncClient(args.addr, args.api_key) as client:
         jobs: list[tuple[str, jobs_pb2.Job]] = []
         failed = 0
@@ -99,6 +106,7 @@ async def cmd_submit(args: argparse.Namespace) -> int:
                     background=args.background,
                     mode=args.mode,
                     priority=args.priority,
+                    record=record,
                 )
                 job = (await client.submit_submission(sub)).job
             except (CutoutError, OSError, ValueError) as exc:
@@ -148,6 +156,11 @@ async def follow(client: AsyncClient, jobs: list[tuple[str, jobs_pb2.Job]], out_
                     failures += 1
                     progress.update(
                         task, status=f"[red]{state_name(final.state)}: {final.error.message}[/red]"
+                    )
+                    return
+                if final.result.uri.startswith("https://"):  # kept by Cloudinary
+                    progress.update(
+                        task, completed=100, status=f"[green]{final.result.uri}[/green]"
                     )
                     return
                 ext = "webp" if final.result.content_type == "image/webp" else "png"
@@ -331,6 +344,12 @@ def parser() -> argparse.ArgumentParser:
         help="paint this colour behind the subject",
     )
     s.add_argument("--priority", type=int, default=0, help="0-9, higher first within your queue")
+    s.add_argument(
+        "--record",
+        default="",
+        metavar="PROJECT/RECORD",
+        help="your data_records row to point at the result once it succeeds (one image)",
+    )
     s.add_argument("--wait", action="store_true", help="show live progress and save the results")
     s.add_argument("--out", default="out", help="folder for results with --wait (default ./out)")
     s.set_defaults(run=cmd_submit)
