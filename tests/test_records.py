@@ -227,7 +227,8 @@ async def test_database_killed_mid_run_loses_no_update(
 async def test_a_record_without_a_database_is_refused_up_front(
     make_cluster,
     tiny_model_dir: Path,
-    photos: dict[str, bytes],  # type: ignore[no-untyped-def]
+    photos: dict[str, bytes],
+    tmp_path: Path,  # type: ignore[no-untyped-def]
 ) -> None:
     cluster = make_cluster(tiny_model_dir, start=False)
     cluster.start(start_nodes=False)
