@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint typecheck protos up clean
+.PHONY: install demo test lint typecheck protos up migrate clean
 
 # Everything, into .venv: the services (CPU), the client, and the dev tools.
 $(VENV)/.installed: pyproject.toml
@@ -37,6 +37,10 @@ protos: install
 
 up: install
 	$(BIN)/cutout up
+
+# Create or update the data_records schema at $CUTOUT_MYSQL_URL.
+migrate: install
+	$(BIN)/python -m services.scheduler.migrate
 
 clean:
 	rm -rf $(VENV) var out samples .mypy_cache .ruff_cache .pytest_cache

@@ -1,8 +1,9 @@
 """Apply the SQL migrations in services/scheduler/migrations to a MySQL/MariaDB database.
 
-    python -m services.scheduler.migrate [mysql://USER[:PASSWORD]@HOST[:PORT]/DATABASE]
+    python -m services.scheduler.migrate [--if-configured] [mysql://USER[:PASSWORD]@HOST[:PORT]/DB]
 
-The URL defaults to CUTOUT_MYSQL_URL. Applied versions are kept in
+The URL defaults to CUTOUT_MYSQL_URL; --if-configured exits quietly when
+there is none (the Kubernetes init container). Applied versions are kept in
 `schema_migrations`; a named lock lets several replicas run this at once.
 Running it again applies nothing.
 """
@@ -80,7 +81,12 @@ async def migrate(target: MysqlTarget) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    optional = "--if-configured" in args
+    args = [a for a in args if a != "--if-configured"]
     url = args[0] if args else os.environ.get("CUTOUT_MYSQL_URL", "")
+    if not url and optional:
+        print("CUTOUT_MYSQL_URL is not set: no records database to migrate")
+        return 0
     if not url:
         print("usage: python -m services.scheduler.migrate mysql://USER@HOST/DB", file=sys.stderr)
         print("       (or set CUTOUT_MYSQL_URL)", file=sys.stderr)
