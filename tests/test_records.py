@@ -25,6 +25,7 @@ import pytest
 from cutout import AsyncClient, CutoutError
 from cutout.client import build_submission
 from cutout.v1 import jobs_pb2
+from services.local.cluster import LocalCluster
 from services.scheduler.migrate import migrate
 from services.scheduler.records import (
     PACKET_MARGIN,
@@ -170,14 +171,20 @@ async def wait_all_done(
         await asyncio.sleep(0.3)
 
 
+async def records_cluster(make_cluster, model_dir: Path, url: str, **env: str) -> LocalCluster:  # type: ignore[no-untyped-def]
+    """A cluster of 2 nodes whose scheduler writes records to the database at url."""
+    await migrate(MysqlTarget.from_url(url))
+    cluster: LocalCluster = make_cluster(model_dir, nodes=2, CUTOUT_MYSQL_URL=url, **env)
+    return cluster
+
+
 async def test_500_jobs_update_every_record_under_a_64k_packet_limit(
     make_cluster,
     tiny_model_dir: Path,
     photos: dict[str, bytes],
     private_db: MariaDBServer,  # type: ignore[no-untyped-def]
 ) -> None:
-    await migrate(MysqlTarget.from_url(private_db.url))
-    cluster = make_cluster(tiny_model_dir, nodes=2, CUTOUT_MYSQL_URL=private_db.url)
+    cluster = await records_cluster(make_cluster, tiny_model_dir, private_db.url)
     small = photos["coffee_small"]
     async with AsyncClient(cluster.gateway_address, A) as client:
         names = await submit_with_records(client, small, 500)
@@ -200,9 +207,8 @@ async def test_database_killed_mid_run_loses_no_update(
     photos: dict[str, bytes],
     private_db: MariaDBServer,  # type: ignore[no-untyped-def]
 ) -> None:
-    await migrate(MysqlTarget.from_url(private_db.url))
-    cluster = make_cluster(
-        tiny_model_dir, nodes=2, CUTOUT_MYSQL_URL=private_db.url, CUTOUT_DELIVERY_RETRY_MS="200"
+    cluster = await records_cluster(
+        make_cluster, tiny_model_dir, private_db.url, CUTOUT_DELIVERY_RETRY_MS="200"
     )
     async with AsyncClient(cluster.gateway_address, A) as client:
         first = await submit_with_records(client, photos["coffee_small"], 50)

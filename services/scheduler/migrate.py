@@ -16,7 +16,6 @@ import sys
 import warnings
 from importlib import resources
 
-import aiomysql
 import pymysql
 
 from services.scheduler.records import MysqlTarget
@@ -38,15 +37,7 @@ def split_statements(sql: str) -> list[str]:
 
 async def migrate(target: MysqlTarget) -> list[str]:
     """Apply what is missing; return the versions applied now."""
-    conn = await aiomysql.connect(
-        host=target.host,
-        port=target.port,
-        user=target.user,
-        password=target.password,
-        db=target.database,
-        autocommit=True,
-        connect_timeout=10,
-    )
+    conn = await target.connect(True, 10.0)
     applied: list[str] = []
     try:
         async with conn.cursor() as cur:

@@ -97,6 +97,18 @@ class MysqlTarget:
     def __repr__(self) -> str:  # never print the password
         return f"MysqlTarget({self.user}@{self.host}:{self.port}/{self.database})"
 
+    async def connect(self, autocommit: bool, timeout_s: float) -> aiomysql.Connection:
+        return await aiomysql.connect(
+            host=self.host,
+            port=self.port,
+            user=self.user,
+            password=self.password,
+            db=self.database,
+            autocommit=autocommit,
+            connect_timeout=timeout_s,
+            charset="utf8mb4",
+        )
+
 
 def _quote(value: str | int | datetime) -> str:
     if isinstance(value, int):
@@ -157,17 +169,7 @@ class RecordWriter:
 
     async def _connect(self) -> aiomysql.Connection:
         if self._conn is None or self._conn.closed:
-            t = self.target
-            self._conn = await aiomysql.connect(
-                host=t.host,
-                port=t.port,
-                user=t.user,
-                password=t.password,
-                db=t.database,
-                autocommit=False,
-                connect_timeout=self.connect_timeout_s,
-                charset="utf8mb4",
-            )
+            self._conn = await self.target.connect(False, self.connect_timeout_s)
             async with self._conn.cursor() as cur:
                 await cur.execute("SELECT @@max_allowed_packet")
                 (self._max_packet,) = await cur.fetchone()
