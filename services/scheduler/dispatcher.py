@@ -126,7 +126,7 @@ class Dispatcher:
                         await self.results.delete(uri)
                     await self.store.forget_blobs(due)
             except StorageError as exc:
-                metrics.STORAGE_ERRORS.labels("remote", "delete").inc()
+                metrics.STORAGE_ERRORS.labels("cloudinary", "delete").inc()
                 log.warning("retention sweep failed; will retry", extra={"error": str(exc)})
             except (aioredis.RedisError, OSError) as exc:
                 log.warning("retention sweep failed; will retry", extra={"error": str(exc)})
