@@ -169,7 +169,7 @@ async def test_logs_are_json_with_job_vendor_and_node_and_no_secrets(
             if "job_id" in entry:
                 about_jobs += 1
                 assert entry["vendor"] == "vendor-a", entry
-                if svc is not cluster.gateway and entry["msg"] != "job cancelled":
+                if svc is not cluster.gateway:
                     assert entry.get("node"), entry
     assert about_jobs >= 3 * 4  # accepted, attempt started, processing, processed, succeeded
 

@@ -69,8 +69,6 @@ def public_id_from_url(url: str) -> str | None:
 class CloudinaryResultStore:
     """Keys are `<vendor>/<job_id>.<ext>`; `folder` adds the project between them."""
 
-    scheme = "https"
-
     def __init__(self, account: CloudinaryAccount, timeout_s: float = 30.0) -> None:
         self.account = account
         self.timeout_s = timeout_s

@@ -61,13 +61,16 @@ class Outbox:
                 await pipe.execute()
 
     async def later(self, job_ids: list[str], base_ms: int) -> None:
+        """Push each delivery back by its own backoff (two pipelined round trips in all)."""
+        if not job_ids:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hincrby(self.keys.delivery_tries, job_id, 1)
+            tries = [int(t) for t in await pipe.execute()]
         now = int(time.time() * 1000)
-        for job_id in job_ids:
-            tries = int(await self.redis.hincrby(self.keys.delivery_tries, job_id, 1))
-            await self.redis.zadd(self.keys.deliveries, {job_id: now + backoff_ms(tries, base_ms)})
-
-    async def pending(self) -> int:
-        return int(await self.redis.zcard(self.keys.deliveries))
+        due = {j: now + backoff_ms(t, base_ms) for j, t in zip(job_ids, tries, strict=True)}
+        await self.redis.zadd(self.keys.deliveries, due)
 
 
 @dataclass

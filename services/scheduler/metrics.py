@@ -71,7 +71,8 @@ STORAGE_ERRORS = Counter(
     ["backend", "operation"],
 )
 RECORD_UPDATES = Counter(
-    "cutout_record_updates_total", "data_records rows written for succeeded jobs"
+    "cutout_record_updates_total",
+    "data_records updates applied for succeeded jobs (a repeat is applied but changes nothing)",
 )
 RECORD_UPDATE_ERRORS = Counter(
     "cutout_record_update_errors_total",
