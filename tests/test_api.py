@@ -180,7 +180,24 @@ async def test_another_vendors_job_does_not_exist_for_you(
             grpc.StatusCode.INVALID_ARGUMENT,
         ),
         ({"priority": 42}, None, "submission.priority", grpc.StatusCode.INVALID_ARGUMENT),
-        ({"op": "crop-face"}, None, None, grpc.StatusCode.UNIMPLEMENTED),
+        (
+            {"op": "crop-face", "mode": "square"},
+            b"",
+            "submission.image.content",
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            {"output_format": "jpeg"},
+            None,
+            "submission.operation.remove_background.format",
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            {"op": "transform", "resize": "fill", "width": 100},
+            None,
+            "submission.operation.transform.resize",
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
     ],
 )
 async def test_bad_submissions_get_a_clear_error(

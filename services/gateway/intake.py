@@ -84,35 +84,83 @@ def _bad(field: str, description: str) -> CutoutError:
     )
 
 
-def _check_operation(op: jobs_pb2.Operation, prefix: str, limits: Limits) -> list[FieldViolation]:
-    kind = op.WhichOneof("kind")
-    if kind is None:
-        return [FieldViolation(prefix, "required: remove_background or crop_face")]
-    if kind == "crop_face":
-        raise CutoutError(
-            f"{prefix}.crop_face is not available on this cluster yet; use remove_background",
-            grpc.StatusCode.UNIMPLEMENTED,
-        )
-    spec = op.remove_background
+MAX_BOX_PX = 10_000
+MAX_MARGIN_PX = 1000
+
+
+def _check_format(fmt: int, field: str) -> list[FieldViolation]:
+    if fmt not in jobs_pb2.OutputFormat.values():
+        return [FieldViolation(field, "unknown output format; use PNG, WEBP or JPEG")]
+    return []
+
+
+def _check_remove_background(
+    spec: jobs_pb2.RemoveBackground, prefix: str, limits: Limits
+) -> list[FieldViolation]:
     out: list[FieldViolation] = []
     if spec.model and spec.model not in limits.models:
         out.append(
             FieldViolation(
-                f"{prefix}.remove_background.model",
+                f"{prefix}.model",
                 f"unknown model {spec.model[:64]!r}; available: {', '.join(limits.models)}",
             )
         )
-    if spec.format not in jobs_pb2.OutputFormat.values():
-        out.append(FieldViolation(f"{prefix}.remove_background.format", "unknown output format"))
+    out += _check_format(spec.format, f"{prefix}.format")
+    opaque = spec.HasField("background_color") and spec.background_color.alpha == 255
+    if spec.format == jobs_pb2.OUTPUT_FORMAT_JPEG and not (spec.mask_only or opaque):
+        out.append(
+            FieldViolation(
+                f"{prefix}.format",
+                "JPEG has no transparency: use PNG or WEBP, or set mask_only or an opaque "
+                "background_color",
+            )
+        )
     if spec.HasField("background_color"):
         c = spec.background_color
         if max(c.red, c.green, c.blue, c.alpha) > 255:
-            out.append(
-                FieldViolation(
-                    f"{prefix}.remove_background.background_color", "components must be 0-255"
-                )
-            )
+            out.append(FieldViolation(f"{prefix}.background_color", "components must be 0-255"))
+    if not 0 <= spec.crop_margin_px <= MAX_MARGIN_PX:
+        out.append(FieldViolation(f"{prefix}.crop_margin_px", f"must be 0-{MAX_MARGIN_PX}"))
+    elif spec.crop_margin_px and not spec.crop_to_subject:
+        out.append(FieldViolation(f"{prefix}.crop_margin_px", "needs crop_to_subject"))
     return out
+
+
+def _check_crop_face(spec: jobs_pb2.CropFace, prefix: str) -> list[FieldViolation]:
+    out = _check_format(spec.format, f"{prefix}.format")
+    modes = "PASSPORT, ID_CARD or SQUARE"
+    if spec.mode == jobs_pb2.FACE_CROP_MODE_UNSPECIFIED:
+        out.append(FieldViolation(f"{prefix}.mode", f"required: {modes}"))
+    elif spec.mode not in jobs_pb2.FaceCropMode.values():
+        out.append(FieldViolation(f"{prefix}.mode", f"unknown mode; use {modes}"))
+    return out
+
+
+def _check_transform(spec: jobs_pb2.Transform, prefix: str) -> list[FieldViolation]:
+    out = _check_format(spec.format, f"{prefix}.format")
+    for name in ("width_px", "height_px"):
+        if not 0 <= getattr(spec, name) <= MAX_BOX_PX:
+            out.append(FieldViolation(f"{prefix}.{name}", f"must be 0-{MAX_BOX_PX}"))
+    if spec.resize not in jobs_pb2.ResizeMode.values():
+        out.append(FieldViolation(f"{prefix}.resize", "unknown mode; use FIT or FILL"))
+    elif spec.resize == jobs_pb2.RESIZE_MODE_FILL and not (spec.width_px and spec.height_px):
+        out.append(FieldViolation(f"{prefix}.resize", "FILL needs both width_px and height_px"))
+    elif spec.resize == jobs_pb2.RESIZE_MODE_FIT and not (spec.width_px or spec.height_px):
+        out.append(FieldViolation(f"{prefix}.resize", "FIT needs width_px or height_px"))
+    if not 0 <= spec.quality <= 100:
+        out.append(FieldViolation(f"{prefix}.quality", "must be 1-100, or 0 for the default"))
+    return out
+
+
+def _check_operation(op: jobs_pb2.Operation, prefix: str, limits: Limits) -> list[FieldViolation]:
+    kind = op.WhichOneof("kind")
+    if kind is None:
+        return [FieldViolation(prefix, "required: remove_background, crop_face or transform")]
+    if kind == "crop_face":
+        return _check_crop_face(op.crop_face, f"{prefix}.crop_face")
+    if kind == "transform":
+        return _check_transform(op.transform, f"{prefix}.transform")
+    return _check_remove_background(op.remove_background, f"{prefix}.remove_background", limits)
 
 
 def validate(
@@ -151,6 +199,6 @@ def validate(
     pixels = image_size(sub.image.content, f"{prefix}.image.content", limits)
     out = jobs_pb2.JobSubmission()
     out.CopyFrom(sub)
-    if not out.operation.remove_background.model:
+    if out.operation.HasField("remove_background") and not out.operation.remove_background.model:
         out.operation.remove_background.model = limits.models[0]
     return out, pixels

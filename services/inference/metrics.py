@@ -19,6 +19,14 @@ PROCESS_SECONDS = Histogram(
 )
 IN_FLIGHT = Gauge("cutout_node_jobs_in_flight", "Attempts running on this node now")
 CAPACITY = Gauge("cutout_node_jobs_capacity", "Attempts this node takes at once")
+LIGHT_CAPACITY = Gauge(
+    "cutout_node_light_jobs_capacity", "Light jobs (transforms, ID/square crops) taken at once"
+)
+RSS = Gauge("cutout_node_resident_memory_bytes", "Resident memory of the node process")
+RECYCLES = Counter(
+    "cutout_node_session_recycles_total",
+    "Times the node rebuilt its model sessions because RSS passed CUTOUT_MAX_RSS_MB",
+)
 EXECUTION_PROVIDER = Gauge(
     "cutout_model_execution_provider",
     "1 for the ONNX Runtime execution provider each model really runs on",

@@ -4,7 +4,14 @@ For background removal these are rembg.remove's steps split into stages so
 progress can be reported between them; the mask comes from the model's
 session (services/inference/masking.py for IS-Net/U2Net and custom files,
 rembg's own session otherwise), so the output stays within 2/255 of what
-rembg.remove gives.
+rembg.remove gives. Face crops use services/inference/faces.py; transforms
+(light jobs) need no model at all.
+
+Stages each operation reports, in order (docs/architecture.md lists them):
+  remove_background  DECODING, INFERENCE, COMPOSITING, ENCODING
+  crop_face passport DECODING, DETECTING, INFERENCE, COMPOSITING, RESIZING, ENCODING
+  crop_face id/square DECODING, DETECTING, RESIZING, ENCODING
+  transform          DECODING, RESIZING, ENCODING
 """
 
 from __future__ import annotations
@@ -14,14 +21,23 @@ import io
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cutout.v1 import jobs_pb2
+from services.inference import faces
 from services.inference.models import ModelCatalog
 
 Report = Callable[[int, int], None]  # (Stage, percent)
 
-CONTENT_TYPES: dict[int, str] = {jobs_pb2.OUTPUT_FORMAT_WEBP: "image/webp"}
+CONTENT_TYPES: dict[int, str] = {
+    jobs_pb2.OUTPUT_FORMAT_WEBP: "image/webp",
+    jobs_pb2.OUTPUT_FORMAT_JPEG: "image/jpeg",
+}
+DEFAULT_QUALITY = 85
+# pymatting's solver needs several GB beyond this; refuse instead of swapping.
+MAX_MATTING_PIXELS = 8_000_000
+MAX_MARGIN_PX = 1000
 
 
 class InvalidImage(ValueError):
@@ -38,6 +54,7 @@ class Output:
     content_type: str
     width: int
     height: int
+    subject: tuple[int, int, int, int] | None = None  # x, y, width, height in the output
 
     @property
     def sha256(self) -> str:
@@ -65,35 +82,122 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
     return img
 
 
-def encode(img: Image.Image, fmt: int) -> Output:
+def _opaque(img: Image.Image) -> Image.Image:
+    if img.mode in ("RGB", "L"):
+        return img
+    flat = Image.new("RGB", img.size, faces.WHITE)
+    flat.paste(img, mask=img.getchannel("A") if "A" in img.getbands() else None)
+    return flat
+
+
+def encode(
+    img: Image.Image,
+    fmt: int,
+    quality: int = 0,
+    subject: tuple[int, int, int, int] | None = None,
+) -> Output:
     buf = io.BytesIO()
     if fmt == jobs_pb2.OUTPUT_FORMAT_WEBP:
-        img.save(buf, "WEBP", lossless=True, quality=80, method=2)
+        if quality:
+            img.save(buf, "WEBP", quality=quality, method=4)
+        else:
+            img.save(buf, "WEBP", lossless=True, quality=80, method=2)
+    elif fmt == jobs_pb2.OUTPUT_FORMAT_JPEG:
+        # JPEG has no alpha: transparent parts become white.
+        _opaque(img).save(buf, "JPEG", quality=quality or DEFAULT_QUALITY, optimize=True)
     else:
         img.save(buf, "PNG", compress_level=3)
-    return Output(buf.getvalue(), CONTENT_TYPES.get(fmt, "image/png"), img.width, img.height)
+    content_type = CONTENT_TYPES.get(fmt, "image/png")
+    return Output(buf.getvalue(), content_type, img.width, img.height, subject)
+
+
+def _mask(img: Image.Image, model_name: str, catalog: ModelCatalog) -> Image.Image:
+    model = catalog.get(model_name)
+    if model is None:
+        raise Unsupported(
+            f"model {model_name!r} is not loaded here; loaded: {sorted(catalog.models)}"
+        )
+    mask: Image.Image = model.session.predict(img)[0]
+    return mask
+
+
+def subject_box(alpha: Image.Image) -> tuple[int, int, int, int] | None:
+    """Bounding box (x, y, w, h) of the pixels at least half opaque; None when there are none."""
+    rows = np.nonzero((np.asarray(alpha) >= 128).any(axis=1))[0]
+    cols = np.nonzero((np.asarray(alpha) >= 128).any(axis=0))[0]
+    if rows.size == 0:
+        return None
+    return int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)
 
 
 def remove_background(
     img: Image.Image, spec: jobs_pb2.RemoveBackground, catalog: ModelCatalog, report: Report
-) -> Image.Image:
-    from rembg.bg import apply_background_color, naive_cutout
+) -> tuple[Image.Image, tuple[int, int, int, int] | None]:
+    from rembg.bg import alpha_matting_cutout, apply_background_color, naive_cutout
 
-    model = catalog.get(spec.model)
-    if model is None:
-        raise Unsupported(
-            f"model {spec.model!r} is not loaded here; loaded: {sorted(catalog.models)}"
+    if spec.alpha_matting and img.width * img.height > MAX_MATTING_PIXELS:
+        raise InvalidImage(
+            f"alpha matting is limited to {MAX_MATTING_PIXELS / 1e6:.0f} megapixels; this image "
+            f"has {img.width * img.height / 1e6:.1f}: resize it first or turn alpha_matting off"
         )
     report(jobs_pb2.STAGE_INFERENCE, 20)
-    mask: Image.Image = model.session.predict(img)[0]
+    mask = _mask(img, spec.model, catalog)
     report(jobs_pb2.STAGE_COMPOSITING, 75)
+    out: Image.Image
     if spec.mask_only:
-        return mask
-    cutout: Image.Image = naive_cutout(img, mask)
-    if spec.HasField("background_color"):
+        out = mask
+    elif spec.alpha_matting:
+        out = alpha_matting_cutout(img, mask, 240, 10, 10)
+    else:
+        out = naive_cutout(img, mask)
+    box = subject_box(out.getchannel("A") if out.mode == "RGBA" else out)
+    if spec.crop_to_subject and box is not None:
+        m = min(max(spec.crop_margin_px, 0), MAX_MARGIN_PX)
+        x, y, w, h = box
+        left, top = max(0, x - m), max(0, y - m)
+        out = out.crop((left, top, min(out.width, x + w + m), min(out.height, y + h + m)))
+        box = (x - left, y - top, w, h)
+    if not spec.mask_only and spec.HasField("background_color"):
         c = spec.background_color
-        cutout = apply_background_color(cutout, (c.red, c.green, c.blue, c.alpha))
-    return cutout
+        out = apply_background_color(out, (c.red, c.green, c.blue, c.alpha))
+    return out, box
+
+
+def crop_face(
+    img: Image.Image, spec: jobs_pb2.CropFace, catalog: ModelCatalog, report: Report
+) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    report(jobs_pb2.STAGE_DETECTING, 10)
+    try:
+        face = faces.single_face(img)
+        if spec.mode == jobs_pb2.FACE_CROP_MODE_PASSPORT:
+            report(jobs_pb2.STAGE_INFERENCE, 20)
+            mask = _mask(img, "", catalog)
+            report(jobs_pb2.STAGE_COMPOSITING, 70)
+            frame = faces.passport_frame(face, faces.crown_from_mask(face, np.asarray(mask)))
+            source = Image.new("RGB", img.size, faces.WHITE)
+            source.paste(img.convert("RGB"), mask=mask)
+        else:
+            aspect = 3 / 4 if spec.mode == jobs_pb2.FACE_CROP_MODE_ID_CARD else 1.0
+            frame = faces.portrait_frame(face, img.size, aspect)
+            source = img
+    except faces.FaceError as exc:
+        raise InvalidImage(str(exc)) from exc
+    report(jobs_pb2.STAGE_RESIZING, 80)
+    placed = face.scaled(frame.scale, frame.dx, frame.dy)
+    box = (round(placed.x), round(placed.y), round(placed.w), round(placed.h))
+    return frame.apply(source), box
+
+
+def transform(img: Image.Image, spec: jobs_pb2.Transform, report: Report) -> Image.Image:
+    report(jobs_pb2.STAGE_RESIZING, 30)
+    if spec.resize == jobs_pb2.RESIZE_MODE_FIT:
+        width = spec.width_px or img.width
+        height = spec.height_px or img.height
+        if img.width > width or img.height > height:
+            img = ImageOps.contain(img, (width, height), Image.Resampling.LANCZOS)
+    elif spec.resize == jobs_pb2.RESIZE_MODE_FILL:
+        img = ImageOps.fit(img, (spec.width_px, spec.height_px), Image.Resampling.LANCZOS)
+    return img
 
 
 def run(
@@ -105,13 +209,21 @@ def run(
 ) -> Output:
     """Run one job attempt start to finish; report progress as it goes."""
     kind = operation.WhichOneof("kind")
-    if kind != "remove_background":
+    if kind not in ("remove_background", "crop_face", "transform"):
         raise Unsupported(f"operation {kind or 'none'!r} is not supported by this node")
     report(jobs_pb2.STAGE_DECODING, 5)
     img = decode(data, max_pixels)
-    spec = operation.remove_background
-    out = remove_background(img, spec, catalog, report)
+    if kind == "remove_background":
+        spec = operation.remove_background
+        out, box = remove_background(img, spec, catalog, report)
+        fmt, quality = spec.format, 0
+    elif kind == "crop_face":
+        out, box = crop_face(img, operation.crop_face, catalog, report)
+        fmt, quality = operation.crop_face.format, 0
+    else:
+        out, box = transform(img, operation.transform, report), None
+        fmt, quality = operation.transform.format, operation.transform.quality
     report(jobs_pb2.STAGE_ENCODING, 85)
-    output = encode(out, spec.format)
+    output = encode(out, fmt, quality, box)
     report(jobs_pb2.STAGE_ENCODING, 90)
     return output

@@ -14,6 +14,7 @@ from services.common.metrics import RpcMetrics
 from services.common.metrics import serve as serve_metrics
 from services.inference import metrics
 from services.inference.models import ModelCatalog, ModelError, requested_providers
+from services.inference.recycling import RecyclePolicy, rss_bytes
 from services.inference.service import InferenceServicer
 from services.inference.settings import NodeSettings
 
@@ -48,9 +49,19 @@ class NodeServer:
             ]
             if on_cpu:
                 raise ModelError(f"CUTOUT_REQUIRE_GPU=1 but {on_cpu} run on the CPU")
-        self.servicer = InferenceServicer(catalog, s.node_id, s.capacity, s.max_pixels)
+        self.servicer = InferenceServicer(
+            catalog,
+            s.node_id,
+            s.capacity,
+            s.max_pixels,
+            light_capacity=s.light_capacity,
+            recycle=RecyclePolicy(s.max_rss_mb * 2**20),
+            reload=lambda: ModelCatalog.load(s.model_dir, s.models, providers, s.ort_threads),
+        )
         metrics.describe_models(catalog)
         metrics.CAPACITY.set(s.capacity)
+        metrics.LIGHT_CAPACITY.set(s.light_capacity)
+        metrics.RSS.set_function(rss_bytes)
         self.metrics_port = serve_metrics(s.metrics_listen)
         pb_grpc.add_InferenceServiceServicer_to_server(self.servicer, self.server)
         self.port = serving.bind(self.server, s.listen)
@@ -73,7 +84,7 @@ class NodeServer:
         if self.servicer is not None:
             self.servicer.draining = True
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.servicer.idle.wait(), self.settings.grace_s)
+                await asyncio.wait_for(self.servicer.wait_idle(), self.settings.grace_s)
         await self.server.stop(grace=2.0)
         if self.servicer is not None:
-            self.servicer.executor.shutdown(wait=False, cancel_futures=True)
+            self.servicer.shutdown()

@@ -1,22 +1,31 @@
-"""InferenceService: runs attempts in a thread pool and streams their progress."""
+"""InferenceService: runs attempts in executors and streams their progress.
+
+Inference work (background removal, passport crops) and light work
+(transforms, ID/square crops, which need no model) have separate executors
+and separate capacities, so a light job never waits behind inference.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import grpc
 
 from cutout.v1 import inference_service_pb2 as pb
 from cutout.v1 import inference_service_pb2_grpc as pb_grpc
+from cutout.v1 import jobs_pb2
 from cutout.v1.jobs_pb2 import Stage
+from services.common import operations
 from services.common.errors import CutoutError, abort
 from services.inference import metrics, pipeline
 from services.inference.models import ModelCatalog
+from services.inference.recycling import RecyclePolicy, give_memory_back, rss_bytes
 
 log = logging.getLogger(__name__)
 Context = grpc.aio.ServicerContext[object, object]
@@ -36,41 +45,115 @@ def _count(work: asyncio.Future[Any], operation: str, started: float) -> None:
     metrics.NODE_JOBS.labels(operation, outcome).inc()
 
 
+@dataclass
+class Lane:
+    """One executor and the count of jobs in it."""
+
+    name: str
+    capacity: int
+    executor: ThreadPoolExecutor
+    in_flight: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
-    def __init__(self, catalog: ModelCatalog, node_id: str, capacity: int, max_pixels: int) -> None:
+    def __init__(
+        self,
+        catalog: ModelCatalog,
+        node_id: str,
+        capacity: int,
+        max_pixels: int,
+        light_capacity: int = 2,
+        recycle: RecyclePolicy | None = None,
+        reload: Callable[[], ModelCatalog] | None = None,
+    ) -> None:
         self.catalog = catalog
         self.node_id = node_id
-        self.capacity = capacity
         self.max_pixels = max_pixels
-        self.in_flight = 0
         self.draining = False
-        self.idle = asyncio.Event()
-        self.idle.set()
-        # Onnxruntime and Pillow release the GIL for the heavy parts.
-        self.executor = ThreadPoolExecutor(max_workers=capacity, thread_name_prefix="job")
+        # Onnxruntime, OpenCV and Pillow release the GIL for the heavy parts.
+        self.heavy = Lane("heavy", capacity, ThreadPoolExecutor(capacity, "job"))
+        self.light = Lane("light", light_capacity, ThreadPoolExecutor(light_capacity, "light"))
+        self.recycle = recycle or RecyclePolicy(0)
+        self.reload = reload
+        self.recycling: asyncio.Task[None] | None = None
 
-    def _release(self, _: object) -> None:
+    # --- capacity and memory -----------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        return self.heavy.capacity
+
+    @property
+    def in_flight(self) -> int:
+        return self.heavy.in_flight
+
+    async def wait_idle(self) -> None:
+        await self.heavy.idle.wait()
+        await self.light.idle.wait()
+
+    def shutdown(self) -> None:
+        for lane in (self.heavy, self.light):
+            lane.executor.shutdown(wait=False, cancel_futures=True)
+
+    def _release(self, lane: Lane) -> None:
         # Called when the work itself ends, not when the stream does: a
         # cancelled call keeps its slot until its thread is really free.
-        self.in_flight -= 1
-        metrics.IN_FLIGHT.set(self.in_flight)
-        if self.in_flight == 0:
-            self.idle.set()
+        lane.in_flight -= 1
+        if lane is self.heavy:
+            metrics.IN_FLIGHT.set(lane.in_flight)
+        if lane.in_flight == 0:
+            lane.idle.set()
+        if self.reload is not None and self.recycling is None and self.recycle.due(rss_bytes()):
+            self.recycling = asyncio.get_running_loop().create_task(self._recycle())
 
-    async def Process(
-        self, request: pb.ProcessRequest, context: Context
-    ) -> AsyncIterator[pb.ProcessResponse]:
+    async def _recycle(self) -> None:
+        """Take no inference work, wait for the running jobs, rebuild the sessions."""
+        assert self.reload is not None
+        try:
+            await self.heavy.idle.wait()
+            before = rss_bytes()
+            old, self.catalog = self.catalog, await asyncio.to_thread(self.reload)
+            del old
+            await asyncio.to_thread(give_memory_back)
+            self.recycle.recycled(before, rss_bytes())
+            metrics.RECYCLES.inc()
+        except Exception:
+            log.exception("recycling the model sessions failed; keeping the old ones")
+        finally:
+            self.recycling = None
+
+    # --- Process -----------------------------------------------------------------
+
+    async def _admit(self, lane: Lane, context: Context) -> None:
         if self.draining:
             await abort(
                 context, CutoutError("node is draining", grpc.StatusCode.RESOURCE_EXHAUSTED)
             )
-        if self.in_flight >= self.capacity:
+        if lane is self.heavy and self.recycling is not None:
             await abort(
                 context,
                 CutoutError(
-                    f"node is full ({self.capacity} jobs)", grpc.StatusCode.RESOURCE_EXHAUSTED
+                    "node is recycling its model sessions", grpc.StatusCode.RESOURCE_EXHAUSTED
                 ),
             )
+        if lane.in_flight >= lane.capacity:
+            await abort(
+                context,
+                CutoutError(
+                    f"node is full ({lane.capacity} {lane.name} jobs)",
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                ),
+            )
+
+    async def Process(
+        self, request: pb.ProcessRequest, context: Context
+    ) -> AsyncIterator[pb.ProcessResponse]:
+        lane = self.light if operations.is_light(request.operation) else self.heavy
+        await self._admit(lane, context)
         extra = {
             "job_id": request.name.removeprefix("jobs/"),
             "vendor": request.vendor_id,
@@ -83,13 +166,14 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         def report(stage: int, percent: int) -> None:
             loop.call_soon_threadsafe(events.put_nowait, (stage, percent))
 
-        self.in_flight += 1
-        metrics.IN_FLIGHT.set(self.in_flight)
-        self.idle.clear()
-        operation = request.operation.WhichOneof("kind") or "none"
+        lane.in_flight += 1
+        if lane is self.heavy:
+            metrics.IN_FLIGHT.set(lane.in_flight)
+        lane.idle.clear()
+        operation = operations.name(request.operation)
         started = time.perf_counter()
         work = loop.run_in_executor(
-            self.executor,
+            lane.executor,
             pipeline.run,
             request.operation,
             request.image,
@@ -97,7 +181,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             self.max_pixels,
             report,
         )
-        work.add_done_callback(self._release)
+        work.add_done_callback(lambda _: self._release(lane))
         work.add_done_callback(lambda f: _count(f, operation, started))
         log.info("processing", extra=extra)
         while not work.done() or not events.empty():
@@ -120,15 +204,19 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             if isinstance(exc, pipeline.Unsupported):
                 code = grpc.StatusCode.FAILED_PRECONDITION
             await abort(context, CutoutError(str(exc), code))
-        yield pb.ProcessResponse(
-            output=pb.ProcessOutput(
-                content_type=output.content_type,
-                size_bytes=len(output.data),
-                width_px=output.width,
-                height_px=output.height,
-                sha256=output.sha256,
-            )
+        header = pb.ProcessOutput(
+            content_type=output.content_type,
+            size_bytes=len(output.data),
+            width_px=output.width,
+            height_px=output.height,
+            sha256=output.sha256,
         )
+        if output.subject is not None:
+            x, y, w, h = output.subject
+            header.subject_box.CopyFrom(
+                jobs_pb2.BoundingBox(x_px=x, y_px=y, width_px=w, height_px=h)
+            )
+        yield pb.ProcessResponse(output=header)
         for start in range(0, len(output.data), CHUNK):
             yield pb.ProcessResponse(chunk=output.data[start : start + CHUNK])
         log.info("processed", extra={**extra, "bytes": len(output.data)})
@@ -136,9 +224,14 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def GetLoad(self, request: pb.GetLoadRequest, context: Context) -> pb.GetLoadResponse:
         return pb.GetLoadResponse(
             node_id=self.node_id,
-            capacity=self.capacity,
-            in_flight=self.in_flight,
+            # A node rebuilding its sessions takes no inference work meanwhile.
+            capacity=0 if self.recycling is not None else self.heavy.capacity,
+            in_flight=self.heavy.in_flight,
+            light_capacity=self.light.capacity,
+            light_in_flight=self.light.in_flight,
             draining=self.draining,
+            rss_bytes=rss_bytes(),
+            recycles=self.recycle.recycles,
             models=[
                 pb.ModelInfo(
                     name=m.name,

@@ -22,7 +22,11 @@ class NodeSettings:
             The first is the default model.
         providers: CUTOUT_PROVIDERS, "auto" (CUDA if available, else CPU) or a comma list.
         require_gpu: CUTOUT_REQUIRE_GPU=1 refuses to start unless models run on CUDA.
-        capacity: CUTOUT_NODE_CAPACITY, jobs processed at once.
+        capacity: CUTOUT_NODE_CAPACITY, inference jobs processed at once.
+        light_capacity: CUTOUT_LIGHT_CAPACITY, light jobs (transforms, ID-card and square
+            face crops) processed at once beside them, in their own threads.
+        max_rss_mb: CUTOUT_MAX_RSS_MB, resident memory past which the node rebuilds its
+            model sessions (0 = never).
         ort_threads: CUTOUT_ORT_THREADS, ONNX Runtime intra-op threads (0 = its default).
         max_pixels: CUTOUT_MAX_PIXELS, largest input decoded, in pixels.
         max_message_bytes: CUTOUT_MAX_MESSAGE_BYTES, gRPC message limit.
@@ -40,6 +44,8 @@ class NodeSettings:
     providers: str
     require_gpu: bool
     capacity: int
+    light_capacity: int
+    max_rss_mb: int
     ort_threads: int
     max_pixels: int
     max_message_bytes: int
@@ -58,6 +64,8 @@ class NodeSettings:
             providers=env_str("CUTOUT_PROVIDERS", "auto"),
             require_gpu=env_str("CUTOUT_REQUIRE_GPU", "0") == "1",
             capacity=env_int("CUTOUT_NODE_CAPACITY", 2, minimum=1),
+            light_capacity=env_int("CUTOUT_LIGHT_CAPACITY", 2, minimum=1),
+            max_rss_mb=env_int("CUTOUT_MAX_RSS_MB", 6144, minimum=0),
             ort_threads=env_int("CUTOUT_ORT_THREADS", 0, minimum=0),
             max_pixels=env_int("CUTOUT_MAX_PIXELS", 40_000_000, minimum=1),
             max_message_bytes=env_int("CUTOUT_MAX_MESSAGE_BYTES", 32 * MiB, minimum=MiB),

@@ -10,7 +10,6 @@ node or scheduler died.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import time
@@ -24,6 +23,7 @@ from cutout.names import job_name
 from cutout.v1 import inference_service_pb2 as inference_pb2
 from cutout.v1 import jobs_pb2
 from services.common.errors import NON_RETRYABLE, status_from_code
+from services.common.operations import HEAVY_LANE, LIGHT_LANE
 from services.scheduler import metrics
 from services.scheduler.jobstore import Claim, JobStore
 from services.scheduler.keys import Keys
@@ -66,38 +66,47 @@ class Dispatcher:
         self.keys = keys
         self.policy = policy
         self.on_delivery = on_delivery  # wakes the delivery loop
-        self._kick = asyncio.Event()
+        self._kicks = {HEAVY_LANE: asyncio.Event(), LIGHT_LANE: asyncio.Event()}
         self._attempts: dict[str, asyncio.Task[None]] = {}
         self._stopping = False
 
     # --- loops ------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Claim and start attempts until stopped."""
-        listener = asyncio.create_task(self._listen())
+        """Claim and start attempts of both lanes until stopped."""
+        loops = [
+            asyncio.create_task(self._listen()),
+            asyncio.create_task(self._claim_loop(LIGHT_LANE)),
+        ]
         try:
-            while not self._stopping:
-                node = self.pool.pick()
-                if node is None:
-                    await self._wait(self.pool.poll_interval_s)
-                    continue
-                try:
-                    claim = await self.store.claim(node.address, self.policy.lease_ms)
-                except aioredis.RedisError as exc:
-                    # Redis restarting or unreachable: jobs are safe in it; retry.
-                    log.warning("cannot claim: redis unavailable", extra={"error": str(exc)})
-                    await asyncio.sleep(1.0)
-                    continue
-                if claim is None:
-                    await self._wait(1.0)
-                    continue
-                node.local_in_flight += 1
-                task = asyncio.create_task(self._attempt(claim, node))
-                self._attempts[claim.job_id] = task
+            await self._claim_loop(HEAVY_LANE)
         finally:
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
+            for task in loops:
+                task.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
+
+    async def _claim_loop(self, lane: str) -> None:
+        """One lane: inference work to the least-loaded node, light jobs to any with room."""
+        light = lane == LIGHT_LANE
+        kick = self._kicks[lane]
+        while not self._stopping:
+            node = self.pool.pick(light)
+            if node is None:
+                await self._wait(kick, self.pool.poll_interval_s)
+                continue
+            try:
+                claim = await self.store.claim(node.address, self.policy.lease_ms, lane)
+            except aioredis.RedisError as exc:
+                # Redis restarting or unreachable: jobs are safe in it; retry.
+                log.warning("cannot claim: redis unavailable", extra={"error": str(exc)})
+                await asyncio.sleep(1.0)
+                continue
+            if claim is None:
+                await self._wait(kick, 1.0)
+                continue
+            node.started(light)
+            task = asyncio.create_task(self._attempt(claim, node, light))
+            self._attempts[claim.job_id] = task
 
     async def reap_forever(self) -> None:
         while True:
@@ -107,7 +116,7 @@ class Dispatcher:
                 if gone:
                     log.warning("leases expired; jobs will be retried", extra={"jobs": gone})
                 if await self.store.promote():
-                    self._kick.set()
+                    self._kick()
             except aioredis.RedisError as exc:
                 log.warning("reaper could not reach redis", extra={"error": str(exc)})
             await asyncio.sleep(self.policy.reap_interval_s)
@@ -139,7 +148,7 @@ class Dispatcher:
         scheduler (or this one, restarted) puts the job back: nothing is lost.
         """
         self._stopping = True
-        self._kick.set()
+        self._kick()
         pending = list(self._attempts.values())
         if pending:
             _, still = await asyncio.wait(pending, timeout=grace_s)
@@ -147,10 +156,14 @@ class Dispatcher:
                 task.cancel()
             await asyncio.gather(*still, return_exceptions=True)
 
-    async def _wait(self, timeout: float) -> None:
-        self._kick.clear()
+    def _kick(self) -> None:
+        for event in self._kicks.values():
+            event.set()
+
+    async def _wait(self, kick: asyncio.Event, timeout: float) -> None:
+        kick.clear()
         waiters = [
-            asyncio.create_task(self._kick.wait()),
+            asyncio.create_task(kick.wait()),
             asyncio.create_task(self.pool.changed.wait()),
         ]
         await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -176,7 +189,7 @@ class Dispatcher:
                         if task is not None:
                             task.cancel()
                     else:
-                        self._kick.set()
+                        self._kick()
             except aioredis.RedisError as exc:
                 log.warning("lost redis pub/sub; resubscribing", extra={"error": str(exc)})
                 await asyncio.sleep(1.0)
@@ -185,7 +198,7 @@ class Dispatcher:
 
     # --- one attempt -------------------------------------------------------------
 
-    async def _attempt(self, claim: Claim, node: Node) -> None:
+    async def _attempt(self, claim: Claim, node: Node, light: bool = False) -> None:
         extra = {
             "job_id": claim.job_id,
             "vendor": claim.vendor,
@@ -203,7 +216,7 @@ class Dispatcher:
         except asyncio.CancelledError:
             log.info("attempt cancelled", extra=extra)
         except grpc.aio.AioRpcError as exc:
-            await self._on_node_error(claim, node, exc.code(), exc.details() or "", extra)
+            await self._on_node_error(claim, node, light, exc.code(), exc.details() or "", extra)
         except (ProtocolError, aioredis.RedisError, OSError) as exc:
             log.exception("attempt failed", extra=extra)
             await self._retry(
@@ -212,9 +225,9 @@ class Dispatcher:
         finally:
             metrics.RUN.observe(time.perf_counter() - started)
             renewer.cancel()
-            node.local_in_flight -= 1
+            node.finished(light)
             self._attempts.pop(claim.job_id, None)
-            self._kick.set()
+            self._kicks[LIGHT_LANE if light else HEAVY_LANE].set()
 
     async def _run_on_node(self, claim: Claim, node: Node) -> None:
         if claim.image is None:
@@ -284,6 +297,8 @@ class Dispatcher:
             uri=uri,
             sha256=digest,
         )
+        if output.HasField("subject_box"):
+            result.subject_box.CopyFrom(output.subject_box)
         if await self.store.complete(claim, result, deliver=deliver):
             metrics.JOBS_FINISHED.labels("succeeded").inc()
             if claim.created_ms:
@@ -333,6 +348,7 @@ class Dispatcher:
         self,
         claim: Claim,
         node: Node,
+        light: bool,
         code: grpc.StatusCode,
         details: str,
         extra: dict[str, object],
@@ -348,7 +364,7 @@ class Dispatcher:
             # Full or draining: it refused before starting. Our view of its load
             # was stale (another scheduler's jobs, or a restart's orphans), so
             # treat it as full until the next poll and requeue without counting.
-            node.reported_in_flight = node.capacity
+            node.refused(light)
             await self._retry(claim, code, details, refund=True)
             return
         if code == grpc.StatusCode.UNAVAILABLE:

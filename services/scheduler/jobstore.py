@@ -19,6 +19,7 @@ from google.rpc import status_pb2
 
 from cutout.names import job_name
 from cutout.v1 import jobs_pb2
+from services.common import operations
 from services.common.errors import CutoutError, not_found, status_from_code
 from services.scheduler import metrics
 from services.scheduler.keys import PRIORITY_BAND, Keys, job_cost
@@ -223,6 +224,7 @@ class JobStore:
                 job_cost(input_pixels),
                 self.admission.max_queued_per_vendor,
                 self.admission.max_queued,
+                operations.lane(submission.operation),
             ]
         )
         if created < 0:  # over an admission cap: -1 the vendor's, -2 the cluster's
@@ -248,10 +250,11 @@ class JobStore:
             raise not_found(f"job {job_name(job_id)}")
         return fields
 
-    async def place(self, vendor: str, job_id: str) -> Place:
+    async def place(self, vendor: str, job_id: str, lane: str = "") -> Place:
+        """Position in the vendor's queue of the job's lane, and an ETA."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zrank(self.keys.queue(vendor), job_id)
-            pipe.scard(self.keys.ring_members)
+            pipe.zrank(self.keys.queue(vendor, lane), job_id)
+            pipe.scard(self.keys.ring_members_of(lane))
             pipe.hget(self.keys.eta, "run_ms")
             rank, active, run_ms = await pipe.execute()
         if rank is None:
@@ -266,7 +269,7 @@ class JobStore:
         fields = await self._fields(vendor, job_id)
         place = Place()
         if int(fields[b"state"]) == jobs_pb2.JOB_STATE_QUEUED:
-            place = await self.place(vendor, job_id)
+            place = await self.place(vendor, job_id, fields.get(b"lane", b"").decode())
         return job_from_fields(job_id, fields, place)
 
     async def input_image(self, job_id: str) -> bytes | None:
@@ -307,7 +310,7 @@ class JobStore:
                     return  # expired while watched
                 if job.state == jobs_pb2.JOB_STATE_QUEUED:
                     # Nothing happened to this job, but jobs ahead of it may have left.
-                    place = await self.place(vendor, job_id)
+                    place = await self.place(vendor, job_id, state.get(b"lane", b"").decode())
                     if place.position != job.queue_position:
                         job = job_from_fields(job_id, state, place)
                         yield job
@@ -321,7 +324,7 @@ class JobStore:
         state.update(event)
         place = Place()
         if int(state[b"state"]) == jobs_pb2.JOB_STATE_QUEUED:
-            place = await self.place(vendor, job_id)
+            place = await self.place(vendor, job_id, state.get(b"lane", b"").decode())
         return job_from_fields(job_id, state, place)
 
     async def page(
@@ -374,10 +377,12 @@ class JobStore:
                 pipe.hgetall(self.keys.counters(v))
                 for p in range(10):
                     low = (9 - p) * PRIORITY_BAND
-                    pipe.zcount(self.keys.queue(v), low, f"({low + PRIORITY_BAND}")
+                    for lane in operations.LANES:
+                        pipe.zcount(self.keys.queue(v, lane), low, f"({low + PRIORITY_BAND}")
             rows = await pipe.execute()
+        per_vendor = 2 + 10 * len(operations.LANES)
         for i in range(len(vendors)):
-            chunk = rows[i * 12 : (i + 1) * 12]
+            chunk = rows[i * per_vendor : (i + 1) * per_vendor]
             stats.running += int(chunk[0])
             counts = {k.decode(): int(n) for k, n in chunk[1].items()}
             stats.attempts_started += counts.get("attempts", 0)
@@ -387,7 +392,8 @@ class JobStore:
             stats.succeeded += counts.get("succeeded", 0)
             stats.failed += counts.get("failed", 0)
             for p in range(10):
-                by_priority[p] += int(chunk[2 + p])
+                lanes = chunk[2 + p * len(operations.LANES) : 2 + (p + 1) * len(operations.LANES)]
+                by_priority[p] += sum(int(n) for n in lanes)
         stats.queued = sum(by_priority)
         for p in range(9, -1, -1):
             if by_priority[p]:
@@ -396,7 +402,8 @@ class JobStore:
 
     # --- dispatch -------------------------------------------------------------
 
-    async def claim(self, node: str, lease_ms: int) -> Claim | None:
+    async def claim(self, node: str, lease_ms: int, lane: str = "") -> Claim | None:
+        """Lease the next job of the lane ('' inference, 'light:' light jobs) to node."""
         got = await self._claim(
             args=[
                 self.keys.prefix,
@@ -404,6 +411,7 @@ class JobStore:
                 lease_ms,
                 self.fairness.quantum_milli,
                 self.fairness.default_weight,
+                lane,
             ]
         )
         if not got:

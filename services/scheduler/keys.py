@@ -22,6 +22,10 @@ DEFAULT_PREFIX = "cutout:"
 # ring:members      SET    the same vendors, to keep the ring free of duplicates.
 # deficit           HASH   vendor -> unused credit (milli-megapixels) of deficit round robin.
 # turn              HASH   vendor -> 1 while its turn at the head of the ring has begun.
+# light:queue:{v}, light:ring, light:ring:members, light:deficit, light:turn
+#                          the same five for the light lane (transforms, ID/square crops),
+#                          which has its own round robin and never waits behind inference.
+#                          The job hash's `lane` field says which lane a job is in.
 # weights           HASH   vendor -> fairness weight (from CUTOUT_VENDOR_WEIGHTS; default 1).
 # leases            ZSET   running job id -> lease deadline (ms since the epoch).
 # delayed           ZSET   job id -> when its backoff ends and it rejoins its queue (ms).
@@ -68,8 +72,11 @@ class Keys:
     def events(self, job_id: str) -> str:
         return f"{self.prefix}events:{job_id}"
 
-    def queue(self, vendor: str) -> str:
-        return f"{self.prefix}queue:{vendor}"
+    def queue(self, vendor: str, lane: str = "") -> str:
+        return f"{self.prefix}{lane}queue:{vendor}"
+
+    def ring_members_of(self, lane: str) -> str:
+        return f"{self.prefix}{lane}ring:members"
 
     def running(self, vendor: str) -> str:
         return f"{self.prefix}running:{vendor}"

@@ -15,6 +15,7 @@ from typing import cast
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge, Histogram
 
+from services.common.operations import LANES
 from services.scheduler.keys import MAX_PRIORITY, PRIORITY_BAND, Keys
 from services.scheduler.nodes import NodePool
 
@@ -99,18 +100,21 @@ class QueueGauges:
             for vendor in vendors:
                 for prio in range(MAX_PRIORITY + 1):
                     low = (MAX_PRIORITY - prio) * PRIORITY_BAND
-                    pipe.zcount(self.keys.queue(vendor), low, low + PRIORITY_BAND - 1)
+                    for lane in LANES:
+                        pipe.zcount(self.keys.queue(vendor, lane), low, low + PRIORITY_BAND - 1)
                 pipe.scard(self.keys.running(vendor))
                 pipe.zcard(self.keys.dead_letters(vendor))
             pipe.zcard(self.keys.deliveries)
             counts = [int(c) for c in await pipe.execute()]
-        per_vendor = MAX_PRIORITY + 3
+        depths = (MAX_PRIORITY + 1) * len(LANES)
+        per_vendor = depths + 2
         totals = {"queued": 0, "running": 0, "dead_lettered": 0}
         for i, vendor in enumerate(vendors):
             row = counts[i * per_vendor : (i + 1) * per_vendor]
             for prio in range(MAX_PRIORITY + 1):
-                QUEUE_DEPTH.labels(vendor, str(prio)).set(row[prio])
-            totals["queued"] += sum(row[: MAX_PRIORITY + 1])
+                both = row[prio * len(LANES) : (prio + 1) * len(LANES)]
+                QUEUE_DEPTH.labels(vendor, str(prio)).set(sum(both))
+            totals["queued"] += sum(row[:depths])
             totals["running"] += row[-2]
             totals["dead_lettered"] += row[-1]
         for state, n in totals.items():

@@ -30,6 +30,10 @@ class Node:
     capacity: int = 0
     reported_in_flight: int = 0
     local_in_flight: int = 0
+    # Light jobs (transforms, ID/square crops) have their own slots on each node.
+    light_capacity: int = 0
+    reported_light_in_flight: int = 0
+    local_light_in_flight: int = 0
     models: dict[str, str] = field(default_factory=dict)  # name -> execution provider
 
     @property
@@ -46,6 +50,41 @@ class Node:
     @property
     def load(self) -> float:
         return self.in_flight / self.capacity if self.capacity else 1.0
+
+    @property
+    def light_free(self) -> int:
+        if not self.healthy or self.draining:
+            return 0
+        used = max(self.local_light_in_flight, self.reported_light_in_flight)
+        return max(0, self.light_capacity - used)
+
+    def started(self, light: bool) -> None:
+        if light:
+            self.local_light_in_flight += 1
+        else:
+            self.local_in_flight += 1
+
+    def finished(self, light: bool) -> None:
+        if light:
+            self.local_light_in_flight -= 1
+        else:
+            self.local_in_flight -= 1
+
+    def refused(self, light: bool) -> None:
+        """It said it was full: treat it as full until the next poll."""
+        if light:
+            self.reported_light_in_flight = self.light_capacity
+        else:
+            self.reported_in_flight = self.capacity
+
+
+def most_light_room(nodes: list[Node], rng: random.Random) -> Node | None:
+    """For a light job: any node with a free light slot, the roomiest of two random picks."""
+    candidates = [n for n in nodes if n.light_free > 0]
+    if not candidates:
+        return None
+    pair = rng.sample(candidates, min(2, len(candidates)))
+    return max(pair, key=lambda n: n.light_free)
 
 
 def least_loaded(nodes: list[Node], rng: random.Random) -> Node | None:
@@ -168,13 +207,15 @@ class NodePool:
         ]
         still: list[Node] = []
         for node in self._retired:
-            if node.local_in_flight > 0:
+            if node.local_in_flight > 0 or node.local_light_in_flight > 0:
                 still.append(node)
             else:
                 await node.channel.close(None)
         self._retired = still
 
-    def pick(self) -> Node | None:
+    def pick(self, light: bool = False) -> Node | None:
+        if light:
+            return most_light_room(self.nodes, self._rng)
         return least_loaded(self.nodes, self._rng)
 
     def mark_failed(self, node: Node) -> None:
@@ -187,7 +228,7 @@ class NodePool:
         await asyncio.gather(*(self._poll(node) for node in self.nodes))
 
     async def _poll(self, node: Node) -> None:
-        was_free = node.free
+        was_free = node.free + node.light_free
         try:
             health = await node.health.Check(
                 health_pb2.HealthCheckRequest(service=INFERENCE_SERVICE), timeout=2.0
@@ -205,8 +246,10 @@ class NodePool:
         node.draining = load.draining
         node.capacity = load.capacity
         node.reported_in_flight = load.in_flight
+        node.light_capacity = load.light_capacity
+        node.reported_light_in_flight = load.light_in_flight
         node.models = {m.name: m.execution_provider for m in load.models}
-        if node.free > was_free:
+        if node.free + node.light_free > was_free:
             self.changed.set()
 
     async def run(self) -> None:

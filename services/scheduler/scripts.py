@@ -22,10 +22,17 @@ end
 local function event(id, ...)
   redis.call('XADD', P .. 'events:' .. id, 'MAXLEN', '~', 256, '*', ...)
 end
+-- Queues come in lanes: '' for inference work, 'light:' for light jobs. Each
+-- lane has its own queues, ring and deficits, so light jobs never wait behind
+-- inference; the job hash remembers its lane.
+local function lane_of(id)
+  return P .. (redis.call('HGET', P .. 'job:' .. id, 'lane') or '')
+end
 local function enqueue_ready(id, vendor, score)
-  redis.call('ZADD', P .. 'queue:' .. vendor, score, id)
-  if redis.call('SADD', P .. 'ring:members', vendor) == 1 then
-    redis.call('RPUSH', P .. 'ring', vendor)
+  local L = lane_of(id)
+  redis.call('ZADD', L .. 'queue:' .. vendor, score, id)
+  if redis.call('SADD', L .. 'ring:members', vendor) == 1 then
+    redis.call('RPUSH', L .. 'ring', vendor)
   end
   redis.call('PUBLISH', P .. 'wake', vendor)
 end
@@ -100,8 +107,8 @@ end
 """
 
 # ARGV: prefix, id, vendor, priority, operation, record, client_key, batch,
-#       (continued below: ..., max_queued_vendor, max_queued_total)
-#       input_pixels, image, idempotency_ttl_s, cost
+#       input_pixels, image, idempotency_ttl_s, cost, max_queued_vendor,
+#       max_queued_total, lane ('' or 'light:')
 # Returns {1, id} for a new job, {0, existing_id} for an idempotent repeat.
 ENQUEUE = (
     PRELUDE
@@ -114,13 +121,16 @@ if ck ~= '' then
   end
 end
 -- Admission control: shed load before Redis memory fills (-1 vendor cap, -2 global cap).
-if redis.call('ZCARD', P .. 'queue:' .. vendor) >= tonumber(ARGV[13]) then
-  return {-1, ''}
+-- Both lanes count: the caps protect Redis memory, which they share.
+local LANES = {P, P .. 'light:'}
+local mine, waiting = 0, 0
+for _, L in ipairs(LANES) do
+  mine = mine + redis.call('ZCARD', L .. 'queue:' .. vendor)
+  for _, v in ipairs(redis.call('SMEMBERS', L .. 'ring:members')) do
+    waiting = waiting + redis.call('ZCARD', L .. 'queue:' .. v)
+  end
 end
-local waiting = 0
-for _, v in ipairs(redis.call('SMEMBERS', P .. 'ring:members')) do
-  waiting = waiting + redis.call('ZCARD', P .. 'queue:' .. v)
-end
+if mine >= tonumber(ARGV[13]) then return {-1, ''} end
 if waiting >= tonumber(ARGV[14]) then return {-2, ''} end
 local now = now_ms()
 local seq = redis.call('INCR', P .. 'seq')
@@ -128,7 +138,8 @@ local score = (9 - prio) * 1099511627776 + seq
 redis.call('HSET', P .. 'job:' .. id, 'vendor', vendor, 'state', 1, 'stage', 1,
   'progress', 0, 'priority', prio, 'attempt', 0, 'node', '', 'client_key', ck,
   'batch', ARGV[8], 'input_pixels', ARGV[9], 'operation', ARGV[5], 'record', ARGV[6],
-  'seq', seq, 'score', score, 'cost', tonumber(ARGV[12]), 'create_ms', now, 'update_ms', now)
+  'seq', seq, 'score', score, 'cost', tonumber(ARGV[12]), 'create_ms', now, 'update_ms', now,
+  'lane', ARGV[15])
 redis.call('SET', P .. 'input:' .. id, ARGV[10])
 redis.call('ZADD', P .. 'jobs:' .. vendor, seq, id)
 redis.call('SADD', P .. 'vendors', vendor)
@@ -141,7 +152,7 @@ return {1, id}
 """
 )
 
-# ARGV: prefix, node, lease_ms, quantum, default_weight
+# ARGV: prefix, node, lease_ms, quantum, default_weight, lane ('' or 'light:')
 # Weighted deficit round robin over vendors, cost in milli-megapixels: the
 # vendor at the head of the ring starts its turn with quantum * weight more
 # credit, takes its best jobs while the credit covers their cost, then moves to
@@ -153,45 +164,46 @@ CLAIM = (
     + r"""
 local node, lease_ms = ARGV[2], tonumber(ARGV[3])
 local quantum, default_weight = tonumber(ARGV[4]), tonumber(ARGV[5])
-local ring = P .. 'ring'
+local L = P .. ARGV[6]
+local ring = L .. 'ring'
 local function drop_vendor(vendor)
   redis.call('LREM', ring, 0, vendor)
-  redis.call('SREM', P .. 'ring:members', vendor)
-  redis.call('HDEL', P .. 'deficit', vendor)
-  redis.call('HDEL', P .. 'turn', vendor)
+  redis.call('SREM', L .. 'ring:members', vendor)
+  redis.call('HDEL', L .. 'deficit', vendor)
+  redis.call('HDEL', L .. 'turn', vendor)
 end
 local chosen, fallback = nil, nil
 for _ = 1, 64 * math.max(1, redis.call('LLEN', ring)) do
   local vendor = redis.call('LINDEX', ring, 0)
   if not vendor then break end
-  local head = redis.call('ZRANGE', P .. 'queue:' .. vendor, 0, 0)
+  local head = redis.call('ZRANGE', L .. 'queue:' .. vendor, 0, 0)
   if #head == 0 then
     drop_vendor(vendor)
   else
     local id = head[1]
     fallback = fallback or {vendor, id}
     local cost = tonumber(redis.call('HGET', P .. 'job:' .. id, 'cost') or '1000')
-    local credit = tonumber(redis.call('HGET', P .. 'deficit', vendor) or '0')
-    if redis.call('HGET', P .. 'turn', vendor) ~= '1' then
+    local credit = tonumber(redis.call('HGET', L .. 'deficit', vendor) or '0')
+    if redis.call('HGET', L .. 'turn', vendor) ~= '1' then
       local weight = tonumber(redis.call('HGET', P .. 'weights', vendor) or default_weight)
       credit = credit + quantum * weight
-      redis.call('HSET', P .. 'turn', vendor, 1)
+      redis.call('HSET', L .. 'turn', vendor, 1)
     end
     if credit >= cost then
-      redis.call('HSET', P .. 'deficit', vendor, credit - cost)
+      redis.call('HSET', L .. 'deficit', vendor, credit - cost)
       chosen = {vendor, id}
       break
     end
     -- Turn over: keep the credit, go to the back.
-    redis.call('HSET', P .. 'deficit', vendor, credit)
-    redis.call('HDEL', P .. 'turn', vendor)
+    redis.call('HSET', L .. 'deficit', vendor, credit)
+    redis.call('HDEL', L .. 'turn', vendor)
     redis.call('LMOVE', ring, ring, 'LEFT', 'RIGHT')
   end
 end
 chosen = chosen or fallback
 if not chosen then return nil end
 local vendor, id = chosen[1], chosen[2]
-local qk = P .. 'queue:' .. vendor
+local qk = L .. 'queue:' .. vendor
 redis.call('ZREM', qk, id)
 if redis.call('ZCARD', qk) == 0 then drop_vendor(vendor) end
 local jk = P .. 'job:' .. id
@@ -384,14 +396,15 @@ local st = redis.call('HMGET', jk, 'state', 'vendor', 'progress')
 if not st[1] or st[2] ~= vendor then return -1 end
 if st[1] ~= '1' and st[1] ~= '2' then return 0 end
 if st[1] == '1' then
-  local qk = P .. 'queue:' .. vendor
+  local L = lane_of(id)
+  local qk = L .. 'queue:' .. vendor
   redis.call('ZREM', qk, id)
   redis.call('ZREM', P .. 'delayed', id)
   if redis.call('ZCARD', qk) == 0 then
-    redis.call('LREM', P .. 'ring', 0, vendor)
-    redis.call('SREM', P .. 'ring:members', vendor)
-    redis.call('HDEL', P .. 'deficit', vendor)
-    redis.call('HDEL', P .. 'turn', vendor)
+    redis.call('LREM', L .. 'ring', 0, vendor)
+    redis.call('SREM', L .. 'ring:members', vendor)
+    redis.call('HDEL', L .. 'deficit', vendor)
+    redis.call('HDEL', L .. 'turn', vendor)
   end
 else
   leave_running(id, vendor)

@@ -48,6 +48,9 @@ def describe(job: jobs_pb2.Job) -> str:
     if job.HasField("result"):
         r = job.result
         parts.append(f"{r.content_type} {r.width_px}x{r.height_px} {r.size_bytes} bytes")
+        if r.HasField("subject_box"):
+            b = r.subject_box
+            parts.append(f"subject {b.width_px}x{b.height_px} at {b.x_px},{b.y_px}")
     if job.HasField("error"):
         parts.append(f"error: {job.error.message}")
     return "  ".join(parts)
@@ -105,6 +108,13 @@ async def cmd_submit(args: argparse.Namespace) -> int:
                     mask_only=args.mask_only,
                     background=args.background,
                     mode=args.mode,
+                    crop_to_subject=args.crop,
+                    margin=args.margin,
+                    alpha_matting=args.alpha_matting,
+                    resize=args.resize,
+                    width=args.width,
+                    height=args.height,
+                    quality=args.quality,
                     priority=args.priority,
                     record=record,
                 )
@@ -163,7 +173,7 @@ async def follow(client: AsyncClient, jobs: list[tuple[str, jobs_pb2.Job]], out_
                         task, completed=100, status=f"[green]{final.result.uri}[/green]"
                     )
                     return
-                ext = "webp" if final.result.content_type == "image/webp" else "png"
+                ext = final.result.content_type.removeprefix("image/").replace("jpeg", "jpg")
                 target = out_dir / f"{Path(item).stem}.{ext}"
                 await client.save_result(job.name, target)
                 progress.update(task, completed=100, status=f"[green]saved {target}[/green]")
@@ -330,7 +340,13 @@ def parser() -> argparse.ArgumentParser:
         "submit", parents=[common], help="submit images (files, folders or https URLs)"
     )
     s.add_argument("inputs", nargs="+", metavar="FILE|DIR|URL")
-    s.add_argument("--op", choices=["remove-bg", "crop-face"], default="remove-bg")
+    s.add_argument(
+        "--op",
+        choices=["remove-bg", "crop-face", "transform"],
+        default="remove-bg",
+        help="remove-bg (default), crop-face (see --mode), or transform: a light resize/convert "
+        "job that never waits behind background removals",
+    )
     s.add_argument("--model", default="", help="model name (default: the cluster's default)")
     s.add_argument(
         "--mode", choices=sorted(FACE_MODES), default="passport", help="face crop framing"
@@ -342,6 +358,24 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         metavar="RRGGBB[AA]",
         help="paint this colour behind the subject",
+    )
+    s.add_argument("--crop", action="store_true", help="remove-bg: crop to the subject")
+    s.add_argument(
+        "--margin", type=int, default=0, metavar="PX", help="remove-bg: margin kept by --crop"
+    )
+    s.add_argument(
+        "--alpha-matting", action="store_true", help="remove-bg: refine hair/fur edges (slower)"
+    )
+    s.add_argument(
+        "--resize",
+        choices=["fit", "fill"],
+        default="",
+        help="transform: fit inside or fill the box",
+    )
+    s.add_argument("--width", type=int, default=0, metavar="PX", help="transform: box width")
+    s.add_argument("--height", type=int, default=0, metavar="PX", help="transform: box height")
+    s.add_argument(
+        "--quality", type=int, default=0, help="transform: JPEG/WebP quality 1-100 (default 85)"
     )
     s.add_argument("--priority", type=int, default=0, help="0-9, higher first within your queue")
     s.add_argument(

@@ -54,11 +54,21 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE),
     ("grpc.max_receive_message_length", MAX_MESSAGE),
 ]
-FORMATS = {"png": jobs_pb2.OUTPUT_FORMAT_PNG, "webp": jobs_pb2.OUTPUT_FORMAT_WEBP}
+FORMATS = {
+    "png": jobs_pb2.OUTPUT_FORMAT_PNG,
+    "webp": jobs_pb2.OUTPUT_FORMAT_WEBP,
+    "jpeg": jobs_pb2.OUTPUT_FORMAT_JPEG,
+}
 FACE_MODES = {
     "passport": jobs_pb2.FACE_CROP_MODE_PASSPORT,
     "id-card": jobs_pb2.FACE_CROP_MODE_ID_CARD,
     "square": jobs_pb2.FACE_CROP_MODE_SQUARE,
+}
+
+RESIZE_MODES = {
+    "": jobs_pb2.RESIZE_MODE_UNSPECIFIED,
+    "fit": jobs_pb2.RESIZE_MODE_FIT,
+    "fill": jobs_pb2.RESIZE_MODE_FILL,
 }
 
 
@@ -91,11 +101,25 @@ def build_submission(
     mask_only: bool = False,
     background: str | None = None,
     mode: str = "passport",
+    crop_to_subject: bool = False,
+    margin: int = 0,
+    alpha_matting: bool = False,
+    resize: str = "",
+    width: int = 0,
+    height: int = 0,
+    quality: int = 0,
     priority: int = 0,
     client_key: str = "",
     record: tuple[str, str] | None = None,
 ) -> jobs_pb2.JobSubmission:
-    """One JobSubmission from plain arguments (what the CLI flags map to)."""
+    """One JobSubmission from plain arguments (what the CLI flags map to).
+
+    op is "remove-bg" (model, output_format, mask_only, background,
+    crop_to_subject, margin, alpha_matting), "crop-face" (mode: passport,
+    id-card or square) or "transform" (resize "fit"/"fill"/"", width,
+    height, output_format, quality): a light job that never waits behind
+    background removals.
+    """
     fmt = FORMATS.get(output_format)
     if fmt is None:
         raise ValueError(f"output format {output_format!r}: use one of {sorted(FORMATS)}")
@@ -106,13 +130,24 @@ def build_submission(
         operation.remove_background.mask_only = mask_only
         if background:
             operation.remove_background.background_color.CopyFrom(parse_color(background))
+        operation.remove_background.crop_to_subject = crop_to_subject
+        operation.remove_background.crop_margin_px = margin
+        operation.remove_background.alpha_matting = alpha_matting
+    elif op == "transform":
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"resize {resize!r}: use one of {sorted(RESIZE_MODES)}")
+        operation.transform.resize = RESIZE_MODES[resize]
+        operation.transform.width_px = width
+        operation.transform.height_px = height
+        operation.transform.format = fmt
+        operation.transform.quality = quality
     elif op == "crop-face":
         if mode not in FACE_MODES:
             raise ValueError(f"face crop mode {mode!r}: use one of {sorted(FACE_MODES)}")
         operation.crop_face.mode = FACE_MODES[mode]
         operation.crop_face.format = fmt
     else:
-        raise ValueError(f"operation {op!r}: use remove-bg or crop-face")
+        raise ValueError(f"operation {op!r}: use remove-bg, crop-face or transform")
     sub = jobs_pb2.JobSubmission(
         image=image_source(image),
         operation=operation,

@@ -96,6 +96,7 @@ class ProcessOutput(_message.Message):
     WIDTH_PX_FIELD_NUMBER: _builtins.int
     HEIGHT_PX_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
+    SUBJECT_BOX_FIELD_NUMBER: _builtins.int
     content_type: _builtins.str
     """Media type, for example "image/png"."""
     size_bytes: _builtins.int
@@ -106,6 +107,10 @@ class ProcessOutput(_message.Message):
     """Output height in pixels."""
     sha256: _builtins.str
     """Lower-case hex SHA-256 of the output bytes."""
+    @_builtins.property
+    def subject_box(self) -> _jobs_pb2.BoundingBox:
+        """Where the subject or face is in the output; unset for transforms."""
+
     def __init__(
         self,
         *,
@@ -114,10 +119,11 @@ class ProcessOutput(_message.Message):
         width_px: _builtins.int = ...,
         height_px: _builtins.int = ...,
         sha256: _builtins.str = ...,
+        subject_box: _jobs_pb2.BoundingBox | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["subject_box", b"subject_box"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "height_px", b"height_px", "sha256", b"sha256", "size_bytes", b"size_bytes", "width_px", b"width_px"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "height_px", b"height_px", "sha256", b"sha256", "size_bytes", b"size_bytes", "subject_box", b"subject_box", "width_px", b"width_px"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -223,6 +229,10 @@ class GetLoadResponse(_message.Message):
     IN_FLIGHT_FIELD_NUMBER: _builtins.int
     MODELS_FIELD_NUMBER: _builtins.int
     DRAINING_FIELD_NUMBER: _builtins.int
+    LIGHT_CAPACITY_FIELD_NUMBER: _builtins.int
+    LIGHT_IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    RSS_BYTES_FIELD_NUMBER: _builtins.int
+    RECYCLES_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """Stable identifier of the node, for logs."""
     capacity: _builtins.int
@@ -231,6 +241,14 @@ class GetLoadResponse(_message.Message):
     """Jobs running now."""
     draining: _builtins.bool
     """True after SIGTERM: the node finishes what it has and takes nothing new."""
+    light_capacity: _builtins.int
+    """Light jobs (transforms) the node runs at once, beside its capacity."""
+    light_in_flight: _builtins.int
+    """Light jobs running now."""
+    rss_bytes: _builtins.int
+    """Resident memory of the node process, bytes."""
+    recycles: _builtins.int
+    """Times the node rebuilt its model sessions to give memory back."""
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelInfo]:
         """Loaded models."""
@@ -243,10 +261,14 @@ class GetLoadResponse(_message.Message):
         in_flight: _builtins.int = ...,
         models: _abc.Iterable[Global___ModelInfo] | None = ...,
         draining: _builtins.bool = ...,
+        light_capacity: _builtins.int = ...,
+        light_in_flight: _builtins.int = ...,
+        rss_bytes: _builtins.int = ...,
+        recycles: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "draining", b"draining", "in_flight", b"in_flight", "models", b"models", "node_id", b"node_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "draining", b"draining", "in_flight", b"in_flight", "light_capacity", b"light_capacity", "light_in_flight", b"light_in_flight", "models", b"models", "node_id", b"node_id", "recycles", b"recycles", "rss_bytes", b"rss_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -27,43 +27,49 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x63utout/v1/jobs.proto\x12\tcutout.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"@\n\x05\x43olor\x12\x0b\n\x03red\x18\x01 \x01(\r\x12\r\n\x05green\x18\x02 \x01(\r\x12\x0c\n\x04\x62lue\x18\x03 \x01(\r\x12\r\n\x05\x61lpha\x18\x04 \x01(\r\"\x89\x01\n\x10RemoveBackground\x12\r\n\x05model\x18\x01 \x01(\t\x12\'\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x17.cutout.v1.OutputFormat\x12\x11\n\tmask_only\x18\x03 \x01(\x08\x12*\n\x10\x62\x61\x63kground_color\x18\x04 \x01(\x0b\x32\x10.cutout.v1.Color\"Z\n\x08\x43ropFace\x12%\n\x04mode\x18\x01 \x01(\x0e\x32\x17.cutout.v1.FaceCropMode\x12\'\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x17.cutout.v1.OutputFormat\"w\n\tOperation\x12\x38\n\x11remove_background\x18\x01 \x01(\x0b\x32\x1b.cutout.v1.RemoveBackgroundH\x00\x12(\n\tcrop_face\x18\x02 \x01(\x0b\x32\x13.cutout.v1.CropFaceH\x00\x42\x06\n\x04kind\"9\n\x0bImageSource\x12\x11\n\x07\x63ontent\x18\x01 \x01(\x0cH\x00\x12\r\n\x03uri\x18\x02 \x01(\tH\x00\x42\x08\n\x06source\"2\n\tRecordRef\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x11\n\trecord_id\x18\x02 \x01(\t\"\xab\x01\n\rJobSubmission\x12%\n\x05image\x18\x01 \x01(\x0b\x32\x16.cutout.v1.ImageSource\x12\'\n\toperation\x18\x02 \x01(\x0b\x32\x14.cutout.v1.Operation\x12\x10\n\x08priority\x18\x03 \x01(\x05\x12\x12\n\nclient_key\x18\x04 \x01(\t\x12$\n\x06record\x18\x05 \x01(\x0b\x32\x14.cutout.v1.RecordRef\"t\n\x06Result\x12\x14\n\x0c\x63ontent_type\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x10\n\x08width_px\x18\x03 \x01(\x05\x12\x11\n\theight_px\x18\x04 \x01(\x05\x12\x0b\n\x03uri\x18\x05 \x01(\t\x12\x0e\n\x06sha256\x18\x06 \x01(\t\"\x82\x05\n\x03Job\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.cutout.v1.JobState\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\x12\'\n\toperation\x18\x04 \x01(\x0b\x32\x14.cutout.v1.Operation\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x12\n\nclient_key\x18\x06 \x01(\t\x12$\n\x06record\x18\x07 \x01(\x0b\x32\x14.cutout.v1.RecordRef\x12\r\n\x05\x62\x61tch\x18\x08 \x01(\t\x12\x1f\n\x05stage\x18\t \x01(\x0e\x32\x10.cutout.v1.Stage\x12\x18\n\x10progress_percent\x18\n \x01(\x05\x12\x16\n\x0equeue_position\x18\x0b \x01(\x03\x12\x0c\n\x04node\x18\x0c \x01(\t\x12\x0f\n\x07\x61ttempt\x18\r \x01(\x05\x12\x14\n\x0cinput_pixels\x18\x0e \x01(\x03\x12/\n\x0b\x63reate_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rdead_lettered\x18\x13 \x01(\x08\x12.\n\nretry_time\x18\x14 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\x0e\x65stimated_wait\x18\x15 \x01(\x0b\x32\x19.google.protobuf.Duration\x12#\n\x05\x65rror\x18\x11 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x12#\n\x06result\x18\x12 \x01(\x0b\x32\x11.cutout.v1.ResultH\x00\x42\t\n\x07outcome\"W\n\x08JobEvent\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.cutout.v1.Job\x12.\n\nevent_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"1\n\rPriorityDepth\x12\x10\n\x08priority\x18\x01 \x01(\x05\x12\x0e\n\x06queued\x18\x02 \x01(\x03\"\x93\x02\n\nQueueStats\x12\x0e\n\x06queued\x18\x01 \x01(\x03\x12\x0f\n\x07running\x18\x02 \x01(\x03\x12-\n\x0b\x62y_priority\x18\x03 \x03(\x0b\x32\x18.cutout.v1.PriorityDepth\x12\x15\n\rhealthy_nodes\x18\x04 \x01(\x05\x12\x10\n\x08\x63\x61pacity\x18\x05 \x01(\x05\x12\x11\n\tin_flight\x18\x06 \x01(\x05\x12\x18\n\x10\x61ttempts_started\x18\x07 \x01(\x03\x12\x14\n\x0clease_losses\x18\x08 \x01(\x03\x12\x0f\n\x07retries\x18\t \x01(\x03\x12\x15\n\rdead_lettered\x18\n \x01(\x03\x12\x11\n\tsucceeded\x18\x0b \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x0c \x01(\x03*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05*\xa7\x01\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTAGE_QUEUED\x10\x01\x12\x12\n\x0eSTAGE_DECODING\x10\x02\x12\x13\n\x0fSTAGE_INFERENCE\x10\x03\x12\x15\n\x11STAGE_COMPOSITING\x10\x04\x12\x12\n\x0eSTAGE_ENCODING\x10\x05\x12\x11\n\rSTAGE_STORING\x10\x06\x12\x0e\n\nSTAGE_DONE\x10\x07*\\\n\x0cOutputFormat\x12\x1d\n\x19OUTPUT_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTPUT_FORMAT_PNG\x10\x01\x12\x16\n\x12OUTPUT_FORMAT_WEBP\x10\x02*\x82\x01\n\x0c\x46\x61\x63\x65\x43ropMode\x12\x1e\n\x1a\x46\x41\x43\x45_CROP_MODE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x46\x41\x43\x45_CROP_MODE_PASSPORT\x10\x01\x12\x1a\n\x16\x46\x41\x43\x45_CROP_MODE_ID_CARD\x10\x02\x12\x19\n\x15\x46\x41\x43\x45_CROP_MODE_SQUARE\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x63utout/v1/jobs.proto\x12\tcutout.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"N\n\x0b\x42oundingBox\x12\x0c\n\x04x_px\x18\x01 \x01(\x05\x12\x0c\n\x04y_px\x18\x02 \x01(\x05\x12\x10\n\x08width_px\x18\x03 \x01(\x05\x12\x11\n\theight_px\x18\x04 \x01(\x05\"@\n\x05\x43olor\x12\x0b\n\x03red\x18\x01 \x01(\r\x12\r\n\x05green\x18\x02 \x01(\r\x12\x0c\n\x04\x62lue\x18\x03 \x01(\r\x12\r\n\x05\x61lpha\x18\x04 \x01(\r\"\xd1\x01\n\x10RemoveBackground\x12\r\n\x05model\x18\x01 \x01(\t\x12\'\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x17.cutout.v1.OutputFormat\x12\x11\n\tmask_only\x18\x03 \x01(\x08\x12*\n\x10\x62\x61\x63kground_color\x18\x04 \x01(\x0b\x32\x10.cutout.v1.Color\x12\x17\n\x0f\x63rop_to_subject\x18\x05 \x01(\x08\x12\x16\n\x0e\x63rop_margin_px\x18\x06 \x01(\x05\x12\x15\n\ralpha_matting\x18\x07 \x01(\x08\"Z\n\x08\x43ropFace\x12%\n\x04mode\x18\x01 \x01(\x0e\x32\x17.cutout.v1.FaceCropMode\x12\'\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x17.cutout.v1.OutputFormat\"\x91\x01\n\tTransform\x12%\n\x06resize\x18\x01 \x01(\x0e\x32\x15.cutout.v1.ResizeMode\x12\x10\n\x08width_px\x18\x02 \x01(\x05\x12\x11\n\theight_px\x18\x03 \x01(\x05\x12\'\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x17.cutout.v1.OutputFormat\x12\x0f\n\x07quality\x18\x05 \x01(\x05\"\xa2\x01\n\tOperation\x12\x38\n\x11remove_background\x18\x01 \x01(\x0b\x32\x1b.cutout.v1.RemoveBackgroundH\x00\x12(\n\tcrop_face\x18\x02 \x01(\x0b\x32\x13.cutout.v1.CropFaceH\x00\x12)\n\ttransform\x18\x03 \x01(\x0b\x32\x14.cutout.v1.TransformH\x00\x42\x06\n\x04kind\"9\n\x0bImageSource\x12\x11\n\x07\x63ontent\x18\x01 \x01(\x0cH\x00\x12\r\n\x03uri\x18\x02 \x01(\tH\x00\x42\x08\n\x06source\"2\n\tRecordRef\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x11\n\trecord_id\x18\x02 \x01(\t\"\xab\x01\n\rJobSubmission\x12%\n\x05image\x18\x01 \x01(\x0b\x32\x16.cutout.v1.ImageSource\x12\'\n\toperation\x18\x02 \x01(\x0b\x32\x14.cutout.v1.Operation\x12\x10\n\x08priority\x18\x03 \x01(\x05\x12\x12\n\nclient_key\x18\x04 \x01(\t\x12$\n\x06record\x18\x05 \x01(\x0b\x32\x14.cutout.v1.RecordRef\"\xa1\x01\n\x06Result\x12\x14\n\x0c\x63ontent_type\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x10\n\x08width_px\x18\x03 \x01(\x05\x12\x11\n\theight_px\x18\x04 \x01(\x05\x12\x0b\n\x03uri\x18\x05 \x01(\t\x12\x0e\n\x06sha256\x18\x06 \x01(\t\x12+\n\x0bsubject_box\x18\x07 \x01(\x0b\x32\x16.cutout.v1.BoundingBox\"\x82\x05\n\x03Job\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.cutout.v1.JobState\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\x12\'\n\toperation\x18\x04 \x01(\x0b\x32\x14.cutout.v1.Operation\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x12\n\nclient_key\x18\x06 \x01(\t\x12$\n\x06record\x18\x07 \x01(\x0b\x32\x14.cutout.v1.RecordRef\x12\r\n\x05\x62\x61tch\x18\x08 \x01(\t\x12\x1f\n\x05stage\x18\t \x01(\x0e\x32\x10.cutout.v1.Stage\x12\x18\n\x10progress_percent\x18\n \x01(\x05\x12\x16\n\x0equeue_position\x18\x0b \x01(\x03\x12\x0c\n\x04node\x18\x0c \x01(\t\x12\x0f\n\x07\x61ttempt\x18\r \x01(\x05\x12\x14\n\x0cinput_pixels\x18\x0e \x01(\x03\x12/\n\x0b\x63reate_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rdead_lettered\x18\x13 \x01(\x08\x12.\n\nretry_time\x18\x14 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\x0e\x65stimated_wait\x18\x15 \x01(\x0b\x32\x19.google.protobuf.Duration\x12#\n\x05\x65rror\x18\x11 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x12#\n\x06result\x18\x12 \x01(\x0b\x32\x11.cutout.v1.ResultH\x00\x42\t\n\x07outcome\"W\n\x08JobEvent\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.cutout.v1.Job\x12.\n\nevent_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"1\n\rPriorityDepth\x12\x10\n\x08priority\x18\x01 \x01(\x05\x12\x0e\n\x06queued\x18\x02 \x01(\x03\"\x93\x02\n\nQueueStats\x12\x0e\n\x06queued\x18\x01 \x01(\x03\x12\x0f\n\x07running\x18\x02 \x01(\x03\x12-\n\x0b\x62y_priority\x18\x03 \x03(\x0b\x32\x18.cutout.v1.PriorityDepth\x12\x15\n\rhealthy_nodes\x18\x04 \x01(\x05\x12\x10\n\x08\x63\x61pacity\x18\x05 \x01(\x05\x12\x11\n\tin_flight\x18\x06 \x01(\x05\x12\x18\n\x10\x61ttempts_started\x18\x07 \x01(\x03\x12\x14\n\x0clease_losses\x18\x08 \x01(\x03\x12\x0f\n\x07retries\x18\t \x01(\x03\x12\x15\n\rdead_lettered\x18\n \x01(\x03\x12\x11\n\tsucceeded\x18\x0b \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x0c \x01(\x03*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05*\xd0\x01\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTAGE_QUEUED\x10\x01\x12\x12\n\x0eSTAGE_DECODING\x10\x02\x12\x13\n\x0fSTAGE_INFERENCE\x10\x03\x12\x15\n\x11STAGE_COMPOSITING\x10\x04\x12\x12\n\x0eSTAGE_ENCODING\x10\x05\x12\x11\n\rSTAGE_STORING\x10\x06\x12\x0e\n\nSTAGE_DONE\x10\x07\x12\x13\n\x0fSTAGE_DETECTING\x10\x08\x12\x12\n\x0eSTAGE_RESIZING\x10\t*t\n\x0cOutputFormat\x12\x1d\n\x19OUTPUT_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTPUT_FORMAT_PNG\x10\x01\x12\x16\n\x12OUTPUT_FORMAT_WEBP\x10\x02\x12\x16\n\x12OUTPUT_FORMAT_JPEG\x10\x03*\x82\x01\n\x0c\x46\x61\x63\x65\x43ropMode\x12\x1e\n\x1a\x46\x41\x43\x45_CROP_MODE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x46\x41\x43\x45_CROP_MODE_PASSPORT\x10\x01\x12\x1a\n\x16\x46\x41\x43\x45_CROP_MODE_ID_CARD\x10\x02\x12\x19\n\x15\x46\x41\x43\x45_CROP_MODE_SQUARE\x10\x03*T\n\nResizeMode\x12\x1b\n\x17RESIZE_MODE_UNSPECIFIED\x10\x00\x12\x13\n\x0fRESIZE_MODE_FIT\x10\x01\x12\x14\n\x10RESIZE_MODE_FILL\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cutout.v1.jobs_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBSTATE']._serialized_start=2011
-  _globals['_JOBSTATE']._serialized_end=2165
-  _globals['_STAGE']._serialized_start=2168
-  _globals['_STAGE']._serialized_end=2335
-  _globals['_OUTPUTFORMAT']._serialized_start=2337
-  _globals['_OUTPUTFORMAT']._serialized_end=2429
-  _globals['_FACECROPMODE']._serialized_start=2432
-  _globals['_FACECROPMODE']._serialized_end=2562
-  _globals['_COLOR']._serialized_start=125
-  _globals['_COLOR']._serialized_end=189
-  _globals['_REMOVEBACKGROUND']._serialized_start=192
-  _globals['_REMOVEBACKGROUND']._serialized_end=329
-  _globals['_CROPFACE']._serialized_start=331
-  _globals['_CROPFACE']._serialized_end=421
-  _globals['_OPERATION']._serialized_start=423
-  _globals['_OPERATION']._serialized_end=542
-  _globals['_IMAGESOURCE']._serialized_start=544
-  _globals['_IMAGESOURCE']._serialized_end=601
-  _globals['_RECORDREF']._serialized_start=603
-  _globals['_RECORDREF']._serialized_end=653
-  _globals['_JOBSUBMISSION']._serialized_start=656
-  _globals['_JOBSUBMISSION']._serialized_end=827
-  _globals['_RESULT']._serialized_start=829
-  _globals['_RESULT']._serialized_end=945
-  _globals['_JOB']._serialized_start=948
-  _globals['_JOB']._serialized_end=1590
-  _globals['_JOBEVENT']._serialized_start=1592
-  _globals['_JOBEVENT']._serialized_end=1679
-  _globals['_PRIORITYDEPTH']._serialized_start=1681
-  _globals['_PRIORITYDEPTH']._serialized_end=1730
-  _globals['_QUEUESTATS']._serialized_start=1733
-  _globals['_QUEUESTATS']._serialized_end=2008
+  _globals['_JOBSTATE']._serialized_start=2401
+  _globals['_JOBSTATE']._serialized_end=2555
+  _globals['_STAGE']._serialized_start=2558
+  _globals['_STAGE']._serialized_end=2766
+  _globals['_OUTPUTFORMAT']._serialized_start=2768
+  _globals['_OUTPUTFORMAT']._serialized_end=2884
+  _globals['_FACECROPMODE']._serialized_start=2887
+  _globals['_FACECROPMODE']._serialized_end=3017
+  _globals['_RESIZEMODE']._serialized_start=3019
+  _globals['_RESIZEMODE']._serialized_end=3103
+  _globals['_BOUNDINGBOX']._serialized_start=125
+  _globals['_BOUNDINGBOX']._serialized_end=203
+  _globals['_COLOR']._serialized_start=205
+  _globals['_COLOR']._serialized_end=269
+  _globals['_REMOVEBACKGROUND']._serialized_start=272
+  _globals['_REMOVEBACKGROUND']._serialized_end=481
+  _globals['_CROPFACE']._serialized_start=483
+  _globals['_CROPFACE']._serialized_end=573
+  _globals['_TRANSFORM']._serialized_start=576
+  _globals['_TRANSFORM']._serialized_end=721
+  _globals['_OPERATION']._serialized_start=724
+  _globals['_OPERATION']._serialized_end=886
+  _globals['_IMAGESOURCE']._serialized_start=888
+  _globals['_IMAGESOURCE']._serialized_end=945
+  _globals['_RECORDREF']._serialized_start=947
+  _globals['_RECORDREF']._serialized_end=997
+  _globals['_JOBSUBMISSION']._serialized_start=1000
+  _globals['_JOBSUBMISSION']._serialized_end=1171
+  _globals['_RESULT']._serialized_start=1174
+  _globals['_RESULT']._serialized_end=1335
+  _globals['_JOB']._serialized_start=1338
+  _globals['_JOB']._serialized_end=1980
+  _globals['_JOBEVENT']._serialized_start=1982
+  _globals['_JOBEVENT']._serialized_end=2069
+  _globals['_PRIORITYDEPTH']._serialized_start=2071
+  _globals['_PRIORITYDEPTH']._serialized_end=2120
+  _globals['_QUEUESTATS']._serialized_start=2123
+  _globals['_QUEUESTATS']._serialized_end=2398
 # @@protoc_insertion_point(module_scope)

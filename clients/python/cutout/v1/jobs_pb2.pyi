@@ -82,6 +82,10 @@ class _StageEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Stage.ValueType
     """The output is being written to storage."""
     STAGE_DONE: _Stage.ValueType  # 7
     """Nothing more will happen."""
+    STAGE_DETECTING: _Stage.ValueType  # 8
+    """Looking for the face (face crops)."""
+    STAGE_RESIZING: _Stage.ValueType  # 9
+    """Resizing or cropping (face crops, transforms)."""
 
 class Stage(_Stage, metaclass=_StageEnumTypeWrapper):
     """The step of the pipeline a job is in, for progress displays."""
@@ -102,6 +106,10 @@ STAGE_STORING: Stage.ValueType  # 6
 """The output is being written to storage."""
 STAGE_DONE: Stage.ValueType  # 7
 """Nothing more will happen."""
+STAGE_DETECTING: Stage.ValueType  # 8
+"""Looking for the face (face crops)."""
+STAGE_RESIZING: Stage.ValueType  # 9
+"""Resizing or cropping (face crops, transforms)."""
 Global___Stage: _TypeAlias = Stage  # noqa: Y015
 
 class _OutputFormat:
@@ -116,6 +124,10 @@ class _OutputFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OutputFo
     """Lossless PNG with an alpha channel."""
     OUTPUT_FORMAT_WEBP: _OutputFormat.ValueType  # 2
     """Lossless WebP with an alpha channel."""
+    OUTPUT_FORMAT_JPEG: _OutputFormat.ValueType  # 3
+    """JPEG (no transparency): for transforms, face crops, masks, and cutouts
+    painted on an opaque background colour.
+    """
 
 class OutputFormat(_OutputFormat, metaclass=_OutputFormatEnumTypeWrapper):
     """Encoding of an output image."""
@@ -126,6 +138,10 @@ OUTPUT_FORMAT_PNG: OutputFormat.ValueType  # 1
 """Lossless PNG with an alpha channel."""
 OUTPUT_FORMAT_WEBP: OutputFormat.ValueType  # 2
 """Lossless WebP with an alpha channel."""
+OUTPUT_FORMAT_JPEG: OutputFormat.ValueType  # 3
+"""JPEG (no transparency): for transforms, face crops, masks, and cutouts
+painted on an opaque background colour.
+"""
 Global___OutputFormat: _TypeAlias = OutputFormat  # noqa: Y015
 
 class _FaceCropMode:
@@ -155,6 +171,68 @@ FACE_CROP_MODE_ID_CARD: FaceCropMode.ValueType  # 2
 FACE_CROP_MODE_SQUARE: FaceCropMode.ValueType  # 3
 """1:1 with the face centred."""
 Global___FaceCropMode: _TypeAlias = FaceCropMode  # noqa: Y015
+
+class _ResizeMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ResizeModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ResizeMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RESIZE_MODE_UNSPECIFIED: _ResizeMode.ValueType  # 0
+    """Keep the image's own size (convert or recompress only)."""
+    RESIZE_MODE_FIT: _ResizeMode.ValueType  # 1
+    """Scale to fit inside width x height, keeping the aspect ratio; never
+    larger than the box. Either side may be 0 (unbounded).
+    """
+    RESIZE_MODE_FILL: _ResizeMode.ValueType  # 2
+    """Scale and centre-crop to exactly width x height."""
+
+class ResizeMode(_ResizeMode, metaclass=_ResizeModeEnumTypeWrapper):
+    """How a transform fits the image into the requested box."""
+
+RESIZE_MODE_UNSPECIFIED: ResizeMode.ValueType  # 0
+"""Keep the image's own size (convert or recompress only)."""
+RESIZE_MODE_FIT: ResizeMode.ValueType  # 1
+"""Scale to fit inside width x height, keeping the aspect ratio; never
+larger than the box. Either side may be 0 (unbounded).
+"""
+RESIZE_MODE_FILL: ResizeMode.ValueType  # 2
+"""Scale and centre-crop to exactly width x height."""
+Global___ResizeMode: _TypeAlias = ResizeMode  # noqa: Y015
+
+@_typing.final
+class BoundingBox(_message.Message):
+    """A pixel rectangle in the output image."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    X_PX_FIELD_NUMBER: _builtins.int
+    Y_PX_FIELD_NUMBER: _builtins.int
+    WIDTH_PX_FIELD_NUMBER: _builtins.int
+    HEIGHT_PX_FIELD_NUMBER: _builtins.int
+    x_px: _builtins.int
+    """Left edge, pixels from the left."""
+    y_px: _builtins.int
+    """Top edge, pixels from the top."""
+    width_px: _builtins.int
+    """Width in pixels."""
+    height_px: _builtins.int
+    """Height in pixels."""
+    def __init__(
+        self,
+        *,
+        x_px: _builtins.int = ...,
+        y_px: _builtins.int = ...,
+        width_px: _builtins.int = ...,
+        height_px: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["height_px", b"height_px", "width_px", b"width_px", "x_px", b"x_px", "y_px", b"y_px"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BoundingBox: _TypeAlias = BoundingBox  # noqa: Y015
 
 @_typing.final
 class Color(_message.Message):
@@ -200,6 +278,9 @@ class RemoveBackground(_message.Message):
     FORMAT_FIELD_NUMBER: _builtins.int
     MASK_ONLY_FIELD_NUMBER: _builtins.int
     BACKGROUND_COLOR_FIELD_NUMBER: _builtins.int
+    CROP_TO_SUBJECT_FIELD_NUMBER: _builtins.int
+    CROP_MARGIN_PX_FIELD_NUMBER: _builtins.int
+    ALPHA_MATTING_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model name from the node's catalogue, for example "isnet-general-use".
     Empty means the cluster's default model. At most 64 characters.
@@ -208,6 +289,12 @@ class RemoveBackground(_message.Message):
     """Output encoding; PNG when unspecified."""
     mask_only: _builtins.bool
     """Return the 8-bit mask (white = subject) instead of the cutout."""
+    crop_to_subject: _builtins.bool
+    """Crop the output to the subject's bounding box plus crop_margin_px."""
+    crop_margin_px: _builtins.int
+    """Margin kept around the subject when crop_to_subject is set, 0-1000 pixels."""
+    alpha_matting: _builtins.bool
+    """Refine the mask edge with alpha matting (slower; for hair and fur)."""
     @_builtins.property
     def background_color(self) -> Global___Color:
         """Paint this colour behind the subject instead of leaving it transparent.
@@ -221,10 +308,13 @@ class RemoveBackground(_message.Message):
         format: Global___OutputFormat.ValueType = ...,
         mask_only: _builtins.bool = ...,
         background_color: Global___Color | None = ...,
+        crop_to_subject: _builtins.bool = ...,
+        crop_margin_px: _builtins.int = ...,
+        alpha_matting: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["background_color", b"background_color"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["background_color", b"background_color", "format", b"format", "mask_only", b"mask_only", "model", b"model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha_matting", b"alpha_matting", "background_color", b"background_color", "crop_margin_px", b"crop_margin_px", "crop_to_subject", b"crop_to_subject", "format", b"format", "mask_only", b"mask_only", "model", b"model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -257,6 +347,46 @@ class CropFace(_message.Message):
 Global___CropFace: _TypeAlias = CropFace  # noqa: Y015
 
 @_typing.final
+class Transform(_message.Message):
+    """A light image job: resize, convert, recompress. Runs on CPU, never queued
+    behind background removals.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESIZE_FIELD_NUMBER: _builtins.int
+    WIDTH_PX_FIELD_NUMBER: _builtins.int
+    HEIGHT_PX_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    QUALITY_FIELD_NUMBER: _builtins.int
+    resize: Global___ResizeMode.ValueType
+    """How to fit the box; unspecified keeps the size."""
+    width_px: _builtins.int
+    """Box width in pixels, 0-10000 (0 = unbounded for FIT)."""
+    height_px: _builtins.int
+    """Box height in pixels, 0-10000 (0 = unbounded for FIT)."""
+    format: Global___OutputFormat.ValueType
+    """Output encoding; PNG when unspecified."""
+    quality: _builtins.int
+    """JPEG/WebP quality 1-100; 0 means 85. WebP with 0 stays lossless."""
+    def __init__(
+        self,
+        *,
+        resize: Global___ResizeMode.ValueType = ...,
+        width_px: _builtins.int = ...,
+        height_px: _builtins.int = ...,
+        format: Global___OutputFormat.ValueType = ...,
+        quality: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "height_px", b"height_px", "quality", b"quality", "resize", b"resize", "width_px", b"width_px"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Transform: _TypeAlias = Transform  # noqa: Y015
+
+@_typing.final
 class Operation(_message.Message):
     """What to do with the image."""
 
@@ -264,6 +394,7 @@ class Operation(_message.Message):
 
     REMOVE_BACKGROUND_FIELD_NUMBER: _builtins.int
     CROP_FACE_FIELD_NUMBER: _builtins.int
+    TRANSFORM_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def remove_background(self) -> Global___RemoveBackground:
         """Remove the background."""
@@ -272,17 +403,22 @@ class Operation(_message.Message):
     def crop_face(self) -> Global___CropFace:
         """Crop around a face."""
 
+    @_builtins.property
+    def transform(self) -> Global___Transform:
+        """Resize, convert or recompress (a light job)."""
+
     def __init__(
         self,
         *,
         remove_background: Global___RemoveBackground | None = ...,
         crop_face: Global___CropFace | None = ...,
+        transform: Global___Transform | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["crop_face", b"crop_face", "kind", b"kind", "remove_background", b"remove_background"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["crop_face", b"crop_face", "kind", b"kind", "remove_background", b"remove_background", "transform", b"transform"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["crop_face", b"crop_face", "kind", b"kind", "remove_background", b"remove_background"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crop_face", b"crop_face", "kind", b"kind", "remove_background", b"remove_background", "transform", b"transform"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["remove_background", "crop_face"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["remove_background", "crop_face", "transform"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -404,6 +540,7 @@ class Result(_message.Message):
     HEIGHT_PX_FIELD_NUMBER: _builtins.int
     URI_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
+    SUBJECT_BOX_FIELD_NUMBER: _builtins.int
     content_type: _builtins.str
     """Media type of the output, for example "image/png"."""
     size_bytes: _builtins.int
@@ -418,6 +555,12 @@ class Result(_message.Message):
     """
     sha256: _builtins.str
     """Lower-case hex SHA-256 of the output bytes."""
+    @_builtins.property
+    def subject_box(self) -> Global___BoundingBox:
+        """Where the subject (background removal) or the face (face crops) is in
+        the output. Unset for transforms.
+        """
+
     def __init__(
         self,
         *,
@@ -427,10 +570,11 @@ class Result(_message.Message):
         height_px: _builtins.int = ...,
         uri: _builtins.str = ...,
         sha256: _builtins.str = ...,
+        subject_box: Global___BoundingBox | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["subject_box", b"subject_box"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "height_px", b"height_px", "sha256", b"sha256", "size_bytes", b"size_bytes", "uri", b"uri", "width_px", b"width_px"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "height_px", b"height_px", "sha256", b"sha256", "size_bytes", b"size_bytes", "subject_box", b"subject_box", "uri", b"uri", "width_px", b"width_px"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
