@@ -117,3 +117,28 @@ def test_reflection_and_health_on_every_server(real_cluster: LocalCluster) -> No
                 reply = health.Check(health_pb2.HealthCheckRequest(service=target), timeout=5)
                 assert reply.status == health_pb2.HealthCheckResponse.SERVING
     assert set(SERVICES.values()) <= listed
+
+
+async def test_face_crops_through_the_cluster(
+    real_cluster: LocalCluster, photos: dict[str, bytes]
+) -> None:
+    async with AsyncClient(real_cluster.gateway_address, KEYS["vendor-a"]) as client:
+        passport = await client.submit(photos["astronaut"], op="crop-face", mode="passport")
+        no_face = await client.submit(photos["coffee"], op="crop-face", mode="passport")
+        seen = [event.job async for event in client.watch(passport.name)]
+        result, data = await client.result(passport.name)
+        async for event in client.watch(no_face.name):
+            failed = event.job
+    stages = [job.stage for job in seen]
+    for stage in (jobs_pb2.STAGE_DETECTING, jobs_pb2.STAGE_INFERENCE, jobs_pb2.STAGE_RESIZING):
+        assert stage in stages
+    img = Image.open(io.BytesIO(data))
+    assert img.size == (827, 1063) == (result.width_px, result.height_px)
+    assert np.asarray(img.convert("RGB"))[:40].min() >= 245  # white above the head
+    box = result.subject_box
+    assert abs(box.x_px + box.width_px / 2 - 827 / 2) < 0.04 * 827
+    # No face: a clear per-job error, not retried (a retry cannot find one either).
+    assert failed.state == jobs_pb2.JOB_STATE_FAILED
+    assert failed.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "no face found" in failed.error.message
+    assert failed.attempt == 1 and not failed.dead_lettered

@@ -33,7 +33,7 @@ from services.scheduler.storage import ResultStores, StorageError
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = {"image/png": "png", "image/webp": "webp"}
+EXTENSIONS = {"image/png": "png", "image/webp": "webp", "image/jpeg": "jpg"}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,63 @@
+"""Light jobs (transforms, ID/square crops) have their own lane: never queued behind inference."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from pathlib import Path
+
+import numpy as np
+import skimage.data
+from PIL import Image
+
+from cutout import AsyncClient
+from cutout.v1 import jobs_pb2
+from services.local.cluster import LocalCluster
+from tests.conftest import KEYS, jpeg
+
+
+async def test_a_transform_overtakes_a_backlog_of_background_removals(
+    make_cluster,
+    tiny_model_dir: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    cluster: LocalCluster = make_cluster(
+        tiny_model_dir, nodes=1, start=False, CUTOUT_NODE_CAPACITY="1"
+    )
+    cluster.start(start_nodes=False)  # everything queues first
+    big = jpeg(np.tile(skimage.data.astronaut(), (3, 3, 1)))  # 1536x1536: slow to encode
+    async with AsyncClient(cluster.gateway_address, KEYS["vendor-a"]) as client:
+        heavy = [await client.submit(big) for _ in range(30)]
+        light = await client.submit(
+            skimage_file(), op="transform", resize="fit", width=100, output_format="jpeg"
+        )
+        square = await client.submit(jpeg(skimage.data.astronaut()), op="crop-face", mode="square")
+        # Queued in its own lane: first in it, whatever waits for inference.
+        assert (await client.get(light.name)).queue_position == 1
+        assert (await client.get(heavy[-1].name)).queue_position == 30
+        stats = await client.stats()
+        assert stats.queued == 32
+        await asyncio.to_thread(cluster.start_node, 0)
+        for name in (light.name, square.name):
+            async for event in client.watch(name):
+                last = event.job
+            assert last.state == jobs_pb2.JOB_STATE_SUCCEEDED, last
+        done = [await client.get(j.name) for j in heavy]
+        finished = sum(j.state == jobs_pb2.JOB_STATE_SUCCEEDED for j in done)
+        # One inference slot, 30 jobs ahead: the light jobs did not wait for them.
+        assert finished < 10, f"{finished} of 30 background removals finished first"
+        result, data = await client.result(light.name)
+        img = Image.open(io.BytesIO(data))
+        assert (img.format, img.size) == ("JPEG", (100, 67))
+        assert result.content_type == "image/jpeg" and not result.HasField("subject_box")
+        result, data = await client.result(square.name)
+        assert result.width_px == result.height_px and result.HasField("subject_box")
+        for job in heavy:  # and the backlog itself still completes
+            async for event in client.watch(job.name):
+                last = event.job
+            assert last.state == jobs_pb2.JOB_STATE_SUCCEEDED
+
+
+def skimage_file() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(skimage.data.coffee()).save(buf, "PNG")
+    return buf.getvalue()
