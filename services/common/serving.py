@@ -14,6 +14,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
 
+from services.common.config import SettingsError
+
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
@@ -50,9 +52,27 @@ async def set_serving(
         await servicer.set(name, status)
 
 
-def bind(server: grpc.aio.Server, listen: str) -> int:
-    """Bind insecurely to host:port (port 0 picks a free one); return the port."""
-    port = server.add_insecure_port(listen)
+def tls_credentials(cert_path: str, key_path: str) -> grpc.ServerCredentials | None:
+    """Server TLS from PEM files; None when neither is set. Half a pair is a settings error."""
+    if not cert_path and not key_path:
+        return None
+    if not (cert_path and key_path):
+        raise SettingsError("CUTOUT_TLS_CERT and CUTOUT_TLS_KEY must be set together")
+    try:
+        pair = (Path(key_path).read_bytes(), Path(cert_path).read_bytes())
+    except OSError as exc:
+        raise SettingsError(f"cannot read the TLS certificate or key: {exc}") from exc
+    return grpc.ssl_server_credentials([pair])
+
+
+def bind(
+    server: grpc.aio.Server, listen: str, credentials: grpc.ServerCredentials | None = None
+) -> int:
+    """Bind to host:port (port 0 picks a free one), with TLS when given; return the port."""
+    if credentials is not None:
+        port = server.add_secure_port(listen, credentials)
+    else:
+        port = server.add_insecure_port(listen)
     if port == 0:
         raise OSError(f"cannot listen on {listen}: address in use or not available")
     return port

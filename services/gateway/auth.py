@@ -1,7 +1,9 @@
 """Vendor identity from `authorization: Bearer <key>` metadata.
 
-Keys are configured as SHA-256 hashes (CUTOUT_API_KEYS="vendor:hexdigest,..."),
-so neither the configuration nor a log line ever holds a usable key.
+Keys come from the vendor registry in Redis (services/gateway/vendors.py,
+`cutout vendors ...`) and, for the local cluster and simple setups, from
+CUTOUT_API_KEYS="vendor:sha256hex,...". Both hold SHA-256 hashes only, so
+neither the configuration, Redis nor a log line ever holds a usable key.
 """
 
 from __future__ import annotations
@@ -9,11 +11,17 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+import time
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import grpc
 
 from services.common.errors import CutoutError
+
+if TYPE_CHECKING:
+    from services.gateway.ratelimit import Quota
+    from services.gateway.vendors import Vendor, VendorRegistry
 
 VENDOR_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -40,29 +48,86 @@ def parse_key_entries(entries: Iterable[str]) -> dict[str, str]:
     return table
 
 
+def bearer_token(metadata: Iterable[tuple[str, str | bytes]]) -> str:
+    """The key in `authorization: Bearer <key>`, or UNAUTHENTICATED saying what to send."""
+    header = ""
+    for key, value in metadata:
+        if key == "authorization":
+            header = value if isinstance(value, str) else value.decode(errors="replace")
+            break
+    scheme, _, token = header.partition(" ")
+    if not header:
+        raise CutoutError(
+            "missing credentials: send metadata 'authorization: Bearer <api key>'",
+            grpc.StatusCode.UNAUTHENTICATED,
+        )
+    if scheme.lower() != "bearer" or not token.strip():
+        raise CutoutError(
+            "malformed authorization metadata: expected 'Bearer <api key>'",
+            grpc.StatusCode.UNAUTHENTICATED,
+        )
+    return token.strip()
+
+
 class KeyTable:
+    """Static keys from CUTOUT_API_KEYS: {sha256 hex: vendor}."""
+
     def __init__(self, by_hash: dict[str, str]) -> None:
         self.by_hash = by_hash
 
     def vendor_for(self, metadata: Iterable[tuple[str, str | bytes]]) -> str:
-        """The caller's vendor id, or UNAUTHENTICATED with a message saying what to send."""
-        header = ""
-        for key, value in metadata:
-            if key == "authorization":
-                header = value if isinstance(value, str) else value.decode(errors="replace")
-                break
-        scheme, _, token = header.partition(" ")
-        if not header:
-            raise CutoutError(
-                "missing credentials: send metadata 'authorization: Bearer <api key>'",
-                grpc.StatusCode.UNAUTHENTICATED,
-            )
-        if scheme.lower() != "bearer" or not token.strip():
-            raise CutoutError(
-                "malformed authorization metadata: expected 'Bearer <api key>'",
-                grpc.StatusCode.UNAUTHENTICATED,
-            )
-        vendor = self.by_hash.get(hash_key(token.strip()))
+        vendor = self.by_hash.get(hash_key(bearer_token(metadata)))
         if vendor is None:
             raise CutoutError("unknown or revoked API key", grpc.StatusCode.UNAUTHENTICATED)
         return vendor
+
+
+class Authenticator:
+    """Static keys first, then the registry; registry answers cached for cache_s.
+
+    The cache bounds Redis traffic (one lookup per key per cache_s, also for
+    wrong keys) and is why a disabled vendor or a revoked key stops working
+    within cache_s, not instantly.
+    """
+
+    def __init__(
+        self, static: KeyTable, registry: VendorRegistry | None, cache_s: float = 2.0
+    ) -> None:
+        self.static = static
+        self.registry = registry
+        self.cache_s = cache_s
+        self._cache: dict[str, tuple[float, Vendor | None]] = {}
+        self._limits: dict[str, dict[str, Quota]] = {}
+
+    async def vendor_for(self, metadata: Iterable[tuple[str, str | bytes]]) -> str:
+        digest = hash_key(bearer_token(metadata))
+        vendor = self.static.by_hash.get(digest)
+        if vendor is not None:
+            return vendor
+        found = await self._lookup(digest)
+        if found is None:
+            raise CutoutError("unknown or revoked API key", grpc.StatusCode.UNAUTHENTICATED)
+        if not found.active:
+            raise CutoutError(
+                f"vendor {found.id} is disabled; ask the operator to enable it",
+                grpc.StatusCode.PERMISSION_DENIED,
+            )
+        self._limits[found.id] = found.limits
+        return found.id
+
+    def limits_of(self, vendor: str) -> dict[str, Quota]:
+        """The vendor's own rate limits from the registry (empty: the gateway's defaults)."""
+        return self._limits.get(vendor, {})
+
+    async def _lookup(self, digest: str) -> Vendor | None:
+        if self.registry is None:
+            return None
+        now = time.monotonic()
+        hit = self._cache.get(digest)
+        if hit is not None and now - hit[0] < self.cache_s:
+            return hit[1]
+        found = await self.registry.lookup(digest)
+        if len(self._cache) > 10_000:  # wrong keys must not grow it without bound
+            self._cache.clear()
+        self._cache[digest] = (now, found)
+        return found

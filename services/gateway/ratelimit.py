@@ -70,7 +70,12 @@ GENEROUS = "requests=1000000/60,remove_background=1000000/60,crop_face=1000000/6
 
 def parse_quotas(spec: str) -> dict[str, Quota]:
     """ "requests=50/900,batches=10/3600" -> quotas; unnamed ones keep their defaults."""
-    quotas = dict(DEFAULT_QUOTAS)
+    return {**DEFAULT_QUOTAS, **parse_quota_overrides(spec)}
+
+
+def parse_quota_overrides(spec: str) -> dict[str, Quota]:
+    """ "requests=50/900" -> only the quotas the spec names."""
+    quotas: dict[str, Quota] = {}
     for entry in filter(None, (e.strip() for e in spec.split(","))):
         name, _, rule = entry.partition("=")
         limit, _, period = rule.partition("/")

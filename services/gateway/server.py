@@ -12,12 +12,13 @@ from cutout.v1 import scheduler_service_pb2_grpc as spb_grpc
 from services.common import serving
 from services.common.metrics import RpcMetrics
 from services.common.metrics import serve as serve_metrics
-from services.gateway.auth import KeyTable, parse_key_entries
+from services.gateway.auth import Authenticator, KeyTable, parse_key_entries
 from services.gateway.fetch import Fetcher, FetchPolicy
 from services.gateway.intake import Limits
 from services.gateway.ratelimit import RateLimiter
 from services.gateway.service import CutoutServicer
 from services.gateway.settings import GatewaySettings
+from services.gateway.vendors import VendorRegistry
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "cutout.v1.CutoutService"
@@ -26,9 +27,7 @@ SERVICE_NAME = "cutout.v1.CutoutService"
 class GatewayServer:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
-        keys = KeyTable(parse_key_entries(settings.api_keys))
-        if not keys.by_hash:
-            log.warning("CUTOUT_API_KEYS is empty: every call will be refused as UNAUTHENTICATED")
+        static = KeyTable(parse_key_entries(settings.api_keys))
         self.channel = grpc.aio.insecure_channel(
             settings.scheduler,
             options=[
@@ -42,8 +41,9 @@ class GatewayServer:
             )
         )
         limiter = RateLimiter(self.redis, settings.key_prefix, settings.rate_limits)
+        registry = VendorRegistry(self.redis, settings.key_prefix)
         servicer = CutoutServicer(
-            keys,
+            Authenticator(static, registry, settings.auth_cache_s),
             spb_grpc.SchedulerServiceStub(self.channel),
             Limits(settings.max_image_bytes, settings.max_pixels, tuple(settings.models)),
             settings.max_batch,
@@ -71,13 +71,15 @@ class GatewayServer:
     async def start(self) -> None:
         await self.redis.ping()  # fail fast, with the URL in the error, if Redis is not there
         self.metrics_port = serve_metrics(self.settings.metrics_listen)
-        self.port = serving.bind(self.server, self.settings.listen)
+        tls = serving.tls_credentials(self.settings.tls_cert, self.settings.tls_key)
+        self.port = serving.bind(self.server, self.settings.listen, tls)
         await self.server.start()
         await serving.set_serving(self.health, [SERVICE_NAME], True)
         serving.write_ready_file(self.settings.ready_file, self.port)
         log.info(
             "gateway serving",
             extra={
+                "tls": tls is not None,
                 "port": self.port,
                 "metrics_port": self.metrics_port,
                 "scheduler": self.settings.scheduler,

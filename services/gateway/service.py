@@ -18,7 +18,7 @@ from cutout.v1 import scheduler_service_pb2 as spb
 from cutout.v1 import scheduler_service_pb2_grpc as spb_grpc
 from services.common.errors import CutoutError, abort, invalid_argument
 from services.gateway import metrics
-from services.gateway.auth import KeyTable
+from services.gateway.auth import Authenticator
 from services.gateway.fetch import Fetcher
 from services.gateway.intake import Limits, validate
 from services.gateway.ratelimit import Decision, RateLimiter, refusal, trailers
@@ -41,7 +41,7 @@ def _operation(submission: jobs_pb2.JobSubmission) -> str:
 class CutoutServicer(pb_grpc.CutoutServiceServicer):
     def __init__(
         self,
-        keys: KeyTable,
+        keys: Authenticator,
         scheduler: spb_grpc.SchedulerServiceAsyncStub,
         limits: Limits,
         max_batch: int,
@@ -60,7 +60,15 @@ class CutoutServicer(pb_grpc.CutoutServiceServicer):
 
     async def _vendor(self, context: Context) -> str:
         try:
-            return self.keys.vendor_for(context.invocation_metadata() or ())
+            return await self.keys.vendor_for(context.invocation_metadata() or ())
+        except aioredis.RedisError as exc:
+            await abort(
+                context,
+                CutoutError(
+                    f"vendor registry unavailable, retry shortly: {exc}",
+                    grpc.StatusCode.UNAVAILABLE,
+                ),
+            )
         except CutoutError as err:
             await abort(context, err)
 
@@ -80,7 +88,8 @@ class CutoutServicer(pb_grpc.CutoutServiceServicer):
         if quota not in self.limiter.quotas or wanted == 0:
             return None
         try:
-            return await self.limiter.take(vendor, quota, wanted)
+            own = self.keys.limits_of(vendor).get(quota)
+            return await self.limiter.take(vendor, quota, wanted, own)
         except aioredis.RedisError as exc:
             # Fail closed but retryable: without the limiter no quota can be kept.
             raise CutoutError(
@@ -249,6 +258,38 @@ class CutoutServicer(pb_grpc.CutoutServiceServicer):
             await _relay(context, exc)
         finally:
             call.cancel()
+
+    async def WatchBatch(
+        self, request: pb.WatchBatchRequest, context: Context
+    ) -> AsyncIterator[pb.WatchBatchResponse]:
+        vendor = await self._vendor(context)
+        call = self.scheduler.WatchBatch(
+            spb.SchedulerServiceWatchBatchRequest(vendor_id=vendor, name=request.name)
+        )
+        try:
+            async for reply in call:
+                yield pb.WatchBatchResponse(batch=reply.batch)
+        except grpc.aio.AioRpcError as exc:
+            await _relay(context, exc)
+        finally:
+            call.cancel()
+
+    async def CancelBatch(
+        self, request: pb.CancelBatchRequest, context: Context
+    ) -> pb.CancelBatchResponse:
+        vendor = await self._vendor(context)
+        try:
+            reply = await self.scheduler.CancelBatch(
+                spb.SchedulerServiceCancelBatchRequest(vendor_id=vendor, name=request.name),
+                timeout=self.timeout_s,
+            )
+        except grpc.aio.AioRpcError as exc:
+            await _relay(context, exc)
+        log.info(
+            "batch cancelled",
+            extra={"vendor": vendor, "batch": reply.batch.name, "cancelled": reply.cancelled},
+        )
+        return pb.CancelBatchResponse(cancelled=reply.cancelled, batch=reply.batch)
 
     async def ListJobs(self, request: pb.ListJobsRequest, context: Context) -> pb.ListJobsResponse:
         vendor = await self._vendor(context)

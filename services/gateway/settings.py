@@ -22,7 +22,12 @@ class GatewaySettings:
     Attributes:
         listen: CUTOUT_GATEWAY_LISTEN, host:port of the public API (port 0 picks one).
         scheduler: CUTOUT_SCHEDULER_ADDR, host:port of a scheduler (or a load-balanced name).
-        api_keys: CUTOUT_API_KEYS, comma-separated "vendor:<sha256 hex of the key>".
+        api_keys: CUTOUT_API_KEYS, comma-separated "vendor:<sha256 hex of the key>": static keys
+            beside the vendor registry in Redis (`cutout vendors ...`).
+        auth_cache_s: CUTOUT_AUTH_CACHE_S, how long a registry answer about a key is reused;
+            a disabled vendor or a revoked key stops working within this time.
+        tls_cert: CUTOUT_TLS_CERT, PEM certificate chain for the public port (empty: plaintext).
+        tls_key: CUTOUT_TLS_KEY, PEM private key of that certificate.
         models: CUTOUT_MODELS, model names the nodes serve; the first is the default.
         max_image_bytes: CUTOUT_MAX_IMAGE_BYTES, largest inline image (default 20 MiB).
         max_pixels: CUTOUT_MAX_PIXELS, largest image by header dimensions (default 40 MP).
@@ -50,6 +55,9 @@ class GatewaySettings:
     listen: str
     scheduler: str
     api_keys: list[str]
+    auth_cache_s: float
+    tls_cert: str
+    tls_key: str
     models: list[str]
     max_image_bytes: int
     max_pixels: int
@@ -73,6 +81,9 @@ class GatewaySettings:
             listen=env_str("CUTOUT_GATEWAY_LISTEN", "127.0.0.1:50051"),
             scheduler=env_str("CUTOUT_SCHEDULER_ADDR", "127.0.0.1:50052"),
             api_keys=env_list("CUTOUT_API_KEYS"),
+            auth_cache_s=env_float("CUTOUT_AUTH_CACHE_S", 2.0, minimum=0.0),
+            tls_cert=env_str("CUTOUT_TLS_CERT", ""),
+            tls_key=env_str("CUTOUT_TLS_KEY", ""),
             models=env_list("CUTOUT_MODELS", "isnet-general-use"),
             max_image_bytes=env_int("CUTOUT_MAX_IMAGE_BYTES", 20 * MiB, minimum=1),
             max_pixels=env_int("CUTOUT_MAX_PIXELS", 40_000_000, minimum=1),

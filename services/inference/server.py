@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 
 import grpc
 
@@ -22,6 +23,12 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "cutout.v1.InferenceService"
 
 
+def cpu_threads_per_job(capacity: int) -> int:
+    """Intra-op threads per session run so that `capacity` runs share the cores, not fight."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // capacity)
+
+
 class NodeServer:
     def __init__(self, settings: NodeSettings) -> None:
         self.settings = settings
@@ -37,9 +44,10 @@ class NodeServer:
     async def start(self) -> None:
         s = self.settings
         providers = requested_providers(s.providers)
+        threads = s.ort_threads or cpu_threads_per_job(s.capacity)
         # Loading takes seconds; keep the event loop free meanwhile.
         catalog = await asyncio.to_thread(
-            ModelCatalog.load, s.model_dir, s.models, providers, s.ort_threads
+            ModelCatalog.load, s.model_dir, s.models, providers, threads
         )
         if s.require_gpu:
             on_cpu = [
@@ -56,7 +64,7 @@ class NodeServer:
             s.max_pixels,
             light_capacity=s.light_capacity,
             recycle=RecyclePolicy(s.max_rss_mb * 2**20),
-            reload=lambda: ModelCatalog.load(s.model_dir, s.models, providers, s.ort_threads),
+            reload=lambda: ModelCatalog.load(s.model_dir, s.models, providers, threads),
         )
         metrics.describe_models(catalog)
         metrics.CAPACITY.set(s.capacity)

@@ -27,7 +27,8 @@ class NodeSettings:
             face crops) processed at once beside them, in their own threads.
         max_rss_mb: CUTOUT_MAX_RSS_MB, resident memory past which the node rebuilds its
             model sessions (0 = never).
-        ort_threads: CUTOUT_ORT_THREADS, ONNX Runtime intra-op threads (0 = its default).
+        ort_threads: CUTOUT_ORT_THREADS, ONNX Runtime intra-op threads per session run
+            (0 = the node's cores divided by its capacity, so concurrent runs share them).
         max_pixels: CUTOUT_MAX_PIXELS, largest input decoded, in pixels.
         max_message_bytes: CUTOUT_MAX_MESSAGE_BYTES, gRPC message limit.
         grace_s: CUTOUT_GRACE_S, how long a draining node waits for its jobs.

@@ -55,6 +55,8 @@ def run_up(nodes: int, port: int, workdir: Path | None, appendfsync: str = "ever
         f"starting redis, scheduler, {nodes} node(s) and the gateway (models load first)..."
     ):
         cluster.start()
+    # Where `cutout vendors` finds this cluster's registry when run from here.
+    (workdir / "redis.url").write_text(cluster.redis_url + "\n")
     print_summary(cluster, key)
     stop.wait()
     console.print("stopping...")

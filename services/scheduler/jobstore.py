@@ -6,6 +6,7 @@ The store knows nothing about gRPC servers or nodes.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 import uuid
@@ -225,11 +226,12 @@ class JobStore:
                 self.admission.max_queued_per_vendor,
                 self.admission.max_queued,
                 operations.lane(submission.operation),
+                self.retention.finished_s + 24 * 3600,
             ]
         )
         if created < 0:  # over an admission cap: -1 the vendor's, -2 the cluster's
             what = {
-                -1: f"vendor {vendor} already has {self.admission.max_queued_per_vendor} jobs "
+                -1: f"vendor {vendor} already has {got.decode()} jobs "
                 "waiting; retry once some have started",
                 -2: f"the cluster has {self.admission.max_queued} jobs waiting and sheds load; "
                 "retry shortly",
@@ -319,6 +321,63 @@ class JobStore:
                 last_id = entry_id
                 job = await self._apply(vendor, job_id, state, data)
                 yield job
+
+    # --- batches ----------------------------------------------------------------
+
+    async def batch_progress(self, vendor: str, batch: str) -> jobs_pb2.BatchProgress:
+        """Counts by state and mean progress of the vendor's batch; NOT_FOUND otherwise."""
+        members = cast(set[bytes], await self.redis.smembers(self.keys.batch(vendor, batch)))
+        if not members:
+            raise not_found(batch)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for member in members:
+                pipe.hmget(self.keys.job(member.decode()), "state", "progress")
+            rows = cast(list[list[bytes | None]], await pipe.execute())
+        out = jobs_pb2.BatchProgress(name=batch)
+        percent = 0
+        for state_raw, progress_raw in rows:
+            if state_raw is None:
+                continue  # expired
+            state = int(state_raw)
+            out.total += 1
+            if state == jobs_pb2.JOB_STATE_QUEUED:
+                out.queued += 1
+            elif state == jobs_pb2.JOB_STATE_RUNNING:
+                out.running += 1
+            elif state == jobs_pb2.JOB_STATE_SUCCEEDED:
+                out.succeeded += 1
+            elif state == jobs_pb2.JOB_STATE_FAILED:
+                out.failed += 1
+            else:
+                out.cancelled += 1
+            finished = state not in (jobs_pb2.JOB_STATE_QUEUED, jobs_pb2.JOB_STATE_RUNNING)
+            percent += 100 if finished else int(progress_raw or 0)
+        out.done = out.queued + out.running == 0
+        out.progress_percent = percent // out.total if out.total else 100
+        return out
+
+    async def watch_batch(
+        self, vendor: str, batch: str, poll_s: float = 0.5
+    ) -> AsyncIterator[jobs_pb2.BatchProgress]:
+        """The batch's progress now, then again whenever it changes, until it is done."""
+        last: jobs_pb2.BatchProgress | None = None
+        while True:
+            now = await self.batch_progress(vendor, batch)
+            if now != last:
+                yield now
+                last = now
+            if now.done:
+                return
+            await asyncio.sleep(poll_s)
+
+    async def cancel_batch(self, vendor: str, batch: str) -> tuple[int, jobs_pb2.BatchProgress]:
+        members = cast(set[bytes], await self.redis.smembers(self.keys.batch(vendor, batch)))
+        if not members:
+            raise not_found(batch)
+        cancelled = 0
+        for member in members:
+            cancelled += await self._cancel_one(vendor, member.decode()) == 1
+        return cancelled, await self.batch_progress(vendor, batch)
 
     async def _apply(self, vendor: str, job_id: str, state: Fields, event: Fields) -> jobs_pb2.Job:
         state.update(event)
@@ -578,20 +637,14 @@ class JobStore:
             purged += int(await self._purge_dead(args=[self.keys.prefix, vendor, *chunk]))
         return purged
 
-    async def cancel(self, vendor: str, job_id: str) -> jobs_pb2.Job:
+    async def _cancel_one(self, vendor: str, job_id: str) -> int:
+        """-1 not the vendor's job, 0 already finished, 1 cancelled now."""
         error = status_from_code(grpc.StatusCode.CANCELLED, "cancelled by the vendor")
-        got = int(
-            await self._cancel(
-                args=[
-                    self.keys.prefix,
-                    job_id,
-                    vendor,
-                    error.SerializeToString(),
-                    self.retention.finished_s,
-                ]
-            )
-        )
-        if got == -1:
+        args = [self.keys.prefix, job_id, vendor, error.SerializeToString()]
+        return int(await self._cancel(args=[*args, self.retention.finished_s]))
+
+    async def cancel(self, vendor: str, job_id: str) -> jobs_pb2.Job:
+        if await self._cancel_one(vendor, job_id) == -1:
             raise not_found(f"job {job_name(job_id)}")
         return await self.get(vendor, job_id)
 

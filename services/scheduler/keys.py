@@ -27,12 +27,16 @@ DEFAULT_PREFIX = "cutout:"
 #                          which has its own round robin and never waits behind inference.
 #                          The job hash's `lane` field says which lane a job is in.
 # weights           HASH   vendor -> fairness weight (from CUTOUT_VENDOR_WEIGHTS; default 1).
+# vendor:{id}       HASH   the vendor registry (services/gateway/vendors.py, `cutout vendors`):
+#                          CLAIM reads `weight` (beats `weights`), ENQUEUE `max_queued`.
 # leases            ZSET   running job id -> lease deadline (ms since the epoch).
 # delayed           ZSET   job id -> when its backoff ends and it rejoins its queue (ms).
 # dlq:{vendor}      ZSET   the vendor's dead-lettered job ids -> when dead-lettered (ms).
 # running:{vendor}  SET    the vendor's running job ids.
 # jobs:{vendor}     ZSET   every job of the vendor -> seq, for listing newest first.
 # idem:{vendor}:{k} STRING job id for an idempotency key; expires after 24 h.
+# batch:{vendor}:{batch}  SET  the job ids of one batch ("batches/{id}"); expires after the
+#                          retention period plus a day from its last job's submission.
 # seq               STRING global submission counter.
 # vendors           SET    every vendor that ever submitted, for global stats.
 # counters:{vendor} HASH   monotonic counts: attempts, lease_lost, retried, dead_lettered,
@@ -86,6 +90,9 @@ class Keys:
 
     def counters(self, vendor: str) -> str:
         return f"{self.prefix}counters:{vendor}"
+
+    def batch(self, vendor: str, batch: str) -> str:
+        return f"{self.prefix}batch:{vendor}:{batch}"
 
     def dead_letters(self, vendor: str) -> str:
         return f"{self.prefix}dlq:{vendor}"

@@ -108,7 +108,7 @@ end
 
 # ARGV: prefix, id, vendor, priority, operation, record, client_key, batch,
 #       input_pixels, image, idempotency_ttl_s, cost, max_queued_vendor,
-#       max_queued_total, lane ('' or 'light:')
+#       max_queued_total, lane ('' or 'light:'), batch_ttl_s
 # Returns {1, id} for a new job, {0, existing_id} for an idempotent repeat.
 ENQUEUE = (
     PRELUDE
@@ -130,7 +130,10 @@ for _, L in ipairs(LANES) do
     waiting = waiting + redis.call('ZCARD', L .. 'queue:' .. v)
   end
 end
-if mine >= tonumber(ARGV[13]) then return {-1, ''} end
+-- A vendor's own cap from the registry (cutout vendors ... --max-queued) beats the default.
+local cap = tonumber(redis.call('HGET', P .. 'vendor:' .. vendor, 'max_queued') or '0') or 0
+if cap <= 0 then cap = tonumber(ARGV[13]) end
+if mine >= cap then return {-1, tostring(cap)} end
 if waiting >= tonumber(ARGV[14]) then return {-2, ''} end
 local now = now_ms()
 local seq = redis.call('INCR', P .. 'seq')
@@ -141,6 +144,12 @@ redis.call('HSET', P .. 'job:' .. id, 'vendor', vendor, 'state', 1, 'stage', 1,
   'seq', seq, 'score', score, 'cost', tonumber(ARGV[12]), 'create_ms', now, 'update_ms', now,
   'lane', ARGV[15])
 redis.call('SET', P .. 'input:' .. id, ARGV[10])
+if ARGV[8] ~= '' then
+  -- The batch's members, for WatchBatch and CancelBatch; kept as long as its jobs.
+  local bk = P .. 'batch:' .. vendor .. ':' .. ARGV[8]
+  redis.call('SADD', bk, id)
+  redis.call('EXPIRE', bk, tonumber(ARGV[16]))
+end
 redis.call('ZADD', P .. 'jobs:' .. vendor, seq, id)
 redis.call('SADD', P .. 'vendors', vendor)
 if ck ~= '' then
@@ -185,7 +194,9 @@ for _ = 1, 64 * math.max(1, redis.call('LLEN', ring)) do
     local cost = tonumber(redis.call('HGET', P .. 'job:' .. id, 'cost') or '1000')
     local credit = tonumber(redis.call('HGET', L .. 'deficit', vendor) or '0')
     if redis.call('HGET', L .. 'turn', vendor) ~= '1' then
-      local weight = tonumber(redis.call('HGET', P .. 'weights', vendor) or default_weight)
+      -- Weight: the registry's (cutout vendors ... --weight), else configured, else default.
+      local weight = tonumber(redis.call('HGET', P .. 'vendor:' .. vendor, 'weight')
+        or redis.call('HGET', P .. 'weights', vendor) or default_weight)
       credit = credit + quantum * weight
       redis.call('HSET', L .. 'turn', vendor, 1)
     end

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from cutout.names import job_id_from_name
+from cutout.names import BATCH_PREFIX, batch_id_from_name, job_id_from_name
 from cutout.v1 import scheduler_service_pb2 as pb
 from cutout.v1 import scheduler_service_pb2_grpc as pb_grpc
 from services.common.errors import CutoutError, abort, invalid_argument, not_found
@@ -34,6 +34,13 @@ def _job_id(name: str) -> str:
         # A malformed name cannot name anyone's job.
         raise not_found(f"job {name!r}")
     return job_id
+
+
+def _batch(name: str) -> str:
+    batch_id = batch_id_from_name(name)
+    if batch_id is None:
+        raise not_found(f"batch {name!r}")
+    return BATCH_PREFIX + batch_id
 
 
 class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
@@ -90,6 +97,26 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
                 response.event.job.CopyFrom(job)
                 response.event.event_time.CopyFrom(job.update_time)
                 yield response
+        except CutoutError as err:
+            await abort(context, err)
+
+    async def WatchBatch(
+        self, request: pb.SchedulerServiceWatchBatchRequest, context: Context
+    ) -> AsyncIterator[pb.SchedulerServiceWatchBatchResponse]:
+        try:
+            vendor, batch = _vendor(request.vendor_id), _batch(request.name)
+            async for progress in self.store.watch_batch(vendor, batch):
+                yield pb.SchedulerServiceWatchBatchResponse(batch=progress)
+        except CutoutError as err:
+            await abort(context, err)
+
+    async def CancelBatch(
+        self, request: pb.SchedulerServiceCancelBatchRequest, context: Context
+    ) -> pb.SchedulerServiceCancelBatchResponse:
+        try:
+            vendor, batch = _vendor(request.vendor_id), _batch(request.name)
+            cancelled, progress = await self.store.cancel_batch(vendor, batch)
+            return pb.SchedulerServiceCancelBatchResponse(cancelled=cancelled, batch=progress)
         except CutoutError as err:
             await abort(context, err)
 

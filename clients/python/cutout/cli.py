@@ -37,6 +37,11 @@ def stage_name(stage: int) -> str:
     return jobs_pb2.Stage.Name(stage).removeprefix("STAGE_").lower()  # type: ignore[arg-type]
 
 
+def tls_of(args: argparse.Namespace) -> bool | str | None:
+    """--tls-ca, --tls, or None (the client then reads CUTOUT_TLS_CA / CUTOUT_TLS)."""
+    return args.tls_ca or (True if args.tls else None)
+
+
 def describe(job: jobs_pb2.Job) -> str:
     parts = [job.name, state_name(job.state), f"{stage_name(job.stage)} {job.progress_percent}%"]
     if job.state == jobs_pb2.JOB_STATE_QUEUED and job.queue_position:
@@ -95,7 +100,7 @@ async def cmd_submit(args: argparse.Namespace) -> int:
             console.print("[red]--record[/red] takes PROJECT/RECORD and exactly one image")
             return 2
         record = (project, record_id)
-    async with AsyncClient(args.addr, args.api_key) as client:
+    async with AsyncClient(args.addr, args.api_key, tls=tls_of(args)) as client:
         jobs: list[tuple[str, jobs_pb2.Job]] = []
         failed = 0
         for item in inputs:
@@ -186,13 +191,13 @@ async def follow(client: AsyncClient, jobs: list[tuple[str, jobs_pb2.Job]], out_
 
 
 async def cmd_status(args: argparse.Namespace) -> int:
-    async with AsyncClient(args.addr, args.api_key) as client:
+    async with AsyncClient(args.addr, args.api_key, tls=tls_of(args)) as client:
         out.print(describe(await client.get(args.job)))
     return 0
 
 
 async def cmd_watch(args: argparse.Namespace) -> int:
-    async with AsyncClient(args.addr, args.api_key) as client:
+    async with AsyncClient(args.addr, args.api_key, tls=tls_of(args)) as client:
         job = jobs_pb2.Job()
         async for event in client.watch(args.job):
             job = event.job
@@ -202,7 +207,7 @@ async def cmd_watch(args: argparse.Namespace) -> int:
 
 async def cmd_list(args: argparse.Namespace) -> int:
     state = STATES[args.state] if args.state else jobs_pb2.JOB_STATE_UNSPECIFIED
-    async with AsyncClient(args.addr, args.api_key) as client:
+    async with AsyncClient(args.addr, args.api_key, tls=tls_of(args)) as client:
         page = await client.list_jobs(state=state, page_size=args.limit, page_token=args.page_token)
     rows = [
         [
@@ -221,13 +226,13 @@ async def cmd_list(args: argparse.Namespace) -> int:
 
 
 async def cmd_cancel(args: argparse.Namespace) -> int:
-    async with AsyncClient(args.addr, args.api_key) as client:
+    async with AsyncClient(args.addr, args.api_key, tls=tls_of(args)) as client:
         out.print(describe(await client.cancel(args.job)))
     return 0
 
 
 async def cmd_stats(args: argparse.Namespace) -> int:
-    async with AsyncClient(args.addr, args.api_key) as client:
+    async with AsyncClient(args.addr, args.api_key, tls=tls_of(args)) as client:
         s = await client.stats()
     out.print(
         f"queued {s.queued}  running {s.running}  nodes {s.healthy_nodes}  "
@@ -243,7 +248,7 @@ async def cmd_stats(args: argparse.Namespace) -> int:
 
 
 async def cmd_result(args: argparse.Namespace) -> int:
-    async with AsyncClient(args.addr, args.api_key) as client:
+    async with AsyncClient(args.addr, args.api_key, tls=tls_of(args)) as client:
         result = await client.save_result(args.job, args.out)
     out.print(
         f"wrote {args.out} ({result.content_type}, "
@@ -253,7 +258,7 @@ async def cmd_result(args: argparse.Namespace) -> int:
 
 
 async def cmd_dlq(args: argparse.Namespace) -> int:
-    async with AsyncClient(args.addr, args.api_key) as client:
+    async with AsyncClient(args.addr, args.api_key, tls=tls_of(args)) as client:
         if args.action == "list":
             page = await client.dead_letters(page_size=args.limit, page_token=args.page_token)
             rows = [
@@ -295,6 +300,22 @@ def cmd_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_vendors(args: argparse.Namespace) -> int:
+    try:
+        from services.gateway import vendor_admin
+    except ImportError as exc:
+        need = "pip install 'cutout[server]'"
+        console.print(f"[red]cutout vendors needs the server parts[/red]: {need} ({exc})")
+        return 2
+    return asyncio.run(vendor_admin.run(args))
+
+
+def _local_redis_url() -> str:
+    """The URL `cutout up` wrote for its embedded Redis, if one is running from here."""
+    path = Path("var") / "redis.url"
+    return path.read_text().strip() if path.is_file() else "redis://127.0.0.1:6379/0"
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     try:
         from services.local.up import run_up
@@ -321,6 +342,15 @@ def parser() -> argparse.ArgumentParser:
         help="gateway host:port (env CUTOUT_ADDR, default %(default)s)",
     )
     common.add_argument("--api-key", default=None, help="vendor API key (env CUTOUT_API_KEY)")
+    common.add_argument(
+        "--tls", action="store_true", help="TLS with the system's roots (env CUTOUT_TLS=1)"
+    )
+    common.add_argument(
+        "--tls-ca",
+        default="",
+        metavar="PEM",
+        help="TLS trusting this CA bundle (env CUTOUT_TLS_CA)",
+    )
     sub = top.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="run a local cluster until Ctrl-C")
@@ -422,6 +452,58 @@ def parser() -> argparse.ArgumentParser:
     k = sub.add_parser("key", help="make a new API key for a vendor")
     k.add_argument("vendor")
     k.set_defaults(sync=cmd_key)
+
+    v = sub.add_parser(
+        "vendors",
+        help="manage vendors and their API keys (operators; talks to Redis directly)",
+        description="The vendor registry every gateway reads: keys (stored hashed), status, "
+        "rate limits, fairness weight and cap on waiting jobs.",
+    )
+    v.add_argument(
+        "--redis",
+        default=os.environ.get("CUTOUT_REDIS_URL") or _local_redis_url(),
+        help="the cluster's Redis (env CUTOUT_REDIS_URL; default: the one `cutout up` started)",
+    )
+    v.add_argument(
+        "--prefix",
+        default=os.environ.get("CUTOUT_REDIS_PREFIX", "cutout:"),
+        help="key prefix (env CUTOUT_REDIS_PREFIX)",
+    )
+    actions = v.add_subparsers(dest="vendors_action", required=True)
+    add = actions.add_parser("add", help="register a vendor and print its first key")
+    add.add_argument("vendor")
+    change = actions.add_parser("set", help="change a vendor's weight, limits or queue cap")
+    change.add_argument("vendor")
+    for p, default in ((add, True), (change, False)):
+        p.add_argument(
+            "--weight",
+            type=float,
+            default=1.0 if default else None,
+            help="fair share relative to others (default 1)",
+        )
+        p.add_argument(
+            "--limits",
+            default="" if default else None,
+            metavar="NAME=N/SECONDS,...",
+            help="own rate limits of requests, remove_background, crop_face, batches "
+            "(others keep the gateway's)",
+        )
+        p.add_argument(
+            "--max-queued",
+            type=int,
+            default=0 if default else None,
+            help="most waiting jobs (0: the cluster default)",
+        )
+    actions.add_parser("list", help="every vendor (never their keys)")
+    rotate = actions.add_parser("rotate", help="issue a new key; old keys stop after --grace")
+    rotate.add_argument("vendor")
+    rotate.add_argument(
+        "--grace", type=int, default=0, help="seconds the old keys keep working (default 0)"
+    )
+    for name, what in (("disable", "refuse every call"), ("enable", "accept calls again")):
+        p = actions.add_parser(name, help=f"{what} (keys kept)")
+        p.add_argument("vendor")
+    v.set_defaults(sync=cmd_vendors)
     return top
 
 

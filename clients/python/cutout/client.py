@@ -159,6 +159,22 @@ def build_submission(
     return sub
 
 
+def tls_credentials(tls: bool | str | None) -> grpc.ChannelCredentials | None:
+    """Channel credentials for `tls` (see AsyncClient); None means plaintext."""
+    if tls is None:
+        tls = os.environ.get("CUTOUT_TLS_CA") or os.environ.get("CUTOUT_TLS", "") == "1"
+    if tls is False or tls == "":
+        return None
+    if tls is True:
+        return grpc.ssl_channel_credentials()
+    try:
+        return grpc.ssl_channel_credentials(root_certificates=Path(tls).read_bytes())
+    except OSError as exc:
+        raise CutoutError(
+            grpc.StatusCode.INVALID_ARGUMENT, f"cannot read the TLS CA bundle {tls}: {exc}"
+        ) from exc
+
+
 def _metadata(api_key: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {api_key}"),)
 
@@ -194,14 +210,21 @@ class AsyncClient:
         *,
         timeout_s: float = 30.0,
         rate_limit_wait_s: float = 300.0,
+        tls: bool | str | None = None,
     ) -> None:
         """rate_limit_wait_s: how long a submit may wait in total for the server's
-        rate limit (it says when to retry); 0 raises the RESOURCE_EXHAUSTED at once."""
+        rate limit (it says when to retry); 0 raises the RESOURCE_EXHAUSTED at once.
+        tls: True for TLS with the system's roots, a path for a PEM CA bundle, False
+        for plaintext; None reads CUTOUT_TLS_CA (a path) or CUTOUT_TLS=1."""
         self.address = address or os.environ.get("CUTOUT_ADDR", DEFAULT_ADDR)
         self._md = _metadata(_key(api_key))
         self.timeout_s = timeout_s
         self.rate_limit_wait_s = rate_limit_wait_s
-        self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        creds = tls_credentials(tls)
+        if creds is None:
+            self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.aio.secure_channel(self.address, creds, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.CutoutServiceStub(self._channel)
 
     async def __aenter__(self) -> AsyncClient:
@@ -359,14 +382,21 @@ class Client:
         *,
         timeout_s: float = 30.0,
         rate_limit_wait_s: float = 300.0,
+        tls: bool | str | None = None,
     ) -> None:
         """rate_limit_wait_s: how long a submit may wait in total for the server's
-        rate limit (it says when to retry); 0 raises the RESOURCE_EXHAUSTED at once."""
+        rate limit (it says when to retry); 0 raises the RESOURCE_EXHAUSTED at once.
+        tls: True for TLS with the system's roots, a path for a PEM CA bundle, False
+        for plaintext; None reads CUTOUT_TLS_CA (a path) or CUTOUT_TLS=1."""
         self.address = address or os.environ.get("CUTOUT_ADDR", DEFAULT_ADDR)
         self._md = _metadata(_key(api_key))
         self.timeout_s = timeout_s
         self.rate_limit_wait_s = rate_limit_wait_s
-        self._channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        creds = tls_credentials(tls)
+        if creds is None:
+            self._channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.secure_channel(self.address, creds, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.CutoutServiceStub(self._channel)
 
     def __enter__(self) -> Client:

@@ -17,3 +17,9 @@ def job_id_from_name(name: str) -> str | None:
     """Accept "jobs/<id>" or a bare id; None when it is neither."""
     raw = name[len(JOB_PREFIX) :] if name.startswith(JOB_PREFIX) else name
     return raw if _JOB_ID.match(raw) else None
+
+
+def batch_id_from_name(name: str) -> str | None:
+    """Accept "batches/<id>" or a bare id; None when it is neither."""
+    raw = name[len(BATCH_PREFIX) :] if name.startswith(BATCH_PREFIX) else name
+    return raw if _JOB_ID.match(raw) else None

@@ -26,13 +26,15 @@ from cutout.v1 import jobs_pb2 as cutout_dot_v1_dot_jobs__pb2
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63utout/v1/cutout_service.proto\x12\tcutout.v1\x1a\x14\x63utout/v1/jobs.proto\x1a\x17google/rpc/status.proto\"@\n\x10SubmitJobRequest\x12,\n\nsubmission\x18\x01 \x01(\x0b\x32\x18.cutout.v1.JobSubmission\"F\n\x11SubmitJobResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.cutout.v1.Job\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x02 \x01(\x08\"C\n\x12SubmitBatchRequest\x12-\n\x0bsubmissions\x18\x01 \x03(\x0b\x32\x18.cutout.v1.JobSubmission\"p\n\x10\x42\x61tchItemOutcome\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x1d\n\x03job\x18\x02 \x01(\x0b\x32\x0e.cutout.v1.JobH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\t\n\x07outcome\"S\n\x13SubmitBatchResponse\x12\r\n\x05\x62\x61tch\x18\x01 \x01(\t\x12-\n\x08outcomes\x18\x02 \x03(\x0b\x32\x1b.cutout.v1.BatchItemOutcome\"\x1d\n\rGetJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"-\n\x0eGetJobResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.cutout.v1.Job\"\x1f\n\x0fWatchJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"6\n\x10WatchJobResponse\x12\"\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x13.cutout.v1.JobEvent\"\\\n\x0fListJobsRequest\x12\"\n\x05state\x18\x01 \x01(\x0e\x32\x13.cutout.v1.JobState\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"I\n\x10ListJobsResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.cutout.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\" \n\x10\x43\x61ncelJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"0\n\x11\x43\x61ncelJobResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.cutout.v1.Job\" \n\x10GetResultRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"E\n\x11GetResultResponse\x12!\n\x06result\x18\x01 \x01(\x0b\x32\x11.cutout.v1.Result\x12\r\n\x05\x63hunk\x18\x02 \x01(\x0c\"\x16\n\x14GetQueueStatsRequest\"=\n\x15GetQueueStatsResponse\x12$\n\x05stats\x18\x01 \x01(\x0b\x32\x15.cutout.v1.QueueStats\"?\n\x16ListDeadLettersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"P\n\x17ListDeadLettersResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.cutout.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"(\n\x18RequeueDeadLetterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"8\n\x19RequeueDeadLetterResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.cutout.v1.Job\"5\n\x17PurgeDeadLettersRequest\x12\r\n\x05names\x18\x01 \x03(\t\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\"0\n\x18PurgeDeadLettersResponse\x12\x14\n\x0cpurged_count\x18\x01 \x01(\x05\x32\x8b\x07\n\rCutoutService\x12\x46\n\tSubmitJob\x12\x1b.cutout.v1.SubmitJobRequest\x1a\x1c.cutout.v1.SubmitJobResponse\x12L\n\x0bSubmitBatch\x12\x1d.cutout.v1.SubmitBatchRequest\x1a\x1e.cutout.v1.SubmitBatchResponse\x12\x42\n\x06GetJob\x12\x18.cutout.v1.GetJobRequest\x1a\x19.cutout.v1.GetJobResponse\"\x03\x90\x02\x01\x12J\n\x08WatchJob\x12\x1a.cutout.v1.WatchJobRequest\x1a\x1b.cutout.v1.WatchJobResponse\"\x03\x90\x02\x01\x30\x01\x12H\n\x08ListJobs\x12\x1a.cutout.v1.ListJobsRequest\x1a\x1b.cutout.v1.ListJobsResponse\"\x03\x90\x02\x01\x12\x46\n\tCancelJob\x12\x1b.cutout.v1.CancelJobRequest\x1a\x1c.cutout.v1.CancelJobResponse\x12M\n\tGetResult\x12\x1b.cutout.v1.GetResultRequest\x1a\x1c.cutout.v1.GetResultResponse\"\x03\x90\x02\x01\x30\x01\x12W\n\rGetQueueStats\x12\x1f.cutout.v1.GetQueueStatsRequest\x1a .cutout.v1.GetQueueStatsResponse\"\x03\x90\x02\x01\x12]\n\x0fListDeadLetters\x12!.cutout.v1.ListDeadLettersRequest\x1a\".cutout.v1.ListDeadLettersResponse\"\x03\x90\x02\x01\x12^\n\x11RequeueDeadLetter\x12#.cutout.v1.RequeueDeadLetterRequest\x1a$.cutout.v1.RequeueDeadLetterResponse\x12[\n\x10PurgeDeadLetters\x12\".cutout.v1.PurgeDeadLettersRequest\x1a#.cutout.v1.PurgeDeadLettersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63utout/v1/cutout_service.proto\x12\tcutout.v1\x1a\x14\x63utout/v1/jobs.proto\x1a\x17google/rpc/status.proto\"@\n\x10SubmitJobRequest\x12,\n\nsubmission\x18\x01 \x01(\x0b\x32\x18.cutout.v1.JobSubmission\"F\n\x11SubmitJobResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.cutout.v1.Job\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x02 \x01(\x08\"C\n\x12SubmitBatchRequest\x12-\n\x0bsubmissions\x18\x01 \x03(\x0b\x32\x18.cutout.v1.JobSubmission\"p\n\x10\x42\x61tchItemOutcome\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x1d\n\x03job\x18\x02 \x01(\x0b\x32\x0e.cutout.v1.JobH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\t\n\x07outcome\"S\n\x13SubmitBatchResponse\x12\r\n\x05\x62\x61tch\x18\x01 \x01(\t\x12-\n\x08outcomes\x18\x02 \x03(\x0b\x32\x1b.cutout.v1.BatchItemOutcome\"!\n\x11WatchBatchRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"=\n\x12WatchBatchResponse\x12\'\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x18.cutout.v1.BatchProgress\"\"\n\x12\x43\x61ncelBatchRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"Q\n\x13\x43\x61ncelBatchResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x05\x12\'\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x18.cutout.v1.BatchProgress\"\x1d\n\rGetJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"-\n\x0eGetJobResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.cutout.v1.Job\"\x1f\n\x0fWatchJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"6\n\x10WatchJobResponse\x12\"\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x13.cutout.v1.JobEvent\"\\\n\x0fListJobsRequest\x12\"\n\x05state\x18\x01 \x01(\x0e\x32\x13.cutout.v1.JobState\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"I\n\x10ListJobsResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.cutout.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\" \n\x10\x43\x61ncelJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"0\n\x11\x43\x61ncelJobResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.cutout.v1.Job\" \n\x10GetResultRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"E\n\x11GetResultResponse\x12!\n\x06result\x18\x01 \x01(\x0b\x32\x11.cutout.v1.Result\x12\r\n\x05\x63hunk\x18\x02 \x01(\x0c\"\x16\n\x14GetQueueStatsRequest\"=\n\x15GetQueueStatsResponse\x12$\n\x05stats\x18\x01 \x01(\x0b\x32\x15.cutout.v1.QueueStats\"?\n\x16ListDeadLettersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"P\n\x17ListDeadLettersResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.cutout.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"(\n\x18RequeueDeadLetterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"8\n\x19RequeueDeadLetterResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.cutout.v1.Job\"5\n\x17PurgeDeadLettersRequest\x12\r\n\x05names\x18\x01 \x03(\t\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\"0\n\x18PurgeDeadLettersResponse\x12\x14\n\x0cpurged_count\x18\x01 \x01(\x05\x32\xab\x08\n\rCutoutService\x12\x46\n\tSubmitJob\x12\x1b.cutout.v1.SubmitJobRequest\x1a\x1c.cutout.v1.SubmitJobResponse\x12L\n\x0bSubmitBatch\x12\x1d.cutout.v1.SubmitBatchRequest\x1a\x1e.cutout.v1.SubmitBatchResponse\x12P\n\nWatchBatch\x12\x1c.cutout.v1.WatchBatchRequest\x1a\x1d.cutout.v1.WatchBatchResponse\"\x03\x90\x02\x01\x30\x01\x12L\n\x0b\x43\x61ncelBatch\x12\x1d.cutout.v1.CancelBatchRequest\x1a\x1e.cutout.v1.CancelBatchResponse\x12\x42\n\x06GetJob\x12\x18.cutout.v1.GetJobRequest\x1a\x19.cutout.v1.GetJobResponse\"\x03\x90\x02\x01\x12J\n\x08WatchJob\x12\x1a.cutout.v1.WatchJobRequest\x1a\x1b.cutout.v1.WatchJobResponse\"\x03\x90\x02\x01\x30\x01\x12H\n\x08ListJobs\x12\x1a.cutout.v1.ListJobsRequest\x1a\x1b.cutout.v1.ListJobsResponse\"\x03\x90\x02\x01\x12\x46\n\tCancelJob\x12\x1b.cutout.v1.CancelJobRequest\x1a\x1c.cutout.v1.CancelJobResponse\x12M\n\tGetResult\x12\x1b.cutout.v1.GetResultRequest\x1a\x1c.cutout.v1.GetResultResponse\"\x03\x90\x02\x01\x30\x01\x12W\n\rGetQueueStats\x12\x1f.cutout.v1.GetQueueStatsRequest\x1a .cutout.v1.GetQueueStatsResponse\"\x03\x90\x02\x01\x12]\n\x0fListDeadLetters\x12!.cutout.v1.ListDeadLettersRequest\x1a\".cutout.v1.ListDeadLettersResponse\"\x03\x90\x02\x01\x12^\n\x11RequeueDeadLetter\x12#.cutout.v1.RequeueDeadLetterRequest\x1a$.cutout.v1.RequeueDeadLetterResponse\x12[\n\x10PurgeDeadLetters\x12\".cutout.v1.PurgeDeadLettersRequest\x1a#.cutout.v1.PurgeDeadLettersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cutout.v1.cutout_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_CUTOUTSERVICE'].methods_by_name['WatchBatch']._loaded_options = None
+  _globals['_CUTOUTSERVICE'].methods_by_name['WatchBatch']._serialized_options = b'\220\002\001'
   _globals['_CUTOUTSERVICE'].methods_by_name['GetJob']._loaded_options = None
   _globals['_CUTOUTSERVICE'].methods_by_name['GetJob']._serialized_options = b'\220\002\001'
   _globals['_CUTOUTSERVICE'].methods_by_name['WatchJob']._loaded_options = None
@@ -55,42 +57,50 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BATCHITEMOUTCOME']._serialized_end=411
   _globals['_SUBMITBATCHRESPONSE']._serialized_start=413
   _globals['_SUBMITBATCHRESPONSE']._serialized_end=496
-  _globals['_GETJOBREQUEST']._serialized_start=498
-  _globals['_GETJOBREQUEST']._serialized_end=527
-  _globals['_GETJOBRESPONSE']._serialized_start=529
-  _globals['_GETJOBRESPONSE']._serialized_end=574
-  _globals['_WATCHJOBREQUEST']._serialized_start=576
-  _globals['_WATCHJOBREQUEST']._serialized_end=607
-  _globals['_WATCHJOBRESPONSE']._serialized_start=609
-  _globals['_WATCHJOBRESPONSE']._serialized_end=663
-  _globals['_LISTJOBSREQUEST']._serialized_start=665
-  _globals['_LISTJOBSREQUEST']._serialized_end=757
-  _globals['_LISTJOBSRESPONSE']._serialized_start=759
-  _globals['_LISTJOBSRESPONSE']._serialized_end=832
-  _globals['_CANCELJOBREQUEST']._serialized_start=834
-  _globals['_CANCELJOBREQUEST']._serialized_end=866
-  _globals['_CANCELJOBRESPONSE']._serialized_start=868
-  _globals['_CANCELJOBRESPONSE']._serialized_end=916
-  _globals['_GETRESULTREQUEST']._serialized_start=918
-  _globals['_GETRESULTREQUEST']._serialized_end=950
-  _globals['_GETRESULTRESPONSE']._serialized_start=952
-  _globals['_GETRESULTRESPONSE']._serialized_end=1021
-  _globals['_GETQUEUESTATSREQUEST']._serialized_start=1023
-  _globals['_GETQUEUESTATSREQUEST']._serialized_end=1045
-  _globals['_GETQUEUESTATSRESPONSE']._serialized_start=1047
-  _globals['_GETQUEUESTATSRESPONSE']._serialized_end=1108
-  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=1110
-  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=1173
-  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=1175
-  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=1255
-  _globals['_REQUEUEDEADLETTERREQUEST']._serialized_start=1257
-  _globals['_REQUEUEDEADLETTERREQUEST']._serialized_end=1297
-  _globals['_REQUEUEDEADLETTERRESPONSE']._serialized_start=1299
-  _globals['_REQUEUEDEADLETTERRESPONSE']._serialized_end=1355
-  _globals['_PURGEDEADLETTERSREQUEST']._serialized_start=1357
-  _globals['_PURGEDEADLETTERSREQUEST']._serialized_end=1410
-  _globals['_PURGEDEADLETTERSRESPONSE']._serialized_start=1412
-  _globals['_PURGEDEADLETTERSRESPONSE']._serialized_end=1460
-  _globals['_CUTOUTSERVICE']._serialized_start=1463
-  _globals['_CUTOUTSERVICE']._serialized_end=2370
+  _globals['_WATCHBATCHREQUEST']._serialized_start=498
+  _globals['_WATCHBATCHREQUEST']._serialized_end=531
+  _globals['_WATCHBATCHRESPONSE']._serialized_start=533
+  _globals['_WATCHBATCHRESPONSE']._serialized_end=594
+  _globals['_CANCELBATCHREQUEST']._serialized_start=596
+  _globals['_CANCELBATCHREQUEST']._serialized_end=630
+  _globals['_CANCELBATCHRESPONSE']._serialized_start=632
+  _globals['_CANCELBATCHRESPONSE']._serialized_end=713
+  _globals['_GETJOBREQUEST']._serialized_start=715
+  _globals['_GETJOBREQUEST']._serialized_end=744
+  _globals['_GETJOBRESPONSE']._serialized_start=746
+  _globals['_GETJOBRESPONSE']._serialized_end=791
+  _globals['_WATCHJOBREQUEST']._serialized_start=793
+  _globals['_WATCHJOBREQUEST']._serialized_end=824
+  _globals['_WATCHJOBRESPONSE']._serialized_start=826
+  _globals['_WATCHJOBRESPONSE']._serialized_end=880
+  _globals['_LISTJOBSREQUEST']._serialized_start=882
+  _globals['_LISTJOBSREQUEST']._serialized_end=974
+  _globals['_LISTJOBSRESPONSE']._serialized_start=976
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1049
+  _globals['_CANCELJOBREQUEST']._serialized_start=1051
+  _globals['_CANCELJOBREQUEST']._serialized_end=1083
+  _globals['_CANCELJOBRESPONSE']._serialized_start=1085
+  _globals['_CANCELJOBRESPONSE']._serialized_end=1133
+  _globals['_GETRESULTREQUEST']._serialized_start=1135
+  _globals['_GETRESULTREQUEST']._serialized_end=1167
+  _globals['_GETRESULTRESPONSE']._serialized_start=1169
+  _globals['_GETRESULTRESPONSE']._serialized_end=1238
+  _globals['_GETQUEUESTATSREQUEST']._serialized_start=1240
+  _globals['_GETQUEUESTATSREQUEST']._serialized_end=1262
+  _globals['_GETQUEUESTATSRESPONSE']._serialized_start=1264
+  _globals['_GETQUEUESTATSRESPONSE']._serialized_end=1325
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=1327
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=1390
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=1392
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=1472
+  _globals['_REQUEUEDEADLETTERREQUEST']._serialized_start=1474
+  _globals['_REQUEUEDEADLETTERREQUEST']._serialized_end=1514
+  _globals['_REQUEUEDEADLETTERRESPONSE']._serialized_start=1516
+  _globals['_REQUEUEDEADLETTERRESPONSE']._serialized_end=1572
+  _globals['_PURGEDEADLETTERSREQUEST']._serialized_start=1574
+  _globals['_PURGEDEADLETTERSREQUEST']._serialized_end=1627
+  _globals['_PURGEDEADLETTERSRESPONSE']._serialized_start=1629
+  _globals['_PURGEDEADLETTERSRESPONSE']._serialized_end=1677
+  _globals['_CUTOUTSERVICE']._serialized_start=1680
+  _globals['_CUTOUTSERVICE']._serialized_end=2747
 # @@protoc_insertion_point(module_scope)

@@ -46,6 +46,16 @@ class CutoutServiceStub:
                 request_serializer=cutout_dot_v1_dot_cutout__service__pb2.SubmitBatchRequest.SerializeToString,
                 response_deserializer=cutout_dot_v1_dot_cutout__service__pb2.SubmitBatchResponse.FromString,
                 _registered_method=True)
+        self.WatchBatch = channel.unary_stream(
+                '/cutout.v1.CutoutService/WatchBatch',
+                request_serializer=cutout_dot_v1_dot_cutout__service__pb2.WatchBatchRequest.SerializeToString,
+                response_deserializer=cutout_dot_v1_dot_cutout__service__pb2.WatchBatchResponse.FromString,
+                _registered_method=True)
+        self.CancelBatch = channel.unary_unary(
+                '/cutout.v1.CutoutService/CancelBatch',
+                request_serializer=cutout_dot_v1_dot_cutout__service__pb2.CancelBatchRequest.SerializeToString,
+                response_deserializer=cutout_dot_v1_dot_cutout__service__pb2.CancelBatchResponse.FromString,
+                _registered_method=True)
         self.GetJob = channel.unary_unary(
                 '/cutout.v1.CutoutService/GetJob',
                 request_serializer=cutout_dot_v1_dot_cutout__service__pb2.GetJobRequest.SerializeToString,
@@ -107,6 +117,21 @@ class CutoutServiceServicer:
 
     def SubmitBatch(self, request, context):
         """Accepts many images in one call; each item is accepted or refused on its own.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchBatch(self, request, context):
+        """Streams a batch's aggregate progress whenever it changes, until every job
+        in it has finished. Another vendor's batch is NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelBatch(self, request, context):
+        """Cancels every job of the batch that has not finished yet.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -188,6 +213,16 @@ def add_CutoutServiceServicer_to_server(servicer, server):
                     servicer.SubmitBatch,
                     request_deserializer=cutout_dot_v1_dot_cutout__service__pb2.SubmitBatchRequest.FromString,
                     response_serializer=cutout_dot_v1_dot_cutout__service__pb2.SubmitBatchResponse.SerializeToString,
+            ),
+            'WatchBatch': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchBatch,
+                    request_deserializer=cutout_dot_v1_dot_cutout__service__pb2.WatchBatchRequest.FromString,
+                    response_serializer=cutout_dot_v1_dot_cutout__service__pb2.WatchBatchResponse.SerializeToString,
+            ),
+            'CancelBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelBatch,
+                    request_deserializer=cutout_dot_v1_dot_cutout__service__pb2.CancelBatchRequest.FromString,
+                    response_serializer=cutout_dot_v1_dot_cutout__service__pb2.CancelBatchResponse.SerializeToString,
             ),
             'GetJob': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJob,
@@ -291,6 +326,60 @@ class CutoutService:
             '/cutout.v1.CutoutService/SubmitBatch',
             cutout_dot_v1_dot_cutout__service__pb2.SubmitBatchRequest.SerializeToString,
             cutout_dot_v1_dot_cutout__service__pb2.SubmitBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cutout.v1.CutoutService/WatchBatch',
+            cutout_dot_v1_dot_cutout__service__pb2.WatchBatchRequest.SerializeToString,
+            cutout_dot_v1_dot_cutout__service__pb2.WatchBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cutout.v1.CutoutService/CancelBatch',
+            cutout_dot_v1_dot_cutout__service__pb2.CancelBatchRequest.SerializeToString,
+            cutout_dot_v1_dot_cutout__service__pb2.CancelBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,12 @@ class CutoutServiceStub:
     """Accepts one image for processing and returns the queued job at once."""
     SubmitBatch: _grpc.UnaryUnaryMultiCallable[_cutout_service_pb2.SubmitBatchRequest, _cutout_service_pb2.SubmitBatchResponse]
     """Accepts many images in one call; each item is accepted or refused on its own."""
+    WatchBatch: _grpc.UnaryStreamMultiCallable[_cutout_service_pb2.WatchBatchRequest, _cutout_service_pb2.WatchBatchResponse]
+    """Streams a batch's aggregate progress whenever it changes, until every job
+    in it has finished. Another vendor's batch is NOT_FOUND.
+    """
+    CancelBatch: _grpc.UnaryUnaryMultiCallable[_cutout_service_pb2.CancelBatchRequest, _cutout_service_pb2.CancelBatchResponse]
+    """Cancels every job of the batch that has not finished yet."""
     GetJob: _grpc.UnaryUnaryMultiCallable[_cutout_service_pb2.GetJobRequest, _cutout_service_pb2.GetJobResponse]
     """Returns one job."""
     WatchJob: _grpc.UnaryStreamMultiCallable[_cutout_service_pb2.WatchJobRequest, _cutout_service_pb2.WatchJobResponse]
@@ -71,6 +77,12 @@ class CutoutServiceAsyncStub(CutoutServiceStub):
     """Accepts one image for processing and returns the queued job at once."""
     SubmitBatch: _aio.UnaryUnaryMultiCallable[_cutout_service_pb2.SubmitBatchRequest, _cutout_service_pb2.SubmitBatchResponse]  # type: ignore[assignment]
     """Accepts many images in one call; each item is accepted or refused on its own."""
+    WatchBatch: _aio.UnaryStreamMultiCallable[_cutout_service_pb2.WatchBatchRequest, _cutout_service_pb2.WatchBatchResponse]  # type: ignore[assignment]
+    """Streams a batch's aggregate progress whenever it changes, until every job
+    in it has finished. Another vendor's batch is NOT_FOUND.
+    """
+    CancelBatch: _aio.UnaryUnaryMultiCallable[_cutout_service_pb2.CancelBatchRequest, _cutout_service_pb2.CancelBatchResponse]  # type: ignore[assignment]
+    """Cancels every job of the batch that has not finished yet."""
     GetJob: _aio.UnaryUnaryMultiCallable[_cutout_service_pb2.GetJobRequest, _cutout_service_pb2.GetJobResponse]  # type: ignore[assignment]
     """Returns one job."""
     WatchJob: _aio.UnaryStreamMultiCallable[_cutout_service_pb2.WatchJobRequest, _cutout_service_pb2.WatchJobResponse]  # type: ignore[assignment]
@@ -112,6 +124,24 @@ class CutoutServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_cutout_service_pb2.SubmitBatchResponse, _abc.Awaitable[_cutout_service_pb2.SubmitBatchResponse]]:
         """Accepts many images in one call; each item is accepted or refused on its own."""
+
+    @_abc_1.abstractmethod
+    def WatchBatch(
+        self,
+        request: _cutout_service_pb2.WatchBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_cutout_service_pb2.WatchBatchResponse], _abc.AsyncIterator[_cutout_service_pb2.WatchBatchResponse]]:
+        """Streams a batch's aggregate progress whenever it changes, until every job
+        in it has finished. Another vendor's batch is NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def CancelBatch(
+        self,
+        request: _cutout_service_pb2.CancelBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cutout_service_pb2.CancelBatchResponse, _abc.Awaitable[_cutout_service_pb2.CancelBatchResponse]]:
+        """Cancels every job of the batch that has not finished yet."""
 
     @_abc_1.abstractmethod
     def GetJob(

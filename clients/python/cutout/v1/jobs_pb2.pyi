@@ -837,3 +837,57 @@ class QueueStats(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___QueueStats: _TypeAlias = QueueStats  # noqa: Y015
+
+@_typing.final
+class BatchProgress(_message.Message):
+    """Aggregate progress of the jobs of one batch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    QUEUED_FIELD_NUMBER: _builtins.int
+    RUNNING_FIELD_NUMBER: _builtins.int
+    SUCCEEDED_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    CANCELLED_FIELD_NUMBER: _builtins.int
+    PROGRESS_PERCENT_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"batches/{batch_id}"."""
+    total: _builtins.int
+    """Accepted jobs in the batch."""
+    queued: _builtins.int
+    """Jobs waiting (including those backing off before a retry)."""
+    running: _builtins.int
+    """Jobs running now."""
+    succeeded: _builtins.int
+    """Jobs finished successfully."""
+    failed: _builtins.int
+    """Jobs failed (dead letters included)."""
+    cancelled: _builtins.int
+    """Jobs cancelled."""
+    progress_percent: _builtins.int
+    """Mean progress of all jobs, 0-100; 100 once every job has finished."""
+    done: _builtins.bool
+    """True once every job is SUCCEEDED, FAILED or CANCELLED."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        total: _builtins.int = ...,
+        queued: _builtins.int = ...,
+        running: _builtins.int = ...,
+        succeeded: _builtins.int = ...,
+        failed: _builtins.int = ...,
+        cancelled: _builtins.int = ...,
+        progress_percent: _builtins.int = ...,
+        done: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "done", b"done", "failed", b"failed", "name", b"name", "progress_percent", b"progress_percent", "queued", b"queued", "running", b"running", "succeeded", b"succeeded", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchProgress: _TypeAlias = BatchProgress  # noqa: Y015

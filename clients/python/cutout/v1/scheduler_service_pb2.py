@@ -25,13 +25,15 @@ _sym_db = _symbol_database.Default()
 from cutout.v1 import jobs_pb2 as cutout_dot_v1_dot_jobs__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!cutout/v1/scheduler_service.proto\x12\tcutout.v1\x1a\x14\x63utout/v1/jobs.proto\"y\n\x11\x45nqueueJobRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\x12,\n\nsubmission\x18\x02 \x01(\x0b\x32\x18.cutout.v1.JobSubmission\x12\x14\n\x0cinput_pixels\x18\x03 \x01(\x03\x12\r\n\x05\x62\x61tch\x18\x04 \x01(\t\"G\n\x12\x45nqueueJobResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.cutout.v1.Job\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x02 \x01(\x08\"@\n\x1dSchedulerServiceGetJobRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"=\n\x1eSchedulerServiceGetJobResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.cutout.v1.Job\"B\n\x1fSchedulerServiceWatchJobRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"F\n SchedulerServiceWatchJobResponse\x12\"\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x13.cutout.v1.JobEvent\"\x7f\n\x1fSchedulerServiceListJobsRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.cutout.v1.JobState\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"Y\n SchedulerServiceListJobsResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.cutout.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"C\n SchedulerServiceCancelJobRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"@\n!SchedulerServiceCancelJobResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.cutout.v1.Job\"4\n\x11ReadResultRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"F\n\x12ReadResultResponse\x12!\n\x06result\x18\x01 \x01(\x0b\x32\x11.cutout.v1.Result\x12\r\n\x05\x63hunk\x18\x02 \x01(\x0c\"9\n$SchedulerServiceGetQueueStatsRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\"M\n%SchedulerServiceGetQueueStatsResponse\x12$\n\x05stats\x18\x01 \x01(\x0b\x32\x15.cutout.v1.QueueStats\"b\n&SchedulerServiceListDeadLettersRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"`\n\'SchedulerServiceListDeadLettersResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.cutout.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"K\n(SchedulerServiceRequeueDeadLetterRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"H\n)SchedulerServiceRequeueDeadLetterResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.cutout.v1.Job\"X\n\'SchedulerServicePurgeDeadLettersRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\x12\r\n\x05names\x18\x02 \x03(\t\x12\x0b\n\x03\x61ll\x18\x03 \x01(\x08\"@\n(SchedulerServicePurgeDeadLettersResponse\x12\x14\n\x0cpurged_count\x18\x01 \x01(\x05\x32\xc6\x08\n\x10SchedulerService\x12I\n\nEnqueueJob\x12\x1c.cutout.v1.EnqueueJobRequest\x1a\x1d.cutout.v1.EnqueueJobResponse\x12\x62\n\x06GetJob\x12(.cutout.v1.SchedulerServiceGetJobRequest\x1a).cutout.v1.SchedulerServiceGetJobResponse\"\x03\x90\x02\x01\x12j\n\x08WatchJob\x12*.cutout.v1.SchedulerServiceWatchJobRequest\x1a+.cutout.v1.SchedulerServiceWatchJobResponse\"\x03\x90\x02\x01\x30\x01\x12h\n\x08ListJobs\x12*.cutout.v1.SchedulerServiceListJobsRequest\x1a+.cutout.v1.SchedulerServiceListJobsResponse\"\x03\x90\x02\x01\x12\x66\n\tCancelJob\x12+.cutout.v1.SchedulerServiceCancelJobRequest\x1a,.cutout.v1.SchedulerServiceCancelJobResponse\x12P\n\nReadResult\x12\x1c.cutout.v1.ReadResultRequest\x1a\x1d.cutout.v1.ReadResultResponse\"\x03\x90\x02\x01\x30\x01\x12w\n\rGetQueueStats\x12/.cutout.v1.SchedulerServiceGetQueueStatsRequest\x1a\x30.cutout.v1.SchedulerServiceGetQueueStatsResponse\"\x03\x90\x02\x01\x12}\n\x0fListDeadLetters\x12\x31.cutout.v1.SchedulerServiceListDeadLettersRequest\x1a\x32.cutout.v1.SchedulerServiceListDeadLettersResponse\"\x03\x90\x02\x01\x12~\n\x11RequeueDeadLetter\x12\x33.cutout.v1.SchedulerServiceRequeueDeadLetterRequest\x1a\x34.cutout.v1.SchedulerServiceRequeueDeadLetterResponse\x12{\n\x10PurgeDeadLetters\x12\x32.cutout.v1.SchedulerServicePurgeDeadLettersRequest\x1a\x33.cutout.v1.SchedulerServicePurgeDeadLettersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!cutout/v1/scheduler_service.proto\x12\tcutout.v1\x1a\x14\x63utout/v1/jobs.proto\"y\n\x11\x45nqueueJobRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\x12,\n\nsubmission\x18\x02 \x01(\x0b\x32\x18.cutout.v1.JobSubmission\x12\x14\n\x0cinput_pixels\x18\x03 \x01(\x03\x12\r\n\x05\x62\x61tch\x18\x04 \x01(\t\"G\n\x12\x45nqueueJobResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.cutout.v1.Job\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x02 \x01(\x08\"D\n!SchedulerServiceWatchBatchRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"M\n\"SchedulerServiceWatchBatchResponse\x12\'\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x18.cutout.v1.BatchProgress\"E\n\"SchedulerServiceCancelBatchRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"a\n#SchedulerServiceCancelBatchResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x05\x12\'\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x18.cutout.v1.BatchProgress\"@\n\x1dSchedulerServiceGetJobRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"=\n\x1eSchedulerServiceGetJobResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.cutout.v1.Job\"B\n\x1fSchedulerServiceWatchJobRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"F\n SchedulerServiceWatchJobResponse\x12\"\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x13.cutout.v1.JobEvent\"\x7f\n\x1fSchedulerServiceListJobsRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.cutout.v1.JobState\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"Y\n SchedulerServiceListJobsResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.cutout.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"C\n SchedulerServiceCancelJobRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"@\n!SchedulerServiceCancelJobResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.cutout.v1.Job\"4\n\x11ReadResultRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"F\n\x12ReadResultResponse\x12!\n\x06result\x18\x01 \x01(\x0b\x32\x11.cutout.v1.Result\x12\r\n\x05\x63hunk\x18\x02 \x01(\x0c\"9\n$SchedulerServiceGetQueueStatsRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\"M\n%SchedulerServiceGetQueueStatsResponse\x12$\n\x05stats\x18\x01 \x01(\x0b\x32\x15.cutout.v1.QueueStats\"b\n&SchedulerServiceListDeadLettersRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"`\n\'SchedulerServiceListDeadLettersResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.cutout.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"K\n(SchedulerServiceRequeueDeadLetterRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"H\n)SchedulerServiceRequeueDeadLetterResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.cutout.v1.Job\"X\n\'SchedulerServicePurgeDeadLettersRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\x12\r\n\x05names\x18\x02 \x03(\t\x12\x0b\n\x03\x61ll\x18\x03 \x01(\x08\"@\n(SchedulerServicePurgeDeadLettersResponse\x12\x14\n\x0cpurged_count\x18\x01 \x01(\x05\x32\xa6\n\n\x10SchedulerService\x12I\n\nEnqueueJob\x12\x1c.cutout.v1.EnqueueJobRequest\x1a\x1d.cutout.v1.EnqueueJobResponse\x12p\n\nWatchBatch\x12,.cutout.v1.SchedulerServiceWatchBatchRequest\x1a-.cutout.v1.SchedulerServiceWatchBatchResponse\"\x03\x90\x02\x01\x30\x01\x12l\n\x0b\x43\x61ncelBatch\x12-.cutout.v1.SchedulerServiceCancelBatchRequest\x1a..cutout.v1.SchedulerServiceCancelBatchResponse\x12\x62\n\x06GetJob\x12(.cutout.v1.SchedulerServiceGetJobRequest\x1a).cutout.v1.SchedulerServiceGetJobResponse\"\x03\x90\x02\x01\x12j\n\x08WatchJob\x12*.cutout.v1.SchedulerServiceWatchJobRequest\x1a+.cutout.v1.SchedulerServiceWatchJobResponse\"\x03\x90\x02\x01\x30\x01\x12h\n\x08ListJobs\x12*.cutout.v1.SchedulerServiceListJobsRequest\x1a+.cutout.v1.SchedulerServiceListJobsResponse\"\x03\x90\x02\x01\x12\x66\n\tCancelJob\x12+.cutout.v1.SchedulerServiceCancelJobRequest\x1a,.cutout.v1.SchedulerServiceCancelJobResponse\x12P\n\nReadResult\x12\x1c.cutout.v1.ReadResultRequest\x1a\x1d.cutout.v1.ReadResultResponse\"\x03\x90\x02\x01\x30\x01\x12w\n\rGetQueueStats\x12/.cutout.v1.SchedulerServiceGetQueueStatsRequest\x1a\x30.cutout.v1.SchedulerServiceGetQueueStatsResponse\"\x03\x90\x02\x01\x12}\n\x0fListDeadLetters\x12\x31.cutout.v1.SchedulerServiceListDeadLettersRequest\x1a\x32.cutout.v1.SchedulerServiceListDeadLettersResponse\"\x03\x90\x02\x01\x12~\n\x11RequeueDeadLetter\x12\x33.cutout.v1.SchedulerServiceRequeueDeadLetterRequest\x1a\x34.cutout.v1.SchedulerServiceRequeueDeadLetterResponse\x12{\n\x10PurgeDeadLetters\x12\x32.cutout.v1.SchedulerServicePurgeDeadLettersRequest\x1a\x33.cutout.v1.SchedulerServicePurgeDeadLettersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cutout.v1.scheduler_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SCHEDULERSERVICE'].methods_by_name['WatchBatch']._loaded_options = None
+  _globals['_SCHEDULERSERVICE'].methods_by_name['WatchBatch']._serialized_options = b'\220\002\001'
   _globals['_SCHEDULERSERVICE'].methods_by_name['GetJob']._loaded_options = None
   _globals['_SCHEDULERSERVICE'].methods_by_name['GetJob']._serialized_options = b'\220\002\001'
   _globals['_SCHEDULERSERVICE'].methods_by_name['WatchJob']._loaded_options = None
@@ -48,42 +50,50 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENQUEUEJOBREQUEST']._serialized_end=191
   _globals['_ENQUEUEJOBRESPONSE']._serialized_start=193
   _globals['_ENQUEUEJOBRESPONSE']._serialized_end=264
-  _globals['_SCHEDULERSERVICEGETJOBREQUEST']._serialized_start=266
-  _globals['_SCHEDULERSERVICEGETJOBREQUEST']._serialized_end=330
-  _globals['_SCHEDULERSERVICEGETJOBRESPONSE']._serialized_start=332
-  _globals['_SCHEDULERSERVICEGETJOBRESPONSE']._serialized_end=393
-  _globals['_SCHEDULERSERVICEWATCHJOBREQUEST']._serialized_start=395
-  _globals['_SCHEDULERSERVICEWATCHJOBREQUEST']._serialized_end=461
-  _globals['_SCHEDULERSERVICEWATCHJOBRESPONSE']._serialized_start=463
-  _globals['_SCHEDULERSERVICEWATCHJOBRESPONSE']._serialized_end=533
-  _globals['_SCHEDULERSERVICELISTJOBSREQUEST']._serialized_start=535
-  _globals['_SCHEDULERSERVICELISTJOBSREQUEST']._serialized_end=662
-  _globals['_SCHEDULERSERVICELISTJOBSRESPONSE']._serialized_start=664
-  _globals['_SCHEDULERSERVICELISTJOBSRESPONSE']._serialized_end=753
-  _globals['_SCHEDULERSERVICECANCELJOBREQUEST']._serialized_start=755
-  _globals['_SCHEDULERSERVICECANCELJOBREQUEST']._serialized_end=822
-  _globals['_SCHEDULERSERVICECANCELJOBRESPONSE']._serialized_start=824
-  _globals['_SCHEDULERSERVICECANCELJOBRESPONSE']._serialized_end=888
-  _globals['_READRESULTREQUEST']._serialized_start=890
-  _globals['_READRESULTREQUEST']._serialized_end=942
-  _globals['_READRESULTRESPONSE']._serialized_start=944
-  _globals['_READRESULTRESPONSE']._serialized_end=1014
-  _globals['_SCHEDULERSERVICEGETQUEUESTATSREQUEST']._serialized_start=1016
-  _globals['_SCHEDULERSERVICEGETQUEUESTATSREQUEST']._serialized_end=1073
-  _globals['_SCHEDULERSERVICEGETQUEUESTATSRESPONSE']._serialized_start=1075
-  _globals['_SCHEDULERSERVICEGETQUEUESTATSRESPONSE']._serialized_end=1152
-  _globals['_SCHEDULERSERVICELISTDEADLETTERSREQUEST']._serialized_start=1154
-  _globals['_SCHEDULERSERVICELISTDEADLETTERSREQUEST']._serialized_end=1252
-  _globals['_SCHEDULERSERVICELISTDEADLETTERSRESPONSE']._serialized_start=1254
-  _globals['_SCHEDULERSERVICELISTDEADLETTERSRESPONSE']._serialized_end=1350
-  _globals['_SCHEDULERSERVICEREQUEUEDEADLETTERREQUEST']._serialized_start=1352
-  _globals['_SCHEDULERSERVICEREQUEUEDEADLETTERREQUEST']._serialized_end=1427
-  _globals['_SCHEDULERSERVICEREQUEUEDEADLETTERRESPONSE']._serialized_start=1429
-  _globals['_SCHEDULERSERVICEREQUEUEDEADLETTERRESPONSE']._serialized_end=1501
-  _globals['_SCHEDULERSERVICEPURGEDEADLETTERSREQUEST']._serialized_start=1503
-  _globals['_SCHEDULERSERVICEPURGEDEADLETTERSREQUEST']._serialized_end=1591
-  _globals['_SCHEDULERSERVICEPURGEDEADLETTERSRESPONSE']._serialized_start=1593
-  _globals['_SCHEDULERSERVICEPURGEDEADLETTERSRESPONSE']._serialized_end=1657
-  _globals['_SCHEDULERSERVICE']._serialized_start=1660
-  _globals['_SCHEDULERSERVICE']._serialized_end=2754
+  _globals['_SCHEDULERSERVICEWATCHBATCHREQUEST']._serialized_start=266
+  _globals['_SCHEDULERSERVICEWATCHBATCHREQUEST']._serialized_end=334
+  _globals['_SCHEDULERSERVICEWATCHBATCHRESPONSE']._serialized_start=336
+  _globals['_SCHEDULERSERVICEWATCHBATCHRESPONSE']._serialized_end=413
+  _globals['_SCHEDULERSERVICECANCELBATCHREQUEST']._serialized_start=415
+  _globals['_SCHEDULERSERVICECANCELBATCHREQUEST']._serialized_end=484
+  _globals['_SCHEDULERSERVICECANCELBATCHRESPONSE']._serialized_start=486
+  _globals['_SCHEDULERSERVICECANCELBATCHRESPONSE']._serialized_end=583
+  _globals['_SCHEDULERSERVICEGETJOBREQUEST']._serialized_start=585
+  _globals['_SCHEDULERSERVICEGETJOBREQUEST']._serialized_end=649
+  _globals['_SCHEDULERSERVICEGETJOBRESPONSE']._serialized_start=651
+  _globals['_SCHEDULERSERVICEGETJOBRESPONSE']._serialized_end=712
+  _globals['_SCHEDULERSERVICEWATCHJOBREQUEST']._serialized_start=714
+  _globals['_SCHEDULERSERVICEWATCHJOBREQUEST']._serialized_end=780
+  _globals['_SCHEDULERSERVICEWATCHJOBRESPONSE']._serialized_start=782
+  _globals['_SCHEDULERSERVICEWATCHJOBRESPONSE']._serialized_end=852
+  _globals['_SCHEDULERSERVICELISTJOBSREQUEST']._serialized_start=854
+  _globals['_SCHEDULERSERVICELISTJOBSREQUEST']._serialized_end=981
+  _globals['_SCHEDULERSERVICELISTJOBSRESPONSE']._serialized_start=983
+  _globals['_SCHEDULERSERVICELISTJOBSRESPONSE']._serialized_end=1072
+  _globals['_SCHEDULERSERVICECANCELJOBREQUEST']._serialized_start=1074
+  _globals['_SCHEDULERSERVICECANCELJOBREQUEST']._serialized_end=1141
+  _globals['_SCHEDULERSERVICECANCELJOBRESPONSE']._serialized_start=1143
+  _globals['_SCHEDULERSERVICECANCELJOBRESPONSE']._serialized_end=1207
+  _globals['_READRESULTREQUEST']._serialized_start=1209
+  _globals['_READRESULTREQUEST']._serialized_end=1261
+  _globals['_READRESULTRESPONSE']._serialized_start=1263
+  _globals['_READRESULTRESPONSE']._serialized_end=1333
+  _globals['_SCHEDULERSERVICEGETQUEUESTATSREQUEST']._serialized_start=1335
+  _globals['_SCHEDULERSERVICEGETQUEUESTATSREQUEST']._serialized_end=1392
+  _globals['_SCHEDULERSERVICEGETQUEUESTATSRESPONSE']._serialized_start=1394
+  _globals['_SCHEDULERSERVICEGETQUEUESTATSRESPONSE']._serialized_end=1471
+  _globals['_SCHEDULERSERVICELISTDEADLETTERSREQUEST']._serialized_start=1473
+  _globals['_SCHEDULERSERVICELISTDEADLETTERSREQUEST']._serialized_end=1571
+  _globals['_SCHEDULERSERVICELISTDEADLETTERSRESPONSE']._serialized_start=1573
+  _globals['_SCHEDULERSERVICELISTDEADLETTERSRESPONSE']._serialized_end=1669
+  _globals['_SCHEDULERSERVICEREQUEUEDEADLETTERREQUEST']._serialized_start=1671
+  _globals['_SCHEDULERSERVICEREQUEUEDEADLETTERREQUEST']._serialized_end=1746
+  _globals['_SCHEDULERSERVICEREQUEUEDEADLETTERRESPONSE']._serialized_start=1748
+  _globals['_SCHEDULERSERVICEREQUEUEDEADLETTERRESPONSE']._serialized_end=1820
+  _globals['_SCHEDULERSERVICEPURGEDEADLETTERSREQUEST']._serialized_start=1822
+  _globals['_SCHEDULERSERVICEPURGEDEADLETTERSREQUEST']._serialized_end=1910
+  _globals['_SCHEDULERSERVICEPURGEDEADLETTERSRESPONSE']._serialized_start=1912
+  _globals['_SCHEDULERSERVICEPURGEDEADLETTERSRESPONSE']._serialized_end=1976
+  _globals['_SCHEDULERSERVICE']._serialized_start=1979
+  _globals['_SCHEDULERSERVICE']._serialized_end=3297
 # @@protoc_insertion_point(module_scope)

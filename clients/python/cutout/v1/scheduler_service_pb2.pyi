@@ -86,6 +86,110 @@ class EnqueueJobResponse(_message.Message):
 Global___EnqueueJobResponse: _TypeAlias = EnqueueJobResponse  # noqa: Y015
 
 @_typing.final
+class SchedulerServiceWatchBatchRequest(_message.Message):
+    """Request for SchedulerService.WatchBatch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VENDOR_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    vendor_id: _builtins.str
+    """The vendor asking."""
+    name: _builtins.str
+    """"batches/{batch_id}"."""
+    def __init__(
+        self,
+        *,
+        vendor_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "vendor_id", b"vendor_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SchedulerServiceWatchBatchRequest: _TypeAlias = SchedulerServiceWatchBatchRequest  # noqa: Y015
+
+@_typing.final
+class SchedulerServiceWatchBatchResponse(_message.Message):
+    """Response for SchedulerService.WatchBatch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def batch(self) -> _jobs_pb2.BatchProgress:
+        """The batch's progress now."""
+
+    def __init__(
+        self,
+        *,
+        batch: _jobs_pb2.BatchProgress | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SchedulerServiceWatchBatchResponse: _TypeAlias = SchedulerServiceWatchBatchResponse  # noqa: Y015
+
+@_typing.final
+class SchedulerServiceCancelBatchRequest(_message.Message):
+    """Request for SchedulerService.CancelBatch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VENDOR_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    vendor_id: _builtins.str
+    """The vendor asking."""
+    name: _builtins.str
+    """"batches/{batch_id}"."""
+    def __init__(
+        self,
+        *,
+        vendor_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "vendor_id", b"vendor_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SchedulerServiceCancelBatchRequest: _TypeAlias = SchedulerServiceCancelBatchRequest  # noqa: Y015
+
+@_typing.final
+class SchedulerServiceCancelBatchResponse(_message.Message):
+    """Response for SchedulerService.CancelBatch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CANCELLED_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
+    cancelled: _builtins.int
+    """Jobs cancelled by this call."""
+    @_builtins.property
+    def batch(self) -> _jobs_pb2.BatchProgress:
+        """The batch's progress afterwards."""
+
+    def __init__(
+        self,
+        *,
+        cancelled: _builtins.int = ...,
+        batch: _jobs_pb2.BatchProgress | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "cancelled", b"cancelled"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SchedulerServiceCancelBatchResponse: _TypeAlias = SchedulerServiceCancelBatchResponse  # noqa: Y015
+
+@_typing.final
 class SchedulerServiceGetJobRequest(_message.Message):
     """Request for SchedulerService.GetJob."""
 

@@ -41,6 +41,16 @@ class SchedulerServiceStub:
                 request_serializer=cutout_dot_v1_dot_scheduler__service__pb2.EnqueueJobRequest.SerializeToString,
                 response_deserializer=cutout_dot_v1_dot_scheduler__service__pb2.EnqueueJobResponse.FromString,
                 _registered_method=True)
+        self.WatchBatch = channel.unary_stream(
+                '/cutout.v1.SchedulerService/WatchBatch',
+                request_serializer=cutout_dot_v1_dot_scheduler__service__pb2.SchedulerServiceWatchBatchRequest.SerializeToString,
+                response_deserializer=cutout_dot_v1_dot_scheduler__service__pb2.SchedulerServiceWatchBatchResponse.FromString,
+                _registered_method=True)
+        self.CancelBatch = channel.unary_unary(
+                '/cutout.v1.SchedulerService/CancelBatch',
+                request_serializer=cutout_dot_v1_dot_scheduler__service__pb2.SchedulerServiceCancelBatchRequest.SerializeToString,
+                response_deserializer=cutout_dot_v1_dot_scheduler__service__pb2.SchedulerServiceCancelBatchResponse.FromString,
+                _registered_method=True)
         self.GetJob = channel.unary_unary(
                 '/cutout.v1.SchedulerService/GetJob',
                 request_serializer=cutout_dot_v1_dot_scheduler__service__pb2.SchedulerServiceGetJobRequest.SerializeToString,
@@ -95,6 +105,20 @@ class SchedulerServiceServicer:
 
     def EnqueueJob(self, request, context):
         """Stores a validated job and queues it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchBatch(self, request, context):
+        """Streams the vendor's batch progress until every job in it has finished.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelBatch(self, request, context):
+        """Cancels the unfinished jobs of the vendor's batch.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -171,6 +195,16 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     request_deserializer=cutout_dot_v1_dot_scheduler__service__pb2.EnqueueJobRequest.FromString,
                     response_serializer=cutout_dot_v1_dot_scheduler__service__pb2.EnqueueJobResponse.SerializeToString,
             ),
+            'WatchBatch': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchBatch,
+                    request_deserializer=cutout_dot_v1_dot_scheduler__service__pb2.SchedulerServiceWatchBatchRequest.FromString,
+                    response_serializer=cutout_dot_v1_dot_scheduler__service__pb2.SchedulerServiceWatchBatchResponse.SerializeToString,
+            ),
+            'CancelBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelBatch,
+                    request_deserializer=cutout_dot_v1_dot_scheduler__service__pb2.SchedulerServiceCancelBatchRequest.FromString,
+                    response_serializer=cutout_dot_v1_dot_scheduler__service__pb2.SchedulerServiceCancelBatchResponse.SerializeToString,
+            ),
             'GetJob': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJob,
                     request_deserializer=cutout_dot_v1_dot_scheduler__service__pb2.SchedulerServiceGetJobRequest.FromString,
@@ -246,6 +280,60 @@ class SchedulerService:
             '/cutout.v1.SchedulerService/EnqueueJob',
             cutout_dot_v1_dot_scheduler__service__pb2.EnqueueJobRequest.SerializeToString,
             cutout_dot_v1_dot_scheduler__service__pb2.EnqueueJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cutout.v1.SchedulerService/WatchBatch',
+            cutout_dot_v1_dot_scheduler__service__pb2.SchedulerServiceWatchBatchRequest.SerializeToString,
+            cutout_dot_v1_dot_scheduler__service__pb2.SchedulerServiceWatchBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cutout.v1.SchedulerService/CancelBatch',
+            cutout_dot_v1_dot_scheduler__service__pb2.SchedulerServiceCancelBatchRequest.SerializeToString,
+            cutout_dot_v1_dot_scheduler__service__pb2.SchedulerServiceCancelBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -37,6 +37,10 @@ class SchedulerServiceStub:
     def __new__(cls, channel: _aio.Channel) -> SchedulerServiceAsyncStub: ...
     EnqueueJob: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.EnqueueJobRequest, _scheduler_service_pb2.EnqueueJobResponse]
     """Stores a validated job and queues it."""
+    WatchBatch: _grpc.UnaryStreamMultiCallable[_scheduler_service_pb2.SchedulerServiceWatchBatchRequest, _scheduler_service_pb2.SchedulerServiceWatchBatchResponse]
+    """Streams the vendor's batch progress until every job in it has finished."""
+    CancelBatch: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.SchedulerServiceCancelBatchRequest, _scheduler_service_pb2.SchedulerServiceCancelBatchResponse]
+    """Cancels the unfinished jobs of the vendor's batch."""
     GetJob: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.SchedulerServiceGetJobRequest, _scheduler_service_pb2.SchedulerServiceGetJobResponse]
     """Returns one job."""
     WatchJob: _grpc.UnaryStreamMultiCallable[_scheduler_service_pb2.SchedulerServiceWatchJobRequest, _scheduler_service_pb2.SchedulerServiceWatchJobResponse]
@@ -65,6 +69,10 @@ class SchedulerServiceAsyncStub(SchedulerServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     EnqueueJob: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.EnqueueJobRequest, _scheduler_service_pb2.EnqueueJobResponse]  # type: ignore[assignment]
     """Stores a validated job and queues it."""
+    WatchBatch: _aio.UnaryStreamMultiCallable[_scheduler_service_pb2.SchedulerServiceWatchBatchRequest, _scheduler_service_pb2.SchedulerServiceWatchBatchResponse]  # type: ignore[assignment]
+    """Streams the vendor's batch progress until every job in it has finished."""
+    CancelBatch: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.SchedulerServiceCancelBatchRequest, _scheduler_service_pb2.SchedulerServiceCancelBatchResponse]  # type: ignore[assignment]
+    """Cancels the unfinished jobs of the vendor's batch."""
     GetJob: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.SchedulerServiceGetJobRequest, _scheduler_service_pb2.SchedulerServiceGetJobResponse]  # type: ignore[assignment]
     """Returns one job."""
     WatchJob: _aio.UnaryStreamMultiCallable[_scheduler_service_pb2.SchedulerServiceWatchJobRequest, _scheduler_service_pb2.SchedulerServiceWatchJobResponse]  # type: ignore[assignment]
@@ -96,6 +104,22 @@ class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_scheduler_service_pb2.EnqueueJobResponse, _abc.Awaitable[_scheduler_service_pb2.EnqueueJobResponse]]:
         """Stores a validated job and queues it."""
+
+    @_abc_1.abstractmethod
+    def WatchBatch(
+        self,
+        request: _scheduler_service_pb2.SchedulerServiceWatchBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_scheduler_service_pb2.SchedulerServiceWatchBatchResponse], _abc.AsyncIterator[_scheduler_service_pb2.SchedulerServiceWatchBatchResponse]]:
+        """Streams the vendor's batch progress until every job in it has finished."""
+
+    @_abc_1.abstractmethod
+    def CancelBatch(
+        self,
+        request: _scheduler_service_pb2.SchedulerServiceCancelBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_service_pb2.SchedulerServiceCancelBatchResponse, _abc.Awaitable[_scheduler_service_pb2.SchedulerServiceCancelBatchResponse]]:
+        """Cancels the unfinished jobs of the vendor's batch."""
 
     @_abc_1.abstractmethod
     def GetJob(

@@ -1,0 +1,361 @@
+"""Node benchmark: one Cutout node against the raw model and rembg, side by side in one run.
+
+    python bench/node.py [--images 8] [--concurrency 2] [--capacity 2]
+
+Measures, in this one process tree and one run, on real JPEGs (scikit-image's
+astronaut, chelsea and coffee, cycled) with the same model file
+(isnet-general-use from ../shared/models or $CUTOUT_MODEL_DIR):
+
+  raw           onnxruntime session.run on preprocessed tensors, at concurrency
+                1..--concurrency (the best is reported): the model's ceiling;
+  rembg_loop    rembg.remove in a plain loop;
+  rembg_pool    rembg.remove from a thread pool of --concurrency workers;
+  rembg_server  rembg's own HTTP server (`rembg s`, same model, same cores), POST
+                /api/remove from --concurrency concurrent clients;
+  node          a Cutout inference node (python -m services.inference) driven over
+                gRPC (InferenceService.Process) by --concurrency concurrent callers.
+
+Each part gets a warm-up image first. Prints images/s, p50/p99 latency and the
+node's ratios to the others; writes bench/results/node-<cpu|gpu>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "clients" / "python"))
+
+import grpc  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+
+from cutout.v1 import inference_service_pb2 as pb  # noqa: E402
+from cutout.v1 import inference_service_pb2_grpc as pb_grpc  # noqa: E402
+from cutout.v1 import jobs_pb2  # noqa: E402
+from services.common.config import default_model_dir  # noqa: E402
+from services.inference.masking import KNOWN, MaskSession  # noqa: E402
+
+MODEL = "isnet-general-use"
+
+
+def photos() -> list[bytes]:
+    import skimage.data
+
+    out = []
+    for name in ("astronaut", "chelsea", "coffee"):
+        buf = io.BytesIO()
+        Image.fromarray(getattr(skimage.data, name)()).save(buf, "JPEG", quality=92)
+        out.append(buf.getvalue())
+    return out
+
+
+def stats(name: str, latencies: list[float], wall: float) -> dict[str, float | str]:
+    ms = sorted(x * 1000 for x in latencies)
+    return {
+        "name": name,
+        "images": len(ms),
+        "images_per_s": len(ms) / wall,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+    }
+
+
+def timed_pool(work: Callable[[int], object], n: int, workers: int) -> tuple[list[float], float]:
+    """Run work(i) for i < n on `workers` threads; (latency of each, wall time)."""
+    latencies: list[float] = []
+
+    def one(i: int) -> None:
+        t = time.perf_counter()
+        work(i)
+        latencies.append(time.perf_counter() - t)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(one, range(n)))
+    return latencies, time.perf_counter() - start
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.5)
+    raise SystemExit(f"{what} did not start within {timeout_s:.0f} s")
+
+
+# --- the parts ---------------------------------------------------------------------------------
+
+
+def bench_raw(
+    model_dir: Path, images: list[bytes], n: int, concurrency: int
+) -> dict[str, float | str]:
+    """session.run alone, inputs preprocessed beforehand; best concurrency wins."""
+    prep = KNOWN[MODEL]
+    best: dict[str, float | str] = {}
+    for workers in range(1, concurrency + 1):
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = max(1, (len(os.sched_getaffinity(0)) or 1) // workers)
+        session = ort.InferenceSession(
+            str(model_dir / f"{MODEL}.onnx"),
+            sess_options=opts,
+            providers=ort.get_available_providers(),
+        )
+        masks = MaskSession(session, prep)
+        tensors = [masks.preprocess(Image.open(io.BytesIO(b))) for b in images]
+        masks.infer(tensors[0])  # warm-up
+        lat, wall = timed_pool(
+            lambda i, m=masks, t=tensors: m.infer(t[i % len(t)]),  # type: ignore[misc]
+            n,
+            workers,
+        )
+        row = stats(f"raw session.run x{workers}", lat, wall)
+        row["concurrency"] = workers
+        if not best or float(row["images_per_s"]) > float(best["images_per_s"]):
+            best = row
+        print(f"  raw x{workers}: {float(row['images_per_s']):.3f} images/s", flush=True)
+    return best
+
+
+def bench_rembg(
+    model_dir: Path, images: list[bytes], n: int, workers: int
+) -> dict[str, float | str]:
+    os.environ["U2NET_HOME"] = str(model_dir)
+    from rembg import new_session, remove
+
+    session = new_session(MODEL)
+    remove(images[0], session=session)  # warm-up
+    lat, wall = timed_pool(lambda i: remove(images[i % len(images)], session=session), n, workers)
+    return stats(
+        "rembg.remove loop" if workers == 1 else f"rembg.remove pool x{workers}", lat, wall
+    )
+
+
+def bench_rembg_server(
+    model_dir: Path, images: list[bytes], n: int, concurrency: int, logs: Path
+) -> dict[str, float | str]:
+    port = free_port()
+    env = {**os.environ, "U2NET_HOME": str(model_dir)}
+    rembg = Path(sys.executable).with_name("rembg")
+    with (logs / "rembg-s.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [
+                str(rembg),
+                "s",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--no-ui",
+                "--log_level",
+                "warning",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}/api/remove"
+
+    def post(i: int) -> bytes:
+        boundary = uuid.uuid4().hex
+        body = (
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="model"\r\n\r\n{MODEL}\r\n'
+                f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x.jpg"\r\n'
+                "Content-Type: image/jpeg\r\n\r\n"
+            ).encode()
+            + images[i % len(images)]
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
+        request = urllib.request.Request(
+            url, data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+        )
+        with urllib.request.urlopen(request, timeout=600) as reply:
+            data: bytes = reply.read()
+        if not data.startswith(b"\x89PNG"):
+            raise SystemExit("rembg s answered something that is not a PNG")
+        return data
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise SystemExit(f"rembg s exited with {proc.returncode}; see {logs / 'rembg-s.log'}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    try:
+        wait_until(up, 180, "rembg s")
+        post(0)  # warm-up: the server loads the model on the first request
+        lat, wall = timed_pool(post, n, concurrency)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return stats(f"rembg s, {concurrency} clients", lat, wall)
+
+
+def bench_node(
+    model_dir: Path, images: list[bytes], n: int, concurrency: int, capacity: int, logs: Path
+) -> dict[str, float | str]:
+    ready = logs / "node.ready"
+    env = {
+        **os.environ,
+        "CUTOUT_MODEL_DIR": str(model_dir),
+        "CUTOUT_MODELS": MODEL,
+        "CUTOUT_NODE_LISTEN": "127.0.0.1:0",
+        "CUTOUT_NODE_CAPACITY": str(capacity),
+        "CUTOUT_METRICS_LISTEN": "",
+        "CUTOUT_READY_FILE": str(ready),
+        "CUTOUT_LOG_LEVEL": "WARNING",
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'clients' / 'python'}",
+    }
+    with (logs / "node.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "services.inference"],
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_until(lambda: ready.exists() and ready.read_text().strip() != "", 300, "cutout node")
+        address = f"127.0.0.1:{ready.read_text().strip()}"
+
+        async def drive() -> tuple[list[float], float]:
+            async with grpc.aio.insecure_channel(
+                address, options=[("grpc.max_receive_message_length", 64 * 2**20)]
+            ) as channel:
+                stub = pb_grpc.InferenceServiceStub(channel)
+                op = jobs_pb2.Operation(remove_background=jobs_pb2.RemoveBackground(model=MODEL))
+
+                async def one(i: int) -> float:
+                    t = time.perf_counter()
+                    request = pb.ProcessRequest(
+                        name=f"jobs/{uuid.uuid4().hex}",
+                        attempt=1,
+                        operation=op,
+                        image=images[i % len(images)],
+                    )
+                    size, got = 0, 0
+                    async for reply in stub.Process(request, timeout=600):
+                        if reply.HasField("output"):
+                            size = reply.output.size_bytes
+                        got += len(reply.chunk)
+                    if not size or got != size:
+                        raise SystemExit("the node's output is incomplete")
+                    return time.perf_counter() - t
+
+                await one(0)  # warm-up
+                queue = list(range(n))
+                latencies: list[float] = []
+
+                async def caller() -> None:
+                    while queue:
+                        latencies.append(await one(queue.pop()))
+
+                start = time.perf_counter()
+                await asyncio.gather(*(caller() for _ in range(concurrency)))
+                return latencies, time.perf_counter() - start
+
+        lat, wall = asyncio.run(drive())
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    return stats(f"cutout node (capacity {capacity}), {concurrency} callers", lat, wall)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--images", type=int, default=8, help="timed images per part")
+    parser.add_argument("--concurrency", type=int, default=2, help="client concurrency / pool size")
+    parser.add_argument("--capacity", type=int, default=2, help="the node's CUTOUT_NODE_CAPACITY")
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    model_dir = default_model_dir()
+    if not (model_dir / f"{MODEL}.onnx").is_file():
+        raise SystemExit(f"no {MODEL}.onnx in {model_dir} (set CUTOUT_MODEL_DIR)")
+    gpu = "CUDAExecutionProvider" in ort.get_available_providers()
+    device = "gpu" if gpu else "cpu"
+    images = photos()
+    rows: dict[str, dict[str, float | str]] = {}
+    with tempfile.TemporaryDirectory(prefix="cutout-bench-node-") as tmp:
+        logs = Path(tmp)
+        print("node ...", flush=True)
+        rows["node"] = bench_node(
+            model_dir, images, args.images, args.concurrency, args.capacity, logs
+        )
+        print("raw ...", flush=True)
+        rows["raw"] = bench_raw(model_dir, images, args.images, args.concurrency)
+        print("rembg loop ...", flush=True)
+        rows["rembg_loop"] = bench_rembg(model_dir, images, args.images, 1)
+        print("rembg pool ...", flush=True)
+        rows["rembg_pool"] = bench_rembg(model_dir, images, args.images, args.concurrency)
+        print("rembg s ...", flush=True)
+        rows["rembg_server"] = bench_rembg_server(
+            model_dir, images, args.images, args.concurrency, logs
+        )
+    node = float(rows["node"]["images_per_s"])
+    ratios = {
+        f"node_vs_{k}": node / float(v["images_per_s"]) for k, v in rows.items() if k != "node"
+    }
+    print()
+    print(f"{'part':44} {'images/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'node is':>8}")
+    for key, row in rows.items():
+        ratio = "" if key == "node" else f"{ratios[f'node_vs_{key}']:.2f}x"
+        print(
+            f"{row['name']!s:44} {float(row['images_per_s']):9.3f} {float(row['p50_ms']):9.0f} "
+            f"{float(row['p99_ms']):9.0f} {ratio:>8}"
+        )
+    result = {
+        "node_images_per_s": node,
+        "raw_images_per_s": rows["raw"]["images_per_s"],
+        "rembg_loop_images_per_s": rows["rembg_loop"]["images_per_s"],
+        "rembg_pool_images_per_s": rows["rembg_pool"]["images_per_s"],
+        "rembg_server_images_per_s": rows["rembg_server"]["images_per_s"],
+        "device": device,
+        "ratios": ratios,
+        "parts": rows,
+        "settings": vars(args),
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cores": len(os.sched_getaffinity(0)),
+            "providers": ort.get_available_providers(),
+        },
+    }
+    out = Path(args.out or ROOT / "bench" / "results" / f"node-{device}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

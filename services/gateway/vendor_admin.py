@@ -1,0 +1,70 @@
+"""`cutout vendors ...`: the operator's side of the vendor registry (talks to Redis directly)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+
+import redis.asyncio as aioredis
+from rich.console import Console
+
+from services.gateway.auth import hash_key
+from services.gateway.vendors import RegistryError, Vendor, VendorRegistry
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def _row(v: Vendor) -> list[str]:
+    created = dt.datetime.fromtimestamp(v.created_ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M")
+    return [
+        v.id,
+        "active" if v.active else "disabled",
+        f"{v.weight:g}",
+        v.limits_spec or "(gateway defaults)",
+        str(v.max_queued or "(default)"),
+        str(v.keys),
+        created,
+    ]
+
+
+def _show_key(vendor: str, key: str, what: str) -> None:
+    out.print(f"{what} for {vendor} (shown once; Redis keeps only its SHA-256):")
+    out.print(key, soft_wrap=True)
+    err.print(f"[dim]sha256 {hash_key(key)}[/dim]")
+
+
+async def run(args: argparse.Namespace) -> int:
+    redis = aioredis.Redis.from_url(args.redis)
+    registry = VendorRegistry(redis, args.prefix)
+    try:
+        action = args.vendors_action
+        if action == "add":
+            key = await registry.add(args.vendor, args.weight, args.limits, args.max_queued)
+            _show_key(args.vendor, key, "API key")
+        elif action == "rotate":
+            key = await registry.rotate(args.vendor, args.grace)
+            _show_key(args.vendor, key, "new API key")
+            when = f"in {args.grace} s" if args.grace else "now"
+            err.print(f"the vendor's previous keys stop working {when}")
+        elif action == "set":
+            await registry.update(args.vendor, args.weight, args.limits, args.max_queued)
+        elif action in ("disable", "enable"):
+            await registry.set_active(args.vendor, action == "enable")
+        vendors = await registry.list()
+        if action != "list":
+            vendors = [v for v in vendors if v.id == args.vendor]
+        if action in ("list", "set", "disable", "enable"):
+            header = ["vendor", "status", "weight", "rate limits", "max queued", "keys", "created"]
+            from cutout.cli import print_rows
+
+            print_rows(header, [_row(v) for v in vendors])
+        return 0
+    except RegistryError as exc:
+        err.print(f"[red]{exc}[/red]")
+        return 2
+    except aioredis.RedisError as exc:
+        err.print(f"[red]cannot reach the registry at {args.redis}[/red]: {exc}")
+        return 1
+    finally:
+        await redis.aclose()

@@ -1,0 +1,159 @@
+"""The vendor registry: `cutout vendors` on a real cluster, hashed keys, own limits and weights."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+import redis.asyncio as aioredis
+
+from cutout import AsyncClient, CutoutError
+from cutout.v1 import jobs_pb2
+from services.gateway.auth import hash_key
+from services.gateway.vendors import RegistryError, VendorRegistry
+from services.local.cluster import LocalCluster
+from services.local.redis import RedisServer
+from services.scheduler.jobstore import JobStore, Retention
+from services.scheduler.keys import Keys
+
+
+def cutout(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cutout.cli", "vendors", "--redis", redis_url, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def new_vendor(redis_url: str, *args: str) -> str:
+    done = cutout(redis_url, "add", *args)
+    assert done.returncode == 0, done.stderr
+    key = done.stdout.strip().splitlines()[-1]
+    assert key.startswith("ck_")
+    return key
+
+
+async def refused(addr: str, key: str, image: bytes) -> CutoutError:
+    async with AsyncClient(addr, key, rate_limit_wait_s=0) as client:
+        with pytest.raises(CutoutError) as err:
+            await client.submit(image)
+    return err.value
+
+
+async def all_redis_bytes(url: str) -> bytes:
+    """Every key name and value in Redis, concatenated: where a leaked key would show."""
+    redis = aioredis.from_url(url)
+    chunks: list[bytes] = []
+    async for name in redis.scan_iter(count=1000):
+        chunks.append(name)
+        kind = (await redis.type(name)).decode()
+        if kind == "string":
+            chunks.append(await redis.get(name) or b"")
+        elif kind == "hash":
+            for k, v in (await redis.hgetall(name)).items():
+                chunks += [k, v]
+        elif kind == "set":
+            chunks += list(await redis.smembers(name))
+    await redis.aclose()
+    return b"\n".join(chunks)
+
+
+async def test_vendor_lifecycle_through_the_cli_and_the_gateway(
+    make_cluster,
+    tiny_model_dir: Path,
+    photos: dict[str, bytes],  # type: ignore[no-untyped-def]
+) -> None:
+    cluster: LocalCluster = make_cluster(tiny_model_dir, nodes=1, CUTOUT_AUTH_CACHE_S="0")
+    url, addr, image = cluster.redis_url, cluster.gateway_address, photos["coffee_small"]
+    key = new_vendor(url, "acme", "--limits", "requests=3/3600", "--weight", "2")
+    assert cutout(url, "add", "acme").returncode == 2  # no duplicate vendors
+
+    async with AsyncClient(addr, key) as client:
+        job = await client.submit(image)
+        names = [j.name for j in (await client.list_jobs()).jobs]
+        assert job.name in names
+    # Keys are stored hashed: the key itself is nowhere in Redis, its SHA-256 is.
+    dump = await all_redis_bytes(url)
+    assert key.encode() not in dump and hash_key(key).encode() in dump
+
+    # The vendor's own limit (3 per hour) applies, not the cluster's generous one.
+    async with AsyncClient(addr, key) as client:
+        await client.submit(image)
+        await client.submit(image)
+    err = await refused(addr, key, image)
+    assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "requests" in err.message
+
+    listed = cutout(url, "list")
+    assert listed.returncode == 0 and "acme" in listed.stdout and "requests=3/3600" in listed.stdout
+    assert key not in listed.stdout + listed.stderr
+
+    # Rotation: the new key works at once, the old one no more.
+    rotated = cutout(url, "rotate", "acme")
+    assert rotated.returncode == 0, rotated.stderr
+    new_key = rotated.stdout.strip().splitlines()[-1]
+    assert (await refused(addr, key, image)).code == grpc.StatusCode.UNAUTHENTICATED
+    assert cutout(url, "set", "acme", "--limits", "requests=100/3600").returncode == 0
+    async with AsyncClient(addr, new_key) as client:
+        await client.submit(image)
+
+    # Disabled: a clear PERMISSION_DENIED; enabled again: back in business.
+    assert cutout(url, "disable", "acme").returncode == 0
+    err = await refused(addr, new_key, image)
+    assert err.code == grpc.StatusCode.PERMISSION_DENIED and "disabled" in err.message
+    assert cutout(url, "enable", "acme").returncode == 0
+    async with AsyncClient(addr, new_key) as client:
+        await client.submit(image)
+
+    unknown = cutout(url, "disable", "nobody")
+    assert unknown.returncode == 2 and "no vendor 'nobody'" in unknown.stderr
+
+
+async def test_rotation_grace_keeps_the_old_key_for_a_while(
+    redis_server: Callable[..., RedisServer],
+) -> None:
+    redis = aioredis.from_url(redis_server().url)
+    registry = VendorRegistry(redis, "g:")
+    old = await registry.add("acme")
+    new = await registry.rotate("acme", grace_s=1)
+    assert (await registry.lookup(hash_key(old))) is not None
+    assert (await registry.lookup(hash_key(new))) is not None
+    await asyncio.sleep(1.1)
+    assert (await registry.lookup(hash_key(old))) is None
+    assert (await registry.get("acme")).keys == 1
+    with pytest.raises(RegistryError, match="use 1-64 characters"):
+        await registry.add("no spaces please")
+    with pytest.raises(RegistryError, match="not name=LIMIT/SECONDS"):
+        await registry.add("beta", limits="requests=lots")
+    await redis.aclose()
+
+
+async def test_registry_weight_and_queue_cap_reach_the_scheduler_scripts(
+    redis_server: Callable[..., RedisServer],
+) -> None:
+    redis = aioredis.from_url(redis_server().url)
+    registry = VendorRegistry(redis, "w:")
+    await registry.add("gold", weight=3)
+    await registry.add("basic")
+    store = JobStore(redis, Keys("w:"), Retention())
+    sub = jobs_pb2.JobSubmission()
+    sub.operation.remove_background.model = "tiny"
+    for _ in range(40):
+        for vendor in ("gold", "basic"):
+            await store.enqueue(vendor, sub, b"image", 1_000_000)
+    served = []
+    while (claim := await store.claim("node", 10_000)) is not None:
+        served.append(claim.vendor)
+    assert served[:40].count("gold") == 30 and served[:40].count("basic") == 10
+
+    await registry.update("basic", max_queued=2)
+    for _ in range(2):
+        await store.enqueue("basic", sub, b"image", 1_000_000)
+    with pytest.raises(Exception, match="vendor basic already has 2 jobs waiting"):
+        await store.enqueue("basic", sub, b"image", 1_000_000)
+    await redis.aclose()
