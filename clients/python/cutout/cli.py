@@ -88,11 +88,36 @@ def expand_inputs(inputs: Sequence[str]) -> list[str]:
 # --- commands -------------------------------------------------------------------
 
 
+def _submission(
+    args: argparse.Namespace, item: str, record: tuple[str, str] | None = None
+) -> jobs_pb2.JobSubmission:
+    return build_submission(
+        item,
+        op=args.op,
+        model=args.model,
+        output_format=args.format,
+        mask_only=args.mask_only,
+        background=args.background,
+        mode=args.mode,
+        crop_to_subject=args.crop,
+        margin=args.margin,
+        alpha_matting=args.alpha_matting,
+        resize=args.resize,
+        width=args.width,
+        height=args.height,
+        quality=args.quality,
+        priority=args.priority,
+        record=record,
+    )
+
+
 async def cmd_submit(args: argparse.Namespace) -> int:
     inputs = expand_inputs(args.inputs)
     if not inputs:
         console.print("[red]nothing to submit[/red]: no image files found")
         return 2
+    if args.batch or any(Path(i).is_dir() for i in args.inputs):
+        return await submit_as_batches(args, inputs)
     record = None
     if args.record:
         project, _, record_id = args.record.partition("/")
@@ -105,25 +130,7 @@ async def cmd_submit(args: argparse.Namespace) -> int:
         failed = 0
         for item in inputs:
             try:
-                sub = build_submission(
-                    item,
-                    op=args.op,
-                    model=args.model,
-                    output_format=args.format,
-                    mask_only=args.mask_only,
-                    background=args.background,
-                    mode=args.mode,
-                    crop_to_subject=args.crop,
-                    margin=args.margin,
-                    alpha_matting=args.alpha_matting,
-                    resize=args.resize,
-                    width=args.width,
-                    height=args.height,
-                    quality=args.quality,
-                    priority=args.priority,
-                    record=record,
-                )
-                job = (await client.submit_submission(sub)).job
+                job = (await client.submit_submission(_submission(args, item, record))).job
             except (CutoutError, OSError, ValueError) as exc:
                 console.print(f"[red]refused[/red] {item}: {exc}")
                 for field, why in getattr(exc, "violations", []):
@@ -136,6 +143,94 @@ async def cmd_submit(args: argparse.Namespace) -> int:
         if args.wait and jobs:
             failed += await follow(client, jobs, Path(args.out))
     return 1 if failed else 0
+
+
+MAX_BATCH = 1000
+
+
+async def submit_as_batches(args: argparse.Namespace, inputs: list[str]) -> int:
+    """A folder: one SubmitBatch per 1,000 images, one progress bar per batch."""
+    if args.record:
+        console.print("[red]--record[/red] takes exactly one image, not a folder")
+        return 2
+    failed = 0
+    async with AsyncClient(args.addr, args.api_key, tls=tls_of(args)) as client:
+        for start in range(0, len(inputs), MAX_BATCH):
+            chunk, subs = [], []
+            for item in inputs[start : start + MAX_BATCH]:
+                try:
+                    subs.append(_submission(args, item))
+                    chunk.append(item)
+                except (OSError, ValueError) as exc:
+                    console.print(f"[red]refused[/red] {item}: {exc}")
+                    failed += 1
+            if not subs:
+                continue
+            reply = await client.submit_batch(subs)
+            jobs: list[tuple[str, jobs_pb2.Job]] = []
+            for outcome in reply.outcomes:
+                item = chunk[outcome.index]
+                if outcome.HasField("job"):
+                    jobs.append((item, outcome.job))
+                else:
+                    failed += 1
+                    console.print(f"[red]refused[/red] {item}: {outcome.error.message}")
+            out.print(f"{reply.batch}\t{len(jobs)} of {len(chunk)} images accepted")
+            if args.wait and jobs:
+                failed += await follow_batch(client, reply.batch, jobs, Path(args.out))
+    return 1 if failed else 0
+
+
+async def follow_batch(
+    client: AsyncClient, batch: str, jobs: list[tuple[str, jobs_pb2.Job]], out_dir: Path
+) -> int:
+    """One progress bar for the whole batch; then save every result; return the failures."""
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task(f"{batch[:20]} ({len(jobs)} images)", total=100, status="")
+        async for state in client.watch_batch(batch):
+            status = (
+                f"{state.succeeded} done, {state.running} running, {state.queued} queued"
+                + (f", [red]{state.failed} failed[/red]" if state.failed else "")
+                + (f", {state.cancelled} cancelled" if state.cancelled else "")
+            )
+            progress.update(task, completed=state.progress_percent, status=status)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    for item, job in jobs:
+        final = await client.get(job.name)
+        if final.state != jobs_pb2.JOB_STATE_SUCCEEDED:
+            failures += 1
+            console.print(f"[red]{state_name(final.state)}[/red] {item}: {final.error.message}")
+        elif final.result.uri.startswith("https://"):
+            out.print(f"{item}\t{final.result.uri}")
+        else:
+            ext = final.result.content_type.removeprefix("image/").replace("jpeg", "jpg")
+            await client.save_result(job.name, out_dir / f"{Path(item).stem}.{ext}")
+    saved = len(jobs) - failures
+    console.print(f"{batch}: {saved} of {len(jobs)} succeeded; results in {out_dir}")
+    return failures
+
+
+async def cmd_batch(args: argparse.Namespace) -> int:
+    async with AsyncClient(args.addr, args.api_key, tls=tls_of(args)) as client:
+        if args.batch_action == "cancel":
+            reply = await client.cancel_batch(args.name)
+            out.print(f"{reply.batch.name}\tcancelled {reply.cancelled}")
+            return 0
+        async for state in client.watch_batch(args.name):
+            out.print(
+                f"{state.name}  {state.progress_percent}%  total {state.total}  "
+                f"queued {state.queued}  running {state.running}  succeeded {state.succeeded}  "
+                f"failed {state.failed}  cancelled {state.cancelled}"
+            )
+    return 0
 
 
 async def follow(client: AsyncClient, jobs: list[tuple[str, jobs_pb2.Job]], out_dir: Path) -> int:
@@ -371,6 +466,11 @@ def parser() -> argparse.ArgumentParser:
     )
     s.add_argument("inputs", nargs="+", metavar="FILE|DIR|URL")
     s.add_argument(
+        "--batch",
+        action="store_true",
+        help="submit as one batch (implied by a folder): one progress bar, batch cancel",
+    )
+    s.add_argument(
         "--op",
         choices=["remove-bg", "crop-face", "transform"],
         default="remove-bg",
@@ -448,6 +548,11 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--limit", type=int, default=50)
     d.add_argument("--page-token", default="")
     d.set_defaults(run=cmd_dlq)
+
+    b = sub.add_parser("batch", parents=[common], help="watch or cancel a batch")
+    b.add_argument("batch_action", choices=["watch", "cancel"])
+    b.add_argument("name", metavar="batches/ID")
+    b.set_defaults(run=cmd_batch)
 
     k = sub.add_parser("key", help="make a new API key for a vendor")
     k.add_argument("vendor")

@@ -299,6 +299,27 @@ class AsyncClient:
         except grpc.RpcError as exc:
             raise CutoutError.from_rpc_error(exc) from None
 
+    async def watch_batch(self, name: str) -> AsyncIterator[jobs_pb2.BatchProgress]:
+        """The batch's counts and mean progress, on every change, until all its jobs finish."""
+        call = self._stub.WatchBatch(pb.WatchBatchRequest(name=name), metadata=self._md)
+        try:
+            async for reply in call:
+                yield reply.batch
+        except grpc.RpcError as exc:
+            raise CutoutError.from_rpc_error(exc) from None
+        finally:
+            call.cancel()
+
+    async def cancel_batch(self, name: str) -> pb.CancelBatchResponse:
+        """Cancel every unfinished job of the batch; says how many it cancelled."""
+        try:
+            reply: pb.CancelBatchResponse = await self._stub.CancelBatch(
+                pb.CancelBatchRequest(name=name), metadata=self._md, timeout=self.timeout_s
+            )
+        except grpc.RpcError as exc:
+            raise CutoutError.from_rpc_error(exc) from None
+        return reply
+
     async def cancel(self, name: str) -> jobs_pb2.Job:
         try:
             reply = await self._stub.CancelJob(
@@ -460,6 +481,25 @@ class Client:
             raise CutoutError.from_rpc_error(exc) from None
         finally:
             call.cancel()  # type: ignore[no-untyped-call]
+
+    def watch_batch(self, name: str) -> Iterator[jobs_pb2.BatchProgress]:
+        call = self._stub.WatchBatch(pb.WatchBatchRequest(name=name), metadata=self._md)
+        try:
+            for reply in call:
+                yield reply.batch
+        except grpc.RpcError as exc:
+            raise CutoutError.from_rpc_error(exc) from None
+        finally:
+            call.cancel()  # type: ignore[no-untyped-call]
+
+    def cancel_batch(self, name: str) -> pb.CancelBatchResponse:
+        try:
+            reply: pb.CancelBatchResponse = self._stub.CancelBatch(
+                pb.CancelBatchRequest(name=name), metadata=self._md, timeout=self.timeout_s
+            )
+        except grpc.RpcError as exc:
+            raise CutoutError.from_rpc_error(exc) from None
+        return reply
 
     def cancel(self, name: str) -> jobs_pb2.Job:
         try:
