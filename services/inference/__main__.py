@@ -6,11 +6,13 @@ import asyncio
 
 from services.common import logs
 from services.common.serving import run_until_signalled
+from services.inference.recycling import tune_allocator
 from services.inference.server import NodeServer
 from services.inference.settings import NodeSettings
 
 
 def main() -> None:
+    tune_allocator()  # before any thread starts: see services/inference/recycling.py
     settings = NodeSettings.from_env()
     logs.setup("inference", settings.log_level)
     asyncio.run(serve(settings))
