@@ -1,0 +1,169 @@
+"""Node memory over many jobs: RSS of one inference node across 10,000 varied jobs.
+
+    python bench/memory.py [--jobs 10000] [--concurrency 2]
+
+Starts one node (python -m services.inference) with the tiny ONNX model the
+tests build, drives InferenceService.Process over gRPC with JPEGs of varied
+sizes (64 px to 1600 px sides, so buffers of every size come and go) and a few
+operations (cutout, mask, WebP, crop to subject, transforms), and samples the
+node's RSS from /proc every 500 jobs. Prints a table and writes
+bench/results/memory.json (`rss_mb` per sample, `growth_mb` from the first
+sample after warm-up to the last).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "clients" / "python"))
+
+import grpc  # noqa: E402
+
+from cutout.v1 import inference_service_pb2 as pb  # noqa: E402
+from cutout.v1 import inference_service_pb2_grpc as pb_grpc  # noqa: E402
+from cutout.v1 import jobs_pb2  # noqa: E402
+from tests.tinymodel import build_tiny_model  # noqa: E402
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def images() -> list[bytes]:
+    rng = np.random.default_rng(7)
+    out = []
+    for side in (64, 200, 512, 900, 1600):
+        arr = rng.integers(0, 255, (side, int(side * 1.3), 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, "JPEG", quality=85)
+        out.append(buf.getvalue())
+    return out
+
+
+OPERATIONS = [
+    jobs_pb2.Operation(remove_background=jobs_pb2.RemoveBackground(model="tiny")),
+    jobs_pb2.Operation(remove_background=jobs_pb2.RemoveBackground(model="tiny", mask_only=True)),
+    jobs_pb2.Operation(
+        remove_background=jobs_pb2.RemoveBackground(
+            model="tiny", format=jobs_pb2.OUTPUT_FORMAT_WEBP, crop_to_subject=True
+        )
+    ),
+    jobs_pb2.Operation(
+        transform=jobs_pb2.Transform(
+            resize=jobs_pb2.RESIZE_MODE_FIT, width_px=300, format=jobs_pb2.OUTPUT_FORMAT_JPEG
+        )
+    ),
+]
+
+
+async def drive(address: str, pid: int, total: int, concurrency: int) -> list[tuple[int, float]]:
+    pictures = images()
+    samples: list[tuple[int, float]] = []
+    done = 0
+    async with grpc.aio.insecure_channel(
+        address, options=[("grpc.max_receive_message_length", 64 * 2**20)]
+    ) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+
+        async def one(i: int) -> None:
+            request = pb.ProcessRequest(
+                name=f"jobs/{uuid.uuid4().hex}",
+                attempt=1,
+                operation=OPERATIONS[i % len(OPERATIONS)],
+                image=pictures[(i // len(OPERATIONS)) % len(pictures)],
+            )
+            async for _ in stub.Process(request, timeout=120):
+                pass
+
+        async def worker(start: int) -> None:
+            nonlocal done
+            for i in range(start, total, concurrency):
+                await one(i)
+                done += 1
+                if done % 500 == 0:
+                    samples.append((done, rss_mb(pid)))
+                    print(f"  {done:6d} jobs  rss {samples[-1][1]:7.1f} MB", flush=True)
+
+        await asyncio.gather(*(worker(k) for k in range(concurrency)))
+    return samples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--jobs", type=int, default=10_000)
+    parser.add_argument("--concurrency", type=int, default=2, help="at most the node capacity")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "memory.json"))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="cutout-bench-memory-") as tmp:
+        folder = Path(tmp)
+        build_tiny_model(folder / "tiny.onnx")
+        ready = folder / "ready"
+        env = {
+            **os.environ,
+            "CUTOUT_MODEL_DIR": str(folder),
+            "CUTOUT_MODELS": "tiny",
+            "CUTOUT_NODE_LISTEN": "127.0.0.1:0",
+            "CUTOUT_NODE_CAPACITY": "2",
+            "CUTOUT_METRICS_LISTEN": "",
+            "CUTOUT_READY_FILE": str(ready),
+            "CUTOUT_LOG_LEVEL": "WARNING",
+            "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'clients' / 'python'}",
+        }
+        with (folder / "node.log").open("wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "services.inference"],
+                env=env,
+                cwd=ROOT,
+                stdout=log,
+                stderr=log,
+            )
+        try:
+            deadline = time.monotonic() + 120
+            while not (ready.exists() and ready.read_text().strip()):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit((folder / "node.log").read_text()[-2000:])
+                time.sleep(0.2)
+            started = time.perf_counter()
+            samples = asyncio.run(
+                drive(
+                    f"127.0.0.1:{ready.read_text().strip()}", proc.pid, args.jobs, args.concurrency
+                )
+            )
+            wall = time.perf_counter() - started
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    warm = samples[1][1] if len(samples) > 1 else samples[0][1]  # after the first 1,000 jobs
+    result = {
+        "jobs": args.jobs,
+        "jobs_per_s": args.jobs / wall,
+        "rss_mb": [{"jobs": n, "rss_mb": round(mb, 1)} for n, mb in samples],
+        "growth_mb": round(samples[-1][1] - warm, 1),
+        "peak_mb": round(max(mb for _, mb in samples), 1),
+    }
+    print(f"\n{'jobs':>8} {'rss MB':>8}")
+    for n, mb in samples:
+        print(f"{n:8d} {mb:8.1f}")
+    print(f"growth after warm-up (1,000 jobs -> {args.jobs:,}): {result['growth_mb']} MB")
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
