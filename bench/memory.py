@@ -18,7 +18,6 @@ import asyncio
 import io
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +37,9 @@ from cutout.v1 import inference_service_pb2 as pb  # noqa: E402
 from cutout.v1 import inference_service_pb2_grpc as pb_grpc  # noqa: E402
 from cutout.v1 import jobs_pb2  # noqa: E402
 from tests.tinymodel import build_tiny_model  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+from nodeproc import start_node  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:
@@ -113,38 +115,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cutout-bench-memory-") as tmp:
         folder = Path(tmp)
         build_tiny_model(folder / "tiny.onnx")
-        ready = folder / "ready"
-        env = {
-            **os.environ,
-            "CUTOUT_MODEL_DIR": str(folder),
-            "CUTOUT_MODELS": "tiny",
-            "CUTOUT_NODE_LISTEN": "127.0.0.1:0",
-            "CUTOUT_NODE_CAPACITY": "2",
-            "CUTOUT_METRICS_LISTEN": "",
-            "CUTOUT_READY_FILE": str(ready),
-            "CUTOUT_LOG_LEVEL": "WARNING",
-            "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'clients' / 'python'}",
-        }
-        with (folder / "node.log").open("wb") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "services.inference"],
-                env=env,
-                cwd=ROOT,
-                stdout=log,
-                stderr=log,
-            )
+        proc, address = start_node(folder, "tiny", 2, folder, timeout_s=120)
         try:
-            deadline = time.monotonic() + 120
-            while not (ready.exists() and ready.read_text().strip()):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit((folder / "node.log").read_text()[-2000:])
-                time.sleep(0.2)
             started = time.perf_counter()
-            samples = asyncio.run(
-                drive(
-                    f"127.0.0.1:{ready.read_text().strip()}", proc.pid, args.jobs, args.concurrency
-                )
-            )
+            samples = asyncio.run(drive(address, proc.pid, args.jobs, args.concurrency))
             wall = time.perf_counter() - started
         finally:
             proc.terminate()

@@ -54,6 +54,9 @@ from cutout.v1 import jobs_pb2  # noqa: E402
 from services.common.config import default_model_dir  # noqa: E402
 from services.inference.masking import KNOWN, MaskSession  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from nodeproc import start_node  # noqa: E402
+
 MODEL = "isnet-general-use"
 
 
@@ -223,29 +226,8 @@ def bench_rembg_server(
 def bench_node(
     model_dir: Path, images: list[bytes], n: int, concurrency: int, capacity: int, logs: Path
 ) -> dict[str, float | str]:
-    ready = logs / "node.ready"
-    env = {
-        **os.environ,
-        "CUTOUT_MODEL_DIR": str(model_dir),
-        "CUTOUT_MODELS": MODEL,
-        "CUTOUT_NODE_LISTEN": "127.0.0.1:0",
-        "CUTOUT_NODE_CAPACITY": str(capacity),
-        "CUTOUT_METRICS_LISTEN": "",
-        "CUTOUT_READY_FILE": str(ready),
-        "CUTOUT_LOG_LEVEL": "WARNING",
-        "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'clients' / 'python'}",
-    }
-    with (logs / "node.log").open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "services.inference"],
-            env=env,
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    proc, address = start_node(model_dir, MODEL, capacity, logs)
     try:
-        wait_until(lambda: ready.exists() and ready.read_text().strip() != "", 300, "cutout node")
-        address = f"127.0.0.1:{ready.read_text().strip()}"
 
         async def drive() -> tuple[list[float], float]:
             async with grpc.aio.insecure_channel(

@@ -148,6 +148,17 @@ async def cmd_submit(args: argparse.Namespace) -> int:
 MAX_BATCH = 1000
 
 
+def bars() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
 async def submit_as_batches(args: argparse.Namespace, inputs: list[str]) -> int:
     """A folder: one SubmitBatch per 1,000 images, one progress bar per batch."""
     if args.record:
@@ -185,14 +196,7 @@ async def follow_batch(
     client: AsyncClient, batch: str, jobs: list[tuple[str, jobs_pb2.Job]], out_dir: Path
 ) -> int:
     """One progress bar for the whole batch; then save every result; return the failures."""
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.percentage:>3.0f}%"),
-        TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(),
-        console=console,
-    ) as progress:
+    with bars() as progress:
         task = progress.add_task(f"{batch[:20]} ({len(jobs)} images)", total=100, status="")
         async for state in client.watch_batch(batch):
             status = (
@@ -237,14 +241,7 @@ async def follow(client: AsyncClient, jobs: list[tuple[str, jobs_pb2.Job]], out_
     """Live progress bars for every job; save each result; return how many did not succeed."""
     out_dir.mkdir(parents=True, exist_ok=True)
     failures = 0
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.percentage:>3.0f}%"),
-        TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(),
-        console=console,
-    ) as progress:
+    with bars() as progress:
 
         async def one(item: str, job: jobs_pb2.Job) -> None:
             nonlocal failures
