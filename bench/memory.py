@@ -74,9 +74,27 @@ OPERATIONS = [
 ]
 
 
-async def drive(address: str, pid: int, total: int, concurrency: int) -> list[tuple[int, float]]:
+def write(out: str, total: int, samples: list[tuple[int, float]], wall: float) -> dict[str, object]:
+    """The JSON so far: written at every sample, so a cut-short run still leaves its figures."""
+    warm = samples[1][1] if len(samples) > 1 else samples[0][1]  # after the first 1,000 jobs
+    result: dict[str, object] = {
+        "jobs": samples[-1][0],
+        "jobs_planned": total,
+        "jobs_per_s": samples[-1][0] / wall,
+        "rss_mb": [{"jobs": n, "rss_mb": round(mb, 1)} for n, mb in samples],
+        "growth_mb": round(samples[-1][1] - warm, 1),
+        "peak_mb": round(max(mb for _, mb in samples), 1),
+    }
+    Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+async def drive(
+    address: str, pid: int, total: int, concurrency: int, out: str
+) -> list[tuple[int, float]]:
     pictures = images()
     samples: list[tuple[int, float]] = []
+    started = time.perf_counter()
     done = 0
     async with grpc.aio.insecure_channel(
         address, options=[("grpc.max_receive_message_length", 64 * 2**20)]
@@ -101,6 +119,7 @@ async def drive(address: str, pid: int, total: int, concurrency: int) -> list[tu
                 if done % 500 == 0:
                     samples.append((done, rss_mb(pid)))
                     print(f"  {done:6d} jobs  rss {samples[-1][1]:7.1f} MB", flush=True)
+                    write(out, total, samples, time.perf_counter() - started)
 
         await asyncio.gather(*(worker(k) for k in range(concurrency)))
     return samples
@@ -118,24 +137,16 @@ def main() -> None:
         proc, address = start_node(folder, "tiny", 2, folder, timeout_s=120)
         try:
             started = time.perf_counter()
-            samples = asyncio.run(drive(address, proc.pid, args.jobs, args.concurrency))
+            samples = asyncio.run(drive(address, proc.pid, args.jobs, args.concurrency, args.out))
             wall = time.perf_counter() - started
         finally:
             proc.terminate()
             proc.wait(30)
-    warm = samples[1][1] if len(samples) > 1 else samples[0][1]  # after the first 1,000 jobs
-    result = {
-        "jobs": args.jobs,
-        "jobs_per_s": args.jobs / wall,
-        "rss_mb": [{"jobs": n, "rss_mb": round(mb, 1)} for n, mb in samples],
-        "growth_mb": round(samples[-1][1] - warm, 1),
-        "peak_mb": round(max(mb for _, mb in samples), 1),
-    }
+    result = write(args.out, args.jobs, samples, wall)
     print(f"\n{'jobs':>8} {'rss MB':>8}")
     for n, mb in samples:
         print(f"{n:8d} {mb:8.1f}")
     print(f"growth after warm-up (1,000 jobs -> {args.jobs:,}): {result['growth_mb']} MB")
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 
