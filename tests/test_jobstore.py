@@ -123,10 +123,32 @@ async def test_queue_position_eta_and_stats(store: JobStore) -> None:
     assert job.queue_position == 2
     eta_ms = job.estimated_wait.ToMilliseconds()
     assert 2 * 150 <= eta_ms <= 2 * 1000, eta_ms
-    store.fleet_capacity = lambda: 2  # twice the slots: half the wait
+    store.fleet_capacity = lambda lane: 2  # twice the slots: half the wait
     assert (await store.get("a", ids[1])).estimated_wait.ToMilliseconds() == eta_ms // 2
     stats = await store.stats("a")
     assert (stats.succeeded, stats.running, stats.lease_losses) == (1, 0, 0)
+
+
+async def test_light_jobs_have_their_own_queue_position_and_eta(store: JobStore) -> None:
+    heavy = [await enqueue(store, "a") for _ in range(3)]
+    light_sub = jobs_pb2.JobSubmission()
+    light_sub.operation.transform.format = jobs_pb2.OUTPUT_FORMAT_JPEG
+    light = [(await store.enqueue("a", light_sub, b"x", 1000))[0].name[5:] for _ in range(2)]
+    assert [(await store.get("a", j)).queue_position for j in light] == [1, 2]
+    assert (await store.get("a", heavy[2])).queue_position == 3
+    # The inference lane never hands out a light job, nor the light lane an inference one.
+    claim = await store.claim("node", 10_000, "light:")
+    assert claim is not None and claim.job_id == light[0]
+    await store.complete(claim, jobs_pb2.Result(uri="local:x"))  # runs in ~0 ms
+    slow = await store.claim("node", 10_000)
+    assert slow is not None and slow.job_id == heavy[0]
+    await asyncio.sleep(0.3)
+    await store.complete(slow, jobs_pb2.Result(uri="local:y"))
+    # Each lane's ETA comes from its own run times: a fast transform does not
+    # make the inference queue look short.
+    heavy_eta = (await store.get("a", heavy[2])).estimated_wait.ToMilliseconds()
+    light_eta = (await store.get("a", light[1])).estimated_wait.ToMilliseconds()
+    assert heavy_eta >= 250 and light_eta < 100, (heavy_eta, light_eta)
 
 
 def test_wait_estimate_shares_the_fleet_among_waiting_vendors() -> None:

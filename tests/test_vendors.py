@@ -121,11 +121,14 @@ async def test_rotation_grace_keeps_the_old_key_for_a_while(
     registry = VendorRegistry(redis, "g:")
     old = await registry.add("acme")
     new = await registry.rotate("acme", grace_s=1)
+    newest = await registry.rotate("acme", grace_s=3600)  # must not extend old's 1 s
     assert (await registry.lookup(hash_key(old))) is not None
     assert (await registry.lookup(hash_key(new))) is not None
     await asyncio.sleep(1.1)
     assert (await registry.lookup(hash_key(old))) is None
-    assert (await registry.get("acme")).keys == 1
+    assert (await registry.lookup(hash_key(new))) is not None  # its hour is not over
+    assert (await registry.lookup(hash_key(newest))) is not None
+    assert (await registry.get("acme")).keys == 2
     with pytest.raises(RegistryError, match="use 1-64 characters"):
         await registry.add("no spaces please")
     with pytest.raises(RegistryError, match="not name=LIMIT/SECONDS"):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any, cast
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar, cast
 
 import grpc
 import redis.asyncio as aioredis
@@ -24,6 +24,7 @@ from services.gateway.intake import Limits, validate
 from services.gateway.ratelimit import Decision, RateLimiter, refusal, trailers
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 Context = grpc.aio.ServicerContext[object, object]
 
 
@@ -57,6 +58,27 @@ class CutoutServicer(pb_grpc.CutoutServiceServicer):
         self.limits = limits
         self.max_batch = max_batch
         self.timeout_s = timeout_s
+
+    async def _unary(self, context: Context, rpc: Callable[..., Awaitable[R]], request: Any) -> R:
+        """One scheduler call; its error goes back to the vendor unchanged."""
+        try:
+            return await rpc(request, timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            await _relay(context, exc)
+            raise  # not reached: abort raises
+
+    async def _stream(
+        self, context: Context, rpc: Callable[..., grpc.aio.UnaryStreamCall[Any, R]], request: Any
+    ) -> AsyncIterator[R]:
+        """A scheduler stream, relayed; cancelled when the vendor goes away."""
+        call = rpc(request)
+        try:
+            async for reply in call:
+                yield reply
+        except grpc.aio.AioRpcError as exc:
+            await _relay(context, exc)
+        finally:
+            call.cancel()
 
     async def _vendor(self, context: Context) -> str:
         try:
@@ -119,13 +141,11 @@ class CutoutServicer(pb_grpc.CutoutServiceServicer):
             submission, pixels = validate(fetched, "submission", self.limits)
         except CutoutError as err:
             await abort(context, err)
-        try:
-            reply = await self.scheduler.EnqueueJob(
-                spb.EnqueueJobRequest(vendor_id=vendor, submission=submission, input_pixels=pixels),
-                timeout=self.timeout_s,
-            )
-        except grpc.aio.AioRpcError as exc:
-            await _relay(context, exc)
+        reply = await self._unary(
+            context,
+            self.scheduler.EnqueueJob,
+            spb.EnqueueJobRequest(vendor_id=vendor, submission=submission, input_pixels=pixels),
+        )
         log.info(
             "job accepted", extra={"job_id": reply.job.name.removeprefix("jobs/"), "vendor": vendor}
         )
@@ -235,56 +255,44 @@ class CutoutServicer(pb_grpc.CutoutServiceServicer):
 
     async def GetJob(self, request: pb.GetJobRequest, context: Context) -> pb.GetJobResponse:
         vendor = await self._vendor(context)
-        try:
-            reply = await self.scheduler.GetJob(
-                spb.SchedulerServiceGetJobRequest(vendor_id=vendor, name=request.name),
-                timeout=self.timeout_s,
-            )
-        except grpc.aio.AioRpcError as exc:
-            await _relay(context, exc)
+        reply = await self._unary(
+            context,
+            self.scheduler.GetJob,
+            spb.SchedulerServiceGetJobRequest(vendor_id=vendor, name=request.name),
+        )
         return pb.GetJobResponse(job=reply.job)
 
     async def WatchJob(
         self, request: pb.WatchJobRequest, context: Context
     ) -> AsyncIterator[pb.WatchJobResponse]:
         vendor = await self._vendor(context)
-        call = self.scheduler.WatchJob(
-            spb.SchedulerServiceWatchJobRequest(vendor_id=vendor, name=request.name)
-        )
-        try:
-            async for reply in call:
-                yield pb.WatchJobResponse(event=reply.event)
-        except grpc.aio.AioRpcError as exc:
-            await _relay(context, exc)
-        finally:
-            call.cancel()
+        async for reply in self._stream(
+            context,
+            self.scheduler.WatchJob,
+            spb.SchedulerServiceWatchJobRequest(vendor_id=vendor, name=request.name),
+        ):
+            yield pb.WatchJobResponse(event=reply.event)
 
     async def WatchBatch(
         self, request: pb.WatchBatchRequest, context: Context
     ) -> AsyncIterator[pb.WatchBatchResponse]:
         vendor = await self._vendor(context)
-        call = self.scheduler.WatchBatch(
-            spb.SchedulerServiceWatchBatchRequest(vendor_id=vendor, name=request.name)
-        )
-        try:
-            async for reply in call:
-                yield pb.WatchBatchResponse(batch=reply.batch)
-        except grpc.aio.AioRpcError as exc:
-            await _relay(context, exc)
-        finally:
-            call.cancel()
+        async for reply in self._stream(
+            context,
+            self.scheduler.WatchBatch,
+            spb.SchedulerServiceWatchBatchRequest(vendor_id=vendor, name=request.name),
+        ):
+            yield pb.WatchBatchResponse(batch=reply.batch)
 
     async def CancelBatch(
         self, request: pb.CancelBatchRequest, context: Context
     ) -> pb.CancelBatchResponse:
         vendor = await self._vendor(context)
-        try:
-            reply = await self.scheduler.CancelBatch(
-                spb.SchedulerServiceCancelBatchRequest(vendor_id=vendor, name=request.name),
-                timeout=self.timeout_s,
-            )
-        except grpc.aio.AioRpcError as exc:
-            await _relay(context, exc)
+        reply = await self._unary(
+            context,
+            self.scheduler.CancelBatch,
+            spb.SchedulerServiceCancelBatchRequest(vendor_id=vendor, name=request.name),
+        )
         log.info(
             "batch cancelled",
             extra={"vendor": vendor, "batch": reply.batch.name, "cancelled": reply.cancelled},
@@ -293,31 +301,27 @@ class CutoutServicer(pb_grpc.CutoutServiceServicer):
 
     async def ListJobs(self, request: pb.ListJobsRequest, context: Context) -> pb.ListJobsResponse:
         vendor = await self._vendor(context)
-        try:
-            reply = await self.scheduler.ListJobs(
-                spb.SchedulerServiceListJobsRequest(
-                    vendor_id=vendor,
-                    state=request.state,
-                    page_size=request.page_size,
-                    page_token=request.page_token,
-                ),
-                timeout=self.timeout_s,
-            )
-        except grpc.aio.AioRpcError as exc:
-            await _relay(context, exc)
+        reply = await self._unary(
+            context,
+            self.scheduler.ListJobs,
+            spb.SchedulerServiceListJobsRequest(
+                vendor_id=vendor,
+                state=request.state,
+                page_size=request.page_size,
+                page_token=request.page_token,
+            ),
+        )
         return pb.ListJobsResponse(jobs=reply.jobs, next_page_token=reply.next_page_token)
 
     async def CancelJob(
         self, request: pb.CancelJobRequest, context: Context
     ) -> pb.CancelJobResponse:
         vendor = await self._vendor(context)
-        try:
-            reply = await self.scheduler.CancelJob(
-                spb.SchedulerServiceCancelJobRequest(vendor_id=vendor, name=request.name),
-                timeout=self.timeout_s,
-            )
-        except grpc.aio.AioRpcError as exc:
-            await _relay(context, exc)
+        reply = await self._unary(
+            context,
+            self.scheduler.CancelJob,
+            spb.SchedulerServiceCancelJobRequest(vendor_id=vendor, name=request.name),
+        )
         log.info(
             "job cancelled",
             extra={"job_id": reply.job.name.removeprefix("jobs/"), "vendor": vendor},
@@ -328,56 +332,49 @@ class CutoutServicer(pb_grpc.CutoutServiceServicer):
         self, request: pb.GetResultRequest, context: Context
     ) -> AsyncIterator[pb.GetResultResponse]:
         vendor = await self._vendor(context)
-        call = self.scheduler.ReadResult(spb.ReadResultRequest(vendor_id=vendor, name=request.name))
-        try:
-            async for reply in call:
-                response = pb.GetResultResponse(chunk=reply.chunk)
-                if reply.HasField("result"):
-                    response.result.CopyFrom(reply.result)
-                yield response
-        except grpc.aio.AioRpcError as exc:
-            await _relay(context, exc)
-        finally:
-            call.cancel()
+        async for reply in self._stream(
+            context,
+            self.scheduler.ReadResult,
+            spb.ReadResultRequest(vendor_id=vendor, name=request.name),
+        ):
+            response = pb.GetResultResponse(chunk=reply.chunk)
+            if reply.HasField("result"):
+                response.result.CopyFrom(reply.result)
+            yield response
 
     async def GetQueueStats(
         self, request: pb.GetQueueStatsRequest, context: Context
     ) -> pb.GetQueueStatsResponse:
         vendor = await self._vendor(context)
-        try:
-            reply = await self.scheduler.GetQueueStats(
-                spb.SchedulerServiceGetQueueStatsRequest(vendor_id=vendor), timeout=self.timeout_s
-            )
-        except grpc.aio.AioRpcError as exc:
-            await _relay(context, exc)
+        reply = await self._unary(
+            context,
+            self.scheduler.GetQueueStats,
+            spb.SchedulerServiceGetQueueStatsRequest(vendor_id=vendor),
+        )
         return pb.GetQueueStatsResponse(stats=reply.stats)
 
     async def ListDeadLetters(
         self, request: pb.ListDeadLettersRequest, context: Context
     ) -> pb.ListDeadLettersResponse:
         vendor = await self._vendor(context)
-        try:
-            reply = await self.scheduler.ListDeadLetters(
-                spb.SchedulerServiceListDeadLettersRequest(
-                    vendor_id=vendor, page_size=request.page_size, page_token=request.page_token
-                ),
-                timeout=self.timeout_s,
-            )
-        except grpc.aio.AioRpcError as exc:
-            await _relay(context, exc)
+        reply = await self._unary(
+            context,
+            self.scheduler.ListDeadLetters,
+            spb.SchedulerServiceListDeadLettersRequest(
+                vendor_id=vendor, page_size=request.page_size, page_token=request.page_token
+            ),
+        )
         return pb.ListDeadLettersResponse(jobs=reply.jobs, next_page_token=reply.next_page_token)
 
     async def RequeueDeadLetter(
         self, request: pb.RequeueDeadLetterRequest, context: Context
     ) -> pb.RequeueDeadLetterResponse:
         vendor = await self._vendor(context)
-        try:
-            reply = await self.scheduler.RequeueDeadLetter(
-                spb.SchedulerServiceRequeueDeadLetterRequest(vendor_id=vendor, name=request.name),
-                timeout=self.timeout_s,
-            )
-        except grpc.aio.AioRpcError as exc:
-            await _relay(context, exc)
+        reply = await self._unary(
+            context,
+            self.scheduler.RequeueDeadLetter,
+            spb.SchedulerServiceRequeueDeadLetterRequest(vendor_id=vendor, name=request.name),
+        )
         log.info(
             "dead letter requeued",
             extra={"job_id": request.name.removeprefix("jobs/"), "vendor": vendor},
@@ -388,14 +385,12 @@ class CutoutServicer(pb_grpc.CutoutServiceServicer):
         self, request: pb.PurgeDeadLettersRequest, context: Context
     ) -> pb.PurgeDeadLettersResponse:
         vendor = await self._vendor(context)
-        try:
-            reply = await self.scheduler.PurgeDeadLetters(
-                spb.SchedulerServicePurgeDeadLettersRequest(
-                    vendor_id=vendor, names=request.names, all=request.all
-                ),
-                timeout=self.timeout_s,
-            )
-        except grpc.aio.AioRpcError as exc:
-            await _relay(context, exc)
+        reply = await self._unary(
+            context,
+            self.scheduler.PurgeDeadLetters,
+            spb.SchedulerServicePurgeDeadLettersRequest(
+                vendor_id=vendor, names=request.names, all=request.all
+            ),
+        )
         log.info("dead letters purged", extra={"vendor": vendor, "count": reply.purged_count})
         return pb.PurgeDeadLettersResponse(purged_count=reply.purged_count)

@@ -129,13 +129,15 @@ class VendorRegistry:
         if grace_s < 0:
             raise RegistryError("grace must be 0 or more seconds")
         await self._require(vendor_id)
-        old = cast(set[bytes], await self.redis.smembers(self._keys_of(vendor_id)))
+        old = sorted(cast(set[bytes], await self.redis.smembers(self._keys_of(vendor_id))))
+        expiries = await self.redis.hmget(self.key_expiry, old) if old else []
         key = new_key()
         deadline = _now_ms() + grace_s * 1000
         async with self.redis.pipeline(transaction=True) as pipe:
-            for digest in old:
+            for digest, expiry in zip(old, expiries, strict=True):
                 if grace_s:
-                    pipe.hset(self.key_expiry, digest, deadline)
+                    # A key already on its way out keeps its earlier deadline.
+                    pipe.hset(self.key_expiry, digest, min(deadline, int(expiry or deadline)))
                 else:
                     pipe.hdel(self.key_index, digest)
                     pipe.hdel(self.key_expiry, digest)

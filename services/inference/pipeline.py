@@ -123,8 +123,9 @@ def _mask(img: Image.Image, model_name: str, catalog: ModelCatalog) -> Image.Ima
 
 def subject_box(alpha: Image.Image) -> tuple[int, int, int, int] | None:
     """Bounding box (x, y, w, h) of the pixels at least half opaque; None when there are none."""
-    rows = np.nonzero((np.asarray(alpha) >= 128).any(axis=1))[0]
-    cols = np.nonzero((np.asarray(alpha) >= 128).any(axis=0))[0]
+    solid = np.asarray(alpha) >= 128
+    rows = np.nonzero(solid.any(axis=1))[0]
+    cols = np.nonzero(solid.any(axis=0))[0]
     if rows.size == 0:
         return None
     return int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)

@@ -107,8 +107,10 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             metrics.IN_FLIGHT.set(lane.in_flight)
         if lane.in_flight == 0:
             lane.idle.set()
-        if self.reload is not None and self.recycling is None and self.recycle.due(rss_bytes()):
-            self.recycling = asyncio.get_running_loop().create_task(self._recycle())
+        # Reading RSS costs a /proc read: only when recycling is on and not already under way.
+        if self.reload and self.recycle.limit_bytes and self.recycling is None:
+            if self.recycle.due(rss_bytes()):
+                self.recycling = asyncio.get_running_loop().create_task(self._recycle())
 
     async def _recycle(self) -> None:
         """Take no inference work, wait for the running jobs, rebuild the sessions."""

@@ -183,7 +183,8 @@ class JobStore:
         self.retries = retries or RetryPolicy()
         self.fairness = fairness or Fairness()
         # Concurrent jobs the fleet can take, for ETAs; the scheduler wires in its node pool.
-        self.fleet_capacity: Callable[[], int] = lambda: 1
+        # Slots of the healthy nodes for a lane ('' inference, 'light:' light jobs).
+        self.fleet_capacity: Callable[[str], int] = lambda lane: 1
         self._enqueue = redis.register_script(ENQUEUE)
         self._claim = redis.register_script(CLAIM)
         self._progress = redis.register_script(PROGRESS)
@@ -257,14 +258,14 @@ class JobStore:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zrank(self.keys.queue(vendor, lane), job_id)
             pipe.scard(self.keys.ring_members_of(lane))
-            pipe.hget(self.keys.eta, "run_ms")
+            pipe.hget(self.keys.eta, f"{lane}run_ms")
             rank, active, run_ms = await pipe.execute()
         if rank is None:
             return Place()
         position = int(rank) + 1
         if run_ms is None:
             return Place(position)
-        wait = estimate_wait_ms(position, self.fleet_capacity(), int(active), float(run_ms))
+        wait = estimate_wait_ms(position, self.fleet_capacity(lane), int(active), float(run_ms))
         return Place(position, wait)
 
     async def get(self, vendor: str, job_id: str) -> jobs_pb2.Job:

@@ -41,7 +41,8 @@ DEFAULT_PREFIX = "cutout:"
 # vendors           SET    every vendor that ever submitted, for global stats.
 # counters:{vendor} HASH   monotonic counts: attempts, lease_lost, retried, dead_lettered,
 #                          succeeded, failed.
-# eta               HASH   run_ms: moving average of attempt run time, for queue ETAs.
+# eta               HASH   run_ms, light:run_ms: moving average of attempt run time per lane,
+#                          for queue ETAs.
 # blobs             ZSET   stored result URI -> when its job expires (ms); the sweeper
 #                          deletes the blob then, so storage is retained as long as the job.
 # deliveries        ZSET   succeeded job id -> when its delivery is next due (ms): the upload

@@ -261,6 +261,11 @@ class NodePool:
             await self.poll_once()
             await asyncio.sleep(self.poll_interval_s)
 
+    def capacity(self, light: bool = False) -> int:
+        """Slots of the healthy nodes: inference, or light when light is set."""
+        up = [n for n in self.nodes if n.healthy]
+        return sum(n.light_capacity if light else n.capacity for n in up)
+
     def totals(self) -> tuple[int, int, int]:
         """(healthy nodes, their capacity, their in-flight jobs)."""
         up = [n for n in self.nodes if n.healthy]

@@ -263,12 +263,15 @@ local id = ARGV[2]
 local vendor = fenced(id, ARGV[3])
 if not vendor then return 0 end
 leave_running(id, vendor)
--- Moving average of attempt run time: what queue ETAs are estimated from.
-local started = tonumber(redis.call('HGET', P .. 'job:' .. id, 'start_ms') or '0')
+-- Moving average of attempt run time per lane ('run_ms', 'light:run_ms'): what queue
+-- ETAs are estimated from. Light jobs must not make inference ETAs look short.
+local timing = redis.call('HMGET', P .. 'job:' .. id, 'start_ms', 'lane')
+local started = tonumber(timing[1] or '0')
 if started > 0 then
   local run = now_ms() - started
-  local avg = tonumber(redis.call('HGET', P .. 'eta', 'run_ms') or run)
-  redis.call('HSET', P .. 'eta', 'run_ms', avg + (run - avg) * 0.1)
+  local field = (timing[2] or '') .. 'run_ms'
+  local avg = tonumber(redis.call('HGET', P .. 'eta', field) or run)
+  redis.call('HSET', P .. 'eta', field, avg + (run - avg) * 0.1)
 end
 count(vendor, 'succeeded')
 -- The stored output lives exactly as long as the job record.

@@ -13,6 +13,7 @@ from cutout.v1 import scheduler_service_pb2_grpc as pb_grpc
 from services.common import serving
 from services.common.metrics import RpcMetrics
 from services.common.metrics import serve as serve_metrics
+from services.common.operations import LIGHT_LANE
 from services.scheduler.cloudinary_store import CloudinaryAccount, CloudinaryResultStore
 from services.scheduler.delivery import Deliverer, Outbox
 from services.scheduler.dispatcher import Dispatcher, DispatchPolicy
@@ -59,7 +60,7 @@ class SchedulerServer:
             settings.max_message_bytes,
             dns_interval_s=settings.node_dns_s,
         )
-        self.store.fleet_capacity = lambda: self.pool.totals()[1]
+        self.store.fleet_capacity = lambda lane: self.pool.capacity(lane == LIGHT_LANE)
         remote = None
         if settings.uses_cloudinary():
             remote = CloudinaryResultStore(
