@@ -18,6 +18,7 @@ from services.scheduler.jobstore import (
     Claim,
     Fairness,
     JobStore,
+    NewJob,
     Retention,
     RetryPolicy,
     estimate_wait_ms,
@@ -362,3 +363,28 @@ async def test_admission_caps_shed_load_per_vendor_and_globally(
     assert await store.claim("node", 10_000) is not None
     await enqueue(store, "c")
     await redis.aclose()
+
+
+async def test_jobs_enqueued_together_keep_their_own_outcomes(store: JobStore) -> None:
+    """One round trip for many jobs; a capped or repeated one does not affect the others."""
+    store.admission = Admission(max_queued_per_vendor=2)
+    first, _ = await store.enqueue("a", submission(client_key="k1"), b"image-bytes", 10)
+    got = await store.enqueue_many(
+        [
+            NewJob("a", submission(), b"image-bytes", 10),  # a's second: fits
+            NewJob("a", submission(), b"image-bytes", 10),  # a's third: over a's cap of 2
+            NewJob("a", submission(client_key="k1"), b"image-bytes", 10),  # a repeat of `first`
+            NewJob("b", submission(priority=3), b"image-bytes", 10),  # b has its own cap
+        ]
+    )
+    second, repeat, other = got[0], got[2], got[3]
+    assert isinstance(second, tuple) and isinstance(repeat, tuple) and isinstance(other, tuple)
+    assert second[1] is False and second[0].queue_position == 2
+    assert second[0].state == jobs_pb2.JOB_STATE_QUEUED
+    capped = got[1]
+    assert isinstance(capped, CutoutError)
+    assert capped.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "2 jobs waiting" in capped.message
+    assert repeat[1] is True and repeat[0].name == first.name and repeat[0].queue_position == 1
+    assert other[1] is False and other[0].queue_position == 1 and other[0].priority == 3
+    # a's two jobs and b's are queued; the capped one left nothing behind.
+    assert len(await drain(store)) == 3

@@ -7,15 +7,19 @@ started (admission happens before any inference).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import pytest
+import redis.asyncio as aioredis
 
 from cutout import AsyncClient, Client, CutoutError
 from cutout.client import build_submission
 from cutout.v1 import jobs_pb2
+from services.gateway.ratelimit import Quota, RateLimiter
 from services.local.cluster import LocalCluster
+from services.local.redis import RedisServer
 from tests.conftest import KEYS
 
 A, B = KEYS["vendor-a"], KEYS["vendor-b"]
@@ -112,3 +116,21 @@ async def test_queue_caps_shed_load_with_a_clear_error(
         assert "vendor-a already has 5 jobs waiting" in shed.value.message
         assert shed.value.retry_after_s == 5.0
         assert (await client.stats()).queued == 5
+
+
+async def test_one_image_takes_from_all_its_quotas_or_from_none(
+    redis_server: Callable[..., RedisServer],
+) -> None:
+    """A refusal by one quota (say `requests`) must not use up another (the operation's)."""
+    client = aioredis.from_url(redis_server().url)
+    limiter = RateLimiter(client, "t:", {})
+    op, req = Quota(5, 3600), Quota(1, 3600)
+    first = await limiter.take_all("v", [("op", op), ("requests", req)])
+    assert [d.allowed for d in first] == [True, True]
+    assert first[0].remaining == 4 and first[1].remaining == 0
+    second = await limiter.take_all("v", [("op", op), ("requests", req)])
+    assert [d.allowed for d in second] == [True, False]  # `op` had room, `requests` had none
+    assert 3500 < second[1].retry_after_s <= 3600
+    # Nothing was taken from `op` by the refused image: 4 of its 5 are still there.
+    assert (await limiter.take("v", "op", 10, op)).admitted == 4
+    await client.aclose()

@@ -90,6 +90,15 @@ async def abort(context: grpc.aio.ServicerContext[object, object], err: CutoutEr
     raise AssertionError("abort returned")  # pragma: no cover
 
 
+async def abort_status(
+    context: grpc.aio.ServicerContext[object, object], status: status_pb2.Status
+) -> NoReturn:
+    """End the call with a google.rpc.Status received from another service, details kept."""
+    relayed = rpc_status.to_status(status)
+    await context.abort(relayed.code, relayed.details, tuple(relayed.trailing_metadata))
+    raise AssertionError("abort returned")  # pragma: no cover
+
+
 def status_from_code(code: grpc.StatusCode, message: str) -> status_pb2.Status:
     return status_pb2.Status(code=code.value[0], message=message)
 

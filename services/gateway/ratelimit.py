@@ -40,6 +40,39 @@ end
 return {admitted, tostring(tat), now}
 """
 
+# ARGV: n, then n times (key, interval_ms, period_ms, wanted).
+# All or nothing: the units are taken from every quota only if every quota has
+# room for all it is asked; otherwise nothing is taken. One call for the
+# quotas one image counts against (its operation and `requests`).
+# Returns {now_ms, then per quota: fits (1/0), tat_ms after the call}.
+GCRA_ALL = r"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local n = tonumber(ARGV[1])
+local all, quotas = true, {}
+for i = 0, n - 1 do
+  local key = ARGV[2 + 4 * i]
+  local interval, period = tonumber(ARGV[3 + 4 * i]), tonumber(ARGV[4 + 4 * i])
+  local wanted = tonumber(ARGV[5 + 4 * i])
+  local tat = tonumber(redis.call('GET', key) or now)
+  if tat < now then tat = now end
+  local fits = math.floor((now + period - tat) / interval) >= wanted
+  if not fits then all = false end
+  quotas[i + 1] = {key, tat, interval, wanted, fits}
+end
+local out = {now}
+for _, q in ipairs(quotas) do
+  local tat = q[2]
+  if all then
+    tat = tat + q[4] * q[3]
+    redis.call('SET', q[1], tat, 'PX', math.ceil(tat - now) + 1000)
+  end
+  out[#out + 1] = q[5] and 1 or 0
+  out[#out + 1] = tostring(tat)
+end
+return out
+"""
+
 
 @dataclass(frozen=True)
 class Quota:
@@ -106,6 +139,7 @@ class RateLimiter:
         self.prefix = prefix
         self.quotas = quotas
         self._gcra = redis.register_script(GCRA)
+        self._gcra_all = redis.register_script(GCRA_ALL)
 
     async def take(
         self, vendor: str, name: str, wanted: int = 1, quota: Quota | None = None
@@ -120,20 +154,47 @@ class RateLimiter:
                 wanted,
             ]
         )
-        admitted, tat, now = int(got[0]), float(got[1]), int(got[2])
-        ahead = max(0.0, tat - now)  # how far the vendor has borrowed into the future
-        period_ms = quota.period_s * 1000
-        remaining = max(0, int((period_ms - ahead) // quota.interval_ms))
-        retry_ms = 0.0 if remaining else ahead - period_ms + quota.interval_ms
-        return Decision(
-            quota_name=name,
-            quota=quota,
-            admitted=admitted,
-            wanted=wanted,
-            remaining=remaining,
-            reset_s=int(-(-ahead // 1000)),
-            retry_after_s=max(0.0, retry_ms / 1000),
-        )
+        return _decision(name, quota, wanted, int(got[0]), float(got[1]), int(got[2]))
+
+    async def take_all(self, vendor: str, wanted: list[tuple[str, Quota]]) -> list[Decision]:
+        """One unit of each named quota, all or nothing, in one round trip.
+
+        Every decision is allowed, and the units taken, only when all of them
+        fit; otherwise nothing is taken and the ones that did not fit are not
+        allowed (their retry_after_s says when they will).
+        """
+        args: list[str | int | float] = [len(wanted)]
+        for name, quota in wanted:
+            args += [
+                f"{self.prefix}rl:{vendor}:{name}",
+                quota.interval_ms,
+                quota.period_s * 1000,
+                1,
+            ]
+        got = await self._gcra_all(args=args)
+        now = int(got[0])
+        return [
+            _decision(name, quota, 1, int(got[1 + 2 * i]), float(got[2 + 2 * i]), now)
+            for i, (name, quota) in enumerate(wanted)
+        ]
+
+
+def _decision(
+    name: str, quota: Quota, wanted: int, admitted: int, tat: float, now: int
+) -> Decision:
+    ahead = max(0.0, tat - now)  # how far the vendor has borrowed into the future
+    period_ms = quota.period_s * 1000
+    remaining = max(0, int((period_ms - ahead) // quota.interval_ms))
+    retry_ms = 0.0 if remaining else ahead - period_ms + quota.interval_ms
+    return Decision(
+        quota_name=name,
+        quota=quota,
+        admitted=admitted,
+        wanted=wanted,
+        remaining=remaining,
+        reset_s=int(-(-ahead // 1000)),
+        retry_after_s=max(0.0, retry_ms / 1000),
+    )
 
 
 def trailers(d: Decision) -> list[tuple[str, str]]:

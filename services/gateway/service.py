@@ -16,9 +16,10 @@ from cutout.v1 import cutout_service_pb2_grpc as pb_grpc
 from cutout.v1 import jobs_pb2
 from cutout.v1 import scheduler_service_pb2 as spb
 from cutout.v1 import scheduler_service_pb2_grpc as spb_grpc
-from services.common.errors import CutoutError, abort, invalid_argument
+from services.common.errors import CutoutError, abort, abort_status, invalid_argument
 from services.gateway import metrics
 from services.gateway.auth import Authenticator
+from services.gateway.enqueue_batcher import EnqueueBatcher, EnqueueRefused
 from services.gateway.fetch import Fetcher
 from services.gateway.intake import Limits, validate
 from services.gateway.ratelimit import Decision, RateLimiter, refusal, trailers
@@ -58,6 +59,10 @@ class CutoutServicer(pb_grpc.CutoutServiceServicer):
         self.limits = limits
         self.max_batch = max_batch
         self.timeout_s = timeout_s
+        # Concurrent submits (and a batch's items) reach the scheduler together.
+        self.enqueuer = EnqueueBatcher(
+            lambda request: scheduler.EnqueueJobs(request, timeout=timeout_s)
+        )
 
     async def _unary(self, context: Context, rpc: Callable[..., Awaitable[R]], request: Any) -> R:
         """One scheduler call; its error goes back to the vendor unchanged."""
@@ -119,17 +124,26 @@ class CutoutServicer(pb_grpc.CutoutServiceServicer):
             ) from exc
 
     async def _admit_one(self, vendor: str, operation: str, context: Context) -> None:
-        """One image of one operation: its operation quota, then the request quota."""
-        shown: Decision | None = None
-        for quota in (operation, "requests"):
-            decision = await self._take(vendor, quota, 1)
-            if decision is None:
-                continue
+        """One image: its operation quota and the request quota, all or nothing, one call."""
+        own = self.keys.limits_of(vendor)
+        wanted = [
+            (name, own.get(name) or self.limiter.quotas[name])
+            for name in (operation, "requests")
+            if name in self.limiter.quotas
+        ]
+        if not wanted:
+            return
+        try:
+            decisions = await self.limiter.take_all(vendor, wanted)
+        except aioredis.RedisError as exc:
+            # Fail closed but retryable: without the limiter no quota can be kept.
+            raise CutoutError(
+                f"rate limiter unavailable, retry shortly: {exc}", grpc.StatusCode.UNAVAILABLE
+            ) from exc
+        for decision in decisions:
             if not decision.allowed:
                 raise refusal(decision, vendor)
-            shown = shown or decision
-        if shown is not None:
-            context.set_trailing_metadata(tuple(trailers(shown)))
+        context.set_trailing_metadata(tuple(trailers(decisions[0])))
 
     async def SubmitJob(
         self, request: pb.SubmitJobRequest, context: Context
@@ -141,11 +155,14 @@ class CutoutServicer(pb_grpc.CutoutServiceServicer):
             submission, pixels = validate(fetched, "submission", self.limits)
         except CutoutError as err:
             await abort(context, err)
-        reply = await self._unary(
-            context,
-            self.scheduler.EnqueueJob,
-            spb.EnqueueJobRequest(vendor_id=vendor, submission=submission, input_pixels=pixels),
-        )
+        try:
+            reply = await self.enqueuer.enqueue(
+                spb.EnqueueJobRequest(vendor_id=vendor, submission=submission, input_pixels=pixels)
+            )
+        except EnqueueRefused as refused:
+            await abort_status(context, refused.status)
+        except grpc.aio.AioRpcError as exc:
+            await _relay(context, exc)
         log.info(
             "job accepted", extra={"job_id": reply.job.name.removeprefix("jobs/"), "vendor": vendor}
         )
@@ -170,33 +187,33 @@ class CutoutServicer(pb_grpc.CutoutServiceServicer):
         except CutoutError as err:
             await abort(context, err)
 
-        in_flight = asyncio.Semaphore(64)  # enqueues of one batch at a time
-
-        async def one(index: int) -> pb.BatchItemOutcome:
-            outcome = pb.BatchItemOutcome(index=index)
-            try:
-                if index in refused:
-                    raise refused[index]
-                submission, pixels = checked[index]
-                async with in_flight:
-                    reply = await self.scheduler.EnqueueJob(
-                        spb.EnqueueJobRequest(
-                            vendor_id=vendor,
-                            submission=submission,
-                            input_pixels=pixels,
-                            batch=batch,
-                        ),
-                        timeout=self.timeout_s,
-                    )
+        outcomes = [pb.BatchItemOutcome(index=i) for i in range(count)]
+        for index, why in refused.items():
+            outcomes[index].error.CopyFrom(why.to_status())
+        queued = sorted(checked)
+        replies = await self.enqueuer.enqueue_all(
+            [
+                spb.EnqueueJobRequest(
+                    vendor_id=vendor,
+                    submission=checked[i][0],
+                    input_pixels=checked[i][1],
+                    batch=batch,
+                )
+                for i in queued
+            ]
+        )
+        for index, reply in zip(queued, replies, strict=True):
+            outcome = outcomes[index]
+            if isinstance(reply, spb.EnqueueJobResponse):
                 outcome.job.CopyFrom(reply.job)
-            except CutoutError as err:
-                outcome.error.CopyFrom(err.to_status())
-            except grpc.aio.AioRpcError as exc:
-                outcome.error.code = exc.code().value[0]
-                outcome.error.message = exc.details() or ""
-            return outcome
-
-        outcomes = await asyncio.gather(*(one(i) for i in range(count)))
+            elif isinstance(reply, EnqueueRefused):
+                outcome.error.CopyFrom(reply.status)
+            elif isinstance(reply, grpc.aio.AioRpcError):
+                outcome.error.code = reply.code().value[0]
+                outcome.error.message = reply.details() or ""
+            else:
+                outcome.error.code = grpc.StatusCode.INTERNAL.value[0]
+                outcome.error.message = f"could not queue this item: {reply}"
         accepted = sum(1 for o in outcomes if o.HasField("job"))
         metrics.BATCH_SIZE.observe(count)
         metrics.BATCH_ITEMS.labels("accepted").inc(accepted)

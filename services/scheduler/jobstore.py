@@ -10,13 +10,14 @@ import asyncio
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import grpc
 import redis.asyncio as aioredis
 from google.rpc import status_pb2
+from redis.typing import EncodableT
 
 from cutout.names import job_name
 from cutout.v1 import jobs_pb2
@@ -110,6 +111,17 @@ class Admission:
     max_queued_per_vendor: int = 10_000
     max_queued: int = 100_000
     retry_after_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A validated submission to store and queue."""
+
+    vendor: str
+    submission: jobs_pb2.JobSubmission
+    image: bytes
+    input_pixels: int
+    batch: str = ""
 
 
 @dataclass(frozen=True)
@@ -208,41 +220,74 @@ class JobStore:
         batch: str = "",
     ) -> tuple[jobs_pb2.Job, bool]:
         """Store and queue a job. Returns (job, deduplicated)."""
-        job_id = uuid.uuid4().hex
-        record = submission.record.SerializeToString() if submission.HasField("record") else b""
-        created, got = await self._enqueue(
-            args=[
-                self.keys.prefix,
-                job_id,
-                vendor,
-                submission.priority,
-                submission.operation.SerializeToString(),
-                record,
-                submission.client_key,
-                batch,
-                input_pixels,
-                image,
-                self.retention.idempotency_s,
-                job_cost(input_pixels),
-                self.admission.max_queued_per_vendor,
-                self.admission.max_queued,
-                operations.lane(submission.operation),
-                self.retention.finished_s + 24 * 3600,
-            ]
-        )
-        if created < 0:  # over an admission cap: -1 the vendor's, -2 the cluster's
+        new = NewJob(vendor, submission, image, input_pixels, batch)
+        (outcome,) = await self.enqueue_many([new])
+        if isinstance(outcome, CutoutError):
+            raise outcome
+        return outcome
+
+    async def enqueue_many(
+        self, jobs: Sequence[NewJob]
+    ) -> list[tuple[jobs_pb2.Job, bool] | CutoutError]:
+        """Store and queue jobs in one round trip; each is accepted or refused on its own.
+
+        Returns, per job in order, (job, deduplicated) or the admission error
+        that refused it.
+        """
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for new in jobs:
+                await self._enqueue(args=self._enqueue_args(new), client=pipe)
+            replies = await pipe.execute(raise_on_error=True)
+        return [self._enqueued(new, reply) for new, reply in zip(jobs, replies, strict=True)]
+
+    def _enqueue_args(self, new: NewJob) -> list[EncodableT]:
+        sub = new.submission
+        return [
+            self.keys.prefix,
+            uuid.uuid4().hex,
+            new.vendor,
+            sub.priority,
+            sub.operation.SerializeToString(),
+            sub.record.SerializeToString() if sub.HasField("record") else b"",
+            sub.client_key,
+            new.batch,
+            new.input_pixels,
+            new.image,
+            self.retention.idempotency_s,
+            job_cost(new.input_pixels),
+            self.admission.max_queued_per_vendor,
+            self.admission.max_queued,
+            operations.lane(sub.operation),
+            self.retention.finished_s + 24 * 3600,
+        ]
+
+    def _enqueued(self, new: NewJob, reply: list[Any]) -> tuple[jobs_pb2.Job, bool] | CutoutError:
+        code, got = int(reply[0]), reply[1]
+        if code < 0:  # over an admission cap: -1 the vendor's, -2 the cluster's
             what = {
-                -1: f"vendor {vendor} already has {got.decode()} jobs "
+                -1: f"vendor {new.vendor} already has {got.decode()} jobs "
                 "waiting; retry once some have started",
                 -2: f"the cluster has {self.admission.max_queued} jobs waiting and sheds load; "
                 "retry shortly",
-            }[created]
-            metrics.ADMISSION_REFUSALS.labels("vendor" if created == -1 else "cluster").inc()
-            raise CutoutError(
+            }[code]
+            metrics.ADMISSION_REFUSALS.labels("vendor" if code == -1 else "cluster").inc()
+            return CutoutError(
                 what, grpc.StatusCode.RESOURCE_EXHAUSTED, retry_after_s=self.admission.retry_after_s
             )
-        job = await self.get(vendor, got.decode())
-        return job, created == 0
+        flat, rank, active, run_ms = reply[2], reply[3], reply[4], reply[5]
+        fields: Fields = dict(zip(flat[::2], flat[1::2], strict=True))
+        lane = fields.get(b"lane", b"").decode()
+        place = Place()
+        if rank is not None:
+            position = int(rank) + 1
+            wait = None
+            if run_ms is not None:
+                wait = estimate_wait_ms(
+                    position, self.fleet_capacity(lane), int(active), float(run_ms)
+                )
+            place = Place(position, wait)
+        metrics.JOBS_ENQUEUED.labels("deduplicated" if code == 0 else "queued").inc()
+        return job_from_fields(got.decode(), fields, place), code == 0
 
     # --- reads --------------------------------------------------------------
 

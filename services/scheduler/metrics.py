@@ -37,6 +37,11 @@ JOBS_FINISHED = Counter(
     "Jobs this scheduler finished, by outcome: succeeded, failed (incl. dead-lettered)",
     ["outcome"],
 )
+JOBS_ENQUEUED = Counter(
+    "cutout_jobs_enqueued_total",
+    "Submissions stored: queued as new jobs, or deduplicated to an existing one",
+    ["outcome"],
+)
 ATTEMPTS = Counter("cutout_attempts_total", "Attempts started on nodes")
 RETRIES = Counter("cutout_retries_total", "Failed attempts put back to be tried again")
 DEAD_LETTERS = Counter("cutout_dead_letters_total", "Jobs dead-lettered after their last retry")

@@ -109,15 +109,32 @@ end
 # ARGV: prefix, id, vendor, priority, operation, record, client_key, batch,
 #       input_pixels, image, idempotency_ttl_s, cost, max_queued_vendor,
 #       max_queued_total, lane ('' or 'light:'), batch_ttl_s
-# Returns {1, id} for a new job, {0, existing_id} for an idempotent repeat.
+# Returns {1, id, ...} for a new job, {0, existing_id, ...} for an idempotent repeat
+# (see reply() below), {-1, cap} or {-2, ''} when an admission cap refuses it.
 ENQUEUE = (
     PRELUDE
     + r"""
 local id, vendor, prio, ck = ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[7]
+-- The reply carries what the API's Job needs, so the caller makes no second
+-- round trip: {code, id, job hash (flat), rank in its queue or false,
+-- vendors waiting in its lane, the lane's average run time or false}.
+local function reply(code, jid)
+  local f = redis.call('HGETALL', P .. 'job:' .. jid)
+  local h = {}
+  for i = 1, #f, 2 do h[f[i]] = f[i + 1] end
+  local rank, active, run = false, 0, false
+  if h['state'] == '1' then
+    local L = P .. (h['lane'] or '')
+    rank = redis.call('ZRANK', L .. 'queue:' .. vendor, jid)
+    active = redis.call('SCARD', L .. 'ring:members')
+    run = redis.call('HGET', P .. 'eta', (h['lane'] or '') .. 'run_ms')
+  end
+  return {code, jid, f, rank, active, run}
+end
 if ck ~= '' then
   local existing = redis.call('GET', P .. 'idem:' .. vendor .. ':' .. ck)
   if existing and redis.call('EXISTS', P .. 'job:' .. existing) == 1 then
-    return {0, existing}
+    return reply(0, existing)
   end
 end
 -- Admission control: shed load before Redis memory fills (-1 vendor cap, -2 global cap).
@@ -157,7 +174,7 @@ if ck ~= '' then
 end
 event(id, 'state', 1, 'stage', 1, 'progress', 0, 'update_ms', now)
 enqueue_ready(id, vendor, score)
-return {1, id}
+return reply(1, id)
 """
 )
 

@@ -34,7 +34,7 @@ class SchedulerServer:
     def __init__(self, settings: SchedulerSettings) -> None:
         self.settings = settings
         # A bounded pool that waits for a free connection instead of failing a burst
-        # (a 1,000-item batch arrives as 1,000 concurrent EnqueueJob calls).
+        # (enqueues arrive in EnqueueJobs calls of up to 64 jobs, several at once).
         self.redis = aioredis.Redis(
             connection_pool=aioredis.BlockingConnectionPool.from_url(
                 settings.redis_url, max_connections=128, timeout=20

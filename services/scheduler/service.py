@@ -11,7 +11,7 @@ from cutout.names import BATCH_PREFIX, batch_id_from_name, job_id_from_name
 from cutout.v1 import scheduler_service_pb2 as pb
 from cutout.v1 import scheduler_service_pb2_grpc as pb_grpc
 from services.common.errors import CutoutError, abort, invalid_argument, not_found
-from services.scheduler.jobstore import JobStore, ensure_succeeded
+from services.scheduler.jobstore import JobStore, NewJob, ensure_succeeded
 from services.scheduler.keys import MAX_PRIORITY
 from services.scheduler.nodes import NodePool
 from services.scheduler.storage import ResultStores, StorageError
@@ -20,6 +20,7 @@ Context = grpc.aio.ServicerContext[object, object]
 VENDOR_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_PAGE = 500
 MAX_PURGE = 1000
+MAX_ENQUEUE = 1000  # jobs per EnqueueJobs call, as SubmitBatch takes
 
 
 def _vendor(vendor_id: str) -> str:
@@ -52,32 +53,62 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
         self.results = results
         self.records = records  # a records database is configured
 
+    def _new_job(self, request: pb.EnqueueJobRequest) -> NewJob:
+        """The request as a job to store, or the CutoutError that says what is wrong."""
+        vendor = _vendor(request.vendor_id)
+        sub = request.submission
+        if not 0 <= sub.priority <= MAX_PRIORITY:
+            raise invalid_argument("submission.priority", f"must be 0-{MAX_PRIORITY}")
+        if sub.image.WhichOneof("source") != "content" or not sub.image.content:
+            raise invalid_argument(
+                "submission.image.content", "the scheduler takes inline image bytes only"
+            )
+        if sub.operation.WhichOneof("kind") is None:
+            raise invalid_argument("submission.operation", "an operation is required")
+        if sub.HasField("record") and not self.records:
+            raise CutoutError(
+                "this cluster has no records database (CUTOUT_MYSQL_URL is unset): "
+                "submit without submission.record",
+                grpc.StatusCode.FAILED_PRECONDITION,
+            )
+        return NewJob(vendor, sub, sub.image.content, request.input_pixels, request.batch)
+
     async def EnqueueJob(
         self, request: pb.EnqueueJobRequest, context: Context
     ) -> pb.EnqueueJobResponse:
         try:
-            vendor = _vendor(request.vendor_id)
-            sub = request.submission
-            if not 0 <= sub.priority <= MAX_PRIORITY:
-                raise invalid_argument("submission.priority", f"must be 0-{MAX_PRIORITY}")
-            if sub.image.WhichOneof("source") != "content" or not sub.image.content:
-                raise invalid_argument(
-                    "submission.image.content", "the scheduler takes inline image bytes only"
-                )
-            if sub.operation.WhichOneof("kind") is None:
-                raise invalid_argument("submission.operation", "an operation is required")
-            if sub.HasField("record") and not self.records:
-                raise CutoutError(
-                    "this cluster has no records database (CUTOUT_MYSQL_URL is unset): "
-                    "submit without submission.record",
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                )
+            new = self._new_job(request)
             job, dedup = await self.store.enqueue(
-                vendor, sub, sub.image.content, request.input_pixels, request.batch
+                new.vendor, new.submission, new.image, new.input_pixels, new.batch
             )
             return pb.EnqueueJobResponse(job=job, deduplicated=dedup)
         except CutoutError as err:
             await abort(context, err)
+
+    async def EnqueueJobs(
+        self, request: pb.EnqueueJobsRequest, context: Context
+    ) -> pb.EnqueueJobsResponse:
+        count = len(request.requests)
+        if not 1 <= count <= MAX_ENQUEUE:
+            await abort(
+                context, invalid_argument("requests", f"send 1-{MAX_ENQUEUE} jobs, not {count}")
+            )
+        outcomes = [pb.EnqueueJobsOutcome() for _ in range(count)]
+        valid: list[tuple[int, NewJob]] = []
+        for index, item in enumerate(request.requests):
+            try:
+                valid.append((index, self._new_job(item)))
+            except CutoutError as err:
+                outcomes[index].error.CopyFrom(err.to_status())
+        if valid:
+            stored = await self.store.enqueue_many([new for _, new in valid])
+            for (index, _), got in zip(valid, stored, strict=True):
+                if isinstance(got, CutoutError):
+                    outcomes[index].error.CopyFrom(got.to_status())
+                else:
+                    outcomes[index].accepted.job.CopyFrom(got[0])
+                    outcomes[index].accepted.deduplicated = got[1]
+        return pb.EnqueueJobsResponse(outcomes=outcomes)
 
     async def GetJob(
         self, request: pb.SchedulerServiceGetJobRequest, context: Context

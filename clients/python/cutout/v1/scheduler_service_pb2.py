@@ -23,9 +23,10 @@ _sym_db = _symbol_database.Default()
 
 
 from cutout.v1 import jobs_pb2 as cutout_dot_v1_dot_jobs__pb2
+from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!cutout/v1/scheduler_service.proto\x12\tcutout.v1\x1a\x14\x63utout/v1/jobs.proto\"y\n\x11\x45nqueueJobRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\x12,\n\nsubmission\x18\x02 \x01(\x0b\x32\x18.cutout.v1.JobSubmission\x12\x14\n\x0cinput_pixels\x18\x03 \x01(\x03\x12\r\n\x05\x62\x61tch\x18\x04 \x01(\t\"G\n\x12\x45nqueueJobResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.cutout.v1.Job\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x02 \x01(\x08\"D\n!SchedulerServiceWatchBatchRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"M\n\"SchedulerServiceWatchBatchResponse\x12\'\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x18.cutout.v1.BatchProgress\"E\n\"SchedulerServiceCancelBatchRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"a\n#SchedulerServiceCancelBatchResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x05\x12\'\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x18.cutout.v1.BatchProgress\"@\n\x1dSchedulerServiceGetJobRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"=\n\x1eSchedulerServiceGetJobResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.cutout.v1.Job\"B\n\x1fSchedulerServiceWatchJobRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"F\n SchedulerServiceWatchJobResponse\x12\"\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x13.cutout.v1.JobEvent\"\x7f\n\x1fSchedulerServiceListJobsRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.cutout.v1.JobState\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"Y\n SchedulerServiceListJobsResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.cutout.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"C\n SchedulerServiceCancelJobRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"@\n!SchedulerServiceCancelJobResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.cutout.v1.Job\"4\n\x11ReadResultRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"F\n\x12ReadResultResponse\x12!\n\x06result\x18\x01 \x01(\x0b\x32\x11.cutout.v1.Result\x12\r\n\x05\x63hunk\x18\x02 \x01(\x0c\"9\n$SchedulerServiceGetQueueStatsRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\"M\n%SchedulerServiceGetQueueStatsResponse\x12$\n\x05stats\x18\x01 \x01(\x0b\x32\x15.cutout.v1.QueueStats\"b\n&SchedulerServiceListDeadLettersRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"`\n\'SchedulerServiceListDeadLettersResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.cutout.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"K\n(SchedulerServiceRequeueDeadLetterRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"H\n)SchedulerServiceRequeueDeadLetterResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.cutout.v1.Job\"X\n\'SchedulerServicePurgeDeadLettersRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\x12\r\n\x05names\x18\x02 \x03(\t\x12\x0b\n\x03\x61ll\x18\x03 \x01(\x08\"@\n(SchedulerServicePurgeDeadLettersResponse\x12\x14\n\x0cpurged_count\x18\x01 \x01(\x05\x32\xa6\n\n\x10SchedulerService\x12I\n\nEnqueueJob\x12\x1c.cutout.v1.EnqueueJobRequest\x1a\x1d.cutout.v1.EnqueueJobResponse\x12p\n\nWatchBatch\x12,.cutout.v1.SchedulerServiceWatchBatchRequest\x1a-.cutout.v1.SchedulerServiceWatchBatchResponse\"\x03\x90\x02\x01\x30\x01\x12l\n\x0b\x43\x61ncelBatch\x12-.cutout.v1.SchedulerServiceCancelBatchRequest\x1a..cutout.v1.SchedulerServiceCancelBatchResponse\x12\x62\n\x06GetJob\x12(.cutout.v1.SchedulerServiceGetJobRequest\x1a).cutout.v1.SchedulerServiceGetJobResponse\"\x03\x90\x02\x01\x12j\n\x08WatchJob\x12*.cutout.v1.SchedulerServiceWatchJobRequest\x1a+.cutout.v1.SchedulerServiceWatchJobResponse\"\x03\x90\x02\x01\x30\x01\x12h\n\x08ListJobs\x12*.cutout.v1.SchedulerServiceListJobsRequest\x1a+.cutout.v1.SchedulerServiceListJobsResponse\"\x03\x90\x02\x01\x12\x66\n\tCancelJob\x12+.cutout.v1.SchedulerServiceCancelJobRequest\x1a,.cutout.v1.SchedulerServiceCancelJobResponse\x12P\n\nReadResult\x12\x1c.cutout.v1.ReadResultRequest\x1a\x1d.cutout.v1.ReadResultResponse\"\x03\x90\x02\x01\x30\x01\x12w\n\rGetQueueStats\x12/.cutout.v1.SchedulerServiceGetQueueStatsRequest\x1a\x30.cutout.v1.SchedulerServiceGetQueueStatsResponse\"\x03\x90\x02\x01\x12}\n\x0fListDeadLetters\x12\x31.cutout.v1.SchedulerServiceListDeadLettersRequest\x1a\x32.cutout.v1.SchedulerServiceListDeadLettersResponse\"\x03\x90\x02\x01\x12~\n\x11RequeueDeadLetter\x12\x33.cutout.v1.SchedulerServiceRequeueDeadLetterRequest\x1a\x34.cutout.v1.SchedulerServiceRequeueDeadLetterResponse\x12{\n\x10PurgeDeadLetters\x12\x32.cutout.v1.SchedulerServicePurgeDeadLettersRequest\x1a\x33.cutout.v1.SchedulerServicePurgeDeadLettersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!cutout/v1/scheduler_service.proto\x12\tcutout.v1\x1a\x14\x63utout/v1/jobs.proto\x1a\x17google/rpc/status.proto\"y\n\x11\x45nqueueJobRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\x12,\n\nsubmission\x18\x02 \x01(\x0b\x32\x18.cutout.v1.JobSubmission\x12\x14\n\x0cinput_pixels\x18\x03 \x01(\x03\x12\r\n\x05\x62\x61tch\x18\x04 \x01(\t\"G\n\x12\x45nqueueJobResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.cutout.v1.Job\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x02 \x01(\x08\"D\n\x12\x45nqueueJobsRequest\x12.\n\x08requests\x18\x01 \x03(\x0b\x32\x1c.cutout.v1.EnqueueJobRequest\"F\n\x13\x45nqueueJobsResponse\x12/\n\x08outcomes\x18\x01 \x03(\x0b\x32\x1d.cutout.v1.EnqueueJobsOutcome\"w\n\x12\x45nqueueJobsOutcome\x12\x31\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x1d.cutout.v1.EnqueueJobResponseH\x00\x12#\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\t\n\x07outcome\"D\n!SchedulerServiceWatchBatchRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"M\n\"SchedulerServiceWatchBatchResponse\x12\'\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x18.cutout.v1.BatchProgress\"E\n\"SchedulerServiceCancelBatchRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"a\n#SchedulerServiceCancelBatchResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x05\x12\'\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x18.cutout.v1.BatchProgress\"@\n\x1dSchedulerServiceGetJobRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"=\n\x1eSchedulerServiceGetJobResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.cutout.v1.Job\"B\n\x1fSchedulerServiceWatchJobRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"F\n SchedulerServiceWatchJobResponse\x12\"\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x13.cutout.v1.JobEvent\"\x7f\n\x1fSchedulerServiceListJobsRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.cutout.v1.JobState\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"Y\n SchedulerServiceListJobsResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.cutout.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"C\n SchedulerServiceCancelJobRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"@\n!SchedulerServiceCancelJobResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.cutout.v1.Job\"4\n\x11ReadResultRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"F\n\x12ReadResultResponse\x12!\n\x06result\x18\x01 \x01(\x0b\x32\x11.cutout.v1.Result\x12\r\n\x05\x63hunk\x18\x02 \x01(\x0c\"9\n$SchedulerServiceGetQueueStatsRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\"M\n%SchedulerServiceGetQueueStatsResponse\x12$\n\x05stats\x18\x01 \x01(\x0b\x32\x15.cutout.v1.QueueStats\"b\n&SchedulerServiceListDeadLettersRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"`\n\'SchedulerServiceListDeadLettersResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.cutout.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"K\n(SchedulerServiceRequeueDeadLetterRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"H\n)SchedulerServiceRequeueDeadLetterResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.cutout.v1.Job\"X\n\'SchedulerServicePurgeDeadLettersRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\x12\r\n\x05names\x18\x02 \x03(\t\x12\x0b\n\x03\x61ll\x18\x03 \x01(\x08\"@\n(SchedulerServicePurgeDeadLettersResponse\x12\x14\n\x0cpurged_count\x18\x01 \x01(\x05\x32\xf4\n\n\x10SchedulerService\x12I\n\nEnqueueJob\x12\x1c.cutout.v1.EnqueueJobRequest\x1a\x1d.cutout.v1.EnqueueJobResponse\x12L\n\x0b\x45nqueueJobs\x12\x1d.cutout.v1.EnqueueJobsRequest\x1a\x1e.cutout.v1.EnqueueJobsResponse\x12p\n\nWatchBatch\x12,.cutout.v1.SchedulerServiceWatchBatchRequest\x1a-.cutout.v1.SchedulerServiceWatchBatchResponse\"\x03\x90\x02\x01\x30\x01\x12l\n\x0b\x43\x61ncelBatch\x12-.cutout.v1.SchedulerServiceCancelBatchRequest\x1a..cutout.v1.SchedulerServiceCancelBatchResponse\x12\x62\n\x06GetJob\x12(.cutout.v1.SchedulerServiceGetJobRequest\x1a).cutout.v1.SchedulerServiceGetJobResponse\"\x03\x90\x02\x01\x12j\n\x08WatchJob\x12*.cutout.v1.SchedulerServiceWatchJobRequest\x1a+.cutout.v1.SchedulerServiceWatchJobResponse\"\x03\x90\x02\x01\x30\x01\x12h\n\x08ListJobs\x12*.cutout.v1.SchedulerServiceListJobsRequest\x1a+.cutout.v1.SchedulerServiceListJobsResponse\"\x03\x90\x02\x01\x12\x66\n\tCancelJob\x12+.cutout.v1.SchedulerServiceCancelJobRequest\x1a,.cutout.v1.SchedulerServiceCancelJobResponse\x12P\n\nReadResult\x12\x1c.cutout.v1.ReadResultRequest\x1a\x1d.cutout.v1.ReadResultResponse\"\x03\x90\x02\x01\x30\x01\x12w\n\rGetQueueStats\x12/.cutout.v1.SchedulerServiceGetQueueStatsRequest\x1a\x30.cutout.v1.SchedulerServiceGetQueueStatsResponse\"\x03\x90\x02\x01\x12}\n\x0fListDeadLetters\x12\x31.cutout.v1.SchedulerServiceListDeadLettersRequest\x1a\x32.cutout.v1.SchedulerServiceListDeadLettersResponse\"\x03\x90\x02\x01\x12~\n\x11RequeueDeadLetter\x12\x33.cutout.v1.SchedulerServiceRequeueDeadLetterRequest\x1a\x34.cutout.v1.SchedulerServiceRequeueDeadLetterResponse\x12{\n\x10PurgeDeadLetters\x12\x32.cutout.v1.SchedulerServicePurgeDeadLettersRequest\x1a\x33.cutout.v1.SchedulerServicePurgeDeadLettersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,54 +47,60 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCHEDULERSERVICE'].methods_by_name['GetQueueStats']._serialized_options = b'\220\002\001'
   _globals['_SCHEDULERSERVICE'].methods_by_name['ListDeadLetters']._loaded_options = None
   _globals['_SCHEDULERSERVICE'].methods_by_name['ListDeadLetters']._serialized_options = b'\220\002\001'
-  _globals['_ENQUEUEJOBREQUEST']._serialized_start=70
-  _globals['_ENQUEUEJOBREQUEST']._serialized_end=191
-  _globals['_ENQUEUEJOBRESPONSE']._serialized_start=193
-  _globals['_ENQUEUEJOBRESPONSE']._serialized_end=264
-  _globals['_SCHEDULERSERVICEWATCHBATCHREQUEST']._serialized_start=266
-  _globals['_SCHEDULERSERVICEWATCHBATCHREQUEST']._serialized_end=334
-  _globals['_SCHEDULERSERVICEWATCHBATCHRESPONSE']._serialized_start=336
-  _globals['_SCHEDULERSERVICEWATCHBATCHRESPONSE']._serialized_end=413
-  _globals['_SCHEDULERSERVICECANCELBATCHREQUEST']._serialized_start=415
-  _globals['_SCHEDULERSERVICECANCELBATCHREQUEST']._serialized_end=484
-  _globals['_SCHEDULERSERVICECANCELBATCHRESPONSE']._serialized_start=486
-  _globals['_SCHEDULERSERVICECANCELBATCHRESPONSE']._serialized_end=583
-  _globals['_SCHEDULERSERVICEGETJOBREQUEST']._serialized_start=585
-  _globals['_SCHEDULERSERVICEGETJOBREQUEST']._serialized_end=649
-  _globals['_SCHEDULERSERVICEGETJOBRESPONSE']._serialized_start=651
-  _globals['_SCHEDULERSERVICEGETJOBRESPONSE']._serialized_end=712
-  _globals['_SCHEDULERSERVICEWATCHJOBREQUEST']._serialized_start=714
-  _globals['_SCHEDULERSERVICEWATCHJOBREQUEST']._serialized_end=780
-  _globals['_SCHEDULERSERVICEWATCHJOBRESPONSE']._serialized_start=782
-  _globals['_SCHEDULERSERVICEWATCHJOBRESPONSE']._serialized_end=852
-  _globals['_SCHEDULERSERVICELISTJOBSREQUEST']._serialized_start=854
-  _globals['_SCHEDULERSERVICELISTJOBSREQUEST']._serialized_end=981
-  _globals['_SCHEDULERSERVICELISTJOBSRESPONSE']._serialized_start=983
-  _globals['_SCHEDULERSERVICELISTJOBSRESPONSE']._serialized_end=1072
-  _globals['_SCHEDULERSERVICECANCELJOBREQUEST']._serialized_start=1074
-  _globals['_SCHEDULERSERVICECANCELJOBREQUEST']._serialized_end=1141
-  _globals['_SCHEDULERSERVICECANCELJOBRESPONSE']._serialized_start=1143
-  _globals['_SCHEDULERSERVICECANCELJOBRESPONSE']._serialized_end=1207
-  _globals['_READRESULTREQUEST']._serialized_start=1209
-  _globals['_READRESULTREQUEST']._serialized_end=1261
-  _globals['_READRESULTRESPONSE']._serialized_start=1263
-  _globals['_READRESULTRESPONSE']._serialized_end=1333
-  _globals['_SCHEDULERSERVICEGETQUEUESTATSREQUEST']._serialized_start=1335
-  _globals['_SCHEDULERSERVICEGETQUEUESTATSREQUEST']._serialized_end=1392
-  _globals['_SCHEDULERSERVICEGETQUEUESTATSRESPONSE']._serialized_start=1394
-  _globals['_SCHEDULERSERVICEGETQUEUESTATSRESPONSE']._serialized_end=1471
-  _globals['_SCHEDULERSERVICELISTDEADLETTERSREQUEST']._serialized_start=1473
-  _globals['_SCHEDULERSERVICELISTDEADLETTERSREQUEST']._serialized_end=1571
-  _globals['_SCHEDULERSERVICELISTDEADLETTERSRESPONSE']._serialized_start=1573
-  _globals['_SCHEDULERSERVICELISTDEADLETTERSRESPONSE']._serialized_end=1669
-  _globals['_SCHEDULERSERVICEREQUEUEDEADLETTERREQUEST']._serialized_start=1671
-  _globals['_SCHEDULERSERVICEREQUEUEDEADLETTERREQUEST']._serialized_end=1746
-  _globals['_SCHEDULERSERVICEREQUEUEDEADLETTERRESPONSE']._serialized_start=1748
-  _globals['_SCHEDULERSERVICEREQUEUEDEADLETTERRESPONSE']._serialized_end=1820
-  _globals['_SCHEDULERSERVICEPURGEDEADLETTERSREQUEST']._serialized_start=1822
-  _globals['_SCHEDULERSERVICEPURGEDEADLETTERSREQUEST']._serialized_end=1910
-  _globals['_SCHEDULERSERVICEPURGEDEADLETTERSRESPONSE']._serialized_start=1912
-  _globals['_SCHEDULERSERVICEPURGEDEADLETTERSRESPONSE']._serialized_end=1976
-  _globals['_SCHEDULERSERVICE']._serialized_start=1979
-  _globals['_SCHEDULERSERVICE']._serialized_end=3297
+  _globals['_ENQUEUEJOBREQUEST']._serialized_start=95
+  _globals['_ENQUEUEJOBREQUEST']._serialized_end=216
+  _globals['_ENQUEUEJOBRESPONSE']._serialized_start=218
+  _globals['_ENQUEUEJOBRESPONSE']._serialized_end=289
+  _globals['_ENQUEUEJOBSREQUEST']._serialized_start=291
+  _globals['_ENQUEUEJOBSREQUEST']._serialized_end=359
+  _globals['_ENQUEUEJOBSRESPONSE']._serialized_start=361
+  _globals['_ENQUEUEJOBSRESPONSE']._serialized_end=431
+  _globals['_ENQUEUEJOBSOUTCOME']._serialized_start=433
+  _globals['_ENQUEUEJOBSOUTCOME']._serialized_end=552
+  _globals['_SCHEDULERSERVICEWATCHBATCHREQUEST']._serialized_start=554
+  _globals['_SCHEDULERSERVICEWATCHBATCHREQUEST']._serialized_end=622
+  _globals['_SCHEDULERSERVICEWATCHBATCHRESPONSE']._serialized_start=624
+  _globals['_SCHEDULERSERVICEWATCHBATCHRESPONSE']._serialized_end=701
+  _globals['_SCHEDULERSERVICECANCELBATCHREQUEST']._serialized_start=703
+  _globals['_SCHEDULERSERVICECANCELBATCHREQUEST']._serialized_end=772
+  _globals['_SCHEDULERSERVICECANCELBATCHRESPONSE']._serialized_start=774
+  _globals['_SCHEDULERSERVICECANCELBATCHRESPONSE']._serialized_end=871
+  _globals['_SCHEDULERSERVICEGETJOBREQUEST']._serialized_start=873
+  _globals['_SCHEDULERSERVICEGETJOBREQUEST']._serialized_end=937
+  _globals['_SCHEDULERSERVICEGETJOBRESPONSE']._serialized_start=939
+  _globals['_SCHEDULERSERVICEGETJOBRESPONSE']._serialized_end=1000
+  _globals['_SCHEDULERSERVICEWATCHJOBREQUEST']._serialized_start=1002
+  _globals['_SCHEDULERSERVICEWATCHJOBREQUEST']._serialized_end=1068
+  _globals['_SCHEDULERSERVICEWATCHJOBRESPONSE']._serialized_start=1070
+  _globals['_SCHEDULERSERVICEWATCHJOBRESPONSE']._serialized_end=1140
+  _globals['_SCHEDULERSERVICELISTJOBSREQUEST']._serialized_start=1142
+  _globals['_SCHEDULERSERVICELISTJOBSREQUEST']._serialized_end=1269
+  _globals['_SCHEDULERSERVICELISTJOBSRESPONSE']._serialized_start=1271
+  _globals['_SCHEDULERSERVICELISTJOBSRESPONSE']._serialized_end=1360
+  _globals['_SCHEDULERSERVICECANCELJOBREQUEST']._serialized_start=1362
+  _globals['_SCHEDULERSERVICECANCELJOBREQUEST']._serialized_end=1429
+  _globals['_SCHEDULERSERVICECANCELJOBRESPONSE']._serialized_start=1431
+  _globals['_SCHEDULERSERVICECANCELJOBRESPONSE']._serialized_end=1495
+  _globals['_READRESULTREQUEST']._serialized_start=1497
+  _globals['_READRESULTREQUEST']._serialized_end=1549
+  _globals['_READRESULTRESPONSE']._serialized_start=1551
+  _globals['_READRESULTRESPONSE']._serialized_end=1621
+  _globals['_SCHEDULERSERVICEGETQUEUESTATSREQUEST']._serialized_start=1623
+  _globals['_SCHEDULERSERVICEGETQUEUESTATSREQUEST']._serialized_end=1680
+  _globals['_SCHEDULERSERVICEGETQUEUESTATSRESPONSE']._serialized_start=1682
+  _globals['_SCHEDULERSERVICEGETQUEUESTATSRESPONSE']._serialized_end=1759
+  _globals['_SCHEDULERSERVICELISTDEADLETTERSREQUEST']._serialized_start=1761
+  _globals['_SCHEDULERSERVICELISTDEADLETTERSREQUEST']._serialized_end=1859
+  _globals['_SCHEDULERSERVICELISTDEADLETTERSRESPONSE']._serialized_start=1861
+  _globals['_SCHEDULERSERVICELISTDEADLETTERSRESPONSE']._serialized_end=1957
+  _globals['_SCHEDULERSERVICEREQUEUEDEADLETTERREQUEST']._serialized_start=1959
+  _globals['_SCHEDULERSERVICEREQUEUEDEADLETTERREQUEST']._serialized_end=2034
+  _globals['_SCHEDULERSERVICEREQUEUEDEADLETTERRESPONSE']._serialized_start=2036
+  _globals['_SCHEDULERSERVICEREQUEUEDEADLETTERRESPONSE']._serialized_end=2108
+  _globals['_SCHEDULERSERVICEPURGEDEADLETTERSREQUEST']._serialized_start=2110
+  _globals['_SCHEDULERSERVICEPURGEDEADLETTERSREQUEST']._serialized_end=2198
+  _globals['_SCHEDULERSERVICEPURGEDEADLETTERSRESPONSE']._serialized_start=2200
+  _globals['_SCHEDULERSERVICEPURGEDEADLETTERSRESPONSE']._serialized_end=2264
+  _globals['_SCHEDULERSERVICE']._serialized_start=2267
+  _globals['_SCHEDULERSERVICE']._serialized_end=3663
 # @@protoc_insertion_point(module_scope)

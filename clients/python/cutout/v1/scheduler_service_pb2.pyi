@@ -8,6 +8,7 @@ from cutout.v1 import jobs_pb2 as _jobs_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.rpc import status_pb2 as _status_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -84,6 +85,86 @@ class EnqueueJobResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EnqueueJobResponse: _TypeAlias = EnqueueJobResponse  # noqa: Y015
+
+@_typing.final
+class EnqueueJobsRequest(_message.Message):
+    """Request for EnqueueJobs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___EnqueueJobRequest]:
+        """1-1000 jobs, each checked and queued as EnqueueJob would."""
+
+    def __init__(
+        self,
+        *,
+        requests: _abc.Iterable[Global___EnqueueJobRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnqueueJobsRequest: _TypeAlias = EnqueueJobsRequest  # noqa: Y015
+
+@_typing.final
+class EnqueueJobsResponse(_message.Message):
+    """Response for EnqueueJobs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTCOMES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def outcomes(self) -> _containers.RepeatedCompositeFieldContainer[Global___EnqueueJobsOutcome]:
+        """One per request, in the order of the requests."""
+
+    def __init__(
+        self,
+        *,
+        outcomes: _abc.Iterable[Global___EnqueueJobsOutcome] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcomes", b"outcomes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnqueueJobsResponse: _TypeAlias = EnqueueJobsResponse  # noqa: Y015
+
+@_typing.final
+class EnqueueJobsOutcome(_message.Message):
+    """What became of one request of an EnqueueJobs call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def accepted(self) -> Global___EnqueueJobResponse:
+        """As EnqueueJob would have answered."""
+
+    @_builtins.property
+    def error(self) -> _status_pb2.Status:
+        """As EnqueueJob would have failed; other requests are unaffected."""
+
+    def __init__(
+        self,
+        *,
+        accepted: Global___EnqueueJobResponse | None = ...,
+        error: _status_pb2.Status | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "error", b"error", "outcome", b"outcome"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "error", b"error", "outcome", b"outcome"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["accepted", "error"]  # noqa: Y015
+    _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
+
+Global___EnqueueJobsOutcome: _TypeAlias = EnqueueJobsOutcome  # noqa: Y015
 
 @_typing.final
 class SchedulerServiceWatchBatchRequest(_message.Message):

@@ -41,6 +41,11 @@ class SchedulerServiceStub:
                 request_serializer=cutout_dot_v1_dot_scheduler__service__pb2.EnqueueJobRequest.SerializeToString,
                 response_deserializer=cutout_dot_v1_dot_scheduler__service__pb2.EnqueueJobResponse.FromString,
                 _registered_method=True)
+        self.EnqueueJobs = channel.unary_unary(
+                '/cutout.v1.SchedulerService/EnqueueJobs',
+                request_serializer=cutout_dot_v1_dot_scheduler__service__pb2.EnqueueJobsRequest.SerializeToString,
+                response_deserializer=cutout_dot_v1_dot_scheduler__service__pb2.EnqueueJobsResponse.FromString,
+                _registered_method=True)
         self.WatchBatch = channel.unary_stream(
                 '/cutout.v1.SchedulerService/WatchBatch',
                 request_serializer=cutout_dot_v1_dot_scheduler__service__pb2.SchedulerServiceWatchBatchRequest.SerializeToString,
@@ -105,6 +110,14 @@ class SchedulerServiceServicer:
 
     def EnqueueJob(self, request, context):
         """Stores a validated job and queues it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EnqueueJobs(self, request, context):
+        """Stores and queues several validated jobs in one call (one Redis round
+        trip); each is accepted or refused on its own.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -195,6 +208,11 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     request_deserializer=cutout_dot_v1_dot_scheduler__service__pb2.EnqueueJobRequest.FromString,
                     response_serializer=cutout_dot_v1_dot_scheduler__service__pb2.EnqueueJobResponse.SerializeToString,
             ),
+            'EnqueueJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnqueueJobs,
+                    request_deserializer=cutout_dot_v1_dot_scheduler__service__pb2.EnqueueJobsRequest.FromString,
+                    response_serializer=cutout_dot_v1_dot_scheduler__service__pb2.EnqueueJobsResponse.SerializeToString,
+            ),
             'WatchBatch': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchBatch,
                     request_deserializer=cutout_dot_v1_dot_scheduler__service__pb2.SchedulerServiceWatchBatchRequest.FromString,
@@ -280,6 +298,33 @@ class SchedulerService:
             '/cutout.v1.SchedulerService/EnqueueJob',
             cutout_dot_v1_dot_scheduler__service__pb2.EnqueueJobRequest.SerializeToString,
             cutout_dot_v1_dot_scheduler__service__pb2.EnqueueJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnqueueJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cutout.v1.SchedulerService/EnqueueJobs',
+            cutout_dot_v1_dot_scheduler__service__pb2.EnqueueJobsRequest.SerializeToString,
+            cutout_dot_v1_dot_scheduler__service__pb2.EnqueueJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,

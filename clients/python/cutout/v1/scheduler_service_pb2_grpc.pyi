@@ -37,6 +37,10 @@ class SchedulerServiceStub:
     def __new__(cls, channel: _aio.Channel) -> SchedulerServiceAsyncStub: ...
     EnqueueJob: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.EnqueueJobRequest, _scheduler_service_pb2.EnqueueJobResponse]
     """Stores a validated job and queues it."""
+    EnqueueJobs: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.EnqueueJobsRequest, _scheduler_service_pb2.EnqueueJobsResponse]
+    """Stores and queues several validated jobs in one call (one Redis round
+    trip); each is accepted or refused on its own.
+    """
     WatchBatch: _grpc.UnaryStreamMultiCallable[_scheduler_service_pb2.SchedulerServiceWatchBatchRequest, _scheduler_service_pb2.SchedulerServiceWatchBatchResponse]
     """Streams the vendor's batch progress until every job in it has finished."""
     CancelBatch: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.SchedulerServiceCancelBatchRequest, _scheduler_service_pb2.SchedulerServiceCancelBatchResponse]
@@ -69,6 +73,10 @@ class SchedulerServiceAsyncStub(SchedulerServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     EnqueueJob: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.EnqueueJobRequest, _scheduler_service_pb2.EnqueueJobResponse]  # type: ignore[assignment]
     """Stores a validated job and queues it."""
+    EnqueueJobs: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.EnqueueJobsRequest, _scheduler_service_pb2.EnqueueJobsResponse]  # type: ignore[assignment]
+    """Stores and queues several validated jobs in one call (one Redis round
+    trip); each is accepted or refused on its own.
+    """
     WatchBatch: _aio.UnaryStreamMultiCallable[_scheduler_service_pb2.SchedulerServiceWatchBatchRequest, _scheduler_service_pb2.SchedulerServiceWatchBatchResponse]  # type: ignore[assignment]
     """Streams the vendor's batch progress until every job in it has finished."""
     CancelBatch: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.SchedulerServiceCancelBatchRequest, _scheduler_service_pb2.SchedulerServiceCancelBatchResponse]  # type: ignore[assignment]
@@ -104,6 +112,16 @@ class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_scheduler_service_pb2.EnqueueJobResponse, _abc.Awaitable[_scheduler_service_pb2.EnqueueJobResponse]]:
         """Stores a validated job and queues it."""
+
+    @_abc_1.abstractmethod
+    def EnqueueJobs(
+        self,
+        request: _scheduler_service_pb2.EnqueueJobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_service_pb2.EnqueueJobsResponse, _abc.Awaitable[_scheduler_service_pb2.EnqueueJobsResponse]]:
+        """Stores and queues several validated jobs in one call (one Redis round
+        trip); each is accepted or refused on its own.
+        """
 
     @_abc_1.abstractmethod
     def WatchBatch(
