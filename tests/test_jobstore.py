@@ -174,7 +174,7 @@ async def test_a_late_answer_from_an_old_attempt_is_ignored(store: JobStore) -> 
     second = await claim_after_backoff(store)
     assert second is not None and second.attempt == 2
     # The first attempt's node answers after all: fenced off, changes nothing.
-    assert not await store.progress(claim, jobs_pb2.STAGE_INFERENCE, 50, 10_000)
+    assert not await store.progress(claim, [(jobs_pb2.STAGE_INFERENCE, 50)], 10_000)
     assert not await store.complete(claim, jobs_pb2.Result(uri="local:old"))
     assert await store.complete(second, jobs_pb2.Result(uri="local:new"))
     job = await store.get("a", job_id)
@@ -294,8 +294,8 @@ async def test_progress_never_goes_backwards(store: JobStore) -> None:
     await enqueue(store, "a")
     claim = await store.claim("node", 10_000)
     assert claim is not None
-    await store.progress(claim, jobs_pb2.STAGE_INFERENCE, 60, 10_000)
-    await store.progress(claim, jobs_pb2.STAGE_INFERENCE, 20, 10_000)
+    await store.progress(claim, [(jobs_pb2.STAGE_INFERENCE, 60)], 10_000)
+    await store.progress(claim, [(jobs_pb2.STAGE_INFERENCE, 20)], 10_000)
     job = await store.get("a", claim.job_id)
     assert job.progress_percent == 60
 
@@ -316,7 +316,7 @@ async def test_watch_replays_history_for_a_late_watcher(store: JobStore) -> None
     job_id = await enqueue(store, "a")
     claim = await store.claim("node", 10_000)
     assert claim is not None
-    await store.progress(claim, jobs_pb2.STAGE_INFERENCE, 20, 10_000)
+    await store.progress(claim, [(jobs_pb2.STAGE_INFERENCE, 20)], 10_000)
     await store.complete(claim, jobs_pb2.Result(uri="local:r", content_type="image/png"))
     seen = [job async for job in store.watch("a", job_id)]
     assert [j.state for j in seen] == [

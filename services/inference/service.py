@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -163,10 +164,16 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             "attempt": request.attempt,
         }
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+        # Progress from the worker thread, then None once the work is done.
+        events: deque[tuple[int, int] | None] = deque()
+        ready = asyncio.Event()
+
+        def push(event: tuple[int, int] | None) -> None:
+            events.append(event)
+            ready.set()
 
         def report(stage: int, percent: int) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, (stage, percent))
+            loop.call_soon_threadsafe(push, (stage, percent))
 
         lane.in_flight += 1
         if lane is self.heavy:
@@ -185,19 +192,26 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         )
         work.add_done_callback(lambda _: self._release(lane))
         work.add_done_callback(lambda f: _count(f, operation, started))
+        # Scheduled after the worker's last report, so every report comes first.
+        work.add_done_callback(lambda _: push(None))
         log.info("processing", extra=extra)
-        while not work.done() or not events.empty():
-            getter = asyncio.ensure_future(events.get())
-            waiting: list[asyncio.Future[Any]] = [getter, work]
-            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-            if getter.done():
-                stage, percent = getter.result()
+        done = False
+        while not done:
+            await ready.wait()
+            ready.clear()
+            while events:
+                event = events.popleft()
+                if event is None:
+                    done = True
+                    break
+                stage, percent = event
+                while events and (following := events[0]) is not None and following[0] == stage:
+                    percent = following[1]  # piled-up reports: the stage's latest
+                    events.popleft()
                 progress = pb.ProcessProgress(
                     stage=cast("Stage.ValueType", stage), progress_percent=percent
                 )
                 yield pb.ProcessResponse(progress=progress)
-            else:
-                getter.cancel()
         try:
             output = work.result()
         except (pipeline.InvalidImage, pipeline.Unsupported) as exc:

@@ -243,8 +243,8 @@ class Dispatcher:
         output: inference_pb2.ProcessOutput | None = None
         chunks: list[bytes] = []
 
-        async def write(stage: int, percent: int) -> bool:
-            return await self.store.progress(claim, stage, percent, self.policy.lease_ms)
+        async def write(updates: list[tuple[int, int]]) -> bool:
+            return await self.store.progress(claim, updates, self.policy.lease_ms)
 
         progress = ProgressThrottle(write, self.policy.progress_interval_s)
         try:
@@ -283,7 +283,6 @@ class Dispatcher:
         key = f"{claim.vendor}/{claim.job_id}.{EXTENSIONS[output.content_type]}"
         record = jobs_pb2.RecordRef.FromString(claim.record) if claim.record else None
         uri = await self._put(claim, key, data, output.content_type, record)
-        await self.store.track_blob(uri)
         # Still to do after SUCCEEDED: an upload that failed inline, a record update.
         pending_upload = self.results.remote_for(claim.vendor) is not None and uri.startswith(
             "local:"
@@ -299,7 +298,11 @@ class Dispatcher:
         )
         if output.HasField("subject_box"):
             result.subject_box.CopyFrom(output.subject_box)
-        if await self.store.complete(claim, result, deliver=deliver):
+        # Stages not written yet, the output's retention and SUCCEEDED: one round trip.
+        done = await self.store.complete(
+            claim, result, deliver, updates=progress.take(), lease_ms=self.policy.lease_ms
+        )
+        if done:
             metrics.JOBS_FINISHED.labels("succeeded").inc()
             if claim.created_ms:
                 metrics.END_TO_END.observe(max(0.0, time.time() - claim.created_ms / 1000))

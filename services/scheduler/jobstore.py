@@ -539,30 +539,62 @@ class JobStore:
                 pipe.hset(self.keys.weights, mapping=cast(Any, dict(self.fairness.weights)))
             await pipe.execute()
 
-    async def progress(self, claim: Claim, stage: int, percent: int, lease_ms: int) -> bool:
-        """Record progress and renew the lease; False when the attempt is fenced off."""
-        ok = await self._progress(
-            args=[self.keys.prefix, claim.job_id, claim.attempt, stage, percent, lease_ms]
-        )
+    async def progress(
+        self, claim: Claim, updates: Sequence[tuple[int, int]], lease_ms: int
+    ) -> bool:
+        """Record (stage, percent) updates in order and renew the lease.
+
+        False when the attempt is fenced off (cancelled, or re-leased elsewhere).
+        """
+        ok = await self._progress(args=self._progress_args(claim, updates, lease_ms))
         return bool(ok)
+
+    def _progress_args(
+        self, claim: Claim, updates: Sequence[tuple[int, int]], lease_ms: int
+    ) -> list[EncodableT]:
+        args: list[EncodableT] = [self.keys.prefix, claim.job_id, claim.attempt, lease_ms]
+        for stage, percent in updates:
+            args += [stage, percent]
+        return args
 
     async def renew(self, claim: Claim, lease_ms: int) -> bool:
-        return await self.progress(claim, 0, 0, lease_ms)
+        return await self.progress(claim, (), lease_ms)
 
-    async def complete(self, claim: Claim, result: jobs_pb2.Result, deliver: bool = False) -> bool:
-        """SUCCEEDED, if this attempt still holds the job; deliver queues its delivery."""
-        ok = await self._complete(
-            args=[
-                self.keys.prefix,
-                claim.job_id,
-                claim.attempt,
-                result.SerializeToString(),
-                self.retention.finished_s,
-                result.uri,
-                1 if deliver else 0,
-            ]
-        )
-        return bool(ok)
+    async def complete(
+        self,
+        claim: Claim,
+        result: jobs_pb2.Result,
+        deliver: bool = False,
+        updates: Sequence[tuple[int, int]] = (),
+        lease_ms: int = 0,
+    ) -> bool:
+        """SUCCEEDED, if this attempt still holds the job; deliver queues its delivery.
+
+        In the same round trip, and before it: the progress `updates` not yet
+        written (so watchers still see every stage) and the output's URI
+        registered for retention.
+        """
+        async with self.redis.pipeline(transaction=False) as pipe:
+            if updates:
+                await self._progress(
+                    args=self._progress_args(claim, updates, lease_ms), client=pipe
+                )
+            deadline = int((time.time() + self.retention.finished_s) * 1000)
+            pipe.zadd(self.keys.blobs, {result.uri: deadline})
+            await self._complete(
+                args=[
+                    self.keys.prefix,
+                    claim.job_id,
+                    claim.attempt,
+                    result.SerializeToString(),
+                    self.retention.finished_s,
+                    result.uri,
+                    1 if deliver else 0,
+                ],
+                client=pipe,
+            )
+            replies = await pipe.execute()
+        return bool(replies[-1])
 
     # --- retention of stored outputs ----------------------------------------------
 

@@ -1,11 +1,12 @@
 """Throttled progress: a node may report many times a second, Redis hears fewer.
 
-Each write is a Lua call and a stream entry that every watcher reads. A new
-stage is always written at once (watchers see every stage of the pipeline);
-reports within one stage are written at once when the last write is older
-than the interval, otherwise only the latest is kept and written when the
-interval has passed (unless the attempt ends first: its final state
-supersedes it). Progress never goes backwards.
+Each write is a Lua call and one stream entry per stage that every watcher
+reads. Reports are collected and written together at most once per interval:
+every stage still lands, in order (a run of reports within one stage keeps
+only its latest percent), and progress never goes backwards. What is still
+pending when the attempt finishes goes out with its completion, in the same
+round trip (`take`), so a job that runs in milliseconds costs one write, not
+one per stage.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 
-Write = Callable[[int, int], Awaitable[bool]]  # (stage, percent) -> attempt still ours
+# [(stage, percent), ...] in order -> the attempt still holds its job
+Write = Callable[[list[tuple[int, int]]], Awaitable[bool]]
 
 
 class ProgressThrottle:
@@ -23,8 +25,7 @@ class ProgressThrottle:
         self._write = write
         self._interval = interval_s
         self._last = time.monotonic()  # the claim itself recorded RUNNING
-        self._pending: tuple[int, int] | None = None
-        self._stage = -1
+        self._pending: list[tuple[int, int]] = []
         self._writing = asyncio.Lock()  # writes land in the order they were decided
         self._flusher: asyncio.Task[None] | None = None
         self.alive = True
@@ -33,36 +34,37 @@ class ProgressThrottle:
         """Record a report; False once the attempt is known to be fenced off."""
         if not self.alive:
             return False
-        wait = self._last + self._interval - time.monotonic()
-        if stage != self._stage:
-            self._pending = None  # superseded by this report
-            await self._send(stage, percent)
-        elif wait <= 0 and self._flusher is None:
-            await self._send(stage, percent)
+        if self._pending and self._pending[-1][0] == stage:
+            self._pending[-1] = (stage, percent)
         else:
-            self._pending = (stage, percent)
-            if self._flusher is None:
-                self._flusher = asyncio.create_task(self._flush_after(max(0.0, wait)))
+            self._pending.append((stage, percent))
+        wait = self._last + self._interval - time.monotonic()
+        if wait <= 0 and self._flusher is None:
+            await self._send()
+        elif self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush_after(wait))
         return self.alive
+
+    def take(self) -> list[tuple[int, int]]:
+        """The reports not written yet, for the caller to write with the attempt's end."""
+        pending, self._pending = self._pending, []
+        return pending
 
     async def _flush_after(self, delay: float) -> None:
         await asyncio.sleep(delay)
         self._flusher = None
-        if self._pending is not None and self.alive:
-            stage, percent = self._pending
-            self._pending = None
-            await self._send(stage, percent)
+        await self._send()
 
-    async def _send(self, stage: int, percent: int) -> None:
+    async def _send(self) -> None:
         self._last = time.monotonic()
-        self._stage = stage
         async with self._writing:
-            if self.alive:
-                self.alive = await self._write(stage, percent)
+            updates = self.take()
+            if updates and self.alive:
+                self.alive = await self._write(updates)
 
     async def close(self) -> None:
         """The attempt is over: drop what has not been written."""
-        self._pending = None
+        self._pending = []
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):

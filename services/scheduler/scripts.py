@@ -251,21 +251,25 @@ return {id, attempt, vendor, redis.call('HGET', jk, 'operation') or '',
 """
 )
 
-# ARGV: prefix, id, attempt, stage, progress, lease_ms
-# Records progress (never decreasing) and renews the lease. stage 0 = renew only.
+# ARGV: prefix, id, attempt, lease_ms, then any number of (stage, progress) pairs
+# Renews the lease and records each pair in order (progress never decreasing),
+# one event per pair, so watchers see every stage even when a fast attempt's
+# stages arrive together. No pairs = renew only.
 PROGRESS = (
     PRELUDE
     + r"""
 local id, attempt = ARGV[2], ARGV[3]
 if not fenced(id, attempt) then return 0 end
 local now = now_ms()
-redis.call('ZADD', P .. 'leases', 'XX', now + tonumber(ARGV[6]), id)
-local stage = tonumber(ARGV[4])
-if stage == 0 then return 1 end
+redis.call('ZADD', P .. 'leases', 'XX', now + tonumber(ARGV[4]), id)
 local jk = P .. 'job:' .. id
-local progress = math.max(tonumber(redis.call('HGET', jk, 'progress')), tonumber(ARGV[5]))
-redis.call('HSET', jk, 'stage', stage, 'progress', progress, 'update_ms', now)
-event(id, 'stage', stage, 'progress', progress, 'update_ms', now)
+local progress = tonumber(redis.call('HGET', jk, 'progress'))
+for i = 5, #ARGV - 1, 2 do
+  local stage = tonumber(ARGV[i])
+  progress = math.max(progress, tonumber(ARGV[i + 1]))
+  redis.call('HSET', jk, 'stage', stage, 'progress', progress, 'update_ms', now)
+  event(id, 'stage', stage, 'progress', progress, 'update_ms', now)
+end
 return 1
 """
 )
