@@ -248,6 +248,7 @@ def bench_node(
                     async for reply in stub.Process(request, timeout=600):
                         if reply.HasField("output"):
                             size = reply.output.size_bytes
+                            got += len(reply.output.data)  # inline when small
                         got += len(reply.chunk)
                     if not size or got != size:
                         raise SystemExit("the node's output is incomplete")

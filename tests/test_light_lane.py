@@ -61,3 +61,29 @@ def skimage_file() -> bytes:
     buf = io.BytesIO()
     Image.fromarray(skimage.data.coffee()).save(buf, "PNG")
     return buf.getvalue()
+
+
+async def test_small_results_come_inline_and_large_ones_in_chunks_both_intact(
+    make_cluster,
+    tiny_model_dir: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    """A node sends a result up to 1 MiB inside its output header, larger ones in chunks."""
+    cluster: LocalCluster = make_cluster(tiny_model_dir, nodes=1)
+    noise = np.random.default_rng(7).integers(0, 255, (1200, 1200, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, "PNG")  # incompressible: ~4.3 MB out as PNG
+    async with AsyncClient(cluster.gateway_address, KEYS["vendor-a"]) as client:
+        small = await client.submit(buf.getvalue(), op="transform", resize="fit", width=64)
+        large = await client.submit(buf.getvalue(), op="transform")
+        outputs = []
+        for job in (small, large):
+            async for event in client.watch(job.name):
+                last = event.job
+            assert last.state == jobs_pb2.JOB_STATE_SUCCEEDED, last
+            result, data = await client.result(job.name)
+            assert len(data) == result.size_bytes
+            outputs.append(Image.open(io.BytesIO(data)))
+        assert outputs[0].size == (64, 64) and result.size_bytes > 3 << 20
+        # The large one came in chunks and was put back together byte for byte: PNG is
+        # lossless, so its pixels are the input's.
+        assert np.array_equal(np.asarray(outputs[1].convert("RGB")), noise)

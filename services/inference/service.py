@@ -232,9 +232,13 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             header.subject_box.CopyFrom(
                 jobs_pb2.BoundingBox(x_px=x, y_px=y, width_px=w, height_px=h)
             )
-        yield pb.ProcessResponse(output=header)
-        for start in range(0, len(output.data), CHUNK):
-            yield pb.ProcessResponse(chunk=output.data[start : start + CHUNK])
+        if len(output.data) <= CHUNK:
+            header.data = output.data  # one message for the whole result
+            yield pb.ProcessResponse(output=header)
+        else:
+            yield pb.ProcessResponse(output=header)
+            for start in range(0, len(output.data), CHUNK):
+                yield pb.ProcessResponse(chunk=output.data[start : start + CHUNK])
         log.info("processed", extra={**extra, "bytes": len(output.data)})
 
     async def GetLoad(self, request: pb.GetLoadRequest, context: Context) -> pb.GetLoadResponse:

@@ -258,7 +258,8 @@ class Dispatcher:
                     output = response.output
                 elif kind == "chunk":
                     chunks.append(response.chunk)
-            await self._store_result(claim, node, output, b"".join(chunks), progress)
+            data = output.data if output is not None and output.data else b"".join(chunks)
+            await self._store_result(claim, node, output, data, progress)
         finally:
             call.cancel()
             await progress.close()

@@ -97,6 +97,7 @@ class ProcessOutput(_message.Message):
     HEIGHT_PX_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
     SUBJECT_BOX_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
     content_type: _builtins.str
     """Media type, for example "image/png"."""
     size_bytes: _builtins.int
@@ -107,6 +108,10 @@ class ProcessOutput(_message.Message):
     """Output height in pixels."""
     sha256: _builtins.str
     """Lower-case hex SHA-256 of the output bytes."""
+    data: _builtins.bytes
+    """The whole output, when it fits in this message (up to 1 MiB); then no
+    chunks follow. Empty when the output comes in chunks.
+    """
     @_builtins.property
     def subject_box(self) -> _jobs_pb2.BoundingBox:
         """Where the subject or face is in the output; unset for transforms."""
@@ -120,10 +125,11 @@ class ProcessOutput(_message.Message):
         height_px: _builtins.int = ...,
         sha256: _builtins.str = ...,
         subject_box: _jobs_pb2.BoundingBox | None = ...,
+        data: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["subject_box", b"subject_box"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "height_px", b"height_px", "sha256", b"sha256", "size_bytes", b"size_bytes", "subject_box", b"subject_box", "width_px", b"width_px"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "data", b"data", "height_px", b"height_px", "sha256", b"sha256", "size_bytes", b"size_bytes", "subject_box", b"subject_box", "width_px", b"width_px"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -131,8 +137,8 @@ Global___ProcessOutput: _TypeAlias = ProcessOutput  # noqa: Y015
 
 @_typing.final
 class ProcessResponse(_message.Message):
-    """Response for Process: progress events, then the output header, then
-    the output in chunks.
+    """Response for Process: progress events, then the output header (with the
+    output inline when it is small), then the rest of the output in chunks.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
