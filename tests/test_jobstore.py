@@ -222,10 +222,14 @@ async def test_stored_outputs_expire_with_their_jobs(
 ) -> None:
     redis = aioredis.from_url(redis_server().url)
     store = JobStore(redis, Keys("retention:"), Retention(finished_s=1))
+    lost_id = await enqueue(store, "a")
+    lost = await store.claim("node", 10_000)
+    assert lost is not None
+    await store.cancel("a", lost_id)  # its attempt finishes anyway: fenced off, output stored
+    assert not await store.complete(lost, jobs_pb2.Result(uri="local:a/orphan.png"))
     job_id = await enqueue(store, "a")
     claim = await store.claim("node", 10_000)
     assert claim is not None
-    await store.track_blob("local:a/orphan.png")  # an attempt that lost its job
     assert await store.complete(claim, jobs_pb2.Result(uri=f"local:a/{job_id}.png"))
     assert await store.expired_blobs() == []
     await asyncio.sleep(1.1)

@@ -53,22 +53,25 @@ class EnqueueBatcher:
 
     async def enqueue(self, request: spb.EnqueueJobRequest) -> spb.EnqueueJobResponse:
         """Queue one job; raises EnqueueRefused, or the call's grpc.aio.AioRpcError."""
-        future: asyncio.Future[spb.EnqueueJobResponse] = asyncio.get_running_loop().create_future()
-        self._pending.append((request, request.ByteSize(), future))
-        self._flush()
+        (future,) = self._add([request])
         return await future
 
     async def enqueue_all(
         self, requests: list[spb.EnqueueJobRequest]
     ) -> list[spb.EnqueueJobResponse | BaseException]:
         """Queue many jobs (a batch's items) in as few calls as fit; one outcome each."""
+        return await asyncio.gather(*self._add(requests), return_exceptions=True)
+
+    def _add(
+        self, requests: list[spb.EnqueueJobRequest]
+    ) -> list[asyncio.Future[spb.EnqueueJobResponse]]:
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[spb.EnqueueJobResponse]] = []
         for request in requests:
             futures.append(loop.create_future())
             self._pending.append((request, request.ByteSize(), futures[-1]))
         self._flush()
-        return await asyncio.gather(*futures, return_exceptions=True)
+        return futures
 
     def _flush(self) -> None:
         while self._pending and self._in_flight < self.limits.max_in_flight:

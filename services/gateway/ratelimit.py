@@ -1,4 +1,4 @@
-"""Per-vendor, per-operation rate limits in Redis: GCRA, one Lua call per decision.
+"""Per-vendor, per-operation rate limits in Redis: GCRA, atomic Lua calls.
 
 The generic cell rate algorithm keeps one number per (vendor, quota): the
 theoretical arrival time (TAT). A quota of `limit` per `period` spaces
@@ -6,7 +6,9 @@ requests `period / limit` apart and lets a burst of up to `limit` through
 when the vendor has been idle, so it never has a fixed window's edge where
 twice the limit passes. A request for n units is admitted in part: as many
 as fit (batch items are counted one by one), and the decision is atomic, so
-200 concurrent requests against a limit of 30 admit exactly 30.
+200 concurrent requests against a limit of 30 admit exactly 30. The quotas one
+image counts against (its operation's and `requests`) are taken together in
+one call, all or nothing (`take_all`).
 """
 
 from __future__ import annotations

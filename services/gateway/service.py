@@ -36,6 +36,13 @@ async def _relay(context: Context, exc: grpc.aio.AioRpcError) -> None:
     )
 
 
+def _limiter_down(exc: aioredis.RedisError) -> CutoutError:
+    # Fail closed but retryable: without the limiter no quota can be kept.
+    return CutoutError(
+        f"rate limiter unavailable, retry shortly: {exc}", grpc.StatusCode.UNAVAILABLE
+    )
+
+
 def _operation(submission: jobs_pb2.JobSubmission) -> str:
     return str(submission.operation.WhichOneof("kind") or "remove_background")
 
@@ -118,10 +125,7 @@ class CutoutServicer(pb_grpc.CutoutServiceServicer):
             own = self.keys.limits_of(vendor).get(quota)
             return await self.limiter.take(vendor, quota, wanted, own)
         except aioredis.RedisError as exc:
-            # Fail closed but retryable: without the limiter no quota can be kept.
-            raise CutoutError(
-                f"rate limiter unavailable, retry shortly: {exc}", grpc.StatusCode.UNAVAILABLE
-            ) from exc
+            raise _limiter_down(exc) from exc
 
     async def _admit_one(self, vendor: str, operation: str, context: Context) -> None:
         """One image: its operation quota and the request quota, all or nothing, one call."""
@@ -136,10 +140,7 @@ class CutoutServicer(pb_grpc.CutoutServiceServicer):
         try:
             decisions = await self.limiter.take_all(vendor, wanted)
         except aioredis.RedisError as exc:
-            # Fail closed but retryable: without the limiter no quota can be kept.
-            raise CutoutError(
-                f"rate limiter unavailable, retry shortly: {exc}", grpc.StatusCode.UNAVAILABLE
-            ) from exc
+            raise _limiter_down(exc) from exc
         for decision in decisions:
             if not decision.allowed:
                 raise refusal(decision, vendor)

@@ -579,6 +579,8 @@ class JobStore:
                 await self._progress(
                     args=self._progress_args(claim, updates, lease_ms), client=pipe
                 )
+            # The output lives as long as the job record; registered even when
+            # the fence below refuses, so a lost attempt's output is swept too.
             deadline = int((time.time() + self.retention.finished_s) * 1000)
             pipe.zadd(self.keys.blobs, {result.uri: deadline})
             await self._complete(
@@ -588,7 +590,6 @@ class JobStore:
                     claim.attempt,
                     result.SerializeToString(),
                     self.retention.finished_s,
-                    result.uri,
                     1 if deliver else 0,
                 ],
                 client=pipe,
@@ -597,12 +598,6 @@ class JobStore:
         return bool(replies[-1])
 
     # --- retention of stored outputs ----------------------------------------------
-
-    async def track_blob(self, uri: str) -> None:
-        """Register a stored output before its job completes, so an attempt that
-        loses its job (cancelled, fenced off) cannot leave it behind forever."""
-        deadline = int((time.time() + self.retention.finished_s) * 1000)
-        await self.redis.zadd(self.keys.blobs, {uri: deadline})
 
     async def expired_blobs(self, limit: int = 100) -> list[str]:
         due = await self.redis.zrangebyscore(

@@ -274,7 +274,9 @@ return 1
 """
 )
 
-# ARGV: prefix, id, attempt, result, retention_s, result_uri, deliver
+# ARGV: prefix, id, attempt, result, retention_s, deliver
+# (JobStore.complete registers the output for retention in the same round trip,
+# before this runs, so an attempt that loses the fence cannot leak it.)
 # deliver=1: the job still has a delivery to make (a pending upload, a record
 # update); only the attempt that wins the fence queues it, so it is made once.
 COMPLETE = (
@@ -295,9 +297,7 @@ if started > 0 then
   redis.call('HSET', P .. 'eta', field, avg + (run - avg) * 0.1)
 end
 count(vendor, 'succeeded')
--- The stored output lives exactly as long as the job record.
-redis.call('ZADD', P .. 'blobs', now_ms() + tonumber(ARGV[5]) * 1000, ARGV[6])
-if ARGV[7] == '1' then redis.call('ZADD', P .. 'deliveries', now_ms(), id) end
+if ARGV[6] == '1' then redis.call('ZADD', P .. 'deliveries', now_ms(), id) end
 finish_and_free(id, vendor, 3, 7, 100, 'result', ARGV[4], tonumber(ARGV[5]))
 return 1
 """
