@@ -111,6 +111,28 @@ async def test_job_waits_for_a_node_then_completes(
     assert np.array_equal(ours, local_alpha(tiny_model_dir, photos["coffee"]))
 
 
+async def test_a_job_of_milliseconds_still_shows_every_stage_in_order(
+    tiny: LocalCluster, photos: dict[str, bytes]
+) -> None:
+    # The tiny model finishes within the node's progress hold, so its stages
+    # travel with the output and are written with the completion.
+    async with AsyncClient(tiny.gateway_address, A) as client:
+        job = await client.submit(photos["chelsea"])
+        seen = [event.job async for event in client.watch(job.name)]
+    assert seen[-1].state == jobs_pb2.JOB_STATE_SUCCEEDED, seen[-1].error.message
+    assert list(dict.fromkeys(j.stage for j in seen)) == [
+        jobs_pb2.STAGE_QUEUED,
+        jobs_pb2.STAGE_DECODING,
+        jobs_pb2.STAGE_INFERENCE,
+        jobs_pb2.STAGE_COMPOSITING,
+        jobs_pb2.STAGE_ENCODING,
+        jobs_pb2.STAGE_STORING,
+        jobs_pb2.STAGE_DONE,
+    ]
+    progress = [j.progress_percent for j in seen]
+    assert progress == sorted(progress) and progress[-1] == 100
+
+
 # --- identity and isolation ------------------------------------------------------------------
 
 

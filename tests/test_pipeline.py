@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import io
 import os
+import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import cast
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 from PIL import Image
 
 from cutout.v1 import jobs_pb2
 from services.inference import pipeline
+from services.inference.masking import ISNET, MaskSession, Preprocessing
 from services.inference.models import ModelCatalog
+from services.inference.server import cpu_threads_per_run, session_runs
 
 MAX_PIXELS = 40_000_000
+ISNET_64 = Preprocessing((64, 64), ISNET.mean, ISNET.std)  # the tiny model's input
 
 
 def encoded(img: Image.Image, fmt: str, **kw: object) -> bytes:
@@ -92,3 +100,43 @@ def test_remove_background_reports_stages_in_order(tiny_model_dir: Path) -> None
     op.remove_background.model = "not-loaded"
     with pytest.raises(pipeline.Unsupported, match="not-loaded"):
         pipeline.run(op, encoded(rgb(), "JPEG"), catalog, MAX_PIXELS, lambda s, p: None)
+
+
+def test_one_session_run_at_a_time_on_the_cpu_one_per_slot_on_a_gpu() -> None:
+    assert session_runs(0, ["CPUExecutionProvider"], capacity=4) == 1
+    assert session_runs(0, ["CUDAExecutionProvider", "CPUExecutionProvider"], capacity=4) == 4
+    assert session_runs(3, ["CPUExecutionProvider"], capacity=4) == 3  # configured wins
+    assert cpu_threads_per_run(1) == len(os.sched_getaffinity(0))
+
+
+def test_gated_session_runs_one_at_a_time_while_jobs_overlap(tiny_model_dir: Path) -> None:
+    real = ort.InferenceSession(str(tiny_model_dir / "tiny.onnx"))
+    running, most = 0, 0
+    lock = threading.Lock()
+
+    class Watched:
+        """The real session, counting the runs under way at once."""
+
+        def get_inputs(self) -> list[ort.NodeArg]:
+            return real.get_inputs()
+
+        def run(self, names: None, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+            nonlocal running, most
+            with lock:
+                running += 1
+                most = max(most, running)
+            time.sleep(0.02)  # long enough for the other threads to arrive
+            try:
+                return real.run(names, feed)
+            finally:
+                with lock:
+                    running -= 1
+
+    img = rgb(200, 150)
+    for runs, expected in ((1, 1), (0, 4)):
+        running, most = 0, 0
+        session = MaskSession(cast(ort.InferenceSession, Watched()), ISNET_64, runs)
+        with ThreadPoolExecutor(4) as pool:
+            masks = list(pool.map(lambda _, s=session: s.predict(img)[0], range(8)))
+        assert most == expected
+        assert all(m.size == img.size for m in masks)

@@ -12,6 +12,7 @@ mask difference from rembg's 0.05-0.17/255 and IoU >= 0.9995 (the target is
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,8 +54,11 @@ def custom_preprocessing(session: ort.InferenceSession) -> Preprocessing:
 class MaskSession:
     """One ONNX Runtime session plus the steps around it; thread-safe (ORT runs are)."""
 
-    def __init__(self, session: ort.InferenceSession, prep: Preprocessing) -> None:
+    def __init__(self, session: ort.InferenceSession, prep: Preprocessing, runs: int = 0) -> None:
         self.inner_session = session
+        # At most `runs` session.run calls at once (0: no limit); the jobs around them
+        # still pre- and post-process in parallel.
+        self._gate = threading.BoundedSemaphore(runs) if runs > 0 else None
         self.prep = prep
         self._input = session.get_inputs()[0].name
         self._mean = np.asarray(prep.mean, dtype=np.float32)
@@ -75,8 +79,12 @@ class MaskSession:
         return np.ascontiguousarray(arr.transpose(2, 0, 1))[np.newaxis]
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        out: np.ndarray = self.inner_session.run(None, {self._input: batch})[0]
-        return out
+        if self._gate is None:
+            out: np.ndarray = self.inner_session.run(None, {self._input: batch})[0]
+            return out
+        with self._gate:
+            out = self.inner_session.run(None, {self._input: batch})[0]
+            return out
 
     @staticmethod
     def postprocess(pred: np.ndarray, size: tuple[int, int]) -> Image.Image:

@@ -50,13 +50,16 @@ def discover(model_dir: Path) -> list[str]:
     return sorted(p.stem for p in model_dir.glob("*.onnx"))
 
 
-def load_model(model_dir: Path, name: str, providers: list[str], threads: int) -> LoadedModel:
+def load_model(
+    model_dir: Path, name: str, providers: list[str], threads: int, runs: int = 0
+) -> LoadedModel:
     """Load one model.
 
     A custom file, or one named after a rembg session whose preprocessing
     masking.KNOWN reproduces, runs in Cutout's own MaskSession (same steps as
     rembg, vectorised). Any other rembg session name (sam, birefnet-*, ...)
-    runs through rembg itself.
+    runs through rembg itself. `runs` caps this model's session runs at once
+    (0: no cap); it applies to Cutout's own sessions.
     """
     path = model_dir / f"{name}.onnx"
     if not path.is_file():
@@ -71,7 +74,7 @@ def load_model(model_dir: Path, name: str, providers: list[str], threads: int) -
     if name in KNOWN or name not in sessions_names:
         inner = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         prep = KNOWN.get(name) or custom_preprocessing(inner)
-        session = MaskSession(inner, prep)
+        session = MaskSession(inner, prep, runs)
     else:
         # rembg finds model files only under its home directory.
         os.environ["U2NET_HOME"] = str(model_dir)
@@ -104,11 +107,11 @@ class ModelCatalog:
 
     @classmethod
     def load(
-        cls, model_dir: Path, names: list[str], providers: list[str], threads: int
+        cls, model_dir: Path, names: list[str], providers: list[str], threads: int, runs: int = 0
     ) -> ModelCatalog:
         if not model_dir.is_dir():
             raise ModelError(f"model directory {model_dir} does not exist (set CUTOUT_MODEL_DIR)")
         wanted = names or discover(model_dir)
         if not wanted:
             raise ModelError(f"no *.onnx model in {model_dir}")
-        return cls([load_model(model_dir, n, providers, threads) for n in wanted])
+        return cls([load_model(model_dir, n, providers, threads, runs) for n in wanted])

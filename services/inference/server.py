@@ -23,10 +23,24 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "cutout.v1.InferenceService"
 
 
-def cpu_threads_per_job(capacity: int) -> int:
-    """Intra-op threads per session run so that `capacity` runs share the cores, not fight."""
+def session_runs(configured: int, providers: list[str], capacity: int) -> int:
+    """Session runs at once per model: on the CPU one, on an accelerator one per job slot.
+
+    On CPU cores one run with every core beats concurrent runs splitting them
+    (measured on the 2-core box: 0.376-0.385 against 0.311-0.360 images/s),
+    and the node's other jobs still decode and encode beside it. A GPU
+    overlaps one run's copies with another's kernels.
+    """
+    if configured:
+        return configured
+    on_cpu = not providers or providers[0] == "CPUExecutionProvider"
+    return 1 if on_cpu else capacity
+
+
+def cpu_threads_per_run(runs: int) -> int:
+    """Intra-op threads per session run so that `runs` concurrent runs share the cores."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // capacity)
+    return max(1, (cores or 1) // runs)
 
 
 class NodeServer:
@@ -44,10 +58,11 @@ class NodeServer:
     async def start(self) -> None:
         s = self.settings
         providers = requested_providers(s.providers)
-        threads = s.ort_threads or cpu_threads_per_job(s.capacity)
+        runs = session_runs(s.session_runs, providers, s.capacity)
+        threads = s.ort_threads or cpu_threads_per_run(runs)
         # Loading takes seconds; keep the event loop free meanwhile.
         catalog = await asyncio.to_thread(
-            ModelCatalog.load, s.model_dir, s.models, providers, threads
+            ModelCatalog.load, s.model_dir, s.models, providers, threads, runs
         )
         if s.require_gpu:
             on_cpu = [
@@ -64,7 +79,8 @@ class NodeServer:
             s.max_pixels,
             light_capacity=s.light_capacity,
             recycle=RecyclePolicy(s.max_rss_mb * 2**20),
-            reload=lambda: ModelCatalog.load(s.model_dir, s.models, providers, threads),
+            reload=lambda: ModelCatalog.load(s.model_dir, s.models, providers, threads, runs),
+            progress_hold_s=s.progress_hold_ms / 1000,
         )
         metrics.describe_models(catalog)
         metrics.CAPACITY.set(s.capacity)

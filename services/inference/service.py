@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from services.common import operations
 from services.common.errors import CutoutError, abort
 from services.inference import metrics, pipeline
 from services.inference.models import ModelCatalog
+from services.inference.progress_relay import ProgressRelay
 from services.inference.recycling import RecyclePolicy, give_memory_back, rss_bytes
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,10 @@ def _count(work: asyncio.Future[Any], operation: str, started: float) -> None:
     else:
         outcome = "succeeded"
     metrics.NODE_JOBS.labels(operation, outcome).inc()
+
+
+def _progress(stage: int, percent: int) -> pb.ProcessProgress:
+    return pb.ProcessProgress(stage=cast("Stage.ValueType", stage), progress_percent=percent)
 
 
 @dataclass
@@ -70,8 +74,10 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         light_capacity: int = 2,
         recycle: RecyclePolicy | None = None,
         reload: Callable[[], ModelCatalog] | None = None,
+        progress_hold_s: float = 0.05,
     ) -> None:
         self.catalog = catalog
+        self.progress_hold_s = progress_hold_s
         self.node_id = node_id
         self.max_pixels = max_pixels
         self.draining = False
@@ -164,17 +170,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             "attempt": request.attempt,
         }
         loop = asyncio.get_running_loop()
-        # Progress from the worker thread, then None once the work is done.
-        events: deque[tuple[int, int] | None] = deque()
-        ready = asyncio.Event()
-
-        def push(event: tuple[int, int] | None) -> None:
-            events.append(event)
-            ready.set()
-
-        def report(stage: int, percent: int) -> None:
-            loop.call_soon_threadsafe(push, (stage, percent))
-
+        relay = ProgressRelay(loop, self.progress_hold_s)
         lane.in_flight += 1
         if lane is self.heavy:
             metrics.IN_FLIGHT.set(lane.in_flight)
@@ -188,30 +184,16 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             request.image,
             self.catalog,
             self.max_pixels,
-            report,
+            relay.report,
         )
         work.add_done_callback(lambda _: self._release(lane))
         work.add_done_callback(lambda f: _count(f, operation, started))
         # Scheduled after the worker's last report, so every report comes first.
-        work.add_done_callback(lambda _: push(None))
+        work.add_done_callback(lambda _: relay.finish())
         log.info("processing", extra=extra)
-        done = False
-        while not done:
-            await ready.wait()
-            ready.clear()
-            while events:
-                event = events.popleft()
-                if event is None:
-                    done = True
-                    break
-                stage, percent = event
-                while events and (following := events[0]) is not None and following[0] == stage:
-                    percent = following[1]  # piled-up reports: the stage's latest
-                    events.popleft()
-                progress = pb.ProcessProgress(
-                    stage=cast("Stage.ValueType", stage), progress_percent=percent
-                )
-                yield pb.ProcessResponse(progress=progress)
+        async for batch in relay.batches():
+            for stage, percent in batch:
+                yield pb.ProcessResponse(progress=_progress(stage, percent))
         try:
             output = work.result()
         except (pipeline.InvalidImage, pipeline.Unsupported) as exc:
@@ -226,6 +208,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             width_px=output.width,
             height_px=output.height,
             sha256=output.sha256,
+            stages=[_progress(stage, percent) for stage, percent in relay.held],
         )
         if output.subject is not None:
             x, y, w, h = output.subject

@@ -27,8 +27,13 @@ class NodeSettings:
             face crops) processed at once beside them, in their own threads.
         max_rss_mb: CUTOUT_MAX_RSS_MB, resident memory past which the node rebuilds its
             model sessions (0 = never).
+        session_runs: CUTOUT_SESSION_RUNS, session runs at once per model (0 = one when
+            the model runs on the CPU, the capacity on an accelerator). The other jobs
+            decode, pre- and post-process and encode meanwhile.
         ort_threads: CUTOUT_ORT_THREADS, ONNX Runtime intra-op threads per session run
-            (0 = the node's cores divided by its capacity, so concurrent runs share them).
+            (0 = the node's cores divided by its session runs, so concurrent runs share them).
+        progress_hold_ms: CUTOUT_PROGRESS_HOLD_MS, how long progress is held back before
+            it is sent; a job done by then sends its stages with its output in one message.
         max_pixels: CUTOUT_MAX_PIXELS, largest input decoded, in pixels.
         max_message_bytes: CUTOUT_MAX_MESSAGE_BYTES, gRPC message limit.
         grace_s: CUTOUT_GRACE_S, how long a draining node waits for its jobs.
@@ -47,7 +52,9 @@ class NodeSettings:
     capacity: int
     light_capacity: int
     max_rss_mb: int
+    session_runs: int
     ort_threads: int
+    progress_hold_ms: int
     max_pixels: int
     max_message_bytes: int
     grace_s: float
@@ -67,7 +74,9 @@ class NodeSettings:
             capacity=env_int("CUTOUT_NODE_CAPACITY", 2, minimum=1),
             light_capacity=env_int("CUTOUT_LIGHT_CAPACITY", 2, minimum=1),
             max_rss_mb=env_int("CUTOUT_MAX_RSS_MB", 6144, minimum=0),
+            session_runs=env_int("CUTOUT_SESSION_RUNS", 0, minimum=0),
             ort_threads=env_int("CUTOUT_ORT_THREADS", 0, minimum=0),
+            progress_hold_ms=env_int("CUTOUT_PROGRESS_HOLD_MS", 50, minimum=0),
             max_pixels=env_int("CUTOUT_MAX_PIXELS", 40_000_000, minimum=1),
             max_message_bytes=env_int("CUTOUT_MAX_MESSAGE_BYTES", 32 * MiB, minimum=MiB),
             grace_s=env_float("CUTOUT_GRACE_S", 30.0),

@@ -256,6 +256,8 @@ class Dispatcher:
                         return  # fenced off: cancelled or re-leased elsewhere
                 elif kind == "output":
                     output = response.output
+                    for p in output.stages:  # written with the completion
+                        progress.add(p.stage, p.progress_percent)
                 elif kind == "chunk":
                     chunks.append(response.chunk)
             data = output.data if output is not None and output.data else b"".join(chunks)
@@ -280,7 +282,10 @@ class Dispatcher:
                 f"output arrived damaged: {len(data)} of {output.size_bytes} bytes, "
                 f"sha256 {digest[:12]}"
             )
-        await progress.report(jobs_pb2.STAGE_STORING, 95)
+        if self.results.remote_for(claim.vendor) is None:
+            progress.add(jobs_pb2.STAGE_STORING, 95)  # a local write: over at once
+        else:
+            await progress.report(jobs_pb2.STAGE_STORING, 95)  # an upload takes a while
         key = f"{claim.vendor}/{claim.job_id}.{EXTENSIONS[output.content_type]}"
         record = jobs_pb2.RecordRef.FromString(claim.record) if claim.record else None
         uri = await self._put(claim, key, data, output.content_type, record)

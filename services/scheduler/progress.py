@@ -34,16 +34,20 @@ class ProgressThrottle:
         """Record a report; False once the attempt is known to be fenced off."""
         if not self.alive:
             return False
-        if self._pending and self._pending[-1][0] == stage:
-            self._pending[-1] = (stage, percent)
-        else:
-            self._pending.append((stage, percent))
+        self.add(stage, percent)
         wait = self._last + self._interval - time.monotonic()
         if wait <= 0 and self._flusher is None:
             await self._send()
         elif self._flusher is None:
             self._flusher = asyncio.create_task(self._flush_after(wait))
         return self.alive
+
+    def add(self, stage: int, percent: int) -> None:
+        """Record a report that the attempt's end will write (`take`), arming no timer."""
+        if self._pending and self._pending[-1][0] == stage:
+            self._pending[-1] = (stage, percent)
+        else:
+            self._pending.append((stage, percent))
 
     def take(self) -> list[tuple[int, int]]:
         """The reports not written yet, for the caller to write with the attempt's end."""

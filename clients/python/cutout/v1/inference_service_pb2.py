@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from cutout.v1 import jobs_pb2 as cutout_dot_v1_dot_jobs__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!cutout/v1/inference_service.proto\x12\tcutout.v1\x1a\x14\x63utout/v1/jobs.proto\"z\n\x0eProcessRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\'\n\toperation\x18\x03 \x01(\x0b\x32\x14.cutout.v1.Operation\x12\r\n\x05image\x18\x04 \x01(\x0c\x12\x11\n\tvendor_id\x18\x05 \x01(\t\"L\n\x0fProcessProgress\x12\x1f\n\x05stage\x18\x01 \x01(\x0e\x32\x10.cutout.v1.Stage\x12\x18\n\x10progress_percent\x18\x02 \x01(\x05\"\xa9\x01\n\rProcessOutput\x12\x14\n\x0c\x63ontent_type\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x10\n\x08width_px\x18\x03 \x01(\x05\x12\x11\n\theight_px\x18\x04 \x01(\x05\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12+\n\x0bsubject_box\x18\x06 \x01(\x0b\x32\x16.cutout.v1.BoundingBox\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\"\x89\x01\n\x0fProcessResponse\x12.\n\x08progress\x18\x01 \x01(\x0b\x32\x1a.cutout.v1.ProcessProgressH\x00\x12*\n\x06output\x18\x02 \x01(\x0b\x32\x18.cutout.v1.ProcessOutputH\x00\x12\x0f\n\x05\x63hunk\x18\x03 \x01(\x0cH\x00\x42\t\n\x07payload\"\x10\n\x0eGetLoadRequest\"R\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1a\n\x12\x65xecution_provider\x18\x02 \x01(\t\x12\x1b\n\x13requested_providers\x18\x03 \x03(\t\"\xd5\x01\n\x0fGetLoadResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\x05\x12\x11\n\tin_flight\x18\x03 \x01(\x05\x12$\n\x06models\x18\x04 \x03(\x0b\x32\x14.cutout.v1.ModelInfo\x12\x10\n\x08\x64raining\x18\x05 \x01(\x08\x12\x16\n\x0elight_capacity\x18\x06 \x01(\x05\x12\x17\n\x0flight_in_flight\x18\x07 \x01(\x05\x12\x11\n\trss_bytes\x18\x08 \x01(\x03\x12\x10\n\x08recycles\x18\t \x01(\x05\x32\x9d\x01\n\x10InferenceService\x12\x42\n\x07Process\x12\x19.cutout.v1.ProcessRequest\x1a\x1a.cutout.v1.ProcessResponse0\x01\x12\x45\n\x07GetLoad\x12\x19.cutout.v1.GetLoadRequest\x1a\x1a.cutout.v1.GetLoadResponse\"\x03\x90\x02\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!cutout/v1/inference_service.proto\x12\tcutout.v1\x1a\x14\x63utout/v1/jobs.proto\"z\n\x0eProcessRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\'\n\toperation\x18\x03 \x01(\x0b\x32\x14.cutout.v1.Operation\x12\r\n\x05image\x18\x04 \x01(\x0c\x12\x11\n\tvendor_id\x18\x05 \x01(\t\"L\n\x0fProcessProgress\x12\x1f\n\x05stage\x18\x01 \x01(\x0e\x32\x10.cutout.v1.Stage\x12\x18\n\x10progress_percent\x18\x02 \x01(\x05\"\xd5\x01\n\rProcessOutput\x12\x14\n\x0c\x63ontent_type\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x10\n\x08width_px\x18\x03 \x01(\x05\x12\x11\n\theight_px\x18\x04 \x01(\x05\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12+\n\x0bsubject_box\x18\x06 \x01(\x0b\x32\x16.cutout.v1.BoundingBox\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\x12*\n\x06stages\x18\x08 \x03(\x0b\x32\x1a.cutout.v1.ProcessProgress\"\x89\x01\n\x0fProcessResponse\x12.\n\x08progress\x18\x01 \x01(\x0b\x32\x1a.cutout.v1.ProcessProgressH\x00\x12*\n\x06output\x18\x02 \x01(\x0b\x32\x18.cutout.v1.ProcessOutputH\x00\x12\x0f\n\x05\x63hunk\x18\x03 \x01(\x0cH\x00\x42\t\n\x07payload\"\x10\n\x0eGetLoadRequest\"R\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1a\n\x12\x65xecution_provider\x18\x02 \x01(\t\x12\x1b\n\x13requested_providers\x18\x03 \x03(\t\"\xd5\x01\n\x0fGetLoadResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\x05\x12\x11\n\tin_flight\x18\x03 \x01(\x05\x12$\n\x06models\x18\x04 \x03(\x0b\x32\x14.cutout.v1.ModelInfo\x12\x10\n\x08\x64raining\x18\x05 \x01(\x08\x12\x16\n\x0elight_capacity\x18\x06 \x01(\x05\x12\x17\n\x0flight_in_flight\x18\x07 \x01(\x05\x12\x11\n\trss_bytes\x18\x08 \x01(\x03\x12\x10\n\x08recycles\x18\t \x01(\x05\x32\x9d\x01\n\x10InferenceService\x12\x42\n\x07Process\x12\x19.cutout.v1.ProcessRequest\x1a\x1a.cutout.v1.ProcessResponse0\x01\x12\x45\n\x07GetLoad\x12\x19.cutout.v1.GetLoadRequest\x1a\x1a.cutout.v1.GetLoadResponse\"\x03\x90\x02\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,15 +39,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROCESSPROGRESS']._serialized_start=194
   _globals['_PROCESSPROGRESS']._serialized_end=270
   _globals['_PROCESSOUTPUT']._serialized_start=273
-  _globals['_PROCESSOUTPUT']._serialized_end=442
-  _globals['_PROCESSRESPONSE']._serialized_start=445
-  _globals['_PROCESSRESPONSE']._serialized_end=582
-  _globals['_GETLOADREQUEST']._serialized_start=584
-  _globals['_GETLOADREQUEST']._serialized_end=600
-  _globals['_MODELINFO']._serialized_start=602
-  _globals['_MODELINFO']._serialized_end=684
-  _globals['_GETLOADRESPONSE']._serialized_start=687
-  _globals['_GETLOADRESPONSE']._serialized_end=900
-  _globals['_INFERENCESERVICE']._serialized_start=903
-  _globals['_INFERENCESERVICE']._serialized_end=1060
+  _globals['_PROCESSOUTPUT']._serialized_end=486
+  _globals['_PROCESSRESPONSE']._serialized_start=489
+  _globals['_PROCESSRESPONSE']._serialized_end=626
+  _globals['_GETLOADREQUEST']._serialized_start=628
+  _globals['_GETLOADREQUEST']._serialized_end=644
+  _globals['_MODELINFO']._serialized_start=646
+  _globals['_MODELINFO']._serialized_end=728
+  _globals['_GETLOADRESPONSE']._serialized_start=731
+  _globals['_GETLOADRESPONSE']._serialized_end=944
+  _globals['_INFERENCESERVICE']._serialized_start=947
+  _globals['_INFERENCESERVICE']._serialized_end=1104
 # @@protoc_insertion_point(module_scope)

@@ -98,6 +98,7 @@ class ProcessOutput(_message.Message):
     SHA256_FIELD_NUMBER: _builtins.int
     SUBJECT_BOX_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    STAGES_FIELD_NUMBER: _builtins.int
     content_type: _builtins.str
     """Media type, for example "image/png"."""
     size_bytes: _builtins.int
@@ -116,6 +117,14 @@ class ProcessOutput(_message.Message):
     def subject_box(self) -> _jobs_pb2.BoundingBox:
         """Where the subject or face is in the output; unset for transforms."""
 
+    @_builtins.property
+    def stages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProcessProgress]:
+        """Progress stages the job passed that no progress message reported yet, in
+        order. A node holds progress back briefly (CUTOUT_PROGRESS_HOLD_MS), so
+        a job that finishes within that time reports its stages here, in one
+        message with its output, instead of one message per stage.
+        """
+
     def __init__(
         self,
         *,
@@ -126,10 +135,11 @@ class ProcessOutput(_message.Message):
         sha256: _builtins.str = ...,
         subject_box: _jobs_pb2.BoundingBox | None = ...,
         data: _builtins.bytes = ...,
+        stages: _abc.Iterable[Global___ProcessProgress] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["subject_box", b"subject_box"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "data", b"data", "height_px", b"height_px", "sha256", b"sha256", "size_bytes", b"size_bytes", "subject_box", b"subject_box", "width_px", b"width_px"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "data", b"data", "height_px", b"height_px", "sha256", b"sha256", "size_bytes", b"size_bytes", "stages", b"stages", "subject_box", b"subject_box", "width_px", b"width_px"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
