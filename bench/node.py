@@ -15,14 +15,19 @@ astronaut, chelsea and coffee, cycled) with the same model file
   node          a Cutout inference node (python -m services.inference) driven over
                 gRPC (InferenceService.Process) by --concurrency concurrent callers.
 
-Each part gets a warm-up image first. Prints images/s, p50/p99 latency and the
-node's ratios to the others; writes bench/results/node-<cpu|gpu>.json.
+All parts are started first and then timed in rounds, taking turns (each
+round runs --concurrency images through every part, in a rotating order), so
+a machine that slows down or speeds up during the run (shared CPUs drift by
+25 % within minutes) weighs on every part alike instead of on whichever ran
+then. Each part gets a warm-up image first. A part's images/s is its images
+over its own timed wall time. Prints images/s, p50/p99 latency and the node's
+ratios to the others; writes bench/results/node-<cpu|gpu>.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import contextlib
 import io
 import json
 import os
@@ -34,8 +39,9 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -115,12 +121,31 @@ def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
 # --- the parts ---------------------------------------------------------------------------------
 
 
-def bench_raw(
-    model_dir: Path, images: list[bytes], n: int, concurrency: int
-) -> dict[str, float | str]:
-    """session.run alone, inputs preprocessed beforehand; best concurrency wins."""
+@dataclass
+class Part:
+    """One contender: key in the JSON, its row name, one image's work, callers at once."""
+
+    key: str
+    name: str
+    one: Callable[[int], object]
+    workers: int
+    latencies: list[float] = field(default_factory=list)
+    wall: float = 0.0
+    extra: dict[str, float | str] = field(default_factory=dict)
+
+    def timed(self, n: int) -> None:
+        lat, wall = timed_pool(self.one, n, self.workers)
+        self.latencies += lat
+        self.wall += wall
+
+    def row(self) -> dict[str, float | str]:
+        return {**stats(self.name, self.latencies, self.wall), **self.extra}
+
+
+def raw_parts(model_dir: Path, images: list[bytes], concurrency: int) -> list[Part]:
+    """session.run alone, inputs preprocessed beforehand, at each concurrency up to the given."""
     prep = KNOWN[MODEL]
-    best: dict[str, float | str] = {}
+    parts = []
     for workers in range(1, concurrency + 1):
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = max(1, (len(os.sched_getaffinity(0)) or 1) // workers)
@@ -132,36 +157,38 @@ def bench_raw(
         masks = MaskSession(session, prep)
         tensors = [masks.preprocess(Image.open(io.BytesIO(b))) for b in images]
         masks.infer(tensors[0])  # warm-up
-        lat, wall = timed_pool(
-            lambda i, m=masks, t=tensors: m.infer(t[i % len(t)]),  # type: ignore[misc]
-            n,
-            workers,
+        parts.append(
+            Part(
+                f"raw_x{workers}",
+                f"raw session.run x{workers}",
+                lambda i, m=masks, t=tensors: m.infer(t[i % len(t)]),  # type: ignore[misc]
+                workers,
+                extra={"concurrency": workers},
+            )
         )
-        row = stats(f"raw session.run x{workers}", lat, wall)
-        row["concurrency"] = workers
-        if not best or float(row["images_per_s"]) > float(best["images_per_s"]):
-            best = row
-        print(f"  raw x{workers}: {float(row['images_per_s']):.3f} images/s", flush=True)
-    return best
+    return parts
 
 
-def bench_rembg(
-    model_dir: Path, images: list[bytes], n: int, workers: int
-) -> dict[str, float | str]:
+def rembg_parts(model_dir: Path, images: list[bytes], workers: int) -> list[Part]:
     os.environ["U2NET_HOME"] = str(model_dir)
     from rembg import new_session, remove
 
     session = new_session(MODEL)
     remove(images[0], session=session)  # warm-up
-    lat, wall = timed_pool(lambda i: remove(images[i % len(images)], session=session), n, workers)
-    return stats(
-        "rembg.remove loop" if workers == 1 else f"rembg.remove pool x{workers}", lat, wall
-    )
+
+    def one(i: int) -> object:
+        return remove(images[i % len(images)], session=session)
+
+    return [
+        Part("rembg_loop", "rembg.remove loop", one, 1),
+        Part("rembg_pool", f"rembg.remove pool x{workers}", one, workers),
+    ]
 
 
-def bench_rembg_server(
-    model_dir: Path, images: list[bytes], n: int, concurrency: int, logs: Path
-) -> dict[str, float | str]:
+@contextlib.contextmanager
+def rembg_server(
+    model_dir: Path, images: list[bytes], concurrency: int, logs: Path
+) -> Iterator[Part]:
     port = free_port()
     env = {**os.environ, "U2NET_HOME": str(model_dir)}
     rembg = Path(sys.executable).with_name("rembg")
@@ -216,68 +243,53 @@ def bench_rembg_server(
     try:
         wait_until(up, 180, "rembg s")
         post(0)  # warm-up: the server loads the model on the first request
-        lat, wall = timed_pool(post, n, concurrency)
+        yield Part("rembg_server", f"rembg s, {concurrency} clients", post, concurrency)
     finally:
         proc.terminate()
         proc.wait(30)
-    return stats(f"rembg s, {concurrency} clients", lat, wall)
 
 
-def bench_node(
-    model_dir: Path, images: list[bytes], n: int, concurrency: int, capacity: int, logs: Path
-) -> dict[str, float | str]:
+@contextlib.contextmanager
+def cutout_node(
+    model_dir: Path, images: list[bytes], concurrency: int, capacity: int, logs: Path
+) -> Iterator[Part]:
     proc, address = start_node(model_dir, MODEL, capacity, logs)
+    channel = grpc.insecure_channel(
+        address, options=[("grpc.max_receive_message_length", 64 * 2**20)]
+    )
+    stub = pb_grpc.InferenceServiceStub(channel)
+    op = jobs_pb2.Operation(remove_background=jobs_pb2.RemoveBackground(model=MODEL))
+
+    def one(i: int) -> None:
+        request = pb.ProcessRequest(
+            name=f"jobs/{uuid.uuid4().hex}", attempt=1, operation=op, image=images[i % len(images)]
+        )
+        size, got = 0, 0
+        for reply in stub.Process(request, timeout=600):
+            if reply.HasField("output"):
+                size = reply.output.size_bytes
+                got += len(reply.output.data)  # inline when small
+            got += len(reply.chunk)
+        if not size or got != size:
+            raise SystemExit("the node's output is incomplete")
+
     try:
-
-        async def drive() -> tuple[list[float], float]:
-            async with grpc.aio.insecure_channel(
-                address, options=[("grpc.max_receive_message_length", 64 * 2**20)]
-            ) as channel:
-                stub = pb_grpc.InferenceServiceStub(channel)
-                op = jobs_pb2.Operation(remove_background=jobs_pb2.RemoveBackground(model=MODEL))
-
-                async def one(i: int) -> float:
-                    t = time.perf_counter()
-                    request = pb.ProcessRequest(
-                        name=f"jobs/{uuid.uuid4().hex}",
-                        attempt=1,
-                        operation=op,
-                        image=images[i % len(images)],
-                    )
-                    size, got = 0, 0
-                    async for reply in stub.Process(request, timeout=600):
-                        if reply.HasField("output"):
-                            size = reply.output.size_bytes
-                            got += len(reply.output.data)  # inline when small
-                        got += len(reply.chunk)
-                    if not size or got != size:
-                        raise SystemExit("the node's output is incomplete")
-                    return time.perf_counter() - t
-
-                await one(0)  # warm-up
-                queue = list(range(n))
-                latencies: list[float] = []
-
-                async def caller() -> None:
-                    while queue:
-                        latencies.append(await one(queue.pop()))
-
-                start = time.perf_counter()
-                await asyncio.gather(*(caller() for _ in range(concurrency)))
-                return latencies, time.perf_counter() - start
-
-        lat, wall = asyncio.run(drive())
+        one(0)  # warm-up
+        name = f"cutout node (capacity {capacity}), {concurrency} callers"
+        yield Part("node", name, one, concurrency)
     finally:
+        channel.close()
         proc.terminate()
         proc.wait(60)
-    return stats(f"cutout node (capacity {capacity}), {concurrency} callers", lat, wall)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--images", type=int, default=8, help="timed images per part")
+    parser.add_argument(
+        "--images", type=int, default=8, help="timed images per part (whole rounds)"
+    )
     parser.add_argument("--concurrency", type=int, default=2, help="client concurrency / pool size")
     parser.add_argument("--capacity", type=int, default=2, help="the node's CUTOUT_NODE_CAPACITY")
     parser.add_argument("--out", default="")
@@ -289,22 +301,32 @@ def main() -> None:
     device = "gpu" if gpu else "cpu"
     images = photos()
     rows: dict[str, dict[str, float | str]] = {}
-    with tempfile.TemporaryDirectory(prefix="cutout-bench-node-") as tmp:
-        logs = Path(tmp)
-        print("node ...", flush=True)
-        rows["node"] = bench_node(
-            model_dir, images, args.images, args.concurrency, args.capacity, logs
-        )
-        print("raw ...", flush=True)
-        rows["raw"] = bench_raw(model_dir, images, args.images, args.concurrency)
-        print("rembg loop ...", flush=True)
-        rows["rembg_loop"] = bench_rembg(model_dir, images, args.images, 1)
-        print("rembg pool ...", flush=True)
-        rows["rembg_pool"] = bench_rembg(model_dir, images, args.images, args.concurrency)
-        print("rembg s ...", flush=True)
-        rows["rembg_server"] = bench_rembg_server(
-            model_dir, images, args.images, args.concurrency, logs
-        )
+    rounds = max(1, -(-args.images // args.concurrency))
+    with contextlib.ExitStack() as up:
+        logs = Path(up.enter_context(tempfile.TemporaryDirectory(prefix="cutout-bench-node-")))
+        print("starting every part ...", flush=True)
+        parts = [
+            up.enter_context(cutout_node(model_dir, images, args.concurrency, args.capacity, logs)),
+            *raw_parts(model_dir, images, args.concurrency),
+            *rembg_parts(model_dir, images, args.concurrency),
+            up.enter_context(rembg_server(model_dir, images, args.concurrency, logs)),
+        ]
+        for r in range(rounds):
+            turn = parts[r % len(parts) :] + parts[: r % len(parts)]
+            for part in turn:
+                part.timed(args.concurrency)
+            print(f"  round {r + 1}/{rounds} done", flush=True)
+    for part in parts:
+        rows[part.key] = part.row()
+    # The model's ceiling: raw session.run at its best concurrency.
+    raws = [k for k in rows if k.startswith("raw_x")]
+    best = max(raws, key=lambda k: float(rows[k]["images_per_s"]))
+    for k in raws:
+        print(f"  {rows[k]['name']}: {float(rows[k]['images_per_s']):.3f} images/s")
+    rows["raw"] = rows[best]
+    for k in raws:
+        del rows[k]
+    rows = {k: rows[k] for k in ("node", "raw", "rembg_loop", "rembg_pool", "rembg_server")}
     node = float(rows["node"]["images_per_s"])
     ratios = {
         f"node_vs_{k}": node / float(v["images_per_s"]) for k, v in rows.items() if k != "node"
