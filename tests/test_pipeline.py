@@ -19,7 +19,7 @@ from PIL import Image
 from cutout.v1 import jobs_pb2
 from services.inference import pipeline
 from services.inference.masking import ISNET, MaskSession, Preprocessing
-from services.inference.models import ModelCatalog
+from services.inference.models import GatedModel, MaskModel, ModelCatalog
 from services.inference.server import cpu_threads_per_run, session_runs
 
 MAX_PIXELS = 40_000_000
@@ -132,10 +132,17 @@ def test_gated_session_runs_one_at_a_time_while_jobs_overlap(tiny_model_dir: Pat
                 with lock:
                     running -= 1
 
+    def gated(runs: int) -> MaskModel:
+        return MaskSession(cast(ort.InferenceSession, Watched()), ISNET_64, runs)
+
     img = rgb(200, 150)
-    for runs, expected in ((1, 1), (0, 4)):
+    # Cutout's own session gates session.run; a rembg session is gated around predict.
+    for session, expected in (
+        (gated(1), 1),
+        (gated(0), 4),
+        (GatedModel(gated(0), 1), 1),
+    ):
         running, most = 0, 0
-        session = MaskSession(cast(ort.InferenceSession, Watched()), ISNET_64, runs)
         with ThreadPoolExecutor(4) as pool:
             masks = list(pool.map(lambda _, s=session: s.predict(img)[0], range(8)))
         assert most == expected

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -22,6 +23,19 @@ class MaskModel(Protocol):
     inner_session: ort.InferenceSession
 
     def predict(self, img: Image.Image) -> list[Image.Image]: ...
+
+
+class GatedModel:
+    """A rembg session of which at most `runs` predictions run at once."""
+
+    def __init__(self, inner: MaskModel, runs: int) -> None:
+        self._inner = inner
+        self.inner_session = inner.inner_session
+        self._gate = threading.BoundedSemaphore(runs)
+
+    def predict(self, img: Image.Image) -> list[Image.Image]:
+        with self._gate:
+            return self._inner.predict(img)
 
 
 @dataclass
@@ -59,7 +73,8 @@ def load_model(
     masking.KNOWN reproduces, runs in Cutout's own MaskSession (same steps as
     rembg, vectorised). Any other rembg session name (sam, birefnet-*, ...)
     runs through rembg itself. `runs` caps this model's session runs at once
-    (0: no cap); it applies to Cutout's own sessions.
+    (0: no cap); around a rembg session the cap covers rembg's own pre- and
+    post-processing too.
     """
     path = model_dir / f"{name}.onnx"
     if not path.is_file():
@@ -81,6 +96,8 @@ def load_model(
         from rembg import new_session
 
         session = new_session(name, sess_opts=opts, providers=providers)
+        if runs > 0:
+            session = GatedModel(session, runs)
     active = session.inner_session.get_providers()[0]
     if providers and active != providers[0]:
         # Asked for an accelerator and quietly given the CPU: say so loudly.

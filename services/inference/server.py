@@ -28,8 +28,9 @@ def session_runs(configured: int, providers: list[str], capacity: int) -> int:
 
     On CPU cores one run with every core beats concurrent runs splitting them
     (measured on the 2-core box: 0.376-0.385 against 0.311-0.360 images/s),
-    and the node's other jobs still decode and encode beside it. A GPU
-    overlaps one run's copies with another's kernels.
+    and the node's other jobs still decode and encode beside it. On an
+    accelerator the runs do not split CPU cores, so each slot runs its own
+    (not measured here: no GPU was available to this project).
     """
     if configured:
         return configured
