@@ -125,7 +125,7 @@ def test_gated_session_runs_one_at_a_time_while_jobs_overlap(tiny_model_dir: Pat
             with lock:
                 running += 1
                 most = max(most, running)
-            time.sleep(0.02)  # long enough for the other threads to arrive
+            time.sleep(0.05)  # long enough for the other threads to arrive
             try:
                 return real.run(names, feed)
             finally:
@@ -137,13 +137,10 @@ def test_gated_session_runs_one_at_a_time_while_jobs_overlap(tiny_model_dir: Pat
 
     img = rgb(200, 150)
     # Cutout's own session gates session.run; a rembg session is gated around predict.
-    for session, expected in (
-        (gated(1), 1),
-        (gated(0), 4),
-        (GatedModel(gated(0), 1), 1),
-    ):
+    # Without a gate the four callers' runs overlap (how many at once is up to the OS).
+    for session, overlap in ((gated(1), False), (gated(0), True), (GatedModel(gated(0), 1), False)):
         running, most = 0, 0
         with ThreadPoolExecutor(4) as pool:
             masks = list(pool.map(lambda _, s=session: s.predict(img)[0], range(8)))
-        assert most == expected
+        assert (most > 1) if overlap else (most == 1), most
         assert all(m.size == img.size for m in masks)

@@ -12,7 +12,9 @@ mask difference from rembg's 0.05-0.17/255 and IoU >= 0.9995 (the target is
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,7 +60,9 @@ class MaskSession:
         self.inner_session = session
         # At most `runs` session.run calls at once (0: no limit); the jobs around them
         # still pre- and post-process in parallel.
-        self._gate = threading.BoundedSemaphore(runs) if runs > 0 else None
+        self._gate: AbstractContextManager[object] = (
+            threading.BoundedSemaphore(runs) if runs > 0 else contextlib.nullcontext()
+        )
         self.prep = prep
         self._input = session.get_inputs()[0].name
         self._mean = np.asarray(prep.mean, dtype=np.float32)
@@ -79,12 +83,9 @@ class MaskSession:
         return np.ascontiguousarray(arr.transpose(2, 0, 1))[np.newaxis]
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        if self._gate is None:
-            out: np.ndarray = self.inner_session.run(None, {self._input: batch})[0]
-            return out
         with self._gate:
-            out = self.inner_session.run(None, {self._input: batch})[0]
-            return out
+            out: np.ndarray = self.inner_session.run(None, {self._input: batch})[0]
+        return out
 
     @staticmethod
     def postprocess(pred: np.ndarray, size: tuple[int, int]) -> Image.Image:
