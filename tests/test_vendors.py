@@ -24,7 +24,7 @@ from services.scheduler.keys import Keys
 
 def cutout(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "cutout.cli", "vendors", "--redis", redis_url, *args],
+        [sys.executable, "-m", "services.admin", "vendors", "--redis", redis_url, *args],
         capture_output=True,
         text=True,
         timeout=60,

@@ -22,7 +22,8 @@ from typing import cast
 
 import redis.asyncio as aioredis
 
-from services.gateway.auth import VENDOR_ID, hash_key, new_key
+from services.common.identity import VENDOR_ID
+from services.gateway.auth import hash_key, new_key
 from services.gateway.ratelimit import Quota, parse_quota_overrides
 
 

@@ -20,10 +20,10 @@ import grpc
 import redis.asyncio as aioredis
 
 from cutout.names import job_name
-from cutout.v1 import inference_service_pb2 as inference_pb2
 from cutout.v1 import jobs_pb2
 from services.common.errors import NON_RETRYABLE, status_from_code
 from services.common.operations import HEAVY_LANE, LIGHT_LANE
+from services.internal.v1 import inference_service_pb2 as inference_pb2
 from services.scheduler import metrics
 from services.scheduler.jobstore import Claim, JobStore
 from services.scheduler.keys import Keys
@@ -239,7 +239,9 @@ class Dispatcher:
             image=claim.image,
             vendor_id=claim.vendor,
         )
-        call = node.stub.Process(request, timeout=self.policy.attempt_timeout_s)
+        call = node.stub.Process(
+            request, timeout=self.policy.attempt_timeout_s, metadata=self.pool.metadata
+        )
         output: inference_pb2.ProcessOutput | None = None
         chunks: list[bytes] = []
 

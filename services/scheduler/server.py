@@ -9,25 +9,30 @@ import logging
 import grpc
 import redis.asyncio as aioredis
 
-from cutout.v1 import scheduler_service_pb2_grpc as pb_grpc
+from cutout.v1 import cutout_service_pb2_grpc as public_grpc
 from services.common import serving
+from services.common.interceptors import ErrorMapping
+from services.common.internal_auth import InternalAuth
 from services.common.metrics import RpcMetrics
 from services.common.metrics import serve as serve_metrics
 from services.common.operations import LIGHT_LANE
+from services.internal.v1 import scheduler_service_pb2_grpc as internal_grpc
 from services.scheduler.cloudinary_store import CloudinaryAccount, CloudinaryResultStore
 from services.scheduler.delivery import Deliverer, Outbox
 from services.scheduler.dispatcher import Dispatcher, DispatchPolicy
+from services.scheduler.enqueue_api import SchedulerServicer
 from services.scheduler.jobstore import Admission, Fairness, JobStore, Retention, RetryPolicy
 from services.scheduler.keys import Keys
 from services.scheduler.metrics import QueueGauges
 from services.scheduler.nodes import NodePool
+from services.scheduler.public_api import CutoutServicer
 from services.scheduler.records import MysqlTarget, RecordWriter
-from services.scheduler.service import SchedulerServicer
 from services.scheduler.settings import SchedulerSettings
 from services.scheduler.storage import LocalResultStore, ResultStores
 
 log = logging.getLogger(__name__)
-SERVICE_NAME = "cutout.v1.SchedulerService"
+# The public API's reads, watches and cancellations, and the internal enqueue API.
+SERVICE_NAMES = ["cutout.v1.CutoutService", "cutout.internal.v1.SchedulerService"]
 
 
 class SchedulerServer:
@@ -58,6 +63,7 @@ class SchedulerServer:
             settings.nodes,
             settings.node_poll_s,
             settings.max_message_bytes,
+            settings.internal_token,
             dns_interval_s=settings.node_dns_s,
         )
         self.store.fleet_capacity = lambda lane: self.pool.capacity(lane == LIGHT_LANE)
@@ -90,13 +96,17 @@ class SchedulerServer:
         )
         self.server = grpc.aio.server(
             options=serving.server_options(settings.max_message_bytes),
-            interceptors=[RpcMetrics()],
+            # Outermost first: metrics see every outcome, ErrorMapping turns what
+            # the handlers (and InternalAuth) raise into statuses.
+            interceptors=[RpcMetrics(), ErrorMapping(), InternalAuth(settings.internal_token)],
         )
-        pb_grpc.add_SchedulerServiceServicer_to_server(
-            SchedulerServicer(self.store, self.pool, results, records=self.writer is not None),
-            self.server,
+        public_grpc.add_CutoutServiceServicer_to_server(
+            CutoutServicer(self.store, self.pool, results), self.server
         )
-        self.health = serving.add_health_and_reflection(self.server, [SERVICE_NAME])
+        internal_grpc.add_SchedulerServiceServicer_to_server(
+            SchedulerServicer(self.store, records=self.writer is not None), self.server
+        )
+        self.health = serving.add_health_and_reflection(self.server, SERVICE_NAMES)
         self.port = 0
         self.metrics_port = 0
         self._tasks: list[asyncio.Task[None]] = []
@@ -107,7 +117,7 @@ class SchedulerServer:
         self.metrics_port = serve_metrics(self.settings.metrics_listen)
         self.port = serving.bind(self.server, self.settings.listen)
         await self.server.start()
-        await serving.set_serving(self.health, [SERVICE_NAME], True)
+        await serving.set_serving(self.health, SERVICE_NAMES, True)
         self._tasks = [
             asyncio.create_task(self.pool.run()),
             asyncio.create_task(self.dispatcher.run()),
@@ -131,7 +141,7 @@ class SchedulerServer:
         )
 
     async def stop(self) -> None:
-        await serving.set_serving(self.health, [SERVICE_NAME], False)
+        await serving.set_serving(self.health, SERVICE_NAMES, False)
         await self.dispatcher.drain(self.settings.grace_s)
         for task in self._tasks:
             task.cancel()
