@@ -157,3 +157,32 @@ async def test_cluster_uploads_retries_failures_and_points_records_at_cloudinary
     for r in records:
         url, status, job_id, _ = found[r]
         assert (url, status) == (by_id[job_id], "completed")
+
+
+async def test_a_late_watcher_replays_the_uploaded_url_not_the_local_copy(
+    make_cluster,
+    tiny_model_dir: Path,
+    photos: dict[str, bytes],
+    standin: CloudinaryStandIn,  # type: ignore[no-untyped-def]
+) -> None:
+    """WatchJob and GetJob agree on where a delayed upload put the output."""
+    standin.fail_next = 1  # the inline upload fails: the output waits locally, then goes up
+    cluster = make_cluster(
+        tiny_model_dir,
+        CUTOUT_STORAGE="cloudinary",
+        CLOUDINARY_URL=standin.url,
+        CUTOUT_DELIVERY_RETRY_MS="200",
+    )
+    async with AsyncClient(cluster.gateway_address, KEYS["vendor-a"]) as client:
+        name = (await client.submit(photos["coffee_small"])).name
+        deadline = time.monotonic() + 60
+        while not (got := await client.get(name)).result.uri.startswith("https://"):
+            assert time.monotonic() < deadline, got.result.uri
+            await asyncio.sleep(0.2)
+        events = [event.job async for event in client.watch(name)]
+
+    assert sum(r.status == 500 for r in standin.requests) == 1  # it did wait locally first
+    succeeded = [j for j in events if j.state == jobs_pb2.JOB_STATE_SUCCEEDED]
+    assert succeeded[0].result.uri.startswith("local:")  # what watchers saw at the time...
+    assert events[-1].result.uri == got.result.uri  # ...and, replayed now, where it went
+    assert events[-1].update_time == got.update_time
