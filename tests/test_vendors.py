@@ -18,8 +18,8 @@ from services.gateway.auth import hash_key
 from services.gateway.vendors import RegistryError, VendorRegistry
 from services.local.cluster import LocalCluster
 from services.local.redis import RedisServer
-from services.scheduler.jobstore import JobStore, Retention
 from services.scheduler.keys import Keys
+from services.scheduler.store import Store
 
 
 def cutout(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -143,20 +143,20 @@ async def test_registry_weight_and_queue_cap_reach_the_scheduler_scripts(
     registry = VendorRegistry(redis, "w:")
     await registry.add("gold", weight=3)
     await registry.add("basic")
-    store = JobStore(redis, Keys("w:"), Retention())
+    store = Store(redis, Keys("w:"))
     sub = jobs_pb2.JobSubmission()
     sub.operation.remove_background.model = "tiny"
     for _ in range(40):
         for vendor in ("gold", "basic"):
-            await store.enqueue(vendor, sub, b"image", 1_000_000)
+            await store.submissions.enqueue(vendor, sub, b"image", 1_000_000)
     served = []
-    while (claim := await store.claim("node", 10_000)) is not None:
+    while (claim := await store.claims.claim("node", 10_000)) is not None:
         served.append(claim.vendor)
     assert served[:40].count("gold") == 30 and served[:40].count("basic") == 10
 
     await registry.update("basic", max_queued=2)
     for _ in range(2):
-        await store.enqueue("basic", sub, b"image", 1_000_000)
+        await store.submissions.enqueue("basic", sub, b"image", 1_000_000)
     with pytest.raises(Exception, match="vendor basic already has 2 jobs waiting"):
-        await store.enqueue("basic", sub, b"image", 1_000_000)
+        await store.submissions.enqueue("basic", sub, b"image", 1_000_000)
     await redis.aclose()

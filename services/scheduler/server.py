@@ -15,9 +15,8 @@ from services.common.metrics import RpcMetrics
 from services.common.metrics import serve as serve_metrics
 from services.common.operations import LIGHT_LANE
 from services.scheduler.cloudinary_store import CloudinaryAccount, CloudinaryResultStore
-from services.scheduler.delivery import Deliverer, Outbox
+from services.scheduler.delivery import Deliverer
 from services.scheduler.dispatcher import Dispatcher, DispatchPolicy
-from services.scheduler.jobstore import Admission, Fairness, JobStore, Retention, RetryPolicy
 from services.scheduler.keys import Keys
 from services.scheduler.metrics import QueueGauges
 from services.scheduler.nodes import NodePool
@@ -25,6 +24,7 @@ from services.scheduler.records import MysqlTarget, RecordWriter
 from services.scheduler.service import SchedulerServicer
 from services.scheduler.settings import SchedulerSettings
 from services.scheduler.storage import LocalResultStore, ResultStores
+from services.scheduler.store import Admission, Fairness, Retention, RetryPolicy, Store
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "cutout.v1.SchedulerService"
@@ -40,10 +40,15 @@ class SchedulerServer:
                 settings.redis_url, max_connections=128, timeout=20
             )
         )
-        keys = Keys(settings.key_prefix)
-        self.store = JobStore(
+        self.pool = NodePool(
+            settings.nodes,
+            settings.node_poll_s,
+            settings.max_message_bytes,
+            dns_interval_s=settings.node_dns_s,
+        )
+        self.store = Store(
             self.redis,
-            keys,
+            Keys(settings.key_prefix),
             Retention(finished_s=settings.retention_s),
             RetryPolicy(max_retries=settings.max_retries, base_delay_ms=settings.retry_base_ms),
             Fairness(
@@ -53,14 +58,8 @@ class SchedulerServer:
                 max_queued_per_vendor=settings.max_queued_per_vendor,
                 max_queued=settings.max_queued,
             ),
+            fleet_capacity=lambda lane: self.pool.capacity(lane == LIGHT_LANE),
         )
-        self.pool = NodePool(
-            settings.nodes,
-            settings.node_poll_s,
-            settings.max_message_bytes,
-            dns_interval_s=settings.node_dns_s,
-        )
-        self.store.fleet_capacity = lambda lane: self.pool.capacity(lane == LIGHT_LANE)
         remote = None
         if settings.uses_cloudinary():
             remote = CloudinaryResultStore(
@@ -72,15 +71,13 @@ class SchedulerServer:
             RecordWriter(MysqlTarget.from_url(settings.mysql_url)) if settings.mysql_url else None
         )
         self.deliverer = Deliverer(
-            Outbox(self.redis, keys), results, self.writer, settings.delivery_retry_ms
+            self.store.outbox, self.store.blobs, results, self.writer, settings.delivery_retry_ms
         )
-        self.gauges = QueueGauges(self.redis, keys, self.pool)
+        self.gauges = QueueGauges(self.store.stats, self.pool)
         self.dispatcher = Dispatcher(
             self.store,
             self.pool,
             results,
-            self.redis,
-            keys,
             DispatchPolicy(
                 lease_ms=settings.lease_ms,
                 attempt_timeout_s=settings.attempt_timeout_s,
@@ -103,7 +100,7 @@ class SchedulerServer:
 
     async def start(self) -> None:
         await self.redis.ping()  # fail fast, with the URL in the error, if Redis is not there
-        await self.store.publish_weights()
+        await self.store.start()
         self.metrics_port = serve_metrics(self.settings.metrics_listen)
         self.port = serving.bind(self.server, self.settings.listen)
         await self.server.start()

@@ -11,10 +11,10 @@ from cutout.names import BATCH_PREFIX, batch_id_from_name, job_id_from_name
 from cutout.v1 import scheduler_service_pb2 as pb
 from cutout.v1 import scheduler_service_pb2_grpc as pb_grpc
 from services.common.errors import CutoutError, abort, invalid_argument, not_found
-from services.scheduler.jobstore import JobStore, NewJob, ensure_succeeded
 from services.scheduler.keys import MAX_PRIORITY
 from services.scheduler.nodes import NodePool
 from services.scheduler.storage import ResultStores, StorageError
+from services.scheduler.store import NewJob, Store, ensure_succeeded
 
 Context = grpc.aio.ServicerContext[object, object]
 VENDOR_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -46,7 +46,7 @@ def _batch(name: str) -> str:
 
 class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
     def __init__(
-        self, store: JobStore, pool: NodePool, results: ResultStores, records: bool = False
+        self, store: Store, pool: NodePool, results: ResultStores, records: bool = False
     ) -> None:
         self.store = store
         self.pool = pool
@@ -78,7 +78,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
     ) -> pb.EnqueueJobResponse:
         try:
             new = self._new_job(request)
-            job, dedup = await self.store.enqueue(
+            job, dedup = await self.store.submissions.enqueue(
                 new.vendor, new.submission, new.image, new.input_pixels, new.batch
             )
             return pb.EnqueueJobResponse(job=job, deduplicated=dedup)
@@ -101,7 +101,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
             except CutoutError as err:
                 outcomes[index].error.CopyFrom(err.to_status())
         if valid:
-            stored = await self.store.enqueue_many([new for _, new in valid])
+            stored = await self.store.submissions.enqueue_many([new for _, new in valid])
             for (index, _), got in zip(valid, stored, strict=True):
                 if isinstance(got, CutoutError):
                     outcomes[index].error.CopyFrom(got.to_status())
@@ -114,7 +114,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
         self, request: pb.SchedulerServiceGetJobRequest, context: Context
     ) -> pb.SchedulerServiceGetJobResponse:
         try:
-            job = await self.store.get(_vendor(request.vendor_id), _job_id(request.name))
+            job = await self.store.jobs.get(_vendor(request.vendor_id), _job_id(request.name))
             return pb.SchedulerServiceGetJobResponse(job=job)
         except CutoutError as err:
             await abort(context, err)
@@ -123,7 +123,9 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
         self, request: pb.SchedulerServiceWatchJobRequest, context: Context
     ) -> AsyncIterator[pb.SchedulerServiceWatchJobResponse]:
         try:
-            async for job in self.store.watch(_vendor(request.vendor_id), _job_id(request.name)):
+            async for job in self.store.jobs.watch(
+                _vendor(request.vendor_id), _job_id(request.name)
+            ):
                 response = pb.SchedulerServiceWatchJobResponse()
                 response.event.job.CopyFrom(job)
                 response.event.event_time.CopyFrom(job.update_time)
@@ -136,7 +138,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
     ) -> AsyncIterator[pb.SchedulerServiceWatchBatchResponse]:
         try:
             vendor, batch = _vendor(request.vendor_id), _batch(request.name)
-            async for progress in self.store.watch_batch(vendor, batch):
+            async for progress in self.store.batches.watch(vendor, batch):
                 yield pb.SchedulerServiceWatchBatchResponse(batch=progress)
         except CutoutError as err:
             await abort(context, err)
@@ -146,7 +148,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
     ) -> pb.SchedulerServiceCancelBatchResponse:
         try:
             vendor, batch = _vendor(request.vendor_id), _batch(request.name)
-            cancelled, progress = await self.store.cancel_batch(vendor, batch)
+            cancelled, progress = await self.store.batches.cancel(vendor, batch)
             return pb.SchedulerServiceCancelBatchResponse(cancelled=cancelled, batch=progress)
         except CutoutError as err:
             await abort(context, err)
@@ -161,7 +163,9 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
                 raise invalid_argument("page_size", f"must be 1-{MAX_PAGE}")
             if request.page_token and not request.page_token.isdigit():
                 raise invalid_argument("page_token", "not a token this service issued")
-            jobs, token = await self.store.page(vendor, request.state, size, request.page_token)
+            jobs, token = await self.store.jobs.page(
+                vendor, request.state, size, request.page_token
+            )
             return pb.SchedulerServiceListJobsResponse(jobs=jobs, next_page_token=token)
         except CutoutError as err:
             await abort(context, err)
@@ -170,7 +174,9 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
         self, request: pb.SchedulerServiceCancelJobRequest, context: Context
     ) -> pb.SchedulerServiceCancelJobResponse:
         try:
-            job = await self.store.cancel(_vendor(request.vendor_id), _job_id(request.name))
+            job = await self.store.cancellation.cancel(
+                _vendor(request.vendor_id), _job_id(request.name)
+            )
             return pb.SchedulerServiceCancelJobResponse(job=job)
         except CutoutError as err:
             await abort(context, err)
@@ -179,7 +185,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
         self, request: pb.ReadResultRequest, context: Context
     ) -> AsyncIterator[pb.ReadResultResponse]:
         try:
-            job = await self.store.get(_vendor(request.vendor_id), _job_id(request.name))
+            job = await self.store.jobs.get(_vendor(request.vendor_id), _job_id(request.name))
             ensure_succeeded(job)
             first = True
             try:
@@ -201,7 +207,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
     ) -> pb.SchedulerServiceGetQueueStatsResponse:
         try:
             vendor = _vendor(request.vendor_id) if request.vendor_id else ""
-            stats = await self.store.stats(vendor)
+            stats = await self.store.stats.queue(vendor)
             stats.healthy_nodes, stats.capacity, stats.in_flight = self.pool.totals()
             return pb.SchedulerServiceGetQueueStatsResponse(stats=stats)
         except CutoutError as err:
@@ -217,7 +223,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
                 raise invalid_argument("page_size", f"must be 1-{MAX_PAGE}")
             if request.page_token and not request.page_token.isdigit():
                 raise invalid_argument("page_token", "not a token this service issued")
-            jobs, token = await self.store.dead_letters(vendor, size, request.page_token)
+            jobs, token = await self.store.dead_letters.page(vendor, size, request.page_token)
             return pb.SchedulerServiceListDeadLettersResponse(jobs=jobs, next_page_token=token)
         except CutoutError as err:
             await abort(context, err)
@@ -227,7 +233,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
     ) -> pb.SchedulerServiceRequeueDeadLetterResponse:
         try:
             vendor = _vendor(request.vendor_id)
-            job = await self.store.requeue_dead_letter(vendor, _job_id(request.name))
+            job = await self.store.dead_letters.requeue(vendor, _job_id(request.name))
             return pb.SchedulerServiceRequeueDeadLetterResponse(job=job)
         except CutoutError as err:
             await abort(context, err)
@@ -249,7 +255,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
                     if job_id is None:
                         raise invalid_argument(f"names[{i}]", f"{name[:80]!r} is not a job name")
                     ids.append(job_id)
-            purged = await self.store.purge_dead_letters(vendor, ids)
+            purged = await self.store.dead_letters.purge(vendor, ids)
             return pb.SchedulerServicePurgeDeadLettersResponse(purged_count=purged)
         except CutoutError as err:
             await abort(context, err)
