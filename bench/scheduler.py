@@ -71,7 +71,7 @@ async def job_times(redis: aioredis.Redis, ids: list[str]) -> list[tuple[str, in
     out = []
     async with redis.pipeline(transaction=False) as pipe:
         for job_id in ids:
-            pipe.hmget(f"cutout:job:{job_id}", "vendor", "create_ms", "start_ms", "end_ms")
+            pipe.hmget(Keys().job(job_id), "vendor", "create_ms", "start_ms", "end_ms")
         rows = await pipe.execute()
     for vendor, created, started, ended in rows:
         if ended:

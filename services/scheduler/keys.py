@@ -17,9 +17,13 @@ deficits, and the job hash's `lane` field says which lane a job is in.
 Owners (services/scheduler/store/): submissions.py writes idempotency, seq,
 vendor_jobs, vendors and batch; claims.py ring, ring_members, deficit, turn and
 weights; attempts.py leases, delayed, running, counters and eta; dead_letters.py
-dead_letters; retention.py blobs; outbox.py deliveries and delivery_tries. The job
-hash, input and events change only through the scripts of those modules and
-cancellation.py, each a documented state transition.
+dead_letters; retention.py blobs; outbox.py deliveries and delivery_tries;
+signals.py listens on the two channels. The job hash, input, events and queues
+change only through the scripts of those modules and cancellation.py, each a
+documented transition that may touch other families (a dead letter leaves
+`running` for `dead_letters`); lua.py holds the helpers they share. jobs.py
+and stats.py only read; batches.py reads and cancels through cancellation.py.
+vendor_policy is not the scheduler's: it only reads it.
 """
 
 from __future__ import annotations
