@@ -15,7 +15,6 @@ Redis key (under the cluster's prefix, default "cutout:"):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -89,6 +88,6 @@ async def adopt_registry_fields(redis: aioredis.Redis, prefix: str) -> int:
 
     Returns how many fields were moved (0 once done).
     """
-    script: Any = redis.register_script(_ADOPT)
+    script = redis.register_script(_ADOPT)
     stem = KEY.removesuffix("{vendor}")
     return int(await script(args=[prefix, stem, WEIGHT, MAX_QUEUED]))
