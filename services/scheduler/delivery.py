@@ -7,9 +7,9 @@ deliveries in groups, uploads outputs still waiting in the local store to
 the vendor's remote store (switching the job's result to the remote URL in
 one compare-and-set script that also tells watchers), then writes the
 group's record updates in as few statements as fit under the database's
-packet limit. What fails is retried with backoff,
-forever, until the job's retention ends: a storage or database outage
-delays a delivery, never drops it, and never turns a job FAILED.
+packet limit. What fails is retried with backoff, forever, until the job's
+retention ends: a storage or database outage delays a delivery, never drops
+it, and never turns a job FAILED.
 """
 
 from __future__ import annotations
@@ -110,7 +110,9 @@ class Deliverer:
         return ok, failed, gone
 
     async def _switch_result(self, item: Delivery, url: str) -> bool:
-        """Point the job at its remote copy, then drop the local one. False: the job is gone.
+        """Point the job at its remote copy, then drop the local one.
+
+        False: the job expired meanwhile; the sweeper deletes both copies.
 
         Two deliverers of one job (a lease that ran out mid-upload) both upload to
         the same key, which the store overwrites: one object. The switch is a

@@ -60,14 +60,19 @@ end
 # deletion at once (no job points at it; if the deliverer dies before deleting it,
 # the sweeper does), and an event carries the new result, so WatchJob replays it.
 # Returns {SWITCHED_SWITCHED, new result}, {SWITCHED_MOVED_ON, the job's current
-# result (serialised)}, or {SWITCHED_GONE, false} when the job has expired.
+# result (serialised)}, or {SWITCHED_GONE, false} when the job has expired (the new
+# URI is then due for deletion at once: nothing points at it).
 SWITCH_RESULT = r"""
 local id, read, new, old_uri, new_uri = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local jk = key.job(id)
 local st = redis.call('HMGET', jk, 'state', 'result')
-if not st[1] then return {SWITCHED_GONE, false} end
-if not state_is(st[1], STATE_SUCCEEDED) or st[2] ~= read then return {SWITCHED_MOVED_ON, st[2]} end
 local now = now_ms()
+if not st[1] then
+  -- No job will point at the upload: due for deletion at once, never leaked.
+  redis.call('ZADD', key.blobs(), now, new_uri)
+  return {SWITCHED_GONE, false}
+end
+if not state_is(st[1], STATE_SUCCEEDED) or st[2] ~= read then return {SWITCHED_MOVED_ON, st[2]} end
 local deadline = redis.call('ZSCORE', key.blobs(), old_uri)
 if not deadline then
   local ttl = redis.call('PTTL', jk)
