@@ -9,6 +9,7 @@ import redis.asyncio as aioredis
 from rich.console import Console
 
 from cutout.cli import print_rows
+from services.common import vendor_policy
 from services.gateway.auth import hash_key
 from services.gateway.vendors import RegistryError, Vendor, VendorRegistry
 
@@ -39,6 +40,8 @@ async def run(args: argparse.Namespace) -> int:
     redis = aioredis.Redis.from_url(args.redis)
     registry = VendorRegistry(redis, args.prefix)
     try:
+        # A registry written before vendor_policy.py kept the policy in its own hash.
+        await vendor_policy.adopt_registry_fields(redis, args.prefix)
         action = args.vendors_action
         if action == "add":
             key = await registry.add(args.vendor, args.weight, args.limits, args.max_queued)

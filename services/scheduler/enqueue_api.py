@@ -14,15 +14,15 @@ from services.common.errors import CutoutError, invalid_argument
 from services.common.identity import VENDOR_ID
 from services.internal.v1 import scheduler_service_pb2 as pb
 from services.internal.v1 import scheduler_service_pb2_grpc as pb_grpc
-from services.scheduler.jobstore import JobStore, NewJob
 from services.scheduler.keys import MAX_PRIORITY
+from services.scheduler.store import NewJob, Store
 
 Context = grpc.aio.ServicerContext[object, object]
 MAX_ENQUEUE = 1000  # jobs per EnqueueJobs call, as SubmitBatch takes
 
 
 class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
-    def __init__(self, store: JobStore, records: bool = False) -> None:
+    def __init__(self, store: Store, records: bool = False) -> None:
         self.store = store
         self.records = records  # a records database is configured
 
@@ -65,7 +65,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
             except CutoutError as err:
                 outcomes[index].error.CopyFrom(err.to_status())
         if valid:
-            stored = await self.store.enqueue_many([new for _, new in valid])
+            stored = await self.store.submissions.enqueue_many([new for _, new in valid])
             for (index, _), got in zip(valid, stored, strict=True):
                 if isinstance(got, CutoutError):
                     outcomes[index].error.CopyFrom(got.to_status())

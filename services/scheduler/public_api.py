@@ -22,9 +22,9 @@ from cutout.v1 import cutout_service_pb2 as pb
 from cutout.v1 import cutout_service_pb2_grpc as pb_grpc
 from services.common.errors import CutoutError, invalid_argument, not_found
 from services.common.identity import current_vendor
-from services.scheduler.jobstore import JobStore, ensure_succeeded
 from services.scheduler.nodes import NodePool
 from services.scheduler.storage import ResultStores, StorageError
+from services.scheduler.store import Store, ensure_succeeded
 
 Context = grpc.aio.ServicerContext[object, object]
 MAX_PAGE = 500
@@ -56,7 +56,7 @@ def _page_size(page_size: int, page_token: str) -> int:
 
 
 class CutoutServicer(pb_grpc.CutoutServiceServicer):
-    def __init__(self, store: JobStore, pool: NodePool, results: ResultStores) -> None:
+    def __init__(self, store: Store, pool: NodePool, results: ResultStores) -> None:
         self.store = store
         self.pool = pool
         self.results = results
@@ -72,13 +72,13 @@ class CutoutServicer(pb_grpc.CutoutServiceServicer):
         raise _gateway_only("SubmitBatch")
 
     async def GetJob(self, request: pb.GetJobRequest, context: Context) -> pb.GetJobResponse:
-        job = await self.store.get(current_vendor(), _job_id(request.name))
+        job = await self.store.jobs.get(current_vendor(), _job_id(request.name))
         return pb.GetJobResponse(job=job)
 
     async def WatchJob(
         self, request: pb.WatchJobRequest, context: Context
     ) -> AsyncIterator[pb.WatchJobResponse]:
-        async for job in self.store.watch(current_vendor(), _job_id(request.name)):
+        async for job in self.store.jobs.watch(current_vendor(), _job_id(request.name)):
             response = pb.WatchJobResponse()
             response.event.job.CopyFrom(job)
             response.event.event_time.CopyFrom(job.update_time)
@@ -86,7 +86,7 @@ class CutoutServicer(pb_grpc.CutoutServiceServicer):
 
     async def ListJobs(self, request: pb.ListJobsRequest, context: Context) -> pb.ListJobsResponse:
         size = _page_size(request.page_size, request.page_token)
-        jobs, token = await self.store.page(
+        jobs, token = await self.store.jobs.page(
             current_vendor(), request.state, size, request.page_token
         )
         return pb.ListJobsResponse(jobs=jobs, next_page_token=token)
@@ -94,13 +94,13 @@ class CutoutServicer(pb_grpc.CutoutServiceServicer):
     async def CancelJob(
         self, request: pb.CancelJobRequest, context: Context
     ) -> pb.CancelJobResponse:
-        job = await self.store.cancel(current_vendor(), _job_id(request.name))
+        job = await self.store.cancellation.cancel(current_vendor(), _job_id(request.name))
         return pb.CancelJobResponse(job=job)
 
     async def GetResult(
         self, request: pb.GetResultRequest, context: Context
     ) -> AsyncIterator[pb.GetResultResponse]:
-        job = await self.store.get(current_vendor(), _job_id(request.name))
+        job = await self.store.jobs.get(current_vendor(), _job_id(request.name))
         ensure_succeeded(job)
         first = True
         try:
@@ -118,33 +118,35 @@ class CutoutServicer(pb_grpc.CutoutServiceServicer):
     async def GetQueueStats(
         self, request: pb.GetQueueStatsRequest, context: Context
     ) -> pb.GetQueueStatsResponse:
-        stats = await self.store.stats(current_vendor())
+        stats = await self.store.stats.queue(current_vendor())
         stats.healthy_nodes, stats.capacity, stats.in_flight = self.pool.totals()
         return pb.GetQueueStatsResponse(stats=stats)
 
     async def WatchBatch(
         self, request: pb.WatchBatchRequest, context: Context
     ) -> AsyncIterator[pb.WatchBatchResponse]:
-        async for progress in self.store.watch_batch(current_vendor(), _batch(request.name)):
+        async for progress in self.store.batches.watch(current_vendor(), _batch(request.name)):
             yield pb.WatchBatchResponse(batch=progress)
 
     async def CancelBatch(
         self, request: pb.CancelBatchRequest, context: Context
     ) -> pb.CancelBatchResponse:
-        cancelled, progress = await self.store.cancel_batch(current_vendor(), _batch(request.name))
+        cancelled, progress = await self.store.batches.cancel(
+            current_vendor(), _batch(request.name)
+        )
         return pb.CancelBatchResponse(cancelled=cancelled, batch=progress)
 
     async def ListDeadLetters(
         self, request: pb.ListDeadLettersRequest, context: Context
     ) -> pb.ListDeadLettersResponse:
         size = _page_size(request.page_size, request.page_token)
-        jobs, token = await self.store.dead_letters(current_vendor(), size, request.page_token)
+        jobs, token = await self.store.dead_letters.page(current_vendor(), size, request.page_token)
         return pb.ListDeadLettersResponse(jobs=jobs, next_page_token=token)
 
     async def RequeueDeadLetter(
         self, request: pb.RequeueDeadLetterRequest, context: Context
     ) -> pb.RequeueDeadLetterResponse:
-        job = await self.store.requeue_dead_letter(current_vendor(), _job_id(request.name))
+        job = await self.store.dead_letters.requeue(current_vendor(), _job_id(request.name))
         return pb.RequeueDeadLetterResponse(job=job)
 
     async def PurgeDeadLetters(
@@ -162,7 +164,7 @@ class CutoutServicer(pb_grpc.CutoutServiceServicer):
                 if job_id is None:
                     raise invalid_argument(f"names[{i}]", f"{name[:80]!r} is not a job name")
                 ids.append(job_id)
-        purged = await self.store.purge_dead_letters(current_vendor(), ids)
+        purged = await self.store.dead_letters.purge(current_vendor(), ids)
         return pb.PurgeDeadLettersResponse(purged_count=purged)
 
 

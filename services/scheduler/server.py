@@ -18,10 +18,9 @@ from services.common.metrics import serve as serve_metrics
 from services.common.operations import LIGHT_LANE
 from services.internal.v1 import scheduler_service_pb2_grpc as internal_grpc
 from services.scheduler.cloudinary_store import CloudinaryAccount, CloudinaryResultStore
-from services.scheduler.delivery import Deliverer, Outbox
+from services.scheduler.delivery import Deliverer
 from services.scheduler.dispatcher import Dispatcher, DispatchPolicy
 from services.scheduler.enqueue_api import SchedulerServicer
-from services.scheduler.jobstore import Admission, Fairness, JobStore, Retention, RetryPolicy
 from services.scheduler.keys import Keys
 from services.scheduler.metrics import QueueGauges
 from services.scheduler.nodes import NodePool
@@ -29,6 +28,7 @@ from services.scheduler.public_api import CutoutServicer
 from services.scheduler.records import MysqlTarget, RecordWriter
 from services.scheduler.settings import SchedulerSettings
 from services.scheduler.storage import LocalResultStore, ResultStores
+from services.scheduler.store import Admission, Fairness, Retention, RetryPolicy, Store
 
 log = logging.getLogger(__name__)
 # The public API's reads, watches and cancellations, and the internal enqueue API.
@@ -45,10 +45,16 @@ class SchedulerServer:
                 settings.redis_url, max_connections=128, timeout=20
             )
         )
-        keys = Keys(settings.key_prefix)
-        self.store = JobStore(
+        self.pool = NodePool(
+            settings.nodes,
+            settings.node_poll_s,
+            settings.max_message_bytes,
+            settings.internal_token,
+            dns_interval_s=settings.node_dns_s,
+        )
+        self.store = Store(
             self.redis,
-            keys,
+            Keys(settings.key_prefix),
             Retention(finished_s=settings.retention_s),
             RetryPolicy(max_retries=settings.max_retries, base_delay_ms=settings.retry_base_ms),
             Fairness(
@@ -58,15 +64,8 @@ class SchedulerServer:
                 max_queued_per_vendor=settings.max_queued_per_vendor,
                 max_queued=settings.max_queued,
             ),
+            fleet_capacity=lambda lane: self.pool.capacity(lane == LIGHT_LANE),
         )
-        self.pool = NodePool(
-            settings.nodes,
-            settings.node_poll_s,
-            settings.max_message_bytes,
-            settings.internal_token,
-            dns_interval_s=settings.node_dns_s,
-        )
-        self.store.fleet_capacity = lambda lane: self.pool.capacity(lane == LIGHT_LANE)
         remote = None
         if settings.uses_cloudinary():
             remote = CloudinaryResultStore(
@@ -78,15 +77,13 @@ class SchedulerServer:
             RecordWriter(MysqlTarget.from_url(settings.mysql_url)) if settings.mysql_url else None
         )
         self.deliverer = Deliverer(
-            Outbox(self.redis, keys), results, self.writer, settings.delivery_retry_ms
+            self.store.outbox, self.store.blobs, results, self.writer, settings.delivery_retry_ms
         )
-        self.gauges = QueueGauges(self.redis, keys, self.pool)
+        self.gauges = QueueGauges(self.store.stats, self.pool)
         self.dispatcher = Dispatcher(
             self.store,
             self.pool,
             results,
-            self.redis,
-            keys,
             DispatchPolicy(
                 lease_ms=settings.lease_ms,
                 attempt_timeout_s=settings.attempt_timeout_s,
@@ -113,7 +110,7 @@ class SchedulerServer:
 
     async def start(self) -> None:
         await self.redis.ping()  # fail fast, with the URL in the error, if Redis is not there
-        await self.store.publish_weights()
+        await self.store.start()
         self.metrics_port = serve_metrics(self.settings.metrics_listen)
         self.port = serving.bind(self.server, self.settings.listen)
         await self.server.start()
