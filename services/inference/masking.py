@@ -93,7 +93,9 @@ class MaskSession:
         pred = pred[0, 0] if pred.ndim == 4 else pred[0]
         lo, hi = float(pred.min()), float(pred.max())
         scaled = (pred - lo) * (255.0 / max(hi - lo, 1e-12))
-        mask = Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8))  # 2-D uint8: mode L
+        # Rounded, not truncated: in float32 the maximum often lands at 254.99998, which
+        # truncation made 254, so no cutout pixel was ever fully opaque.
+        mask = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))  # mode L
         return mask.resize(size, Image.Resampling.BILINEAR)
 
     def predict(self, img: Image.Image) -> list[Image.Image]:
