@@ -28,7 +28,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, PngImagePlugin, TiffImagePlugin
+from PIL import (
+    Image,
+    ImageFile,
+    ImageOps,
+    PngImagePlugin,
+    TiffImagePlugin,
+    UnidentifiedImageError,
+)
 
 MiB = 1 << 20
 
@@ -118,7 +125,12 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         # Reading a header is a function of the bytes alone: whatever Pillow raises on
         # them (OSError, SyntaxError, ValueError over a limit, struct.error, ...) it raises
         # again on any machine, so it is a fact about this input, not a fault of ours.
-        raise ImageError(f"looks like {fmt} but its header is unreadable: {_why(exc)}") from None
+        unknown = isinstance(exc, UnidentifiedImageError)
+        layout = _tiff_layout(data) if unknown and fmt == "TIFF" else None
+        if layout is not None:
+            raise ImageError(layout) from None
+        why = "Pillow cannot identify it" if unknown else _why(exc)
+        raise ImageError(f"looks like {fmt} but its header is unreadable: {why}") from None
     width, height = img.size
     if width <= 0 or height <= 0:
         raise ImageError(f"has impossible dimensions {width}x{height}")
@@ -138,6 +150,38 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
             "with LZW, Deflate or JPEG compression"
         )
     return img
+
+
+SAMPLE_FORMATS = {1: "unsigned integer", 2: "signed integer", 3: "floating point"}
+PHOTOMETRIC = {0: "WhiteIsZero", 1: "BlackIsZero", 2: "RGB", 3: "palette", 5: "CMYK", 6: "YCbCr"}
+
+
+def _tiff_layout(data: bytes) -> str | None:
+    """Why Pillow could not open a TIFF, from its first directory: the sample layout.
+
+    Pillow opens a fixed table of layouts (TiffImagePlugin.OPEN_INFO); for any other it
+    says only "cannot identify image file". None where the directory itself is unreadable.
+    """
+    try:
+        ifd = TiffImagePlugin.ImageFileDirectory_v2(data[:8])
+        fp = io.BytesIO(data)
+        fp.seek(ifd.next)
+        ifd.load(fp)
+        bits = ifd.get(TiffImagePlugin.BITSPERSAMPLE)
+        count = _first(ifd.get(TiffImagePlugin.SAMPLESPERPIXEL), 1)
+        kind = _first(ifd.get(TiffImagePlugin.SAMPLEFORMAT), 1)
+        photometric = ifd.get(TiffImagePlugin.PHOTOMETRIC_INTERPRETATION)
+    except Exception:  # a directory Pillow cannot parse either: its own message will do
+        return None
+    depths = sorted(set(bits)) if isinstance(bits, tuple) else [bits]
+    depth = "/".join(str(d) for d in depths)
+    colour = PHOTOMETRIC.get(photometric) if isinstance(photometric, int) else None
+    return (
+        f"is a TIFF whose pixels are {count} sample{'s' if count > 1 else ''} of {depth}-bit "
+        f"{SAMPLE_FORMATS.get(kind, f'sample format {kind}')} "
+        f"({colour or f'photometric {photometric}'}), a layout Pillow does not read; "
+        "save it as 8-bit RGB or RGBA, or 16-bit grey"
+    )
 
 
 def _misread_ycbcr(img: Image.Image) -> bool:
@@ -217,11 +261,14 @@ class Samples:
         unsigned32: stored as unsigned 32-bit, which Pillow holds as signed (so the top half
             reads negative) until reinterpreted.
         inverted: TIFF's WhiteIsZero, which Pillow inverts for 8-bit samples but not wider.
+        signed8: signed 8-bit TIFF samples, which Pillow reads as unsigned (mode L, so -1
+            is white); reinterpreted and mapped like wider signed samples.
     """
 
     white: float = 65535.0
     unsigned32: bool = False
     inverted: bool = False
+    signed8: bool = False
 
     @classmethod
     def of(cls, img: Image.Image) -> Samples:
@@ -235,7 +282,8 @@ class Samples:
         return cls(
             white=float(2 ** (bits - 1) - 1 if signed else 2**bits - 1),
             unsigned32=img.mode == "I" and bits == 32 and sample_format == 1,
-            inverted=tags.get(TiffImagePlugin.PHOTOMETRIC_INTERPRETATION) == 0,
+            inverted=img.mode in WIDE and tags.get(TiffImagePlugin.PHOTOMETRIC_INTERPRETATION) == 0,
+            signed8=img.mode == "L" and bits == 8 and signed,
         )
 
 
@@ -292,6 +340,8 @@ def _wide_to_grey(img: Image.Image, samples: Samples) -> np.ndarray:
     else:
         if samples.unsigned32:
             arr = arr.view(np.uint32)
+        elif samples.signed8:
+            arr = arr.view(np.int8)
         white = samples.white
 
         def unit(block: np.ndarray) -> np.ndarray:
@@ -305,7 +355,7 @@ def to_rgb(img: Image.Image, samples: Samples) -> Image.Image:
     """8-bit RGB, or RGBA where the image has alpha or a transparent colour."""
     transparency = img.info.get("transparency")
     has_alpha = any(band in ("A", "a") for band in img.getbands()) or transparency is not None
-    if img.mode in WIDE:
+    if img.mode in WIDE or samples.signed8:
         grey = _wide_to_grey(img, samples)
         out = Image.fromarray(grey).convert("RGB")
         if isinstance(transparency, int) and img.mode != "F":  # PNG's tRNS of 16-bit grey
