@@ -79,6 +79,10 @@ class Header:
     width: int
     height: int
 
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
 
 def sniff(data: bytes) -> str | None:
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":

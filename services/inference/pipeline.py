@@ -78,7 +78,10 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
     try:
         return images.decode(data, max_pixels)
     except images.ImageError as exc:
-        raise InvalidImage(f"{IMAGE_FIELD} {exc}") from exc
+        why = str(exc)
+    # Not chained to the ImageError: its traceback would keep what Pillow read alive for
+    # as long as the job's error is referenced (see services/gateway/intake.py).
+    raise InvalidImage(f"{IMAGE_FIELD} {why}")
 
 
 def _opaque(img: Image.Image) -> Image.Image:
