@@ -1,4 +1,5 @@
-"""Images by URL: hostile addresses refused with a reason, allowed hosts fetched, caps kept."""
+"""Images by URL: hostile addresses refused with a reason, allowed host:port pairs fetched (and
+no other port of their host), caps kept."""
 
 from __future__ import annotations
 
