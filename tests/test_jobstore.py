@@ -16,6 +16,7 @@ from services.local.redis import RedisServer
 from services.scheduler.keys import Keys
 from services.scheduler.store import (
     Admission,
+    Charge,
     Claim,
     Fairness,
     NewJob,
@@ -198,10 +199,18 @@ async def claim_after_backoff(store: Store, lease_ms: int = 10_000) -> Claim | N
     return None
 
 
-async def test_expired_leases_back_off_then_dead_letter(store: Store) -> None:
+async def test_expired_leases_back_off_free_then_count_then_dead_letter(store: Store) -> None:
+    # An expired lease is the cluster's fault (its scheduler died or lost Redis): it does
+    # not use up a retry, up to max_free per job; beyond that even those count.
+    store = Store(
+        store.redis,
+        store.keys,
+        Retention(),
+        RetryPolicy(max_retries=1, base_delay_ms=100, max_free=2),
+    )
     job_id = await enqueue(store, "a")
     claim = await store.claims.claim("node", 50)
-    for attempt in (1, 2):  # max_retries=2: two retries after the first attempt
+    for attempt in (1, 2, 3):  # two free retries, then the one retry max_retries allows
         assert claim is not None and claim.attempt == attempt
         await asyncio.sleep(0.1)
         assert await store.attempts.reap() == [job_id]
@@ -209,7 +218,7 @@ async def test_expired_leases_back_off_then_dead_letter(store: Store) -> None:
         assert job.state == jobs_pb2.JOB_STATE_QUEUED and job.HasField("retry_time")
         assert await store.claims.claim("node", 50) is None  # still backing off
         claim = await claim_after_backoff(store, lease_ms=50)
-    assert claim is not None and claim.attempt == 3
+    assert claim is not None and claim.attempt == 4
     await asyncio.sleep(0.1)
     await store.attempts.reap()
     job = await store.jobs.get("a", job_id)
@@ -218,8 +227,8 @@ async def test_expired_leases_back_off_then_dead_letter(store: Store) -> None:
     assert "lease expired" in job.error.message
     assert await store.jobs.input_image(job_id) == b"image-bytes"  # kept for a requeue
     stats = await store.stats.queue("a")
-    assert (stats.attempts_started, stats.lease_losses) == (3, 3)
-    assert (stats.retries, stats.dead_lettered, stats.succeeded) == (2, 1, 0)
+    assert (stats.attempts_started, stats.lease_losses) == (4, 4)
+    assert (stats.retries, stats.dead_lettered, stats.succeeded) == (3, 1, 0)
 
 
 async def test_stored_outputs_expire_with_their_jobs(
@@ -345,7 +354,7 @@ async def test_a_refused_attempt_does_not_count(store: Store) -> None:
         claim = await store.claims.claim("node", 10_000)
         assert claim is not None and claim.attempt == 1
         full = status_from_code(grpc.StatusCode.RESOURCE_EXHAUSTED, "node is full")
-        assert await store.attempts.retry(claim, full, refund=True) == Retried.REQUEUED
+        assert await store.attempts.retry(claim, full, Charge.REFUNDED) == Retried.REQUEUED
     job = await store.jobs.get("a", job_id)
     assert job.state == jobs_pb2.JOB_STATE_QUEUED and job.attempt == 0
 

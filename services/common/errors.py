@@ -6,10 +6,12 @@ with rich details (google.rpc.BadRequest, RetryInfo) via `abort`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
+import redis.exceptions as redis_errors
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -97,6 +99,51 @@ async def abort_status(
     relayed = rpc_status.to_status(status)
     await context.abort(relayed.code, relayed.details, tuple(relayed.trailing_metadata))
     raise AssertionError("abort returned")  # pragma: no cover
+
+
+def unavailable(message: str, retry_after_s: float = 1.0) -> CutoutError:
+    """A fault of the cluster, not of the call: the caller retries the same call."""
+    return CutoutError(message, grpc.StatusCode.UNAVAILABLE, retry_after_s=retry_after_s)
+
+
+# Redis replies that mean "not now", not "never": a restart replaying its AOF
+# (LOADING), a replica promoted or demoted (READONLY, MASTERDOWN), a script
+# cache emptied by a restart between load and call (NOSCRIPT), a long script
+# (BUSY), memory full until retention frees some (OOM).
+_TRANSIENT_REPLIES = ("LOADING", "MASTERDOWN", "READONLY", "TRYAGAIN", "BUSY", "NOSCRIPT", "OOM")
+_TRANSIENT_CLASSES = (
+    redis_errors.ConnectionError,  # also BusyLoadingError and "No connection available"
+    redis_errors.TimeoutError,
+    redis_errors.ReadOnlyError,
+    redis_errors.NoScriptError,
+    redis_errors.TryAgainError,
+    redis_errors.ClusterDownError,  # also MasterDownError
+    redis_errors.OutOfMemoryError,
+)
+
+
+def store_unavailable(exc: BaseException) -> bool:
+    """Whether a Redis error is the store being out of reach for now (retry), not a bug.
+
+    A pipeline's error keeps its class but its message starts "Command # n
+    (...) of pipeline caused error: "; the reply's own code follows.
+    """
+    if isinstance(exc, _TRANSIENT_CLASSES):
+        return True
+    if isinstance(exc, redis_errors.ResponseError):
+        reply = str(exc).rpartition("caused error: ")[2]
+        return reply.startswith(_TRANSIENT_REPLIES)
+    return False
+
+
+# Set by gRPC itself on every response; passing them on would duplicate them.
+_RESERVED_METADATA = frozenset({"content-type", "grpc-status", "grpc-message", "date"})
+
+
+def relayed_trailers(metadata: Iterable[Any] | None) -> tuple[tuple[str, str | bytes], ...]:
+    """Another service's trailing metadata as a tuple `context.abort` accepts (it refuses
+    grpc.aio.Metadata), without the keys gRPC sets itself; rich details travel in it."""
+    return tuple((str(k), v) for k, v in (metadata or ()) if k not in _RESERVED_METADATA)
 
 
 def status_from_code(code: grpc.StatusCode, message: str) -> status_pb2.Status:

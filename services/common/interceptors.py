@@ -13,9 +13,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias
 
 import grpc
-import redis.asyncio as aioredis
 
-from services.common.errors import CutoutError, abort
+from services.common.errors import CutoutError, abort, store_unavailable, unavailable
 
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 Continuation: TypeAlias = Callable[[grpc.HandlerCallDetails], Awaitable[Handler]]
@@ -65,14 +64,11 @@ def as_status(exc: Exception) -> CutoutError | None:
     """The status a domain or infrastructure exception means to a caller, or None."""
     if isinstance(exc, CutoutError):
         return exc
-    if isinstance(
-        exc, aioredis.ConnectionError | aioredis.TimeoutError | aioredis.BusyLoadingError
-    ):
-        # Redis restarting or out of reach: the caller can retry the same call.
-        return CutoutError(
-            f"the job store is unavailable, retry shortly ({type(exc).__name__}: {exc})",
-            grpc.StatusCode.UNAVAILABLE,
-            retry_after_s=1.0,
+    if store_unavailable(exc):
+        # Redis restarting, loading, failing over or out of reach: the caller can
+        # retry the same call (services/common/errors.py lists what counts).
+        return unavailable(
+            f"the job store is unavailable, retry shortly ({type(exc).__name__}: {exc})"
         )
     return None
 

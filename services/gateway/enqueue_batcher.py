@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from google.rpc import status_pb2
 
+from services.common.errors import unavailable
 from services.internal.v1 import scheduler_service_pb2 as spb
 
 Send = Callable[[spb.EnqueueJobsRequest], Awaitable[spb.EnqueueJobsResponse]]
@@ -112,6 +113,6 @@ class EnqueueBatcher:
         finally:
             for _, _, future in batch:  # cancelled while in flight (shutdown)
                 if not future.done():
-                    future.set_exception(RuntimeError("enqueue interrupted; retry"))
+                    future.set_exception(unavailable("enqueue interrupted; retry"))
             self._in_flight -= 1
             self._flush()

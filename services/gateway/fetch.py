@@ -9,14 +9,20 @@ https by default; size and time are capped. Host-and-port pairs on an operator
 allow-list skip the address check (that is how the tests reach their loopback
 server); the pair, not the host: an allowed internal image server must not open
 every other port of its machine (its Redis, its admin API) to whoever submits a URL.
+
+Fetches take slots (`FetchSlots`): a few per vendor, more for the whole
+gateway, so one vendor's slow URLs cannot hold the fetchers every other
+vendor needs. Waiting for a gateway slot counts against the fetch's own
+deadline, and a refusal for want of a slot is RESOURCE_EXHAUSTED with RetryInfo.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
 
@@ -109,6 +115,8 @@ class FetchPolicy:
         max_redirects: redirects followed.
         allow_http: also fetch http:// URLs (off by default).
         allow_hosts: (scheme,) host and port combinations exempt from the address check.
+        fetches_per_vendor: fetches one vendor may have running at once.
+        fetches: fetches the whole gateway runs at once.
     """
 
     max_bytes: int = 20 * 1024 * 1024
@@ -116,6 +124,11 @@ class FetchPolicy:
     max_redirects: int = 3
     allow_http: bool = False
     allow_hosts: frozenset[AllowedHost] = field(default_factory=frozenset)
+    # 64 slow URLs from one vendor once held all 16 of a gateway's fetchers and made
+    # every other vendor's URL submit wait past its deadline; 4 each keeps any
+    # vendor to a quarter of them.
+    fetches_per_vendor: int = 4
+    fetches: int = 16
 
     def allowed(self, scheme: str, host: str, port: int) -> bool:
         return any(entry.allows(scheme, host, port) for entry in self.allow_hosts)
@@ -193,10 +206,64 @@ class _Pinned(AbstractResolver):
         return None
 
 
+RETRY_SLOT_S = 1.0  # what a refusal for want of a fetch slot tells the caller to wait
+
+
+class FetchSlots:
+    """Who may fetch now: `per_vendor` fetches of one vendor, `total` in the gateway."""
+
+    def __init__(self, per_vendor: int, total: int) -> None:
+        self.per_vendor = per_vendor
+        self.total = total
+        self._shared = asyncio.Semaphore(total)
+        self._vendors: dict[str, asyncio.Semaphore] = {}
+        self._holders: dict[str, int] = {}  # vendor -> slots held or waited for
+
+    @contextlib.asynccontextmanager
+    async def vendor(self, vendor: str, wait: bool = False) -> AsyncIterator[None]:
+        """One of the vendor's slots. Without `wait`, RESOURCE_EXHAUSTED at once when the
+        vendor has them all; with it (a batch's items), wait for one of its own."""
+        mine = self._vendors.setdefault(vendor, asyncio.Semaphore(self.per_vendor))
+        if not wait and mine.locked():
+            raise _busy(
+                f"vendor {vendor} already has {self.per_vendor} URL fetches running on this "
+                "gateway, the most CUTOUT_URL_FETCHES_PER_VENDOR allows; retry shortly, or "
+                "send the image bytes inline"
+            )
+        self._holders[vendor] = self._holders.get(vendor, 0) + 1
+        try:
+            async with mine:
+                yield
+        finally:
+            self._holders[vendor] -= 1
+            if not self._holders[vendor]:  # forget idle vendors: the map must not grow
+                del self._holders[vendor], self._vendors[vendor]
+
+    @contextlib.asynccontextmanager
+    async def shared(self, wait_s: float) -> AsyncIterator[None]:
+        """One of the gateway's slots, waited for at most wait_s (the fetch's deadline)."""
+        try:
+            await asyncio.wait_for(self._shared.acquire(), max(0.0, wait_s))
+        except TimeoutError:
+            raise _busy(
+                f"all {self.total} URL fetchers of this gateway (CUTOUT_URL_FETCHES) stayed "
+                "busy until this fetch's deadline; retry shortly, or send the image bytes inline"
+            ) from None
+        try:
+            yield
+        finally:
+            self._shared.release()
+
+
+def _busy(message: str) -> CutoutError:
+    return CutoutError(message, grpc.StatusCode.RESOURCE_EXHAUSTED, retry_after_s=RETRY_SLOT_S)
+
+
 class Fetcher:
     def __init__(self, policy: FetchPolicy, resolve: Resolve = system_resolve) -> None:
         self.policy = policy
         self._resolve = resolve
+        self.slots = FetchSlots(policy.fetches_per_vendor, policy.fetches)
 
     def _refuse(self, field_path: str, url: str, why: str) -> CutoutError:
         description = f"cannot fetch {url!r}: {why}"
@@ -242,10 +309,12 @@ class Fetcher:
         entries = sorted(str(a) for a in self.policy.allow_hosts if a.host == _normal_host(host))
         return f" (the allow-list has it only as {', '.join(entries)})" if entries else ""
 
-    async def fetch(self, url: str, field_path: str) -> bytes:
-        """The body at url, following up to max_redirects checked redirects."""
+    async def fetch(self, url: str, field_path: str, timeout_s: float | None = None) -> bytes:
+        """The body at url, following up to max_redirects checked redirects, within
+        timeout_s (default: the policy's; less when a slot was waited for)."""
+        limit = self.policy.timeout_s if timeout_s is None else max(0.0, timeout_s)
         try:
-            return await asyncio.wait_for(self._fetch(url, field_path), self.policy.timeout_s)
+            return await asyncio.wait_for(self._fetch(url, field_path), limit)
         except TimeoutError:
             raise self._refuse(
                 field_path, url, f"no complete answer within {self.policy.timeout_s:g} s"

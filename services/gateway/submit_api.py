@@ -9,7 +9,8 @@ VendorAuth interceptor; CutoutErrors become statuses in ErrorMapping.
 Billing: an image refused for bad input takes nothing from the vendor's
 quotas (inline images are checked before the quota is taken). An image given
 by URL takes its quota before the fetch, because the fetch is work done for
-the vendor whatever the bytes turn out to be.
+the vendor whatever the bytes turn out to be; but only once it holds a fetch
+slot (fetch.py's FetchSlots), so a submit refused for want of one costs nothing.
 """
 
 from __future__ import annotations
@@ -17,14 +18,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import Any, cast
 
 import grpc
 import redis.asyncio as aioredis
 
 from cutout.v1 import cutout_service_pb2 as pb
 from cutout.v1 import jobs_pb2
-from services.common.errors import CutoutError, abort_status, invalid_argument
+from services.common.errors import (
+    CutoutError,
+    abort_status,
+    invalid_argument,
+    relayed_trailers,
+    unavailable,
+)
 from services.common.identity import current_vendor
 from services.gateway import metrics
 from services.gateway.auth import Authenticator
@@ -43,11 +49,7 @@ Checked = tuple[jobs_pb2.JobSubmission, int]  # the submission with inline bytes
 
 def _limiter_down(exc: aioredis.RedisError) -> CutoutError:
     # Fail closed but retryable: without the limiter no quota can be kept.
-    return CutoutError(
-        f"rate limiter unavailable, retry shortly: {exc}",
-        grpc.StatusCode.UNAVAILABLE,
-        retry_after_s=1.0,
-    )
+    return unavailable(f"rate limiter unavailable, retry shortly: {exc}")
 
 
 def _operation(submission: jobs_pb2.JobSubmission) -> str:
@@ -74,18 +76,22 @@ class SubmitServicer:
         self.max_batch = max_batch
         self.limiter = limiter
         self.fetcher = fetcher
-        self._fetching = asyncio.Semaphore(16)  # concurrent URL fetches per gateway
 
-    async def _fetched(self, sub: jobs_pb2.JobSubmission, prefix: str) -> jobs_pb2.JobSubmission:
-        """The submission with a URL image replaced by the bytes fetched from it."""
-        if not _is_url(sub):
-            return sub
-        async with self._fetching:
-            data = await self.fetcher.fetch(sub.image.uri, f"{prefix}.image.uri")
+    async def _fetched(
+        self, sub: jobs_pb2.JobSubmission, prefix: str, deadline: float
+    ) -> jobs_pb2.JobSubmission:
+        """The submission with its URL image replaced by the bytes fetched from it, by
+        `deadline` (event loop time); the caller holds the vendor's and a gateway slot."""
+        left = deadline - asyncio.get_running_loop().time()
+        data = await self.fetcher.fetch(sub.image.uri, f"{prefix}.image.uri", left)
         out = jobs_pb2.JobSubmission()
         out.CopyFrom(sub)
         out.image.content = data
         return out
+
+    def _deadline(self) -> float:
+        """When a fetch starting now must be over, slot waits included."""
+        return asyncio.get_running_loop().time() + self.fetcher.policy.timeout_s
 
     async def _take(self, vendor: str, quota: str, wanted: int) -> Decision | None:
         """Units of a quota; None when the quota is not limited (unknown name)."""
@@ -122,10 +128,14 @@ class SubmitServicer:
         vendor = current_vendor()
         sub = request.submission
         if _is_url(sub):
-            await self._admit_one(vendor, _operation(sub), context)
-            submission, pixels = validate(
-                await self._fetched(sub, "submission"), "submission", self.limits
-            )
+            deadline = self._deadline()
+            slots = self.fetcher.slots
+            left = deadline - asyncio.get_running_loop().time()
+            # Slots first, so a submit refused for want of one takes no quota.
+            async with slots.vendor(vendor), slots.shared(left):
+                await self._admit_one(vendor, _operation(sub), context)
+                fetched = await self._fetched(sub, "submission", deadline)
+            submission, pixels = validate(fetched, "submission", self.limits)
         else:
             submission, pixels = validate(sub, "submission", self.limits)
             await self._admit_one(vendor, _operation(submission), context)
@@ -136,8 +146,9 @@ class SubmitServicer:
         except EnqueueRefused as refused:
             await abort_status(context, refused.status)
         except grpc.aio.AioRpcError as exc:
+            # The scheduler's status as it is: UNAVAILABLE stays retryable, details kept.
             await context.abort(
-                exc.code(), exc.details() or "", cast(Any, exc.trailing_metadata()) or ()
+                exc.code(), exc.details() or "", relayed_trailers(exc.trailing_metadata())
             )
         log.info(
             "job accepted", extra={"job_id": reply.job.name.removeprefix("jobs/"), "vendor": vendor}
@@ -198,8 +209,16 @@ class SubmitServicer:
         by_operation: dict[str, list[int]] = {}
 
         async def fetch(index: int) -> jobs_pb2.JobSubmission | CutoutError:
+            sub = request.submissions[index]
+            if not _is_url(sub):
+                return sub
+            slots = self.fetcher.slots
             try:
-                return await self._fetched(request.submissions[index], f"submissions[{index}]")
+                # A batch's items wait for the vendor's own slots, a few at a time.
+                async with slots.vendor(vendor, wait=True):
+                    deadline = self._deadline()
+                    async with slots.shared(deadline - asyncio.get_running_loop().time()):
+                        return await self._fetched(sub, f"submissions[{index}]", deadline)
             except CutoutError as err:
                 return err
 
@@ -237,6 +256,8 @@ def _record(outcome: pb.BatchItemOutcome, reply: spb.EnqueuedJob | BaseException
         outcome.job.CopyFrom(reply.job)
     elif isinstance(reply, EnqueueRefused):
         outcome.error.CopyFrom(reply.status)
+    elif isinstance(reply, CutoutError):
+        outcome.error.CopyFrom(reply.to_status())
     elif isinstance(reply, grpc.aio.AioRpcError):
         outcome.error.code = reply.code().value[0]
         outcome.error.message = reply.details() or ""

@@ -4,7 +4,16 @@ One loop claims jobs (fairly, through the job store's Lua script) whenever a
 node has a free slot; each claimed attempt runs as its own task that streams
 the node's progress into Redis, stores the output, and completes, retries or
 fails the job. A reaper puts back jobs whose lease ran out because their
-node or scheduler died.
+scheduler died; a watchdog abandons attempts whose node stopped answering
+health polls (frozen, partitioned) so they run elsewhere at once instead of
+at their deadline.
+
+Whose fault a lost attempt was decides whether it uses up one of the job's
+retries (store.Charge): the node's (an error, a crash, the deadline, a node
+gone silent) counts; the cluster's own (this scheduler stopping, Redis
+restarting under it) does not. A short Redis outage does not end an attempt
+at all: lease renewals and progress writes are retried, and the completion
+waits for Redis for up to STORE_PATIENCE_S.
 """
 
 from __future__ import annotations
@@ -13,34 +22,64 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 import redis.asyncio as aioredis
 
 from cutout.names import job_name
 from cutout.v1 import jobs_pb2
-from services.common.errors import NON_RETRYABLE, status_from_code
+from services.common.errors import NON_RETRYABLE, status_from_code, store_unavailable
 from services.common.operations import HEAVY_LANE, LIGHT_LANE
 from services.internal.v1 import inference_service_pb2 as inference_pb2
 from services.scheduler import metrics
 from services.scheduler.nodes import Node, NodePool
 from services.scheduler.progress import ProgressThrottle
 from services.scheduler.storage import ResultStores, StorageError
-from services.scheduler.store import Claim, Retried, Store
+from services.scheduler.store import Charge, Claim, Retried, Store
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 EXTENSIONS = {"image/png": "png", "image/webp": "webp", "image/jpeg": "jpg"}
+# How long an attempt whose node has answered waits for Redis to come back to record
+# the outcome; past it the lease runs out and the reaper retries the job, free.
+STORE_PATIENCE_S = 30.0
 
 
 @dataclass(frozen=True)
 class DispatchPolicy:
+    """
+    Attributes:
+        lease_ms: a running job's lease; renewed every third of it while the attempt runs.
+        attempt_timeout_s: the ceiling of an attempt's deadline.
+        attempt_timeout_floor_s: the least deadline an attempt gets.
+        attempt_timeout_factor: the deadline is this many times the lane's average run time.
+        node_silent_s: an attempt whose node has not answered a poll for this long is
+            abandoned and retried elsewhere.
+    """
+
     lease_ms: int = 15_000
     attempt_timeout_s: float = 60.0
+    attempt_timeout_floor_s: float = 15.0
+    attempt_timeout_factor: float = 5.0
+    node_silent_s: float = 5.0
     reap_interval_s: float = 0.25
     progress_interval_s: float = 0.2
+
+    def deadline_s(self, lane_run_ms: float | None) -> float:
+        """An attempt's deadline: factor x its lane's moving average run time, at least the
+        floor, at most the ceiling (the ceiling itself until an average exists).
+
+        A fixed 60 s let a node that hung hold a 2-second job for a minute; scaled
+        to what the lane really takes, a hung attempt is retried within seconds.
+        """
+        if lane_run_ms is None:
+            return self.attempt_timeout_s
+        scaled = self.attempt_timeout_factor * lane_run_ms / 1000
+        return min(self.attempt_timeout_s, max(self.attempt_timeout_floor_s, scaled))
 
 
 class ProtocolError(Exception):
@@ -63,6 +102,9 @@ class Dispatcher:
         self.on_delivery = on_delivery  # wakes the delivery loop
         self._kicks = {HEAVY_LANE: asyncio.Event(), LIGHT_LANE: asyncio.Event()}
         self._attempts: dict[str, asyncio.Task[None]] = {}
+        self._nodes: dict[str, Node] = {}  # job id -> the node its attempt runs on
+        # job id -> why its attempt task was cancelled on purpose, and how to charge it
+        self._abandoned: dict[str, tuple[str, Charge]] = {}
         self._stopping = False
 
     # --- loops ------------------------------------------------------------------
@@ -72,6 +114,7 @@ class Dispatcher:
         loops = [
             asyncio.create_task(self._listen()),
             asyncio.create_task(self._claim_loop(LIGHT_LANE)),
+            asyncio.create_task(self._watch_nodes()),
         ]
         try:
             await self._claim_loop(HEAVY_LANE)
@@ -102,6 +145,35 @@ class Dispatcher:
             node.started(light)
             task = asyncio.create_task(self._attempt(claim, node, light))
             self._attempts[claim.job_id] = task
+            self._nodes[claim.job_id] = node
+
+    async def _watch_nodes(self) -> None:
+        """Abandon the attempts of nodes that stopped answering polls.
+
+        A SIGSTOPped node was marked unhealthy within 3 s, but its jobs waited
+        for their 60 s deadline: the scheduler kept their leases alive. A node
+        that answers (even NOT_SERVING while draining) keeps its attempts.
+        """
+        period = max(0.05, min(1.0, self.policy.node_silent_s / 4))
+        while True:
+            await asyncio.sleep(period)
+            for job_id, node in list(self._nodes.items()):
+                silent = node.silent_s
+                if silent > self.policy.node_silent_s and job_id not in self._abandoned:
+                    self.pool.mark_failed(node)
+                    self._abandon(
+                        job_id,
+                        f"node {node.address} stopped answering health checks "
+                        f"({silent:.1f} s without an answer)",
+                        Charge.COUNTED,
+                    )
+
+    def _abandon(self, job_id: str, why: str, charge: Charge) -> None:
+        """End the attempt's task on purpose; it retries the job, charged as told."""
+        task = self._attempts.get(job_id)
+        if task is not None and not task.done():
+            self._abandoned[job_id] = (why, charge)
+            task.cancel()
 
     async def reap_forever(self) -> None:
         while True:
@@ -139,16 +211,19 @@ class Dispatcher:
     async def drain(self, grace_s: float) -> None:
         """Stop claiming; give running attempts grace_s to finish, then cancel them.
 
-        A cancelled attempt keeps its lease until it expires, so another
-        scheduler (or this one, restarted) puts the job back: nothing is lost.
+        A cancelled attempt goes back to its queue free of charge (or, if Redis
+        cannot be reached, keeps its lease until it expires and the reaper of
+        another scheduler puts it back): nothing is lost.
         """
         self._stopping = True
         self._kick()
         pending = list(self._attempts.values())
         if pending:
             _, still = await asyncio.wait(pending, timeout=grace_s)
-            for task in still:
-                task.cancel()
+            for job_id, task in list(self._attempts.items()):
+                if task in still:
+                    # Not the job's fault: back to its queue without using up a retry.
+                    self._abandon(job_id, "the scheduler running it stopped", Charge.FREE)
             await asyncio.gather(*still, return_exceptions=True)
 
     def _kick(self) -> None:
@@ -200,20 +275,55 @@ class Dispatcher:
         try:
             await self._run_on_node(claim, node)
         except asyncio.CancelledError:
-            log.info("attempt cancelled", extra=extra)
+            abandoned = self._abandoned.pop(claim.job_id, None)
+            if abandoned is None:
+                log.info("attempt cancelled", extra=extra)  # by its vendor, or fenced off
+            else:
+                why, charge = abandoned
+                log.warning("attempt abandoned", extra={**extra, "reason": why})
+                # A stopping scheduler must not wait out a Redis outage: the reaper
+                # of another one will retry the job when its lease runs out.
+                patient = not self._stopping
+                await self._retry(claim, grpc.StatusCode.UNAVAILABLE, why, charge, patient)
         except grpc.aio.AioRpcError as exc:
             await self._on_node_error(claim, node, light, exc.code(), exc.details() or "", extra)
         except (ProtocolError, aioredis.RedisError, OSError) as exc:
             log.exception("attempt failed", extra=extra)
+            # Redis or the result store failing under us is the cluster's fault, not the job's.
+            free = isinstance(exc, OSError) or store_unavailable(exc)
             await self._retry(
-                claim, grpc.StatusCode.INTERNAL, f"attempt {claim.attempt} failed: {exc}"
+                claim,
+                grpc.StatusCode.INTERNAL,
+                f"attempt {claim.attempt} failed: {exc}",
+                Charge.FREE if free else Charge.COUNTED,
             )
         finally:
             metrics.RUN.observe(time.perf_counter() - started)
             renewer.cancel()
             node.finished(light)
             self._attempts.pop(claim.job_id, None)
+            self._nodes.pop(claim.job_id, None)
+            self._abandoned.pop(claim.job_id, None)
             self._kicks[LIGHT_LANE if light else HEAVY_LANE].set()
+
+    async def _patiently(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """A store call retried while Redis is out of reach, for up to STORE_PATIENCE_S.
+
+        The node's work is done (or its failure known); losing that to a Redis
+        restart would run the job again and charge it a retry.
+        """
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + STORE_PATIENCE_S
+        pause = 0.1
+        while True:
+            try:
+                return await call()
+            except aioredis.RedisError as exc:
+                if not store_unavailable(exc) or loop.time() + pause > give_up:
+                    raise
+                log.warning("redis unavailable; retrying", extra={"what": what, "error": str(exc)})
+            await asyncio.sleep(pause)
+            pause = min(1.0, pause * 2)
 
     async def _run_on_node(self, claim: Claim, node: Node) -> None:
         if claim.image is None:
@@ -226,13 +336,23 @@ class Dispatcher:
             vendor_id=claim.vendor,
         )
         call = node.stub.Process(
-            request, timeout=self.policy.attempt_timeout_s, metadata=self.pool.metadata
+            request,
+            timeout=self.policy.deadline_s(claim.lane_run_ms),
+            metadata=self.pool.metadata,
         )
         output: inference_pb2.ProcessOutput | None = None
         chunks: list[bytes] = []
 
         async def write(updates: list[tuple[int, int]]) -> bool:
-            return await self.store.attempts.progress(claim, updates, self.policy.lease_ms)
+            try:
+                return await self.store.attempts.progress(claim, updates, self.policy.lease_ms)
+            except aioredis.RedisError as exc:
+                if not store_unavailable(exc):
+                    raise
+                # Redis restarting: the node keeps working; these reports go out with
+                # the next write or the completion.
+                progress.restore(updates)
+                return True
 
         progress = ProgressThrottle(write, self.policy.progress_interval_s)
         try:
@@ -293,8 +413,12 @@ class Dispatcher:
         if output.HasField("subject_box"):
             result.subject_box.CopyFrom(output.subject_box)
         # Stages not written yet, the output's retention and SUCCEEDED: one round trip.
-        done = await self.store.attempts.complete(
-            claim, result, deliver, updates=progress.take(), lease_ms=self.policy.lease_ms
+        updates = progress.take()
+        done = await self._patiently(
+            "complete",
+            lambda: self.store.attempts.complete(
+                claim, result, deliver, updates=updates, lease_ms=self.policy.lease_ms
+            ),
         )
         if done:
             metrics.JOBS_FINISHED.labels("succeeded").inc()
@@ -354,7 +478,8 @@ class Dispatcher:
             "node answered with an error", extra={**extra, "code": code.name, "details": details}
         )
         if code.value[0] in NON_RETRYABLE:
-            if await self.store.attempts.fail(claim, status_from_code(code, details)):
+            error = status_from_code(code, details)
+            if await self._patiently("fail", lambda: self.store.attempts.fail(claim, error)):
                 metrics.JOBS_FINISHED.labels("failed").inc()
             return
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -362,16 +487,35 @@ class Dispatcher:
             # was stale (another scheduler's jobs, or a restart's orphans), so
             # treat it as full until the next poll and requeue without counting.
             node.refused(light)
-            await self._retry(claim, code, details, refund=True)
+            await self._retry(claim, code, details, Charge.REFUNDED)
             return
         if code == grpc.StatusCode.UNAVAILABLE:
-            self.pool.mark_failed(node)
+            self.pool.mark_failed(node)  # the node crashed or went away: the job's retry
         await self._retry(claim, code, f"attempt {claim.attempt} on {node.address}: {details}")
 
     async def _retry(
-        self, claim: Claim, code: grpc.StatusCode, message: str, refund: bool = False
+        self,
+        claim: Claim,
+        code: grpc.StatusCode,
+        message: str,
+        charge: Charge = Charge.COUNTED,
+        patient: bool = True,
     ) -> None:
-        outcome = await self.store.attempts.retry(claim, status_from_code(code, message), refund)
+        error = status_from_code(code, message)
+        try:
+            if patient:
+                outcome = await self._patiently(
+                    "retry", lambda: self.store.attempts.retry(claim, error, charge)
+                )
+            else:
+                outcome = await self.store.attempts.retry(claim, error, charge)
+        except aioredis.RedisError as exc:
+            # The lease runs out and the reaper retries the job (free of charge).
+            log.error(
+                "could not record a failed attempt; its lease will expire",
+                extra={"job_id": claim.job_id, "error": str(exc)},
+            )
+            return
         if outcome == Retried.RETRYING:
             metrics.RETRIES.inc()
         if outcome == Retried.DEAD_LETTERED:
@@ -383,11 +527,26 @@ class Dispatcher:
             )
 
     async def _renew(self, claim: Claim) -> None:
-        """Keep the lease while the node works silently (the model runs long)."""
+        """Keep the lease while the node works silently (the model runs long).
+
+        A renewal that cannot reach Redis is tried again sooner: a restart must
+        not cost the attempt its lease (the lease is 3 periods long).
+        """
         period = self.policy.lease_ms / 3000
+        wait = period
         while True:
-            await asyncio.sleep(period)
-            if not await self.store.attempts.renew(claim, self.policy.lease_ms):
+            await asyncio.sleep(wait)
+            try:
+                held = await self.store.attempts.renew(claim, self.policy.lease_ms)
+            except aioredis.RedisError as exc:
+                log.warning(
+                    "cannot renew a lease: redis unavailable",
+                    extra={"job_id": claim.job_id, "error": str(exc)},
+                )
+                wait = min(period, 0.5)
+                continue
+            wait = period
+            if not held:
                 task = self._attempts.get(claim.job_id)
                 if task is not None:
                     task.cancel()

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import random
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -36,6 +37,14 @@ class Node:
     reported_light_in_flight: int = 0
     local_light_in_flight: int = 0
     models: dict[str, str] = field(default_factory=dict)  # name -> execution provider
+    # When the node last answered a poll (time.monotonic()), whatever it answered: a
+    # draining node still answers; a frozen or partitioned one does not.
+    last_answer: float = field(default_factory=time.monotonic)
+
+    @property
+    def silent_s(self) -> float:
+        """Seconds since the node last answered a poll."""
+        return time.monotonic() - self.last_answer
 
     @property
     def in_flight(self) -> int:
@@ -245,6 +254,7 @@ class NodePool:
                 log.warning("node stopped answering", extra={"node": node.address})
             node.healthy = False
             return
+        node.last_answer = time.monotonic()
         serving = health.status == health_pb2.HealthCheckResponse.SERVING
         if serving and not node.healthy:
             log.info("node is up", extra={"node": node.address, "capacity": load.capacity})

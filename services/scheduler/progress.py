@@ -49,6 +49,12 @@ class ProgressThrottle:
         else:
             self._pending.append((stage, percent))
 
+    def restore(self, updates: list[tuple[int, int]]) -> None:
+        """Put back reports whose write failed (Redis restarting), ahead of newer ones."""
+        pending, self._pending = self._pending, []
+        for stage, percent in [*updates, *pending]:
+            self.add(stage, percent)
+
     def take(self) -> list[tuple[int, int]]:
         """The reports not written yet, for the caller to write with the attempt's end."""
         pending, self._pending = self._pending, []

@@ -25,6 +25,7 @@ from services.common.identity import current_vendor
 from services.scheduler.nodes import NodePool
 from services.scheduler.storage import ResultStores, StorageError
 from services.scheduler.store import Store, ensure_succeeded
+from services.scheduler.stream_caps import StreamCaps
 
 Context = grpc.aio.ServicerContext[object, object]
 MAX_PAGE = 500
@@ -56,10 +57,13 @@ def _page_size(page_size: int, page_token: str) -> int:
 
 
 class CutoutServicer(pb_grpc.CutoutServiceServicer):
-    def __init__(self, store: Store, pool: NodePool, results: ResultStores) -> None:
+    def __init__(
+        self, store: Store, pool: NodePool, results: ResultStores, streams: StreamCaps
+    ) -> None:
         self.store = store
         self.pool = pool
         self.results = results
+        self.streams = streams  # open WatchJob and WatchBatch calls
 
     async def SubmitJob(
         self, request: pb.SubmitJobRequest, context: Context
@@ -78,11 +82,13 @@ class CutoutServicer(pb_grpc.CutoutServiceServicer):
     async def WatchJob(
         self, request: pb.WatchJobRequest, context: Context
     ) -> AsyncIterator[pb.WatchJobResponse]:
-        async for job in self.store.jobs.watch(current_vendor(), _job_id(request.name)):
-            response = pb.WatchJobResponse()
-            response.event.job.CopyFrom(job)
-            response.event.event_time.CopyFrom(job.update_time)
-            yield response
+        vendor = current_vendor()
+        with self.streams.hold(vendor):
+            async for job in self.store.jobs.watch(vendor, _job_id(request.name)):
+                response = pb.WatchJobResponse()
+                response.event.job.CopyFrom(job)
+                response.event.event_time.CopyFrom(job.update_time)
+                yield response
 
     async def ListJobs(self, request: pb.ListJobsRequest, context: Context) -> pb.ListJobsResponse:
         size = _page_size(request.page_size, request.page_token)
@@ -125,8 +131,10 @@ class CutoutServicer(pb_grpc.CutoutServiceServicer):
     async def WatchBatch(
         self, request: pb.WatchBatchRequest, context: Context
     ) -> AsyncIterator[pb.WatchBatchResponse]:
-        async for progress in self.store.batches.watch(current_vendor(), _batch(request.name)):
-            yield pb.WatchBatchResponse(batch=progress)
+        vendor = current_vendor()
+        with self.streams.hold(vendor):
+            async for progress in self.store.batches.watch(vendor, _batch(request.name)):
+                yield pb.WatchBatchResponse(batch=progress)
 
     async def CancelBatch(
         self, request: pb.CancelBatchRequest, context: Context

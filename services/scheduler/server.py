@@ -29,6 +29,7 @@ from services.scheduler.records import MysqlTarget, RecordWriter
 from services.scheduler.settings import SchedulerSettings
 from services.scheduler.storage import LocalResultStore, ResultStores
 from services.scheduler.store import Admission, Fairness, Retention, RetryPolicy, Store
+from services.scheduler.stream_caps import StreamCaps
 
 log = logging.getLogger(__name__)
 # The public API's reads, watches and cancellations, and the internal enqueue API.
@@ -38,11 +39,20 @@ SERVICE_NAMES = ["cutout.v1.CutoutService", "cutout.internal.v1.SchedulerService
 class SchedulerServer:
     def __init__(self, settings: SchedulerSettings) -> None:
         self.settings = settings
-        # A bounded pool that waits for a free connection instead of failing a burst
+        # Bounded pools that wait for a free connection instead of failing a burst
         # (enqueues arrive in EnqueueJobs calls of up to 64 jobs, several at once).
+        # The RPCs share one; dispatch (claims, progress, lease renewals, completions,
+        # the reaper, deliveries) has its own, so no flood of calls can make running
+        # jobs lose their leases. Watch streams use neither: the store's watch hub
+        # reads every watched job on one connection of its own.
         self.redis = aioredis.Redis(
             connection_pool=aioredis.BlockingConnectionPool.from_url(
-                settings.redis_url, max_connections=128, timeout=20
+                settings.redis_url, max_connections=settings.redis_connections, timeout=20
+            )
+        )
+        self.work_redis = aioredis.Redis(
+            connection_pool=aioredis.BlockingConnectionPool.from_url(
+                settings.redis_url, max_connections=settings.redis_work_connections, timeout=20
             )
         )
         self.pool = NodePool(
@@ -52,20 +62,26 @@ class SchedulerServer:
             settings.internal_token,
             dns_interval_s=settings.node_dns_s,
         )
-        self.store = Store(
-            self.redis,
-            Keys(settings.key_prefix),
-            Retention(finished_s=settings.retention_s),
-            RetryPolicy(max_retries=settings.max_retries, base_delay_ms=settings.retry_base_ms),
-            Fairness(
-                quantum_milli=round(settings.quantum_mp * 1000), weights=settings.vendor_weights
-            ),
-            Admission(
-                max_queued_per_vendor=settings.max_queued_per_vendor,
-                max_queued=settings.max_queued,
-            ),
-            fleet_capacity=lambda lane: self.pool.capacity(lane == LIGHT_LANE),
-        )
+
+        def store_on(redis: aioredis.Redis) -> Store:
+            return Store(
+                redis,
+                Keys(settings.key_prefix),
+                Retention(finished_s=settings.retention_s),
+                RetryPolicy(max_retries=settings.max_retries, base_delay_ms=settings.retry_base_ms),
+                Fairness(
+                    quantum_milli=round(settings.quantum_mp * 1000),
+                    weights=settings.vendor_weights,
+                ),
+                Admission(
+                    max_queued_per_vendor=settings.max_queued_per_vendor,
+                    max_queued=settings.max_queued,
+                ),
+                fleet_capacity=lambda lane: self.pool.capacity(lane == LIGHT_LANE),
+            )
+
+        self.store = store_on(self.redis)  # what the RPCs read and change
+        self.work_store = store_on(self.work_redis)  # what dispatch and delivery change
         remote = None
         if settings.uses_cloudinary():
             remote = CloudinaryResultStore(
@@ -77,16 +93,23 @@ class SchedulerServer:
             RecordWriter(MysqlTarget.from_url(settings.mysql_url)) if settings.mysql_url else None
         )
         self.deliverer = Deliverer(
-            self.store.outbox, self.store.blobs, results, self.writer, settings.delivery_retry_ms
+            self.work_store.outbox,
+            self.work_store.blobs,
+            results,
+            self.writer,
+            settings.delivery_retry_ms,
         )
         self.gauges = QueueGauges(self.store.stats, self.pool)
         self.dispatcher = Dispatcher(
-            self.store,
+            self.work_store,
             self.pool,
             results,
             DispatchPolicy(
                 lease_ms=settings.lease_ms,
                 attempt_timeout_s=settings.attempt_timeout_s,
+                attempt_timeout_floor_s=settings.attempt_timeout_floor_s,
+                attempt_timeout_factor=settings.attempt_timeout_factor,
+                node_silent_s=settings.node_silent_s,
                 progress_interval_s=settings.progress_interval_ms / 1000,
             ),
             on_delivery=self.deliverer.wake.set,
@@ -98,7 +121,13 @@ class SchedulerServer:
             interceptors=[RpcMetrics(), ErrorMapping(), InternalAuth(settings.internal_token)],
         )
         public_grpc.add_CutoutServiceServicer_to_server(
-            CutoutServicer(self.store, self.pool, results), self.server
+            CutoutServicer(
+                self.store,
+                self.pool,
+                results,
+                StreamCaps(settings.watch_streams_per_vendor, settings.watch_streams),
+            ),
+            self.server,
         )
         internal_grpc.add_SchedulerServiceServicer_to_server(
             SchedulerServicer(self.store, records=self.writer is not None), self.server
@@ -150,3 +179,4 @@ class SchedulerServer:
         if self.writer is not None:
             await self.writer.close()
         await self.redis.aclose()
+        await self.work_redis.aclose()

@@ -87,8 +87,25 @@ class SchedulerSettings:
         metrics_interval_s: CUTOUT_METRICS_INTERVAL_S, how often queue gauges are read from Redis.
         progress_interval_ms: CUTOUT_PROGRESS_INTERVAL_MS, least time between two progress
             writes of one attempt (the latest report is written when it has passed).
-        lease_ms: CUTOUT_LEASE_MS, how long a node may go silent before its job is requeued.
-        attempt_timeout_s: CUTOUT_ATTEMPT_TIMEOUT_S, deadline of one attempt on a node.
+        lease_ms: CUTOUT_LEASE_MS, how long a scheduler may fail to renew a running job's
+            lease (it died, or lost Redis) before the job is requeued.
+        attempt_timeout_s: CUTOUT_ATTEMPT_TIMEOUT_S, the most time one attempt on a node
+            may take: the ceiling of the attempt deadline.
+        attempt_timeout_floor_s: CUTOUT_ATTEMPT_TIMEOUT_FLOOR_S, the least time one attempt
+            gets, whatever its lane's average.
+        attempt_timeout_factor: CUTOUT_ATTEMPT_TIMEOUT_FACTOR, the attempt deadline is this
+            many times the lane's moving average run time, between the floor and the ceiling.
+        node_silent_s: CUTOUT_NODE_SILENT_S, how long a node may fail to answer health polls
+            before the attempts running on it are abandoned and retried elsewhere.
+        watch_streams_per_vendor: CUTOUT_WATCH_STREAMS_PER_VENDOR, open WatchJob/WatchBatch
+            streams one vendor may have on one scheduler; beyond it RESOURCE_EXHAUSTED.
+        watch_streams: CUTOUT_WATCH_STREAMS, open watch streams of all vendors on one
+            scheduler; beyond it RESOURCE_EXHAUSTED.
+        redis_connections: CUTOUT_REDIS_CONNECTIONS, Redis connections the public and enqueue
+            RPCs share (callers wait for a free one, up to 20 s).
+        redis_work_connections: CUTOUT_REDIS_WORK_CONNECTIONS, Redis connections of the
+            dispatch path (claims, progress, lease renewal, completion, reaper, deliveries),
+            a pool of its own so no burst of RPCs can starve it.
         max_retries: CUTOUT_MAX_RETRIES, retries of a retryable failure before the job
             is dead-lettered (so max_retries + 1 attempts).
         quantum_mp: CUTOUT_DRR_QUANTUM_MP, megapixels of credit a vendor of weight 1 gets
@@ -129,6 +146,13 @@ class SchedulerSettings:
     metrics_interval_s: float
     lease_ms: int
     attempt_timeout_s: float
+    attempt_timeout_floor_s: float
+    attempt_timeout_factor: float
+    node_silent_s: float
+    watch_streams_per_vendor: int
+    watch_streams: int
+    redis_connections: int
+    redis_work_connections: int
     max_retries: int
     retry_base_ms: int
     quantum_mp: float
@@ -163,6 +187,13 @@ class SchedulerSettings:
             metrics_interval_s=env_float("CUTOUT_METRICS_INTERVAL_S", 5.0, minimum=0.1),
             lease_ms=env_int("CUTOUT_LEASE_MS", 15_000, minimum=1000),
             attempt_timeout_s=env_float("CUTOUT_ATTEMPT_TIMEOUT_S", 60.0, minimum=1.0),
+            attempt_timeout_floor_s=env_float("CUTOUT_ATTEMPT_TIMEOUT_FLOOR_S", 15.0, minimum=0.1),
+            attempt_timeout_factor=env_float("CUTOUT_ATTEMPT_TIMEOUT_FACTOR", 5.0, minimum=1.0),
+            node_silent_s=env_float("CUTOUT_NODE_SILENT_S", 5.0, minimum=0.1),
+            watch_streams_per_vendor=env_int("CUTOUT_WATCH_STREAMS_PER_VENDOR", 1000, minimum=1),
+            watch_streams=env_int("CUTOUT_WATCH_STREAMS", 10_000, minimum=1),
+            redis_connections=env_int("CUTOUT_REDIS_CONNECTIONS", 128, minimum=2),
+            redis_work_connections=env_int("CUTOUT_REDIS_WORK_CONNECTIONS", 32, minimum=2),
             max_retries=env_int("CUTOUT_MAX_RETRIES", 3, minimum=0),
             retry_base_ms=env_int("CUTOUT_RETRY_BASE_MS", 2000, minimum=0),
             quantum_mp=env_float("CUTOUT_DRR_QUANTUM_MP", 1.0, minimum=0.001),

@@ -46,6 +46,7 @@ from services.scheduler.store.model import (
 from services.scheduler.store.outbox import Delivery, Outbox
 from services.scheduler.store.outcomes import (
     Cancelled,
+    Charge,
     Enqueued,
     Fence,
     Requeued,
@@ -64,6 +65,7 @@ __all__ = [
     "BlobRetention",
     "Cancellation",
     "Cancelled",
+    "Charge",
     "Claim",
     "Claims",
     "DeadLetters",

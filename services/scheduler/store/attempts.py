@@ -1,6 +1,9 @@
 """Attempts: what happens to a claimed job until it succeeds, fails, or goes back to wait.
 
-Owns `leases`, `delayed`, `running`, `counters` and `eta`. Every script that
+Owns `leases`, `delayed`, `running`, `counters` and `eta`, and the job hash's
+`free_attempts`: attempts lost to the cluster's own faults, which do not use
+up the job's retries (a job's `attempt` counts every start; its retry budget
+only the charged ones). Every script that
 acts for an attempt takes its number and does nothing (FENCE_LOST,
 RETRIED_FENCED) when the job has moved on: a lease that expired, a
 cancellation, or another dispatch. That fencing makes a late or duplicate
@@ -21,7 +24,7 @@ from services.common.errors import status_from_code
 from services.scheduler.keys import Keys
 from services.scheduler.store import lua
 from services.scheduler.store.model import Claim, Retention, RetryPolicy
-from services.scheduler.store.outcomes import Fence, Retried
+from services.scheduler.store.outcomes import Charge, Fence, Retried
 from services.scheduler.store.retention import BlobRetention
 
 _HELPERS = r"""
@@ -31,14 +34,22 @@ local function fenced(id, attempt)
   if not state_is(st[1], STATE_RUNNING) or st[2] ~= attempt then return nil end
   return st[3]
 end
--- A failed or lost attempt (the attempt-th). Within max_retries it waits
--- base_ms * 2^(attempt-1) * jitter, then goes back to its old place in the
+-- A failed or lost attempt (the attempt-th), charged to the job or not (CHARGE_FREE:
+-- the cluster's own fault, up to max_free of them; they are kept in `free_attempts`).
+-- While the charged attempts (attempt - free_attempts) are within max_retries it
+-- waits base_ms * 2^(charged-1) * jitter, then goes back to its old place in the
 -- queue (see PROMOTE); after that it FAILS into the dead-letter queue, input kept.
 local function retry_or_dead_letter(id, vendor, attempt, max_retries, base_ms, jitter, err,
-                                    retention)
+                                    retention, charge, max_free)
   leave_running(id, vendor)
   local jk = key.job(id)
-  if attempt > max_retries then
+  local free = tonumber(redis.call('HGET', jk, 'free_attempts') or '0')
+  if charge == CHARGE_FREE and free < max_free then
+    free = redis.call('HINCRBY', jk, 'free_attempts', 1)
+    count(vendor, 'free_retries')
+  end
+  local charged = attempt - free
+  if charged > max_retries then
     local progress = tonumber(redis.call('HGET', jk, 'progress'))
     redis.call('HSET', jk, 'dead_lettered', 1)
     finish(id, STATE_FAILED, progress, 'error', err, retention)
@@ -50,7 +61,7 @@ local function retry_or_dead_letter(id, vendor, attempt, max_retries, base_ms, j
   end
   count(vendor, 'retried')
   local now = now_ms()
-  local due = now + math.floor(base_ms * 2 ^ (attempt - 1) * jitter)
+  local due = now + math.floor(base_ms * 2 ^ (math.max(charged, 1) - 1) * jitter)
   redis.call('HSET', jk, 'state', STATE_QUEUED, 'stage', STAGE_QUEUED, 'progress', 0, 'node', '',
     'last_error', err, 'retry_ms', due, 'update_ms', now)
   event(id, 'state', STATE_QUEUED, 'stage', STAGE_QUEUED, 'progress', 0, 'node', '',
@@ -120,14 +131,17 @@ finish_and_free(id, STATE_FAILED, progress, 'error', ARGV[4], tonumber(ARGV[5]))
 return FENCE_HELD
 """
 
-# ARGV: prefix, id, attempt, max_retries, base_delay_ms, jitter, error, retention_s, refund
-# refund=1: the node refused before doing any work (full or draining): straight
-# back to the queue, attempt not counted. Returns a Retried.
+# ARGV: prefix, id, attempt, max_retries, base_delay_ms, jitter, error, retention_s, charge,
+#       max_free
+# charge (a Charge): CHARGE_REFUNDED, the node refused before doing any work (full or
+# draining): straight back to the queue, attempt not counted. CHARGE_FREE: lost to the
+# cluster's own fault: backs off like a retry without using one up. Returns a Retried.
 RETRY = r"""
 local id = ARGV[2]
 local vendor = fenced(id, ARGV[3])
 if not vendor then return RETRIED_FENCED end
-if ARGV[9] == '1' then
+local charge = tonumber(ARGV[9])
+if charge == CHARGE_REFUNDED then
   leave_running(id, vendor)
   local jk = key.job(id)
   local now = now_ms()
@@ -141,12 +155,14 @@ if ARGV[9] == '1' then
   return RETRIED_REQUEUED
 end
 return retry_or_dead_letter(id, vendor, tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]),
-  tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8]))
+  tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8]), charge, tonumber(ARGV[10]))
 """
 
-# ARGV: prefix, max_retries, base_delay_ms, jitter, error, retention_s, limit
-# Leases past their deadline: the node or the scheduler running the job is
-# gone. Each such job is retried or dead-lettered. Returns the ids of the expired leases.
+# ARGV: prefix, max_retries, base_delay_ms, jitter, error, retention_s, limit, max_free
+# Leases past their deadline: the scheduler running the job stopped renewing them
+# (it died, or lost Redis for longer than a lease); a node's own failures reach its
+# scheduler, which retries them itself. So each such job is retried free of charge
+# (CHARGE_FREE), or dead-lettered. Returns the ids of the expired leases.
 REAP = r"""
 local expired = redis.call('ZRANGEBYSCORE', key.leases(), '-inf', now_ms(),
   'LIMIT', 0, tonumber(ARGV[7]))
@@ -155,7 +171,7 @@ for _, id in ipairs(expired) do
   if state_is(st[1], STATE_RUNNING) then
     count(st[3], 'lease_lost')
     retry_or_dead_letter(id, st[3], tonumber(st[2]), tonumber(ARGV[2]), tonumber(ARGV[3]),
-      tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6]))
+      tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6]), CHARGE_FREE, tonumber(ARGV[8]))
   else
     redis.call('ZREM', key.leases(), id)
   end
@@ -271,11 +287,15 @@ class Attempts:
         )
         return Fence(int(got)) == Fence.HELD
 
-    async def retry(self, claim: Claim, error: status_pb2.Status, refund: bool = False) -> Retried:
+    async def retry(
+        self, claim: Claim, error: status_pb2.Status, charge: Charge = Charge.COUNTED
+    ) -> Retried:
         """Back off and retry, or dead-letter once the retries are used up.
 
-        refund: the node refused the attempt before starting it: requeue at
-        once without counting it.
+        charge: COUNTED uses up a retry; REFUNDED (the node refused the attempt
+        before starting it) requeues at once without counting it; FREE (the
+        cluster's own fault) backs off without using up a retry, up to
+        RetryPolicy.max_free times per job.
         """
         got = await self._retry(
             args=[
@@ -287,16 +307,18 @@ class Attempts:
                 self.retries.jitter_factor(),
                 error.SerializeToString(),
                 self.retention.finished_s,
-                int(refund),
+                int(charge),
+                self.retries.max_free,
             ]
         )
         return Retried(int(got))
 
     async def reap(self, limit: int = 100) -> list[str]:
-        """Retry (or dead-letter) jobs whose lease expired; returns their ids."""
+        """Retry (or dead-letter) jobs whose lease expired, free of charge; returns their ids."""
         error = status_from_code(
             grpc.StatusCode.UNAVAILABLE,
-            "the node or scheduler running this job stopped answering (lease expired)",
+            "lease expired: the scheduler running this job stopped renewing it "
+            "(it stopped, or lost Redis)",
         )
         got = await self._reap(
             args=[
@@ -307,6 +329,7 @@ class Attempts:
                 error.SerializeToString(),
                 self.retention.finished_s,
                 limit,
+                self.retries.max_free,
             ]
         )
         return [g.decode() for g in got]

@@ -24,7 +24,8 @@ from services.scheduler.store.model import Claim, Fairness
 # scan, the first vendor scanned gets it anyway. The job becomes RUNNING on the
 # next attempt, leased to node for lease_ms.
 # Returns nil when no job waits, else {id, attempt, vendor, operation (serialised),
-# input bytes or false when gone, record (serialised, '' for none), create_ms}.
+# input bytes or false when gone, record (serialised, '' for none), create_ms,
+# the lane's average run time in ms (attempts.COMPLETE keeps it) or false}.
 CLAIM = r"""
 local node, lease_ms = ARGV[2], tonumber(ARGV[3])
 local quantum, default_weight = tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -79,7 +80,7 @@ event(id, 'state', STATE_RUNNING, 'stage', STAGE_DECODING, 'progress', 0, 'node'
 -- The attempt needs the input and the operation: hand them over in the same round trip.
 return {id, attempt, vendor, redis.call('HGET', jk, 'operation') or '',
   redis.call('GET', key.input(id)) or false, redis.call('HGET', jk, 'record') or '',
-  redis.call('HGET', jk, 'create_ms') or '0'}
+  redis.call('HGET', jk, 'create_ms') or '0', redis.call('HGET', key.eta(), lane .. 'run_ms')}
 """
 
 
@@ -112,6 +113,7 @@ class Claims:
             image=got[4],
             record=got[5],
             created_ms=int(got[6]),
+            lane_run_ms=float(got[7]) if len(got) > 7 and got[7] is not None else None,
         )
 
     async def publish_weights(self) -> None:

@@ -36,7 +36,7 @@ redis.call('PERSIST', key.input(id))
 redis.call('HDEL', jk, 'error', 'end_ms')
 local now = now_ms()
 redis.call('HSET', jk, 'state', STATE_QUEUED, 'stage', STAGE_QUEUED, 'progress', 0, 'node', '',
-  'attempt', 0, 'dead_lettered', 0, 'update_ms', now)
+  'attempt', 0, 'free_attempts', 0, 'dead_lettered', 0, 'update_ms', now)
 event(id, 'state', STATE_QUEUED, 'stage', STAGE_QUEUED, 'progress', 0, 'node', '', 'attempt', 0,
   'dead_lettered', 0, 'error', '', 'update_ms', now)
 enqueue_ready(id, vendor, tonumber(st[3]))

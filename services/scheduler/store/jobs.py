@@ -1,12 +1,15 @@
 """Reading jobs: one job, its place in the queue and ETA, its history as a watch, a vendor's list.
 
 Reads only: plain commands, no script. Changes belong to the other modules.
+A watch replays the history itself and then follows the job through the
+process's watch hub (watch_hub.py), which reads every watched stream on one
+connection of its own.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any, cast
+from typing import cast
 
 import redis.asyncio as aioredis
 
@@ -18,9 +21,10 @@ from services.scheduler.store.model import (
     Fields,
     FleetCapacity,
     Place,
-    estimate_wait_ms,
     job_from_fields,
+    place_of,
 )
+from services.scheduler.store.watch_hub import WatchHub
 
 # Hash fields that events change, and their values when a job is submitted.
 _INITIAL: Fields = {
@@ -41,6 +45,7 @@ class Jobs:
         self.redis = redis
         self.keys = keys
         self.fleet_capacity = fleet_capacity
+        self.hub = WatchHub(redis, keys, fleet_capacity)
 
     async def _fields(self, vendor: str, job_id: str) -> Fields:
         fields = cast(Fields, await self.redis.hgetall(self.keys.job(job_id)))
@@ -64,26 +69,19 @@ class Jobs:
             pipe.scard(self.keys.ring_members(lane))
             pipe.hget(self.keys.eta, f"{lane}run_ms")
             rank, active, run_ms = await pipe.execute()
-        if rank is None:
-            return Place()
-        position = int(rank) + 1
-        if run_ms is None:
-            return Place(position)
-        wait = estimate_wait_ms(position, self.fleet_capacity(lane), int(active), float(run_ms))
-        return Place(position, wait)
+        return place_of(rank, int(active), run_ms, self.fleet_capacity(lane))
 
     async def input_image(self, job_id: str) -> bytes | None:
         return cast("bytes | None", await self.redis.get(self.keys.input(job_id)))
 
-    async def watch(
-        self, vendor: str, job_id: str, poll_s: float = 1.0
-    ) -> AsyncIterator[jobs_pb2.Job]:
+    async def watch(self, vendor: str, job_id: str) -> AsyncIterator[jobs_pb2.Job]:
         """Yield the job after each change it went through, from its submission on,
         then after every new change, until it is done.
 
         History and stream position are read in one transaction, so no change
         is missed or repeated however late the watcher arrives. A late watcher
         also replays changes made after the job was done (a delayed upload's URL).
+        While the job waits, a change of its place in the queue is a change too.
         """
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hgetall(self.keys.job(job_id))
@@ -102,24 +100,24 @@ class Jobs:
             last_id = entry_id
             job = await self._apply(vendor, job_id, state, data)
             yield job
-        block_ms = max(1, int(poll_s * 1000))
-        while not job.done:
-            stream = {self.keys.events(job_id): last_id}
-            got = cast(list[Any], await self.redis.xread(stream, block=block_ms, count=64))  # type: ignore[arg-type]
-            if not got:
-                if not await self.redis.exists(self.keys.job(job_id)):
+        if job.done:
+            return
+        lane = state.get(b"lane", b"").decode()
+        async with self.hub.subscribe(vendor, job_id, lane, last_id) as followed:
+            while not job.done:
+                followed.queued = job.state == jobs_pb2.JOB_STATE_QUEUED
+                update = await followed.next()
+                if update.gone:
                     return  # expired while watched
-                if job.state == jobs_pb2.JOB_STATE_QUEUED:
+                for data in update.events:
+                    job = await self._apply(vendor, job_id, state, data)
+                    yield job
+                place = update.place
+                if place is not None and not update.events and followed.queued:
                     # Nothing happened to this job, but jobs ahead of it may have left.
-                    place = await self.place(vendor, job_id, state.get(b"lane", b"").decode())
                     if place.position != job.queue_position:
                         job = job_from_fields(job_id, state, place)
                         yield job
-                continue
-            for entry_id, data in got[0][1]:
-                last_id = entry_id
-                job = await self._apply(vendor, job_id, state, data)
-                yield job
 
     async def _apply(self, vendor: str, job_id: str, state: Fields, event: Fields) -> jobs_pb2.Job:
         state.update(event)

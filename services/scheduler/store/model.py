@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 
@@ -32,11 +32,14 @@ def one_slot(lane: str) -> int:
 @dataclass(frozen=True)
 class RetryPolicy:
     """Retryable failures wait base * 2^(n-1) (+/- jitter) before attempt n+1;
-    after max_retries retries the job is dead-lettered."""
+    after max_retries retries the job is dead-lettered. Attempts lost to the
+    cluster's own faults (Charge.FREE) do not count, up to max_free per job:
+    beyond that even they do, so a job that keeps killing schedulers still ends."""
 
     max_retries: int = 3
     base_delay_ms: int = 2000
     jitter: float = 0.2
+    max_free: int = 10
 
     def jitter_factor(self) -> float:
         # Lua's math.random is seeded identically on every call, so the
@@ -93,6 +96,7 @@ class Claim:
     image: bytes | None = None  # None: the input is gone (the job was cancelled)
     record: bytes = b""  # serialized jobs_pb2.RecordRef, empty when the job names none
     created_ms: int = 0  # when the job was submitted (ms since the epoch)
+    lane_run_ms: float | None = None  # its lane's average attempt run time; None: none yet
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,17 @@ def estimate_wait_ms(position: int, capacity: int, active_vendors: int, run_ms: 
     """
     share = max(1.0, capacity / max(1, active_vendors))
     return int(-(-position // share) * run_ms)
+
+
+def place_of(rank: Any, active: int, run_ms: Any, capacity: int) -> Place:
+    """A queued job's Place from its 0-based rank (None: not queued), the vendors waiting
+    in its lane, the lane's average run time (None: none measured yet) and its capacity."""
+    if rank is None:
+        return Place()
+    position = int(rank) + 1
+    if run_ms is None:
+        return Place(position)
+    return Place(position, estimate_wait_ms(position, capacity, active, float(run_ms)))
 
 
 def job_from_fields(job_id: str, f: Fields, place: Place = Place()) -> jobs_pb2.Job:

@@ -1,4 +1,5 @@
-"""What the scripts answer, as enums: Python compares members, Lua returns the same numbers.
+"""What the scripts answer (and what a retry is charged), as enums: Python compares
+members, Lua uses the same numbers.
 
 Every member is also a Lua constant in the scripts' prelude, named
 CLASS_MEMBER (`RETRIED_DEAD_LETTERED`, `ENQUEUED_VENDOR_FULL`, ...), see lua.py.
@@ -34,6 +35,14 @@ class Retried(IntEnum):
     REQUEUED = 3  # refunded: back in its queue at once, attempt not counted
 
 
+class Charge(IntEnum):
+    """RETRY, REAP: whose fault a lost attempt was, so whether it uses up a retry."""
+
+    COUNTED = 0  # the job's or its node's (node error or crash, deadline): one retry used
+    REFUNDED = 1  # refused before any work (node full, draining): requeued at once, not counted
+    FREE = 2  # the cluster's own (scheduler or Redis restart, lease lost): not counted
+
+
 class Cancelled(IntEnum):
     """CANCEL."""
 
@@ -58,4 +67,12 @@ class Switched(IntEnum):
     SWITCHED = 1
 
 
-OUTCOMES: tuple[type[IntEnum], ...] = (Enqueued, Fence, Retried, Cancelled, Requeued, Switched)
+OUTCOMES: tuple[type[IntEnum], ...] = (
+    Enqueued,
+    Fence,
+    Retried,
+    Charge,
+    Cancelled,
+    Requeued,
+    Switched,
+)

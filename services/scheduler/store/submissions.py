@@ -25,10 +25,9 @@ from services.scheduler.store.model import (
     Fields,
     FleetCapacity,
     NewJob,
-    Place,
     Retention,
-    estimate_wait_ms,
     job_from_fields,
+    place_of,
 )
 from services.scheduler.store.outcomes import Enqueued
 
@@ -185,14 +184,7 @@ class Submissions:
         flat, rank, active, run_ms = reply[2], reply[3], reply[4], reply[5]
         fields: Fields = dict(zip(flat[::2], flat[1::2], strict=True))
         lane = fields.get(b"lane", b"").decode()
-        place = Place()
-        if rank is not None:
-            position = int(rank) + 1
-            wait = None
-            if run_ms is not None:
-                capacity = self.fleet_capacity(lane)
-                wait = estimate_wait_ms(position, capacity, int(active), float(run_ms))
-            place = Place(position, wait)
+        place = place_of(rank, int(active), run_ms, self.fleet_capacity(lane))
         deduplicated = code == Enqueued.DEDUPLICATED
         metrics.JOBS_ENQUEUED.labels("deduplicated" if deduplicated else "queued").inc()
         return job_from_fields(got.decode(), fields, place), deduplicated
