@@ -34,6 +34,8 @@ from services.scheduler.stream_caps import StreamCaps
 log = logging.getLogger(__name__)
 # The public API's reads, watches and cancellations, and the internal enqueue API.
 SERVICE_NAMES = ["cutout.v1.CutoutService", "cutout.internal.v1.SchedulerService"]
+# Redis CLIENT SETNAME of the scheduler's connections: -rpc, -dispatch, -rpc-watch.
+CLIENT_NAME = "cutout-scheduler"
 
 
 class SchedulerServer:
@@ -44,15 +46,22 @@ class SchedulerServer:
         # The RPCs share one; dispatch (claims, progress, lease renewals, completions,
         # the reaper, deliveries) has its own, so no flood of calls can make running
         # jobs lose their leases. Watch streams use neither: the store's watch hub
-        # reads every watched job on one connection of its own.
+        # reads every watched job on one connection of its own. Each pool names its
+        # connections, so `CLIENT LIST` tells an operator who holds what.
         self.redis = aioredis.Redis(
             connection_pool=aioredis.BlockingConnectionPool.from_url(
-                settings.redis_url, max_connections=settings.redis_connections, timeout=20
+                settings.redis_url,
+                max_connections=settings.redis_connections,
+                timeout=20,
+                client_name=f"{CLIENT_NAME}-rpc",
             )
         )
         self.work_redis = aioredis.Redis(
             connection_pool=aioredis.BlockingConnectionPool.from_url(
-                settings.redis_url, max_connections=settings.redis_work_connections, timeout=20
+                settings.redis_url,
+                max_connections=settings.redis_work_connections,
+                timeout=20,
+                client_name=f"{CLIENT_NAME}-dispatch",
             )
         )
         self.pool = NodePool(
@@ -178,5 +187,5 @@ class SchedulerServer:
         await self.pool.close()
         if self.writer is not None:
             await self.writer.close()
-        await self.redis.aclose()
-        await self.work_redis.aclose()
+        await self.redis.aclose(close_connection_pool=True)
+        await self.work_redis.aclose(close_connection_pool=True)

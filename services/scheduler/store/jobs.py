@@ -8,7 +8,8 @@ connection of its own.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import cast
 
 import redis.asyncio as aioredis
@@ -62,9 +63,11 @@ class Jobs:
             place = await self.place(vendor, job_id, fields.get(b"lane", b"").decode())
         return job_from_fields(job_id, fields, place)
 
-    async def place(self, vendor: str, job_id: str, lane: str = "") -> Place:
+    async def place(
+        self, vendor: str, job_id: str, lane: str = "", client: aioredis.Redis | None = None
+    ) -> Place:
         """Position in the vendor's queue of the job's lane, and an ETA."""
-        async with self.redis.pipeline(transaction=False) as pipe:
+        async with (client or self.redis).pipeline(transaction=False) as pipe:
             pipe.zrank(self.keys.queue(vendor, lane), job_id)
             pipe.scard(self.keys.ring_members(lane))
             pipe.hget(self.keys.eta, f"{lane}run_ms")
@@ -83,7 +86,17 @@ class Jobs:
         also replays changes made after the job was done (a delayed upload's URL).
         While the job waits, a change of its place in the queue is a change too.
         """
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with (
+            self.hub.session() as reads,
+            contextlib.aclosing(self._watch(vendor, job_id, reads)) as jobs,
+        ):
+            async for job in jobs:
+                yield job
+
+    async def _watch(
+        self, vendor: str, job_id: str, reads: aioredis.Redis
+    ) -> AsyncGenerator[jobs_pb2.Job, None]:
+        async with reads.pipeline(transaction=True) as pipe:
             pipe.hgetall(self.keys.job(job_id))
             pipe.xrange(self.keys.events(job_id))
             fields, history = await pipe.execute()
@@ -98,7 +111,7 @@ class Jobs:
             yield job
         for entry_id, data in history:
             last_id = entry_id
-            job = await self._apply(vendor, job_id, state, data)
+            job = await self._apply(vendor, job_id, state, data, reads)
             yield job
         if job.done:
             return
@@ -110,7 +123,7 @@ class Jobs:
                 if update.gone:
                     return  # expired while watched
                 for data in update.events:
-                    job = await self._apply(vendor, job_id, state, data)
+                    job = await self._apply(vendor, job_id, state, data, reads)
                     yield job
                 place = update.place
                 if place is not None and not update.events and followed.queued:
@@ -119,11 +132,13 @@ class Jobs:
                         job = job_from_fields(job_id, state, place)
                         yield job
 
-    async def _apply(self, vendor: str, job_id: str, state: Fields, event: Fields) -> jobs_pb2.Job:
+    async def _apply(
+        self, vendor: str, job_id: str, state: Fields, event: Fields, reads: aioredis.Redis
+    ) -> jobs_pb2.Job:
         state.update(event)
         place = Place()
         if int(state[b"state"]) == jobs_pb2.JOB_STATE_QUEUED:
-            place = await self.place(vendor, job_id, state.get(b"lane", b"").decode())
+            place = await self.place(vendor, job_id, state.get(b"lane", b"").decode(), reads)
         return job_from_fields(job_id, state, place)
 
     async def page(

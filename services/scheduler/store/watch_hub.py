@@ -5,15 +5,22 @@ script). Done with one `XREAD BLOCK` per watcher, each open stream held one of
 the scheduler's pooled connections for up to a second at a time: 300 watch
 streams of one vendor made another vendor's submits 100x slower, 1,000 made
 them fail with DEADLINE_EXCEEDED and running jobs lose their leases. The hub
-instead owns one connection (its own pool of one, never the scheduler's): a
-single task reads the streams of all watched jobs with one XREAD over all
+instead owns two connections of its own, never the scheduler's pool: on one,
+a single task reads the streams of all watched jobs with one XREAD over all
 their keys and fans the entries out, in-process, to a bounded buffer per
-watcher. The same task recomputes the place in the queue of every queued
-watched job in one pipeline per tick, and notices jobs that expired.
+watcher; the same task recomputes the place in the queue of every queued
+watched job in one pipeline per tick, and notices jobs that expired. The
+other carries the watchers' own short reads (a new watcher's history, a
+place after an event), one at a time, so a thousand watchers arriving at once
+queue there instead of taking the pool the other RPCs need. Both connections
+are closed while nobody watches.
 
 Each watcher keeps its own stream position, and the reader reads each key
-from the oldest position of its watchers, so a watcher that joins while
-others already follow the same job misses nothing and sees nothing twice.
+from the oldest position of its watchers; a read's entries go only to the
+watchers that were at or past the position it read from (one that joined
+behind it waits for the next read, from its own position), so a watcher that
+joins while others already follow the same job misses nothing and sees
+nothing twice.
 A watcher whose buffer overflows (it does not read) is ended with ABORTED
 rather than growing memory. A Redis outage is ridden out for `OUTAGE_S`
 (positions are kept, so nothing is lost); longer, and every watcher ends
@@ -127,7 +134,10 @@ class WatchHub:
         self.keys = keys
         self.fleet_capacity = fleet_capacity
         self.tick_s = tick_s
+        self._sessions = 0  # watches under way, from their history on
+        self._reads: aioredis.Redis | None = None
         self._subs: dict[str, set[Subscription]] = {}  # job id -> its watchers
+        self._reading: dict[str, StreamId] = {}  # job id -> where the read under way began
         self._task: asyncio.Task[None] | None = None
         self._reader_id: int | None = None
         self._blocked = False  # the reader is inside XREAD BLOCK
@@ -138,17 +148,31 @@ class WatchHub:
         return sum(len(s) for s in self._subs.values())
 
     @contextlib.asynccontextmanager
+    async def session(self) -> AsyncIterator[aioredis.Redis]:
+        """One watch, from its history to its end: the client its own reads go over."""
+        if self._reads is None:
+            self._reads = self._connect(blocking=True)
+        reads = self._reads
+        self._sessions += 1
+        try:
+            yield reads
+        finally:
+            self._sessions -= 1
+            if not self._sessions and self._reads is reads:
+                self._reads = None
+                await reads.aclose(close_connection_pool=True)
+
+    @contextlib.asynccontextmanager
     async def subscribe(
         self, vendor: str, job_id: str, lane: str, after: bytes
     ) -> AsyncIterator[Subscription]:
         """Follow the job's events newer than entry `after` (b"0-0": all of them)."""
         sub = Subscription(vendor, job_id, lane, parse_id(after))
-        joined = job_id not in self._subs
         self._subs.setdefault(job_id, set()).add(sub)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._read())
-        elif joined:
-            await self._wake()
+        elif job_id not in self._reading or sub.last < self._reading[job_id]:
+            await self._wake()  # the read under way does not cover this watcher
         try:
             yield sub
         finally:
@@ -179,16 +203,24 @@ class WatchHub:
         with contextlib.suppress(aioredis.RedisError):
             await self.redis.client_unblock(self._reader_id)
 
-    def _connect(self) -> aioredis.Redis:
-        """A client of its own, on a pool of one connection built like the shared pool's."""
+    def _connect(self, blocking: bool = False) -> aioredis.Redis:
+        """A client of its own, on a pool of one connection built like the shared pool's
+        (named `<their name>-watch` when the shared one's connections have a name);
+        `blocking`: callers wait their turn for the connection (up to 20 s)."""
         shared = self.redis.connection_pool
-        return aioredis.Redis(
-            connection_pool=aioredis.ConnectionPool(
-                connection_class=shared.connection_class,
-                max_connections=1,
-                **shared.connection_kwargs,
+        kwargs = dict(shared.connection_kwargs)
+        if kwargs.get("client_name"):
+            kwargs["client_name"] = f"{kwargs['client_name']}-watch"
+        pool = (
+            aioredis.BlockingConnectionPool(
+                connection_class=shared.connection_class, max_connections=1, timeout=20, **kwargs
+            )
+            if blocking
+            else aioredis.ConnectionPool(
+                connection_class=shared.connection_class, max_connections=1, **kwargs
             )
         )
+        return aioredis.Redis(connection_pool=pool)
 
     async def _read(self) -> None:
         loop = asyncio.get_running_loop()
@@ -225,10 +257,8 @@ class WatchHub:
 
     async def _read_once(self, own: aioredis.Redis, block_ms: int) -> None:
         by_key = {self.keys.events(job_id).encode(): job_id for job_id in self._subs}
-        streams = {
-            self.keys.events(job_id): format_id(min(s.last for s in subs))
-            for job_id, subs in self._subs.items()
-        }
+        self._reading = {job_id: min(s.last for s in subs) for job_id, subs in self._subs.items()}
+        streams = {self.keys.events(j): format_id(start) for j, start in self._reading.items()}
         self._blocked, self._waking = True, False
         try:
             got = cast(
@@ -238,8 +268,12 @@ class WatchHub:
         finally:
             self._blocked = False
         for key, entries in got or []:
+            job_id = by_key.get(key, "")
+            start = self._reading.get(job_id)
             parsed = [(parse_id(entry_id), data) for entry_id, data in entries]
-            for sub in list(self._subs.get(by_key.get(key, ""), ())):
+            for sub in list(self._subs.get(job_id, ())):
+                if start is None or sub.last < start:
+                    continue  # joined behind this read: the next one starts from it
                 if not sub._deliver(parsed):
                     sub._end(_too_slow(sub.job_id))
                     self._forget(sub)
