@@ -11,22 +11,33 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
+import numpy as np
+import onnx
 import pytest
 import redis.asyncio as aioredis
+from onnx import TensorProto, helper, numpy_helper
 
+from cutout import AsyncClient
+from cutout import CutoutError as CutoutClientError
 from cutout.client import build_submission
 from cutout.v1 import cutout_service_pb2 as pb
 from cutout.v1 import cutout_service_pb2_grpc as pb_grpc
 from cutout.v1 import jobs_pb2
 from services.common.errors import CutoutError
+from services.internal.v1 import inference_service_pb2 as inference_pb2
+from services.internal.v1.inference_service_pb2_grpc import InferenceServiceStub
 from services.local.cluster import LocalCluster
 from services.local.redis import RedisServer
 from services.scheduler.keys import Keys
+from services.scheduler.server import CLIENT_NAME
 from services.scheduler.store import Retention, RetryPolicy, Store
 from tests.conftest import KEYS
 
@@ -217,3 +228,326 @@ async def test_a_watcher_that_does_not_read_is_ended_not_buffered(store: Store) 
         await asyncio.wait_for(read_on(), 30)
     assert ended.value.code == grpc.StatusCode.ABORTED
     assert "watch again" in ended.value.message
+
+
+async def connections(redis: aioredis.Redis) -> tuple[int, int]:
+    """(every connection to Redis, the scheduler's: each of its pools names its own)."""
+    clients = await redis.client_list()
+    return len(clients), sum(1 for c in clients if c.get("name", "").startswith(CLIENT_NAME))
+
+
+async def open_streams(
+    stub: pb_grpc.CutoutServiceStub, key: str, names: list[str], count: int
+) -> tuple[list[Any], list[grpc.aio.AioRpcError]]:
+    """`count` WatchJob streams over `names`, each read up to its first event; the calls
+    (still open) and the refusals."""
+    calls: list[Any] = []
+    refused: list[grpc.aio.AioRpcError] = []
+
+    async def one(i: int) -> None:
+        call = stub.WatchJob(pb.WatchJobRequest(name=names[i % len(names)]), metadata=bearer(key))
+        try:
+            await call.read()
+            calls.append(call)
+        except grpc.aio.AioRpcError as exc:
+            refused.append(exc)
+
+    await asyncio.gather(*(one(i) for i in range(count)))
+    return calls, refused
+
+
+async def test_open_watch_streams_cost_one_connection_and_do_not_slow_another_vendor(
+    make_cluster, tiny_model_dir: Path, photos: dict[str, bytes]
+) -> None:  # type: ignore[no-untyped-def]
+    cluster: LocalCluster = make_cluster(tiny_model_dir, start=False)
+    cluster.start(start_nodes=False)  # nothing runs: every watched job stays queued
+    redis = aioredis.from_url(cluster.redis_url)
+    channel, stub = raw_stub(cluster)
+    calls: list[Any] = []
+    try:
+        async with AsyncClient(cluster.gateway_address, B) as b:
+            mine = [(await b.submit(photos["coffee_small"])).name for _ in range(3)]
+            names = [
+                (
+                    await stub.SubmitJob(
+                        pb.SubmitJobRequest(submission=build_submission(photos["coffee_small"])),
+                        metadata=bearer(A),
+                    )
+                ).job.name
+                for _ in range(30)
+            ]
+            before = await connections(redis)
+            # 300 streams from vendor A: they once took every pooled connection, B's submits
+            # went from 0.04 s to 4.8 s.
+            calls, refused = await open_streams(stub, A, names, 300)
+            assert not refused, refused[0]
+            took: list[float] = []
+            for i in range(20):
+                started = time.perf_counter()
+                await b.submit(photos["coffee_small"])
+                await b.get(mine[i % len(mine)])
+                took.append(time.perf_counter() - started)
+            during = await connections(redis)
+    finally:
+        for call in calls:
+            call.cancel()
+        await channel.close()
+        await redis.aclose()
+    assert max(took) < 2.0, sorted(took)
+    # The hub's two, plus what B's own calls may have opened: not one per stream.
+    assert during[0] <= before[0] + 6, (before, during)
+    assert during[1] <= before[1] + 4, (before, during)
+
+
+async def test_watch_streams_are_capped_per_vendor_and_overall(
+    make_cluster, tiny_model_dir: Path, photos: dict[str, bytes]
+) -> None:  # type: ignore[no-untyped-def]
+    cluster: LocalCluster = make_cluster(
+        tiny_model_dir,
+        start=False,
+        CUTOUT_WATCH_STREAMS_PER_VENDOR="5",
+        CUTOUT_WATCH_STREAMS="8",
+    )
+    cluster.start(start_nodes=False)
+    channel, stub = raw_stub(cluster)
+    calls: list[Any] = []
+    try:
+        names = {}
+        for vendor, key in (("a", A), ("b", B)):
+            request = pb.SubmitJobRequest(submission=build_submission(photos["coffee_small"]))
+            names[vendor] = [(await stub.SubmitJob(request, metadata=bearer(key))).job.name]
+        mine, refused = await open_streams(stub, A, names["a"], 6)
+        calls += mine
+        assert len(mine) == 5 and len(refused) == 1
+        err = refused[0]
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        message = err.details() or ""
+        assert "vendor vendor-a already has 5 watch streams open" in message, message
+        assert "CUTOUT_WATCH_STREAMS_PER_VENDOR" in message and "GetJob or ListJobs" in message
+        assert "close some" in message
+        status = CutoutClientError.from_rpc_error(err)
+        assert status.retry_after_s is not None and status.retry_after_s > 0
+        # Another vendor still gets its own, up to the scheduler's cap of 8 in all.
+        theirs, refused = await open_streams(stub, B, names["b"], 4)
+        calls += theirs
+        assert len(theirs) == 3 and len(refused) == 1
+        assert "CUTOUT_WATCH_STREAMS allows" in (refused[0].details() or "")
+        # Closing a stream frees its place.
+        calls.pop(0).cancel()
+        deadline = time.monotonic() + 20
+        while True:
+            again, refused = await open_streams(stub, A, names["a"], 1)
+            if again:
+                calls += again
+                break
+            assert time.monotonic() < deadline, refused[0].details()
+            await asyncio.sleep(0.1)
+    finally:
+        for call in calls:
+            call.cancel()
+        await channel.close()
+
+
+# --- faults: whose retry a lost attempt costs; frozen nodes; attempt deadlines ------------
+
+SLOW_LAYERS = 300  # about 3 s of one core per job on the machine these were written on
+
+
+def build_slow_model(path: Path, layers: int = SLOW_LAYERS, side: int = 512) -> Path:
+    """A model with the real one's interface whose run takes seconds: the tiny model's mask
+    (sigmoid of 8 x the channel mean) plus a chain of `layers` 512x512 matrix products
+    whose result is multiplied by zero (ONNX Runtime cannot fold it: it depends on the
+    input). Long enough to kill things while a job is inside the model."""
+    inp = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, side, side])
+    out = helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 1, side, side])
+    rng = np.random.default_rng(0)
+    weights = (rng.standard_normal((side, side)) / np.sqrt(side)).astype(np.float32)
+    initializers = [
+        numpy_helper.from_array(np.array(8.0, dtype=np.float32), "scale"),
+        numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero"),
+        numpy_helper.from_array(weights, "w"),
+        numpy_helper.from_array(np.array([side, side], dtype=np.int64), "square"),
+    ]
+    nodes = [
+        helper.make_node("ReduceMean", ["input"], ["mean"], axes=[1], keepdims=1),
+        helper.make_node("Mul", ["mean", "scale"], ["scaled"]),
+        helper.make_node("Sigmoid", ["scaled"], ["mask"]),
+        helper.make_node("Reshape", ["mean", "square"], ["h0"]),
+    ]
+    for i in range(layers):
+        nodes.append(helper.make_node("MatMul", [f"h{i}", "w"], [f"m{i}"]))
+        nodes.append(helper.make_node("Tanh", [f"m{i}"], [f"h{i + 1}"]))
+    nodes += [
+        helper.make_node("ReduceMean", [f"h{layers}"], ["busy"], keepdims=0),
+        helper.make_node("Mul", ["busy", "zero"], ["nothing"]),
+        helper.make_node("Add", ["mask", "nothing"], ["output"]),
+    ]
+    graph = helper.make_graph(nodes, "slow", [inp], [out], initializer=initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def slow_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("slow-model")
+    build_slow_model(folder / "slow.onnx")
+    return folder
+
+
+async def inside_model(
+    client: AsyncClient, name: str, min_attempt: int = 1, timeout_s: float = 120
+) -> jobs_pb2.Job:
+    """The job once an attempt numbered min_attempt or later is inside the model (polled with
+    GetJob, which the client retries through restarts)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            job = await client.get(name)
+        except CutoutClientError:
+            await asyncio.sleep(0.2)  # a scheduler restarting
+            continue
+        assert not job.done, f"{name} ended before it could be interrupted: {job}"
+        if (
+            job.state == jobs_pb2.JOB_STATE_RUNNING
+            and job.stage >= jobs_pb2.STAGE_INFERENCE
+            and job.attempt >= min_attempt
+        ):
+            return job
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{name}: no attempt >= {min_attempt} inside the model in {timeout_s} s")
+
+
+async def finished(client: AsyncClient, name: str, timeout_s: float = 120) -> jobs_pb2.Job:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            job = await client.get(name)
+        except CutoutClientError:
+            await asyncio.sleep(0.2)
+            continue
+        if job.done:
+            return job
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{name} not done in {timeout_s} s")
+
+
+async def test_cluster_faults_do_not_use_up_retries_a_node_crash_does(
+    make_cluster, slow_model_dir: Path, photos: dict[str, bytes]
+) -> None:  # type: ignore[no-untyped-def]
+    # One retry allowed. A node crash uses it; then a scheduler SIGKILL and a Redis SIGKILL
+    # during the same job must not: it still succeeds, and is no dead letter.
+    cluster: LocalCluster = make_cluster(
+        slow_model_dir,
+        nodes=2,
+        appendfsync="always",
+        CUTOUT_MAX_RETRIES="1",
+        CUTOUT_LEASE_MS="3000",
+        CUTOUT_RETRY_BASE_MS="200",
+    )
+    assert cluster.redis is not None and cluster.scheduler is not None
+    async with AsyncClient(cluster.gateway_address, A) as client:
+        job = await client.submit(photos["coffee_small"])
+        running = await inside_model(client, job.name)
+        victim = next(n for n in cluster.nodes if n.address == running.node)
+        cluster.kill(victim)  # the job's own retry
+        running = await inside_model(client, job.name, min_attempt=2)
+        assert running.node != victim.address
+        cluster.kill(cluster.scheduler)  # its lease runs out: free
+        await asyncio.to_thread(cluster.start_scheduler)
+        running = await inside_model(client, job.name, min_attempt=3)
+        await asyncio.to_thread(cluster.redis.kill)  # free as well, if it costs the attempt
+        await asyncio.sleep(0.5)
+        await asyncio.to_thread(cluster.redis.start)
+        done = await finished(client, job.name)
+        assert done.state == jobs_pb2.JOB_STATE_SUCCEEDED, done.error.message
+        assert not done.dead_lettered
+        _, data = await client.result(job.name)
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        stats = await client.stats()
+        assert stats.dead_lettered == 0 and stats.succeeded == 1
+
+
+async def node_in_flight(cluster: LocalCluster, address: str) -> int:
+    """What a node itself says it is running (GetLoad, with the cluster's internal token)."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        load = await InferenceServiceStub(channel).GetLoad(
+            inference_pb2.GetLoadRequest(),
+            metadata=(("x-cutout-internal-token", cluster.config.internal_token),),
+            timeout=5,
+        )
+    return load.in_flight + load.light_in_flight
+
+
+async def test_a_frozen_node_loses_its_job_within_seconds_and_its_late_answer_changes_nothing(
+    make_cluster, slow_model_dir: Path, photos: dict[str, bytes]
+) -> None:  # type: ignore[no-untyped-def]
+    cluster: LocalCluster = make_cluster(slow_model_dir, nodes=2, CUTOUT_RETRY_BASE_MS="200")
+    async with AsyncClient(cluster.gateway_address, A) as client:
+        job = await client.submit(photos["coffee_small"])
+        running = await inside_model(client, job.name)
+        victim = next(n for n in cluster.nodes if n.address == running.node)
+        assert victim.proc is not None
+        os.kill(victim.proc.pid, signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        try:
+            done = await finished(client, job.name, timeout_s=45)
+            took = time.monotonic() - frozen_at
+            history = [event.job async for event in client.watch(job.name)]
+        finally:
+            os.kill(victim.proc.pid, signal.SIGCONT)
+        # The attempt deadline is 60 s (no run time measured yet); the silent node's
+        # attempt was abandoned after CUTOUT_NODE_SILENT_S (5 s) and ran elsewhere.
+        assert done.state == jobs_pb2.JOB_STATE_SUCCEEDED, done.error.message
+        assert done.node != victim.address and done.attempt == 2
+        assert took < 30, took
+        # Thawed, the node finishes its copy of the job; its answer goes nowhere.
+        deadline = time.monotonic() + 60
+        while await node_in_flight(cluster, victim.address):
+            assert time.monotonic() < deadline, "the thawed node never finished"
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(1.0)
+        after = await client.get(job.name)
+        assert after == done
+        assert [event.job async for event in client.watch(job.name)] == history
+
+
+async def test_the_attempt_deadline_follows_the_lanes_measured_run_time(
+    make_cluster, slow_model_dir: Path, photos: dict[str, bytes]
+) -> None:  # type: ignore[no-untyped-def]
+    # The silent-node watchdog is off here: only the deadline can free a hung attempt.
+    cluster: LocalCluster = make_cluster(
+        slow_model_dir,
+        nodes=2,
+        CUTOUT_NODE_SILENT_S="600",
+        CUTOUT_ATTEMPT_TIMEOUT_FLOOR_S="1",
+        CUTOUT_ATTEMPT_TIMEOUT_FACTOR="2",
+        CUTOUT_RETRY_BASE_MS="200",
+    )
+    assert cluster.redis is not None
+    async with AsyncClient(cluster.gateway_address, A) as client:
+        first = await client.submit(photos["coffee_small"])
+        assert (await finished(client, first.name)).state == jobs_pb2.JOB_STATE_SUCCEEDED
+        redis = aioredis.from_url(cluster.redis_url)
+        try:
+            average_s = float(await redis.hget(Keys().eta, "run_ms") or 0) / 1000
+        finally:
+            await redis.aclose()
+        assert 0 < average_s < 25, average_s
+        job = await client.submit(photos["coffee_small"])
+        running = await inside_model(client, job.name)
+        victim = next(n for n in cluster.nodes if n.address == running.node)
+        assert victim.proc is not None
+        os.kill(victim.proc.pid, signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        try:
+            done = await finished(client, job.name, timeout_s=50)
+        finally:
+            os.kill(victim.proc.pid, signal.SIGCONT)
+        took = time.monotonic() - frozen_at
+    # Hung for 2 x the average (not the 60 s ceiling), then run on the other node.
+    assert done.state == jobs_pb2.JOB_STATE_SUCCEEDED, done.error.message
+    assert done.node != victim.address and done.attempt == 2
+    assert took < 2 * average_s + 2 * average_s + 15, (took, average_s)
