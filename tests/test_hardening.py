@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 import pytest
 import redis.asyncio as aioredis
+from aiohttp import web
 from onnx import TensorProto, helper, numpy_helper
 
 from cutout import AsyncClient
@@ -32,6 +33,7 @@ from cutout.v1 import cutout_service_pb2 as pb
 from cutout.v1 import cutout_service_pb2_grpc as pb_grpc
 from cutout.v1 import jobs_pb2
 from services.common.errors import CutoutError
+from services.gateway.fetch import FetchSlots
 from services.internal.v1 import inference_service_pb2 as inference_pb2
 from services.internal.v1.inference_service_pb2_grpc import InferenceServiceStub
 from services.local.cluster import LocalCluster
@@ -551,3 +553,117 @@ async def test_the_attempt_deadline_follows_the_lanes_measured_run_time(
     assert done.state == jobs_pb2.JOB_STATE_SUCCEEDED, done.error.message
     assert done.node != victim.address and done.attempt == 2
     assert took < 2 * average_s + 2 * average_s + 15, (took, average_s)
+
+
+# --- the gateway: URL fetch slots per vendor; invalid submits take no quota -------------
+
+
+@pytest.fixture
+async def slow_image_server(photos: dict[str, bytes]) -> AsyncIterator[tuple[str, list[str]]]:
+    """A loopback HTTP server: /slow answers only when the test ends, /coffee.jpg at once.
+    Yields its base URL and the paths requested so far."""
+    released = asyncio.Event()
+    seen: list[str] = []
+
+    async def slow(request: web.Request) -> web.Response:
+        seen.append(request.path)
+        await released.wait()
+        return web.Response(body=photos["coffee_small"], content_type="image/jpeg")
+
+    async def photo(request: web.Request) -> web.Response:
+        seen.append(request.path)
+        return web.Response(body=photos["coffee_small"], content_type="image/jpeg")
+
+    app = web.Application()
+    app.add_routes([web.get("/slow", slow), web.get("/coffee.jpg", photo)])
+    runner = web.AppRunner(app, shutdown_timeout=1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield f"http://127.0.0.1:{port}", seen
+    released.set()
+    await runner.cleanup()
+
+
+async def test_one_vendors_slow_urls_do_not_block_another_vendors_url_submits(
+    make_cluster, tiny_model_dir: Path, slow_image_server: tuple[str, list[str]]
+) -> None:  # type: ignore[no-untyped-def]
+    base, seen = slow_image_server
+    cluster: LocalCluster = make_cluster(
+        tiny_model_dir,
+        CUTOUT_URL_ALLOW_HTTP="1",
+        CUTOUT_URL_ALLOW_HOSTS=base.removeprefix("http://"),
+    )
+    channel, stub = raw_stub(cluster)
+    try:
+        # Vendor A: 64 URLs that never answer in time. It gets its 4 fetch slots
+        # (CUTOUT_URL_FETCHES_PER_VENDOR); the other 60 are refused at once.
+        flood = [
+            asyncio.ensure_future(
+                stub.SubmitJob(
+                    pb.SubmitJobRequest(submission=build_submission(f"{base}/slow")),
+                    metadata=bearer(A),
+                    timeout=60,
+                )
+            )
+            for _ in range(64)
+        ]
+        await wait_for(lambda: sum(f.done() for f in flood) == 60, "60 refusals", 20)
+        refusals = [f.exception() for f in flood if f.done()]
+        assert all(isinstance(e, grpc.aio.AioRpcError) for e in refusals), refusals
+        for err in refusals:
+            assert isinstance(err, grpc.aio.AioRpcError)
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "CUTOUT_URL_FETCHES_PER_VENDOR" in (err.details() or "")
+            retry = CutoutClientError.from_rpc_error(err).retry_after_s
+            assert retry is not None and retry > 0
+        assert seen.count("/slow") == 4
+        # Vendor B's URL submit goes through at once: A holds none of B's slots.
+        async with AsyncClient(cluster.gateway_address, B, rate_limit_wait_s=0) as b:
+            started = time.monotonic()
+            job = await b.submit(f"{base}/coffee.jpg")
+            assert time.monotonic() - started < 5
+            assert (await finished(b, job.name)).state == jobs_pb2.JOB_STATE_SUCCEEDED
+    finally:
+        for call in flood:
+            call.cancel()
+        await channel.close()
+
+
+async def test_the_fetch_deadline_includes_the_wait_for_a_slot() -> None:
+    slots = FetchSlots(per_vendor=1, total=1)
+    async with slots.vendor("a"), slots.shared(1.0):
+        started = time.monotonic()
+        # Another vendor waits for the gateway's one slot, but only as long as its deadline.
+        with pytest.raises(CutoutError) as refused:
+            async with slots.vendor("b"), slots.shared(0.3):
+                pass
+        assert 0.25 < time.monotonic() - started < 2
+        assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "CUTOUT_URL_FETCHES" in refused.value.message
+        assert refused.value.retry_after_s
+        # The same vendor is refused at once: its one slot is taken.
+        with pytest.raises(CutoutError, match="CUTOUT_URL_FETCHES_PER_VENDOR"):
+            async with slots.vendor("a"):
+                pass
+    async with slots.vendor("b"), slots.shared(0.3):
+        pass  # free again
+
+
+async def test_invalid_inline_submits_take_no_quota(
+    make_cluster, tiny_model_dir: Path, photos: dict[str, bytes]
+) -> None:  # type: ignore[no-untyped-def]
+    cluster: LocalCluster = make_cluster(tiny_model_dir, start=False, rate_limits="requests=1/3600")
+    cluster.start(start_nodes=False)
+    async with AsyncClient(cluster.gateway_address, A, rate_limit_wait_s=0) as client:
+        for i in range(10):
+            with pytest.raises(CutoutClientError) as refused:
+                await client.submit(b"not an image, attempt %d" % i)
+            assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        job = await client.submit(photos["coffee_small"])  # the one request of the quota
+        assert job.state == jobs_pb2.JOB_STATE_QUEUED
+        with pytest.raises(CutoutClientError) as limited:
+            await client.submit(photos["coffee_small"])
+        assert limited.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "requests is limited to 1 per 3600 s" in limited.value.message
