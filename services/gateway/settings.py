@@ -49,7 +49,13 @@ class GatewaySettings:
             `scheme://host:port`) of internal image servers you trust: URLs to that host on
             that port skip the public-address check. An entry without a port allows only the
             scheme's default port (443 for https, 80 for http), never the host's other ports.
-        url_timeout_s: CUTOUT_URL_TIMEOUT_S, time for a whole URL fetch, redirects included.
+        url_timeout_s: CUTOUT_URL_TIMEOUT_S, time for a whole URL fetch, redirects and the
+            wait for a fetch slot included.
+        url_fetches_per_vendor: CUTOUT_URL_FETCHES_PER_VENDOR, URL fetches one vendor may have
+            running on this gateway; a single submit beyond it is refused at once with
+            RESOURCE_EXHAUSTED and RetryInfo (a batch's URL items wait for one instead).
+        url_fetches: CUTOUT_URL_FETCHES, URL fetches this gateway runs at once, all vendors
+            together; a submit that gets none before its fetch deadline is RESOURCE_EXHAUSTED.
         url_max_redirects: CUTOUT_URL_MAX_REDIRECTS, redirects followed (each re-checked).
         redis_url: CUTOUT_REDIS_URL, the Redis holding rate-limit state (the scheduler's).
         key_prefix: CUTOUT_REDIS_PREFIX, prefix of every Redis key.
@@ -80,6 +86,8 @@ class GatewaySettings:
     url_allow_http: bool
     url_allow_hosts: list[AllowedHost]
     url_timeout_s: float
+    url_fetches_per_vendor: int
+    url_fetches: int
     url_max_redirects: int
     redis_url: str
     key_prefix: str
@@ -107,6 +115,8 @@ class GatewaySettings:
             url_allow_http=env_str("CUTOUT_URL_ALLOW_HTTP", "0") == "1",
             url_allow_hosts=_allowed_hosts(env_list("CUTOUT_URL_ALLOW_HOSTS")),
             url_timeout_s=env_float("CUTOUT_URL_TIMEOUT_S", 10.0, minimum=0.1),
+            url_fetches_per_vendor=env_int("CUTOUT_URL_FETCHES_PER_VENDOR", 4, minimum=1),
+            url_fetches=env_int("CUTOUT_URL_FETCHES", 16, minimum=1),
             url_max_redirects=env_int("CUTOUT_URL_MAX_REDIRECTS", 3, minimum=0),
             redis_url=env_str("CUTOUT_REDIS_URL", "redis://127.0.0.1:6379/0"),
             key_prefix=env_str("CUTOUT_REDIS_PREFIX", "cutout:"),

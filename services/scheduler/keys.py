@@ -34,8 +34,9 @@ from typing import Final
 from services.common import vendor_policy
 
 PATTERNS: Final[dict[str, str]] = {
-    # HASH: the job record: state, stage, progress, attempt, vendor, lane, operation
-    # (serialised proto), result/error (serialised), times (ms since the epoch).
+    # HASH: the job record: state, stage, progress, attempt (every start), free_attempts
+    # (starts lost to the cluster's own faults, not charged to its retries), vendor, lane,
+    # operation (serialised proto), result/error (serialised), times (ms since the epoch).
     "job": "job:{job_id}",
     # STRING: the input image bytes; deleted when the job is done (kept for a dead letter).
     "input": "input:{job_id}",
@@ -78,7 +79,8 @@ PATTERNS: Final[dict[str, str]] = {
     "seq": "seq",
     # SET: every vendor that ever submitted, for global stats.
     "vendors": "vendors",
-    # HASH: monotonic counts: attempts, lease_lost, retried, dead_lettered, succeeded, failed.
+    # HASH: monotonic counts: attempts, lease_lost, retried (free_retries of them not
+    # charged to the job), dead_lettered, succeeded, failed.
     "counters": "counters:{vendor}",
     # HASH: run_ms, light:run_ms: moving average of attempt run time per lane, for ETAs.
     "eta": "eta",

@@ -48,7 +48,8 @@ ATTEMPTS = Counter("cutout_attempts_total", "Attempts started on nodes")
 RETRIES = Counter("cutout_retries_total", "Failed attempts put back to be tried again")
 DEAD_LETTERS = Counter("cutout_dead_letters_total", "Jobs dead-lettered after their last retry")
 LEASE_LOSSES = Counter(
-    "cutout_lease_losses_total", "Attempts whose lease ran out (node or scheduler gone silent)"
+    "cutout_lease_losses_total",
+    "Attempts whose lease ran out (their scheduler stopped, or lost Redis for a lease)",
 )
 ADMISSION_REFUSALS = Counter(
     "cutout_admission_refusals_total",

@@ -5,7 +5,7 @@ with the prelude in lua.py); reads are plain commands. The store knows
 nothing about gRPC servers or nodes. `Store` builds all the parts:
 
     store.submissions   ENQUEUE: idempotency keys, admission caps
-    store.jobs          get, place/ETA, watch, page
+    store.jobs          get, place/ETA, watch (through its WatchHub), page
     store.stats         GetQueueStats and the metrics gauges
     store.claims        fair claim (deficit round robin), configured weights
     store.attempts      progress, renew, complete, fail, retry, reap, promote

@@ -119,7 +119,7 @@ local function leave_running(id, vendor)
   redis.call('SREM', key.running(vendor), id)
 end
 -- Per-vendor counters (monotonic, for stats and metrics): attempts, lease_lost,
--- retried, dead_lettered, succeeded, failed.
+-- retried, free_retries, dead_lettered, succeeded, failed.
 local function count(vendor, field, n)
   redis.call('HINCRBY', key.counters(vendor), field, n or 1)
 end
