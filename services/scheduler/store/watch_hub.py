@@ -81,7 +81,8 @@ class Subscription:
     last: StreamId  # the newest entry this watcher has been given
     queued: bool = False  # set by the watcher: it wants its place recomputed each tick
     _events: deque[Fields] = field(default_factory=deque)
-    _place: Place | None = None
+    _place: Place | None = None  # a new place not yet taken by the watcher
+    _offered: Place | None = None  # the last place offered
     _gone: bool = False
     _error: BaseException | None = None
     _ready: asyncio.Event = field(default_factory=asyncio.Event)
@@ -107,8 +108,10 @@ class Subscription:
         return len(self._events) <= BUFFER
 
     def _offer(self, place: Place) -> None:
-        self._place = place
-        self._ready.set()
+        """A place computed at a tick: the watcher wakes only when it differs from the last."""
+        if place != self._offered:
+            self._offered = self._place = place
+            self._ready.set()
 
     def _end(self, error: BaseException | None = None) -> None:
         self._error = error
@@ -287,15 +290,18 @@ class WatchHub:
 
     async def _tick(self, own: aioredis.Redis) -> None:
         """Once per tick, in one pipeline: which watched jobs still exist, and where each
-        queued one stands (jobs ahead of it may have left without an event of its own)."""
+        queued one stands (jobs ahead of it may have left without an event of its own).
+        One EXISTS and one ZRANK per job, however many watch it."""
         job_ids = list(self._subs)
-        queued = [s for subs in self._subs.values() for s in subs if s.queued]
-        lanes = sorted({s.lane for s in queued})
+        queued = sorted(
+            {(s.job_id, s.vendor, s.lane) for subs in self._subs.values() for s in subs if s.queued}
+        )
+        lanes = sorted({lane for _, _, lane in queued})
         async with own.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
                 pipe.exists(self.keys.job(job_id))
-            for sub in queued:
-                pipe.zrank(self.keys.queue(sub.vendor, sub.lane), sub.job_id)
+            for job_id, vendor, lane in queued:
+                pipe.zrank(self.keys.queue(vendor, lane), job_id)
             for lane in lanes:
                 pipe.scard(self.keys.ring_members(lane))
                 pipe.hget(self.keys.eta, f"{lane}run_ms")
@@ -304,9 +310,12 @@ class WatchHub:
         ranks = replies[len(job_ids) : len(job_ids) + len(queued)]
         rest = replies[len(job_ids) + len(queued) :]
         per_lane = {lane: (rest[2 * i], rest[2 * i + 1]) for i, lane in enumerate(lanes)}
-        for sub, rank in zip(queued, ranks, strict=True):
-            active, run_ms = per_lane[sub.lane]
-            sub._offer(place_of(rank, int(active), run_ms, self.fleet_capacity(sub.lane)))
+        for (job_id, _, lane), rank in zip(queued, ranks, strict=True):
+            active, run_ms = per_lane[lane]
+            place = place_of(rank, int(active), run_ms, self.fleet_capacity(lane))
+            for sub in self._subs.get(job_id, ()):
+                if sub.queued:
+                    sub._offer(place)
         for job_id, found in exists.items():
             if not found:
                 for sub in self._subs.pop(job_id, set()):
