@@ -164,7 +164,7 @@ class Dispatcher:
                     self._abandon(
                         job_id,
                         f"node {node.address} stopped answering health checks "
-                        f"({silent:.1f} s without an answer)",
+                        f"(none answered for {silent:.1f} s)",
                         Charge.COUNTED,
                     )
 

@@ -37,14 +37,16 @@ class Node:
     reported_light_in_flight: int = 0
     local_light_in_flight: int = 0
     models: dict[str, str] = field(default_factory=dict)  # name -> execution provider
-    # When the node last answered a poll (time.monotonic()), whatever it answered: a
-    # draining node still answers; a frozen or partitioned one does not.
-    last_answer: float = field(default_factory=time.monotonic)
+    # Since when (time.monotonic()) every poll of the node has gone unanswered; None
+    # while it answers, whatever it answers (a draining node still does; a frozen or
+    # partitioned one does not). Counted from polls that were made, so a scheduler that
+    # was itself too busy to poll never takes its nodes for silent.
+    failing_since: float | None = None
 
     @property
     def silent_s(self) -> float:
-        """Seconds since the node last answered a poll."""
-        return time.monotonic() - self.last_answer
+        """For how long every poll of the node has gone unanswered (0 while it answers)."""
+        return 0.0 if self.failing_since is None else time.monotonic() - self.failing_since
 
     @property
     def in_flight(self) -> int:
@@ -242,6 +244,7 @@ class NodePool:
 
     async def _poll(self, node: Node) -> None:
         was_free = node.free + node.light_free
+        asked = time.monotonic()
         try:
             health = await node.health.Check(
                 health_pb2.HealthCheckRequest(service=INFERENCE_SERVICE), timeout=2.0
@@ -253,8 +256,9 @@ class NodePool:
             if node.healthy:
                 log.warning("node stopped answering", extra={"node": node.address})
             node.healthy = False
+            node.failing_since = node.failing_since or asked
             return
-        node.last_answer = time.monotonic()
+        node.failing_since = None
         serving = health.status == health_pb2.HealthCheckResponse.SERVING
         if serving and not node.healthy:
             log.info("node is up", extra={"node": node.address, "capacity": load.capacity})

@@ -95,8 +95,8 @@ class SchedulerSettings:
             gets, whatever its lane's average.
         attempt_timeout_factor: CUTOUT_ATTEMPT_TIMEOUT_FACTOR, the attempt deadline is this
             many times the lane's moving average run time, between the floor and the ceiling.
-        node_silent_s: CUTOUT_NODE_SILENT_S, how long a node may fail to answer health polls
-            before the attempts running on it are abandoned and retried elsewhere.
+        node_silent_s: CUTOUT_NODE_SILENT_S, how long every health poll of a node may go
+            unanswered before the attempts running on it are abandoned and retried elsewhere.
         watch_streams_per_vendor: CUTOUT_WATCH_STREAMS_PER_VENDOR, open WatchJob/WatchBatch
             streams one vendor may have on one scheduler; beyond it RESOURCE_EXHAUSTED.
         watch_streams: CUTOUT_WATCH_STREAMS, open watch streams of all vendors on one

@@ -128,12 +128,12 @@ def _too_slow(job_id: str) -> CutoutError:
 
 
 class WatchHub:
-    """Every watcher of this process, served by one task on one connection of its own."""
+    """Every watcher of this process, served by one task on two connections of its own."""
 
     def __init__(
         self, redis: aioredis.Redis, keys: Keys, fleet_capacity: FleetCapacity, tick_s: float = 1.0
     ) -> None:
-        self.redis = redis  # the shared pool: only for CLIENT UNBLOCK
+        self.redis = redis  # the shared pool: its connections' settings, never its connections
         self.keys = keys
         self.fleet_capacity = fleet_capacity
         self.tick_s = tick_s
@@ -200,11 +200,11 @@ class WatchHub:
         CLIENT UNBLOCK (a managed Redis may refuse it) the key joins at the
         next tick instead.
         """
-        if not self._blocked or self._waking or self._reader_id is None:
+        if not self._blocked or self._waking or self._reader_id is None or self._reads is None:
             return
         self._waking = True
         with contextlib.suppress(aioredis.RedisError):
-            await self.redis.client_unblock(self._reader_id)
+            await self._reads.client_unblock(self._reader_id)
 
     def _connect(self, blocking: bool = False) -> aioredis.Redis:
         """A client of its own, on a pool of one connection built like the shared pool's
