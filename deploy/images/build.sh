@@ -83,6 +83,7 @@ choose_bases() {
 # names mounted read-only at the same place (for a file:// index, the folder
 # above it: its pages link to ../../files/). Nothing of it lands in an image.
 pip_mounts=()
+pip_conf=""
 pip_passthrough() {
     local pip listing
     if [[ -x $root/.venv/bin/pip ]]; then
@@ -93,8 +94,8 @@ pip_passthrough() {
         pip=(python3 -m pip)
     fi
     listing=$("${pip[@]}" config list 2>/dev/null) || listing=""
-    local conf
-    conf=$(mktemp /tmp/cutout-pip.XXXXXX.conf)
+    pip_conf=$(mktemp /tmp/cutout-pip.XXXXXX.conf)
+    local conf=$pip_conf
     chmod 644 "$conf"
     # Later lines win, and pip lists files before :env: (the environment wins in pip too).
     python3 -c '
@@ -111,6 +112,7 @@ with open(sys.argv[1], "w") as f:
 ' "$conf" "$listing"
     pip_mounts=(-v "$conf:/etc/pip.conf:ro")
     local word path
+    # shellcheck disable=SC2013  # words: one setting may list several paths
     for word in $(sed -n 's/^[a-z-]* = //p' "$conf"); do
         path="${word#file://}"
         # A file:// index's pages link to files beside it (../../files/x.whl):
@@ -157,7 +159,7 @@ names)
 build)
     choose_bases
     pip_passthrough
-    trap 'rm -f "${pip_mounts[1]%%:*}"' EXIT
+    trap 'rm -f "$pip_conf"' EXIT
     start=$SECONDS
     targets=("$@")
     ((${#targets[@]})) || targets=(cpu gpu models)
