@@ -16,7 +16,8 @@
 #                local:  $LOCAL_BASE (made by setup-host.sh from Debian's packages) for all three
 #                default: local when that image exists, else public
 #   CPU_BASE, GPU_BASE, MODELS_BASE   override one base each
-#   PODMAN       the container tool (default podman; docker works for build and push)
+#   PODMAN       the podman binary (build uses podman's -v and --layers; with docker, run the
+#                `docker build` commands at the top of each Containerfile instead)
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -150,37 +151,44 @@ build_one() {
     log "$what built in $((SECONDS - start)) s"
 }
 
-cmd="${1:-build}"
-[[ $# -gt 0 ]] && shift
-case "$cmd" in
-names)
-    printf '%s\n' "$(cpu_ref)" "$(gpu_ref)" "$(models_ref)"
-    ;;
-build)
-    choose_bases
-    pip_passthrough
-    trap 'rm -f "$pip_conf"' EXIT
-    start=$SECONDS
-    targets=("$@")
-    ((${#targets[@]})) || targets=(cpu gpu models)
-    for what in "${targets[@]}"; do
-        build_one "$what"
-    done
-    log "built ${targets[*]} in $((SECONDS - start)) s"
-    "$podman" image ls --filter "reference=$repo/cutout*" >&2
-    ;;
-push)
-    if [[ $repo == localhost ]]; then
-        log "set IMAGE_REPO to the registry to push to (e.g. registry.example.org/team)"
+# One function, parsed whole before it runs: editing this file during a
+# build then cannot make bash read on from a shifted offset.
+main() {
+    local cmd="${1:-build}"
+    [[ $# -gt 0 ]] && shift
+    case "$cmd" in
+    names)
+        printf '%s\n' "$(cpu_ref)" "$(gpu_ref)" "$(models_ref)"
+        ;;
+    build)
+        choose_bases
+        pip_passthrough
+        trap 'rm -f "$pip_conf"' EXIT
+        local start=$SECONDS targets what
+        targets=("$@")
+        ((${#targets[@]})) || targets=(cpu gpu models)
+        for what in "${targets[@]}"; do
+            build_one "$what"
+        done
+        log "built ${targets[*]} in $((SECONDS - start)) s"
+        "$podman" image ls --filter "reference=$repo/cutout*" >&2
+        ;;
+    push)
+        if [[ $repo == localhost ]]; then
+            log "set IMAGE_REPO to the registry to push to (e.g. registry.example.org/team)"
+            exit 1
+        fi
+        local ref
+        for ref in "$(cpu_ref)" "$(gpu_ref)" "$(models_ref)"; do
+            log "pushing $ref"
+            "$podman" push "$ref"
+        done
+        ;;
+    *)
+        log "usage: build.sh build [cpu|gpu|models ...] | push | names"
         exit 1
-    fi
-    for ref in "$(cpu_ref)" "$(gpu_ref)" "$(models_ref)"; do
-        log "pushing $ref"
-        "$podman" push "$ref"
-    done
-    ;;
-*)
-    log "usage: build.sh build [cpu|gpu|models ...] | push | names"
-    exit 1
-    ;;
-esac
+        ;;
+    esac
+}
+
+main "$@"
