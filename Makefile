@@ -3,16 +3,22 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint typecheck protos up migrate clean
+.PHONY: install demo test lint typecheck protos api-baseline up migrate clean
 
-# Everything, into .venv: the services (CPU), the client, and the dev tools.
-$(VENV)/.installed: pyproject.toml
+# Everything, into .venv: the client (cutout-client, clients/python), the services
+# on CPU (cutout-server, the root), and the dev tools.
+$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
+	@echo "== installing Cutout into $(VENV) (the first time takes a few minutes)"
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	@# The client was once part of a distribution named "cutout" (a PyPI name that is not ours).
+	$(BIN)/pip uninstall -q -y cutout 2>/dev/null || true
+	$(BIN)/pip install --progress-bar off -e ./clients/python -e '.[dev]'
 	@# rembg imports pymatting, whose numba kernels compile on first import
 	@# (a minute or more on 2 cores) and are then cached: pay it once, here.
+	@echo "== compiling rembg's numba kernels once (a minute or two)"
 	$(BIN)/python -c "import rembg.bg"
+	@echo "== installed: source $(VENV)/bin/activate puts cutout and cutout-admin on PATH"
 	touch $@
 
 install: $(VENV)/.installed
@@ -31,12 +37,19 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-# Regenerate clients/python/cutout/v1 from protos/ (tests fail when it is stale).
+# Regenerate clients/python/cutout/v1 (public) and services/internal/v1 (internal)
+# from protos/ (tests fail when either is stale).
 protos: install
 	$(BIN)/python protos/generate.py
 
+# Accept the API as it is now as the one later changes are checked against
+# (`buf breaking`, in tests/test_protos.py): run when a breaking change is released on purpose.
+api-baseline:
+	tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -czf protos/api-baseline.tar.gz \
+		buf.yaml $$(find protos third_party -name '*.proto' | sort)
+
 up: install
-	$(BIN)/cutout up
+	$(BIN)/cutout-admin up
 
 # Create or update the data_records schema at $CUTOUT_MYSQL_URL.
 migrate: install

@@ -33,13 +33,13 @@ sys.path.insert(0, str(ROOT / "clients" / "python"))
 
 import grpc  # noqa: E402
 
-from cutout.v1 import inference_service_pb2 as pb  # noqa: E402
-from cutout.v1 import inference_service_pb2_grpc as pb_grpc  # noqa: E402
 from cutout.v1 import jobs_pb2  # noqa: E402
+from services.internal.v1 import inference_service_pb2 as pb  # noqa: E402
+from services.internal.v1 import inference_service_pb2_grpc as pb_grpc  # noqa: E402
 from tests.tinymodel import build_tiny_model  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
-from nodeproc import start_node  # noqa: E402
+from nodeproc import METADATA, start_node  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:
@@ -108,7 +108,7 @@ async def drive(
                 operation=OPERATIONS[i % len(OPERATIONS)],
                 image=pictures[(i // len(OPERATIONS)) % len(pictures)],
             )
-            async for _ in stub.Process(request, timeout=120):
+            async for _ in stub.Process(request, timeout=120, metadata=METADATA):
                 pass
 
         async def worker(start: int) -> None:

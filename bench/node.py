@@ -54,14 +54,14 @@ sys.path.insert(0, str(ROOT / "clients" / "python"))
 import grpc  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
-from cutout.v1 import inference_service_pb2 as pb  # noqa: E402
-from cutout.v1 import inference_service_pb2_grpc as pb_grpc  # noqa: E402
 from cutout.v1 import jobs_pb2  # noqa: E402
 from services.common.config import default_model_dir  # noqa: E402
 from services.inference.masking import KNOWN, MaskSession  # noqa: E402
+from services.internal.v1 import inference_service_pb2 as pb  # noqa: E402
+from services.internal.v1 import inference_service_pb2_grpc as pb_grpc  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
-from nodeproc import start_node  # noqa: E402
+from nodeproc import METADATA, start_node  # noqa: E402
 
 MODEL = "isnet-general-use"
 
@@ -265,7 +265,7 @@ def cutout_node(
             name=f"jobs/{uuid.uuid4().hex}", attempt=1, operation=op, image=images[i % len(images)]
         )
         size, got = 0, 0
-        for reply in stub.Process(request, timeout=600):
+        for reply in stub.Process(request, timeout=600, metadata=METADATA):
             if reply.HasField("output"):
                 size = reply.output.size_bytes
                 got += len(reply.output.data)  # inline when small

@@ -9,6 +9,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "clients" / "python")]
+from services.common.internal_auth import InternalToken, new_token  # noqa: E402
+
+# The node refuses calls without the cluster's internal token: the bench is its scheduler.
+TOKEN = InternalToken(new_token())
+METADATA = TOKEN.metadata()
 
 
 def start_node(
@@ -25,6 +31,7 @@ def start_node(
         "CUTOUT_METRICS_LISTEN": "",
         "CUTOUT_READY_FILE": str(ready),
         "CUTOUT_LOG_LEVEL": "WARNING",
+        "CUTOUT_INTERNAL_TOKEN": TOKEN.current,
         "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'clients' / 'python'}",
     }
     log_path = workdir / "node.log"

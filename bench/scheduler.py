@@ -43,8 +43,8 @@ from cutout.client import build_submission  # noqa: E402
 from cutout.v1 import jobs_pb2  # noqa: E402
 from services.gateway.auth import new_key  # noqa: E402
 from services.local.cluster import ClusterConfig, LocalCluster  # noqa: E402
-from services.scheduler.jobstore import JobStore, Retention  # noqa: E402
 from services.scheduler.keys import Keys  # noqa: E402
+from services.scheduler.store import Store  # noqa: E402
 from tests.tinymodel import build_tiny_model  # noqa: E402
 
 VENDORS = ["v0", "v1", "v2", "v3"]
@@ -71,7 +71,7 @@ async def job_times(redis: aioredis.Redis, ids: list[str]) -> list[tuple[str, in
     out = []
     async with redis.pipeline(transaction=False) as pipe:
         for job_id in ids:
-            pipe.hmget(f"cutout:job:{job_id}", "vendor", "create_ms", "start_ms", "end_ms")
+            pipe.hmget(Keys().job(job_id), "vendor", "create_ms", "start_ms", "end_ms")
         rows = await pipe.execute()
     for vendor, created, started, ended in rows:
         if ended:
@@ -166,16 +166,16 @@ async def latency(cluster: LocalCluster, key: str, jobs: int, rate: float) -> di
 async def dispatch_ceiling(redis_url: str, cycles: int) -> float:
     """enqueue + claim + complete through the Lua scripts, 8 concurrent workers."""
     redis = aioredis.from_url(redis_url)
-    store = JobStore(redis, Keys("bench:"), Retention())
+    store = Store(redis, Keys("bench:"))
     sub = jobs_pb2.JobSubmission()
     sub.operation.remove_background.model = "tiny"
 
     async def worker(n: int) -> None:
         for i in range(n):
-            await store.enqueue(VENDORS[i % 4], sub, b"x" * 1000, 4096)
-            claim = await store.claim("bench-node", 10_000)
+            await store.submissions.enqueue(VENDORS[i % 4], sub, b"x" * 1000, 4096)
+            claim = await store.claims.claim("bench-node", 10_000)
             if claim is not None:
-                await store.complete(claim, jobs_pb2.Result(uri="local:x"))
+                await store.attempts.complete(claim, jobs_pb2.Result(uri="local:x"))
 
     started = time.monotonic()
     await asyncio.gather(*(worker(cycles // 8) for _ in range(8)))

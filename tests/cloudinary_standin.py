@@ -3,7 +3,8 @@
 It checks what a real account would: the API key, the request signature
 (SHA-1 of the sorted parameters and the API secret, computed here
 independently of the SDK), a fresh timestamp, and that the file is an image.
-It keeps what it receives, honours `overwrite`, and fails on demand.
+It keeps what it receives, honours `overwrite`, fails on demand, and holds
+uploads on demand (to make two of them overlap).
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ class CloudinaryStandIn:
     assets: dict[str, Asset] = field(default_factory=dict)
     requests: list[Upload] = field(default_factory=list)
     fail_next: int = 0  # answer this many uploads with a 500 before working again
+    hold: threading.Event | None = None  # when set: uploads wait for it before being answered
+    held: int = 0  # uploads waiting on `hold` now
     _server: ThreadingHTTPServer | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -125,6 +128,12 @@ class CloudinaryStandIn:
         return 404, _error(f"unsupported action {action}")
 
     def _upload(self, params: dict[str, str], file: bytes | None) -> tuple[int, dict[str, Any]]:
+        if self.hold is not None:
+            with self._lock:
+                self.held += 1
+            self.hold.wait(timeout=60)
+            with self._lock:
+                self.held -= 1
         with self._lock:
             if self.fail_next > 0:
                 self.fail_next -= 1

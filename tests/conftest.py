@@ -58,6 +58,24 @@ def real_model_dir() -> Path:
     return folder
 
 
+def start_cluster(
+    workdir: Path, model_dir: Path, start_nodes: bool = True, **extra_env: str
+) -> LocalCluster:
+    """One node and a gateway on free ports, for module-scoped fixtures (stop it yourself)."""
+    cluster = LocalCluster(
+        ClusterConfig(
+            nodes=1,
+            gateway_port=0,
+            workdir=workdir,
+            model_dir=model_dir,
+            api_keys=dict(KEYS),
+            extra_env={"CUTOUT_NODE_POLL_S": "0.2", **extra_env},
+        )
+    )
+    cluster.start(start_nodes=start_nodes)
+    return cluster
+
+
 @pytest.fixture
 def make_cluster(tmp_path: Path) -> Iterator[Callable[..., LocalCluster]]:
     clusters: list[LocalCluster] = []

@@ -23,30 +23,15 @@ from cutout.v1 import jobs_pb2
 from services.gateway.auth import new_key
 from services.inference import pipeline
 from services.inference.models import ModelCatalog
-from services.local.cluster import ClusterConfig, LocalCluster
-from tests.conftest import KEYS
+from services.local.cluster import LocalCluster
+from tests.conftest import KEYS, start_cluster
 
 A, B = KEYS["vendor-a"], KEYS["vendor-b"]
 
 
-def _cluster(tmp: Path, models: Path, start_nodes: bool) -> LocalCluster:
-    cluster = LocalCluster(
-        ClusterConfig(
-            nodes=1,
-            gateway_port=0,
-            workdir=tmp,
-            model_dir=models,
-            api_keys=dict(KEYS),
-            extra_env={"CUTOUT_NODE_POLL_S": "0.2"},
-        )
-    )
-    cluster.start(start_nodes=start_nodes)
-    return cluster
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[LocalCluster]:
-    cluster = _cluster(tmp_path_factory.mktemp("tiny"), tiny_model_dir, start_nodes=True)
+    cluster = start_cluster(tmp_path_factory.mktemp("tiny"), tiny_model_dir)
     yield cluster
     cluster.stop()
 
@@ -54,7 +39,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iter
 @pytest.fixture(scope="module")
 def idle(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[LocalCluster]:
     """A cluster whose only node never starts: every job stays queued."""
-    cluster = _cluster(tmp_path_factory.mktemp("idle"), tiny_model_dir, start_nodes=False)
+    cluster = start_cluster(tmp_path_factory.mktemp("idle"), tiny_model_dir, start_nodes=False)
     yield cluster
     cluster.stop()
 

@@ -1,14 +1,25 @@
-"""Installing the client alone must not need onnxruntime, rembg or Redis."""
+"""The client is a client: installable alone, shipping only the public API, importing no service."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 import tomllib
+import zipfile
+from pathlib import Path
 
 from services.common.config import PROJECT_ROOT
 
-SERVER_ONLY = ("onnxruntime", "rembg", "redis", "PIL", "numpy", "grpc_health", "grpc_reflection")
+SERVER_ONLY = (
+    "onnxruntime",
+    "rembg",
+    "redis",
+    "PIL",
+    "numpy",
+    "grpc_health",
+    "grpc_reflection",
+    "services",
+)
 
 # Run the client with every server-only package made unimportable.
 BLOCKER = f"""
@@ -37,10 +48,39 @@ def test_client_and_cli_import_without_server_packages() -> None:
     assert "submit" in run.stdout
 
 
-def test_base_dependencies_leave_server_parts_to_extras() -> None:
-    meta = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]
-    base = " ".join(meta["dependencies"]).lower()
+def test_client_wheel_holds_the_public_api_and_nothing_of_the_services(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+         "-w", str(tmp_path), str(PROJECT_ROOT / "clients" / "python")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    (wheel,) = tmp_path.glob("cutout_client-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        sources = {n: zf.read(n).decode() for n in names if n.endswith((".py", ".pyi"))}
+    assert all(n.startswith(("cutout/", "cutout_client-")) for n in names), names
+    generated = sorted(n for n in names if "_pb2" in n and n.endswith(".py"))
+    assert generated == [
+        "cutout/v1/cutout_service_pb2.py",
+        "cutout/v1/cutout_service_pb2_grpc.py",
+        "cutout/v1/jobs_pb2.py",
+        "cutout/v1/jobs_pb2_grpc.py",
+    ]
+    assert "cutout/v1/jobs_pb2.pyi" in names and "cutout/py.typed" in names
+    for name, text in sources.items():
+        assert "import services" not in text and "from services" not in text, name
+        assert "cutout.internal" not in text, name
+
+
+def test_extras_never_install_both_runtimes() -> None:
+    client = tomllib.loads((PROJECT_ROOT / "clients/python/pyproject.toml").read_text())
+    base = " ".join(client["project"]["dependencies"]).lower()
     for heavy in ("onnxruntime", "rembg", "redis", "pillow", "numpy"):
         assert heavy not in base
-    assert any("rembg" in d for d in meta["optional-dependencies"]["server"])
-    assert any("onnxruntime-gpu" in d for d in meta["optional-dependencies"]["gpu"])
+    server = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]
+    assert not any("onnxruntime" in d for d in server["dependencies"])
+    extras = server["optional-dependencies"]
+    assert [d.split(">")[0] for d in extras["cpu"]] == ["onnxruntime"]
+    assert [d.split(">")[0] for d in extras["gpu"]] == ["onnxruntime-gpu"]
+    assert "cutout-server[cpu]" in extras["dev"]

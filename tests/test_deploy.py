@@ -12,7 +12,8 @@ SETTINGS = sorted((PROJECT_ROOT / "services").glob("*/settings.py"))
 
 def known_variables() -> set[str]:
     names: set[str] = set()
-    for path in [*SETTINGS, PROJECT_ROOT / "services" / "common" / "config.py"]:
+    common = PROJECT_ROOT / "services" / "common"
+    for path in [*SETTINGS, common / "config.py", common / "internal_auth.py"]:
         names |= set(re.findall(r'"(CUTOUT_[A-Z0-9_]+)"', path.read_text()))
     return names
 

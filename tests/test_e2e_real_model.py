@@ -23,8 +23,8 @@ from tests.conftest import KEYS
 
 SERVICES = {
     "gateway": "cutout.v1.CutoutService",
-    "scheduler": "cutout.v1.SchedulerService",
-    "node-1": "cutout.v1.InferenceService",
+    "scheduler": "cutout.internal.v1.SchedulerService",
+    "node-1": "cutout.internal.v1.InferenceService",
 }
 
 

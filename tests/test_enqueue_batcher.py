@@ -13,8 +13,8 @@ import asyncio
 import pytest
 from google.rpc import code_pb2
 
-from cutout.v1 import scheduler_service_pb2 as spb
 from services.gateway.enqueue_batcher import BatchLimits, EnqueueBatcher, EnqueueRefused
+from services.internal.v1 import scheduler_service_pb2 as spb
 
 
 class Scheduler:
@@ -27,13 +27,13 @@ class Scheduler:
         self.fail_next = False
 
     async def send(self, request: spb.EnqueueJobsRequest) -> spb.EnqueueJobsResponse:
-        self.calls.append(len(request.requests))
+        self.calls.append(len(request.jobs))
         await self.gate.wait()
         if self.fail_next:
             self.fail_next = False
             raise ConnectionError("scheduler went away")
         reply = spb.EnqueueJobsResponse()
-        for r in request.requests:
+        for r in request.jobs:
             outcome = reply.outcomes.add()
             if r.vendor_id == "capped":
                 outcome.error.code = code_pb2.RESOURCE_EXHAUSTED
@@ -43,8 +43,8 @@ class Scheduler:
         return reply
 
 
-def request(name: str, vendor: str = "v", size: int = 0) -> spb.EnqueueJobRequest:
-    r = spb.EnqueueJobRequest(vendor_id=vendor, batch=name)
+def request(name: str, vendor: str = "v", size: int = 0) -> spb.JobToEnqueue:
+    r = spb.JobToEnqueue(vendor_id=vendor, batch=name)
     r.submission.image.content = b"x" * size
     return r
 
@@ -87,11 +87,11 @@ async def test_one_refused_item_or_one_failed_call_touches_no_other_item() -> No
     outcomes = await batcher.enqueue_all(
         [request("ok1"), request("no", vendor="capped"), request("ok2")]
     )
-    assert isinstance(outcomes[0], spb.EnqueueJobResponse)
+    assert isinstance(outcomes[0], spb.EnqueuedJob)
     assert isinstance(outcomes[1], EnqueueRefused)
     assert outcomes[1].status.code == code_pb2.RESOURCE_EXHAUSTED
     assert "2 jobs waiting" in outcomes[1].status.message
-    assert isinstance(outcomes[2], spb.EnqueueJobResponse)
+    assert isinstance(outcomes[2], spb.EnqueuedJob)
     assert scheduler.calls == [3]  # a batch's items go together
 
     scheduler.fail_next = True

@@ -13,25 +13,26 @@ import redis.asyncio as aioredis
 from cutout.v1 import jobs_pb2
 from services.common.errors import CutoutError, status_from_code
 from services.local.redis import RedisServer
-from services.scheduler.jobstore import (
+from services.scheduler.keys import Keys
+from services.scheduler.store import (
     Admission,
     Claim,
     Fairness,
-    JobStore,
     NewJob,
     Retention,
+    Retried,
     RetryPolicy,
+    Store,
     estimate_wait_ms,
 )
-from services.scheduler.keys import Keys
 
 
 @pytest.fixture
-async def store(redis_server: Callable[..., RedisServer]) -> AsyncIterator[JobStore]:
+async def store(redis_server: Callable[..., RedisServer]) -> AsyncIterator[Store]:
     server = redis_server()
     client = aioredis.from_url(server.url)
     # Short backoff so retries are observable without slow tests.
-    yield JobStore(client, Keys("t:"), Retention(), RetryPolicy(max_retries=2, base_delay_ms=100))
+    yield Store(client, Keys("t:"), Retention(), RetryPolicy(max_retries=2, base_delay_ms=100))
     await client.aclose()
 
 
@@ -41,20 +42,20 @@ def submission(priority: int = 0, client_key: str = "") -> jobs_pb2.JobSubmissio
     return sub
 
 
-async def enqueue(store: JobStore, vendor: str, priority: int = 0, pixels: int = 1_000_000) -> str:
-    job, _ = await store.enqueue(vendor, submission(priority), b"image-bytes", pixels)
+async def enqueue(store: Store, vendor: str, priority: int = 0, pixels: int = 1_000_000) -> str:
+    job, _ = await store.submissions.enqueue(vendor, submission(priority), b"image-bytes", pixels)
     return job.name.removeprefix("jobs/")
 
 
-async def drain(store: JobStore) -> list[Claim]:
+async def drain(store: Store) -> list[Claim]:
     """Claim until the queues are empty (deterministic: no sleeping)."""
     claims: list[Claim] = []
-    while (claim := await store.claim("node", 10_000)) is not None:
+    while (claim := await store.claims.claim("node", 10_000)) is not None:
         claims.append(claim)
     return claims
 
 
-async def test_vendors_are_served_round_robin_not_by_arrival(store: JobStore) -> None:
+async def test_vendors_are_served_round_robin_not_by_arrival(store: Store) -> None:
     # 1-megapixel jobs cost exactly one turn's credit (quantum 1 MP): strict alternation.
     flood = [await enqueue(store, "a") for _ in range(50)]
     late = [await enqueue(store, "b") for _ in range(3)]
@@ -64,7 +65,7 @@ async def test_vendors_are_served_round_robin_not_by_arrival(store: JobStore) ->
     assert sorted(c for c in order) == sorted(["a"] * len(flood) + ["b"] * len(late))
 
 
-async def test_fair_share_is_counted_in_megapixels(store: JobStore) -> None:
+async def test_fair_share_is_counted_in_megapixels(store: Store) -> None:
     # a sends 4 MP photos, b 0.5 MP ones: per megapixel served they stay even.
     for _ in range(20):
         await enqueue(store, "a", pixels=4_000_000)
@@ -77,8 +78,8 @@ async def test_fair_share_is_counted_in_megapixels(store: JobStore) -> None:
 
 async def test_weights_give_proportional_shares(redis_server: Callable[..., RedisServer]) -> None:
     client = aioredis.from_url(redis_server().url)
-    store = JobStore(client, Keys("w:"), Retention(), fairness=Fairness(weights={"gold": 3.0}))
-    await store.publish_weights()
+    store = Store(client, Keys("w:"), Retention(), fairness=Fairness(weights={"gold": 3.0}))
+    await store.claims.publish_weights()
     for _ in range(40):
         await enqueue(store, "gold")
         await enqueue(store, "basic")
@@ -87,17 +88,17 @@ async def test_weights_give_proportional_shares(redis_server: Callable[..., Redi
     await client.aclose()
 
 
-async def test_a_flood_never_delays_another_vendor_more_than_one_round(store: JobStore) -> None:
+async def test_a_flood_never_delays_another_vendor_more_than_one_round(store: Store) -> None:
     for _ in range(300):
         await enqueue(store, "flood", pixels=200_000)  # 5 per turn
-    claims = [await store.claim("node", 10_000) for _ in range(7)]
+    claims = [await store.claims.claim("node", 10_000) for _ in range(7)]
     assert {c.vendor for c in claims if c} == {"flood"}
     await enqueue(store, "small")
     order = [c.vendor for c in await drain(store)]
     assert "small" in order[:5]  # within the rest of flood's current turn
 
 
-async def test_priority_first_then_fifo_within_a_vendor(store: JobStore) -> None:
+async def test_priority_first_then_fifo_within_a_vendor(store: Store) -> None:
     low1 = await enqueue(store, "a", 0)
     high = await enqueue(store, "a", 9)
     low2 = await enqueue(store, "a", 0)
@@ -105,50 +106,53 @@ async def test_priority_first_then_fifo_within_a_vendor(store: JobStore) -> None
     assert [c.job_id for c in await drain(store)] == [high, mid, low1, low2]
 
 
-async def test_queue_position_eta_and_stats(store: JobStore) -> None:
+async def test_queue_position_eta_and_stats(store: Store) -> None:
     ids = [await enqueue(store, "a", p) for p in (0, 0, 3)]
-    assert [(await store.place("a", i)).position for i in ids] == [2, 3, 1]
+    assert [(await store.jobs.place("a", i)).position for i in ids] == [2, 3, 1]
     # No job has run yet: no basis for an ETA, so none is given.
-    assert not (await store.get("a", ids[0])).HasField("estimated_wait")
-    stats = await store.stats("a")
+    assert not (await store.jobs.get("a", ids[0])).HasField("estimated_wait")
+    stats = await store.stats.queue("a")
     assert stats.queued == 3
     assert [(p.priority, p.queued) for p in stats.by_priority] == [(3, 1), (0, 2)]
-    claim = await store.claim("node", 10_000)
+    claim = await store.claims.claim("node", 10_000)
     assert claim is not None and claim.job_id == ids[2]
-    stats = await store.stats("")
+    stats = await store.stats.queue("")
     assert (stats.queued, stats.running, stats.attempts_started) == (2, 1, 1)
     await asyncio.sleep(0.2)
-    assert await store.complete(claim, jobs_pb2.Result(uri="local:x"))
+    assert await store.attempts.complete(claim, jobs_pb2.Result(uri="local:x"))
     # One job ran for ~200 ms on a fleet of 1 slot: the 2nd in line waits ~2 runs.
-    job = await store.get("a", ids[1])
+    job = await store.jobs.get("a", ids[1])
     assert job.queue_position == 2
     eta_ms = job.estimated_wait.ToMilliseconds()
     assert 2 * 150 <= eta_ms <= 2 * 1000, eta_ms
-    store.fleet_capacity = lambda lane: 2  # twice the slots: half the wait
-    assert (await store.get("a", ids[1])).estimated_wait.ToMilliseconds() == eta_ms // 2
-    stats = await store.stats("a")
+    doubled = Store(store.redis, store.keys, fleet_capacity=lambda lane: 2)
+    # Twice the slots: half the wait.
+    assert (await doubled.jobs.get("a", ids[1])).estimated_wait.ToMilliseconds() == eta_ms // 2
+    stats = await store.stats.queue("a")
     assert (stats.succeeded, stats.running, stats.lease_losses) == (1, 0, 0)
 
 
-async def test_light_jobs_have_their_own_queue_position_and_eta(store: JobStore) -> None:
+async def test_light_jobs_have_their_own_queue_position_and_eta(store: Store) -> None:
     heavy = [await enqueue(store, "a") for _ in range(3)]
     light_sub = jobs_pb2.JobSubmission()
     light_sub.operation.transform.format = jobs_pb2.OUTPUT_FORMAT_JPEG
-    light = [(await store.enqueue("a", light_sub, b"x", 1000))[0].name[5:] for _ in range(2)]
-    assert [(await store.get("a", j)).queue_position for j in light] == [1, 2]
-    assert (await store.get("a", heavy[2])).queue_position == 3
+    light = [
+        (await store.submissions.enqueue("a", light_sub, b"x", 1000))[0].name[5:] for _ in range(2)
+    ]
+    assert [(await store.jobs.get("a", j)).queue_position for j in light] == [1, 2]
+    assert (await store.jobs.get("a", heavy[2])).queue_position == 3
     # The inference lane never hands out a light job, nor the light lane an inference one.
-    claim = await store.claim("node", 10_000, "light:")
+    claim = await store.claims.claim("node", 10_000, "light:")
     assert claim is not None and claim.job_id == light[0]
-    await store.complete(claim, jobs_pb2.Result(uri="local:x"))  # runs in ~0 ms
-    slow = await store.claim("node", 10_000)
+    await store.attempts.complete(claim, jobs_pb2.Result(uri="local:x"))  # runs in ~0 ms
+    slow = await store.claims.claim("node", 10_000)
     assert slow is not None and slow.job_id == heavy[0]
     await asyncio.sleep(0.3)
-    await store.complete(slow, jobs_pb2.Result(uri="local:y"))
+    await store.attempts.complete(slow, jobs_pb2.Result(uri="local:y"))
     # Each lane's ETA comes from its own run times: a fast transform does not
     # make the inference queue look short.
-    heavy_eta = (await store.get("a", heavy[2])).estimated_wait.ToMilliseconds()
-    light_eta = (await store.get("a", light[1])).estimated_wait.ToMilliseconds()
+    heavy_eta = (await store.jobs.get("a", heavy[2])).estimated_wait.ToMilliseconds()
+    light_eta = (await store.jobs.get("a", light[1])).estimated_wait.ToMilliseconds()
     assert heavy_eta >= 250 and light_eta < 100, (heavy_eta, light_eta)
 
 
@@ -158,61 +162,62 @@ def test_wait_estimate_shares_the_fleet_among_waiting_vendors() -> None:
     assert estimate_wait_ms(position=1, capacity=2, active_vendors=4, run_ms=100) == 100
 
 
-async def test_idempotency_key_is_per_vendor(store: JobStore) -> None:
-    first, dup1 = await store.enqueue("a", submission(client_key="k"), b"x", 1)
-    again, dup2 = await store.enqueue("a", submission(client_key="k"), b"x", 1)
-    other, dup3 = await store.enqueue("b", submission(client_key="k"), b"x", 1)
+async def test_idempotency_key_is_per_vendor(store: Store) -> None:
+    first, dup1 = await store.submissions.enqueue("a", submission(client_key="k"), b"x", 1)
+    again, dup2 = await store.submissions.enqueue("a", submission(client_key="k"), b"x", 1)
+    other, dup3 = await store.submissions.enqueue("b", submission(client_key="k"), b"x", 1)
     assert (dup1, dup2, dup3) == (False, True, False)
     assert first.name == again.name != other.name
 
 
-async def test_a_late_answer_from_an_old_attempt_is_ignored(store: JobStore) -> None:
+async def test_a_late_answer_from_an_old_attempt_is_ignored(store: Store) -> None:
     job_id = await enqueue(store, "a")
-    claim = await store.claim("node-1", 10_000)
+    claim = await store.claims.claim("node-1", 10_000)
     assert claim is not None and claim.attempt == 1
-    assert await store.retry(claim, status_from_code(grpc.StatusCode.UNAVAILABLE, "x")) == 1
+    unavailable = status_from_code(grpc.StatusCode.UNAVAILABLE, "x")
+    assert await store.attempts.retry(claim, unavailable) == Retried.RETRYING
     second = await claim_after_backoff(store)
     assert second is not None and second.attempt == 2
     # The first attempt's node answers after all: fenced off, changes nothing.
-    assert not await store.progress(claim, [(jobs_pb2.STAGE_INFERENCE, 50)], 10_000)
-    assert not await store.complete(claim, jobs_pb2.Result(uri="local:old"))
-    assert await store.complete(second, jobs_pb2.Result(uri="local:new"))
-    job = await store.get("a", job_id)
+    assert not await store.attempts.progress(claim, [(jobs_pb2.STAGE_INFERENCE, 50)], 10_000)
+    assert not await store.attempts.complete(claim, jobs_pb2.Result(uri="local:old"))
+    assert await store.attempts.complete(second, jobs_pb2.Result(uri="local:new"))
+    job = await store.jobs.get("a", job_id)
     assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED and job.result.uri == "local:new"
-    assert await store.input_image(job_id) is None  # input freed once done
+    assert await store.jobs.input_image(job_id) is None  # input freed once done
 
 
-async def claim_after_backoff(store: JobStore, lease_ms: int = 10_000) -> Claim | None:
+async def claim_after_backoff(store: Store, lease_ms: int = 10_000) -> Claim | None:
     """Wait out a retry's backoff (the store's policy: 100 ms, doubling) and claim."""
     for _ in range(100):
-        await store.promote()
-        claim = await store.claim("node", lease_ms)
+        await store.attempts.promote()
+        claim = await store.claims.claim("node", lease_ms)
         if claim is not None:
             return claim
         await asyncio.sleep(0.02)
     return None
 
 
-async def test_expired_leases_back_off_then_dead_letter(store: JobStore) -> None:
+async def test_expired_leases_back_off_then_dead_letter(store: Store) -> None:
     job_id = await enqueue(store, "a")
-    claim = await store.claim("node", 50)
+    claim = await store.claims.claim("node", 50)
     for attempt in (1, 2):  # max_retries=2: two retries after the first attempt
         assert claim is not None and claim.attempt == attempt
         await asyncio.sleep(0.1)
-        assert await store.reap() == [job_id]
-        job = await store.get("a", job_id)
+        assert await store.attempts.reap() == [job_id]
+        job = await store.jobs.get("a", job_id)
         assert job.state == jobs_pb2.JOB_STATE_QUEUED and job.HasField("retry_time")
-        assert await store.claim("node", 50) is None  # still backing off
+        assert await store.claims.claim("node", 50) is None  # still backing off
         claim = await claim_after_backoff(store, lease_ms=50)
     assert claim is not None and claim.attempt == 3
     await asyncio.sleep(0.1)
-    await store.reap()
-    job = await store.get("a", job_id)
+    await store.attempts.reap()
+    job = await store.jobs.get("a", job_id)
     assert job.state == jobs_pb2.JOB_STATE_FAILED and job.dead_lettered
     assert job.error.code == grpc.StatusCode.UNAVAILABLE.value[0]
     assert "lease expired" in job.error.message
-    assert await store.input_image(job_id) == b"image-bytes"  # kept for a requeue
-    stats = await store.stats("a")
+    assert await store.jobs.input_image(job_id) == b"image-bytes"  # kept for a requeue
+    stats = await store.stats.queue("a")
     assert (stats.attempts_started, stats.lease_losses) == (3, 3)
     assert (stats.retries, stats.dead_lettered, stats.succeeded) == (2, 1, 0)
 
@@ -221,40 +226,41 @@ async def test_stored_outputs_expire_with_their_jobs(
     redis_server: Callable[..., RedisServer],
 ) -> None:
     redis = aioredis.from_url(redis_server().url)
-    store = JobStore(redis, Keys("retention:"), Retention(finished_s=1))
+    store = Store(redis, Keys("retention:"), Retention(finished_s=1))
     lost_id = await enqueue(store, "a")
-    lost = await store.claim("node", 10_000)
+    lost = await store.claims.claim("node", 10_000)
     assert lost is not None
-    await store.cancel("a", lost_id)  # its attempt finishes anyway: fenced off, output stored
-    assert not await store.complete(lost, jobs_pb2.Result(uri="local:a/orphan.png"))
+    # Its attempt finishes anyway: fenced off, output stored.
+    await store.cancellation.cancel("a", lost_id)
+    assert not await store.attempts.complete(lost, jobs_pb2.Result(uri="local:a/orphan.png"))
     job_id = await enqueue(store, "a")
-    claim = await store.claim("node", 10_000)
+    claim = await store.claims.claim("node", 10_000)
     assert claim is not None
-    assert await store.complete(claim, jobs_pb2.Result(uri=f"local:a/{job_id}.png"))
-    assert await store.expired_blobs() == []
+    assert await store.attempts.complete(claim, jobs_pb2.Result(uri=f"local:a/{job_id}.png"))
+    assert await store.blobs.expired() == []
     await asyncio.sleep(1.1)
-    due = set(await store.expired_blobs())
+    due = set(await store.blobs.expired())
     assert due == {"local:a/orphan.png", f"local:a/{job_id}.png"}
-    await store.forget_blobs(list(due))
-    assert await store.expired_blobs() == []
+    await store.blobs.forget(list(due))
+    assert await store.blobs.expired() == []
     await redis.aclose()
 
 
-async def test_backoff_doubles_with_jitter(store: JobStore) -> None:
+async def test_backoff_doubles_with_jitter(store: Store) -> None:
     await enqueue(store, "a")
     delays = []
     for _ in range(2):
         claim = await claim_after_backoff(store)
         assert claim is not None
         before = time.time() * 1000
-        await store.retry(claim, status_from_code(grpc.StatusCode.INTERNAL, "boom"))
-        job = await store.get("a", claim.job_id)
+        await store.attempts.retry(claim, status_from_code(grpc.StatusCode.INTERNAL, "boom"))
+        job = await store.jobs.get("a", claim.job_id)
         delays.append(job.retry_time.ToMilliseconds() - before)
     assert 80 - 5 <= delays[0] <= 120 + 5  # 100 ms +/- 20%
     assert 160 - 5 <= delays[1] <= 240 + 5  # doubled
 
 
-async def test_dead_letters_list_requeue_and_purge(store: JobStore) -> None:
+async def test_dead_letters_list_requeue_and_purge(store: Store) -> None:
     ids = []
     for _ in range(3):
         job_id = await enqueue(store, "a")
@@ -263,66 +269,66 @@ async def test_dead_letters_list_requeue_and_purge(store: JobStore) -> None:
         claim = await claim_after_backoff(store)
         if claim is None:
             break
-        await store.retry(
+        await store.attempts.retry(
             claim, status_from_code(grpc.StatusCode.INTERNAL, f"boom {claim.attempt}")
         )
-    page, token = await store.dead_letters("a", 2, "")
-    rest, last = await store.dead_letters("a", 2, token)
+    page, token = await store.dead_letters.page("a", 2, "")
+    rest, last = await store.dead_letters.page("a", 2, token)
     assert token and not last
     assert sorted(j.name.removeprefix("jobs/") for j in page + rest) == sorted(ids)
     assert all(
         j.dead_lettered and j.attempt == 3 and "boom 3" in j.error.message for j in page + rest
     )
-    assert (await store.dead_letters("b", 10, ""))[0] == []  # another vendor sees none
+    assert (await store.dead_letters.page("b", 10, ""))[0] == []  # another vendor sees none
 
-    requeued = await store.requeue_dead_letter("a", ids[0])
+    requeued = await store.dead_letters.requeue("a", ids[0])
     assert requeued.state == jobs_pb2.JOB_STATE_QUEUED and requeued.attempt == 0
     assert not requeued.dead_lettered and not requeued.HasField("error")
-    claim = await store.claim("node", 10_000)
+    claim = await store.claims.claim("node", 10_000)
     assert claim is not None and claim.job_id == ids[0] and claim.attempt == 1
-    assert await store.complete(claim, jobs_pb2.Result(uri="local:ok"))
+    assert await store.attempts.complete(claim, jobs_pb2.Result(uri="local:ok"))
 
     with pytest.raises(CutoutError):
-        await store.requeue_dead_letter("b", ids[1])  # not b's
+        await store.dead_letters.requeue("b", ids[1])  # not b's
     assert (
-        await store.purge_dead_letters("a", [ids[1], ids[0]]) == 1
+        await store.dead_letters.purge("a", [ids[1], ids[0]]) == 1
     )  # ids[0] is no dead letter now
-    assert await store.input_image(ids[1]) is None
-    assert await store.purge_dead_letters("a", None) == 1
-    assert (await store.dead_letters("a", 10, ""))[0] == []
+    assert await store.jobs.input_image(ids[1]) is None
+    assert await store.dead_letters.purge("a", None) == 1
+    assert (await store.dead_letters.page("a", 10, ""))[0] == []
     with pytest.raises(CutoutError):
-        await store.requeue_dead_letter("a", ids[2])
+        await store.dead_letters.requeue("a", ids[2])
 
 
-async def test_progress_never_goes_backwards(store: JobStore) -> None:
+async def test_progress_never_goes_backwards(store: Store) -> None:
     await enqueue(store, "a")
-    claim = await store.claim("node", 10_000)
+    claim = await store.claims.claim("node", 10_000)
     assert claim is not None
-    await store.progress(claim, [(jobs_pb2.STAGE_INFERENCE, 60)], 10_000)
-    await store.progress(claim, [(jobs_pb2.STAGE_INFERENCE, 20)], 10_000)
-    job = await store.get("a", claim.job_id)
+    await store.attempts.progress(claim, [(jobs_pb2.STAGE_INFERENCE, 60)], 10_000)
+    await store.attempts.progress(claim, [(jobs_pb2.STAGE_INFERENCE, 20)], 10_000)
+    job = await store.jobs.get("a", claim.job_id)
     assert job.progress_percent == 60
 
 
-async def test_cancel_running_job_fences_its_attempt(store: JobStore) -> None:
+async def test_cancel_running_job_fences_its_attempt(store: Store) -> None:
     await enqueue(store, "a")
-    claim = await store.claim("node", 10_000)
+    claim = await store.claims.claim("node", 10_000)
     assert claim is not None
     with pytest.raises(CutoutError):
-        await store.cancel("b", claim.job_id)  # not b's job
-    job = await store.cancel("a", claim.job_id)
+        await store.cancellation.cancel("b", claim.job_id)  # not b's job
+    job = await store.cancellation.cancel("a", claim.job_id)
     assert job.state == jobs_pb2.JOB_STATE_CANCELLED
-    assert not await store.complete(claim, jobs_pb2.Result(uri="local:x"))
-    assert (await store.stats("a")).running == 0
+    assert not await store.attempts.complete(claim, jobs_pb2.Result(uri="local:x"))
+    assert (await store.stats.queue("a")).running == 0
 
 
-async def test_watch_replays_history_for_a_late_watcher(store: JobStore) -> None:
+async def test_watch_replays_history_for_a_late_watcher(store: Store) -> None:
     job_id = await enqueue(store, "a")
-    claim = await store.claim("node", 10_000)
+    claim = await store.claims.claim("node", 10_000)
     assert claim is not None
-    await store.progress(claim, [(jobs_pb2.STAGE_INFERENCE, 20)], 10_000)
-    await store.complete(claim, jobs_pb2.Result(uri="local:r", content_type="image/png"))
-    seen = [job async for job in store.watch("a", job_id)]
+    await store.attempts.progress(claim, [(jobs_pb2.STAGE_INFERENCE, 20)], 10_000)
+    await store.attempts.complete(claim, jobs_pb2.Result(uri="local:r", content_type="image/png"))
+    seen = [job async for job in store.jobs.watch("a", job_id)]
     assert [j.state for j in seen] == [
         jobs_pb2.JOB_STATE_QUEUED,
         jobs_pb2.JOB_STATE_RUNNING,
@@ -333,14 +339,14 @@ async def test_watch_replays_history_for_a_late_watcher(store: JobStore) -> None
     assert seen[-1].result.uri == "local:r"
 
 
-async def test_a_refused_attempt_does_not_count(store: JobStore) -> None:
+async def test_a_refused_attempt_does_not_count(store: Store) -> None:
     job_id = await enqueue(store, "a")
     for _ in range(5):  # more refusals than max_retries would allow failures
-        claim = await store.claim("node", 10_000)
+        claim = await store.claims.claim("node", 10_000)
         assert claim is not None and claim.attempt == 1
         full = status_from_code(grpc.StatusCode.RESOURCE_EXHAUSTED, "node is full")
-        assert await store.retry(claim, full, refund=True) == 3
-    job = await store.get("a", job_id)
+        assert await store.attempts.retry(claim, full, refund=True) == Retried.REQUEUED
+    job = await store.jobs.get("a", job_id)
     assert job.state == jobs_pb2.JOB_STATE_QUEUED and job.attempt == 0
 
 
@@ -348,7 +354,7 @@ async def test_admission_caps_shed_load_per_vendor_and_globally(
     redis_server: Callable[..., RedisServer],
 ) -> None:
     redis = aioredis.from_url(redis_server().url)
-    store = JobStore(
+    store = Store(
         redis, Keys("cap:"), Retention(), admission=Admission(max_queued_per_vendor=3, max_queued=5)
     )
     for _ in range(3):
@@ -357,23 +363,23 @@ async def test_admission_caps_shed_load_per_vendor_and_globally(
         await enqueue(store, "a")
     assert full.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and full.value.retry_after_s
     # A repeated submission is answered from its idempotency key, even when full.
-    first, _ = await store.enqueue("b", submission(client_key="k"), b"x", 1)
+    first, _ = await store.submissions.enqueue("b", submission(client_key="k"), b"x", 1)
     await enqueue(store, "b")
     with pytest.raises(CutoutError, match="the cluster has 5 jobs waiting"):
         await enqueue(store, "c")
-    again, deduplicated = await store.enqueue("b", submission(client_key="k"), b"x", 1)
+    again, deduplicated = await store.submissions.enqueue("b", submission(client_key="k"), b"x", 1)
     assert deduplicated and again.name == first.name
     # Once a job starts, there is room again.
-    assert await store.claim("node", 10_000) is not None
+    assert await store.claims.claim("node", 10_000) is not None
     await enqueue(store, "c")
     await redis.aclose()
 
 
-async def test_jobs_enqueued_together_keep_their_own_outcomes(store: JobStore) -> None:
+async def test_jobs_enqueued_together_keep_their_own_outcomes(store: Store) -> None:
     """One round trip for many jobs; a capped or repeated one does not affect the others."""
-    store.admission = Admission(max_queued_per_vendor=2)
-    first, _ = await store.enqueue("a", submission(client_key="k1"), b"image-bytes", 10)
-    got = await store.enqueue_many(
+    store = Store(store.redis, store.keys, admission=Admission(max_queued_per_vendor=2))
+    first, _ = await store.submissions.enqueue("a", submission(client_key="k1"), b"image-bytes", 10)
+    got = await store.submissions.enqueue_many(
         [
             NewJob("a", submission(), b"image-bytes", 10),  # a's second: fits
             NewJob("a", submission(), b"image-bytes", 10),  # a's third: over a's cap of 2

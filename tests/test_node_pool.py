@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from services.common.internal_auth import InternalToken, new_token
 from services.scheduler.nodes import NodePool, resolve_all, split_entries
 from services.scheduler.progress import ProgressThrottle
 
@@ -33,7 +34,8 @@ async def test_dns_records_come_and_go_and_a_failed_lookup_keeps_the_fleet() -> 
             raise OSError("name does not resolve")
         return records[host]
 
-    pool = NodePool(["dns:///inference:7", "10.9.9.9:7"], 0.1, 1 << 20, resolve=resolve)
+    token = InternalToken(new_token())
+    pool = NodePool(["dns:///inference:7", "10.9.9.9:7"], 0.1, 1 << 20, token, resolve=resolve)
     await pool.refresh_dns()
     assert sorted(n.address for n in pool.nodes) == ["10.0.0.1:7", "10.0.0.2:7", "10.9.9.9:7"]
     first = {n.address: n for n in pool.nodes}

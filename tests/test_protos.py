@@ -1,7 +1,9 @@
-"""The API definition: lint clean, and the committed generated code is what it generates."""
+"""The API definitions: lint clean, no unplanned breaking change, and the committed
+generated code is exactly what they generate."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,22 +13,77 @@ from services.common.config import PROJECT_ROOT
 sys.path.insert(0, str(PROJECT_ROOT / "protos"))
 import generate
 
-COMMITTED = PROJECT_ROOT / "clients" / "python"
+BUF = Path(sys.executable).parent / "buf"
+BASELINE = PROJECT_ROOT / "protos" / "api-baseline.tar.gz"
+
+
+def buf(*args: str, cwd: Path = PROJECT_ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(BUF), *args], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
 def test_generated_code_is_not_stale(tmp_path: Path) -> None:
     fresh = generate.generate(tmp_path)
-    committed = generate.generated_files(COMMITTED)
-    assert [p.name for p in fresh] == [p.name for p in committed]
+    committed = generate.generated_files(PROJECT_ROOT)
+    assert [p.relative_to(tmp_path) for p in fresh] == [
+        p.relative_to(PROJECT_ROOT) for p in committed
+    ]
     stale = [
-        p.name for p, c in zip(fresh, committed, strict=True) if p.read_bytes() != c.read_bytes()
+        str(c.relative_to(PROJECT_ROOT))
+        for p, c in zip(fresh, committed, strict=True)
+        if p.read_bytes() != c.read_bytes()
     ]
     assert not stale, f"regenerate with `make protos`: {stale} differ from protos/"
 
 
+def test_internal_apis_are_generated_into_the_services_only() -> None:
+    public = {p.name for p in (PROJECT_ROOT / "clients/python/cutout/v1").glob("*_pb2*.py")}
+    internal = {p.name for p in (PROJECT_ROOT / "services/internal/v1").glob("*_pb2*.py")}
+    assert public == {f"{n}_pb2{g}.py" for n in ("cutout_service", "jobs") for g in ("", "_grpc")}
+    assert "scheduler_service_pb2.py" in internal and "inference_service_pb2.py" in internal
+    from services.internal.v1 import inference_service_pb2_grpc
+
+    # The wire names stay the proto's, whatever the Python module is called.
+    source = Path(inference_service_pb2_grpc.__file__).read_text()
+    assert "'/cutout.internal.v1.InferenceService/Process'" in source
+
+
 def test_buf_lint_passes() -> None:
-    buf = Path(sys.executable).parent / "buf"
-    run = subprocess.run(
-        [str(buf), "lint"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120
-    )
+    run = buf("lint")
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_no_breaking_change_against_the_api_baseline() -> None:
+    run = buf("breaking", "--against", str(BASELINE))
+    assert run.returncode == 0, (
+        "the API changed incompatibly since protos/api-baseline.tar.gz; if that is on "
+        "purpose (a new major version), run `make api-baseline`\n" + run.stdout + run.stderr
+    )
+
+
+def _copy_workspace(to: Path) -> None:
+    for part in ("buf.yaml", "protos", "third_party"):
+        src = PROJECT_ROOT / part
+        if src.is_dir():
+            shutil.copytree(src, to / part, ignore=shutil.ignore_patterns("*.tar.gz"))
+        else:
+            shutil.copy(src, to / part)
+
+
+def _drop_rpc(proto: Path, rpc: str) -> None:
+    lines = proto.read_text().splitlines(keepends=True)
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith(f"rpc {rpc}("))
+    end = start if lines[start].rstrip().endswith(";") else start + 2  # "{", option, "}"
+    proto.write_text("".join(lines[:start] + lines[end + 1 :]))
+
+
+def test_the_public_package_is_checked_file_by_file(tmp_path: Path) -> None:
+    """Dropping an RPC breaks every stub generated from cutout.v1 (FILE rules catch it);
+    the internal package only keeps its wire and JSON form (services upgrade together)."""
+    _copy_workspace(tmp_path)
+    _drop_rpc(tmp_path / "protos/internal/cutout/internal/v1/inference_service.proto", "GetLoad")
+    run = buf("breaking", "--against", str(BASELINE), cwd=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+    _drop_rpc(tmp_path / "protos/cutout/v1/cutout_service.proto", "GetQueueStats")
+    run = buf("breaking", "--against", str(BASELINE), cwd=tmp_path)
+    assert run.returncode != 0 and "GetQueueStats" in run.stdout, run.stdout + run.stderr

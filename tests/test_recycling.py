@@ -9,10 +9,11 @@ from pathlib import Path
 import grpc
 
 from cutout import AsyncClient
-from cutout.v1 import inference_service_pb2 as pb
-from cutout.v1 import inference_service_pb2_grpc as pb_grpc
 from cutout.v1 import jobs_pb2
+from services.common.internal_auth import InternalToken
 from services.inference.recycling import RecyclePolicy, rss_bytes
+from services.internal.v1 import inference_service_pb2 as pb
+from services.internal.v1 import inference_service_pb2_grpc as pb_grpc
 from services.local.cluster import LocalCluster
 from tests.conftest import KEYS
 
@@ -54,7 +55,10 @@ async def test_node_recycles_its_sessions_and_every_job_succeeds(
             assert last.state == jobs_pb2.JOB_STATE_SUCCEEDED, last
     node = cluster.nodes[0]
     async with grpc.aio.insecure_channel(node.address) as channel:
-        load = await pb_grpc.InferenceServiceStub(channel).GetLoad(pb.GetLoadRequest())
+        token = InternalToken(cluster.config.internal_token)
+        load = await pb_grpc.InferenceServiceStub(channel).GetLoad(
+            pb.GetLoadRequest(), metadata=token.metadata()
+        )
     assert load.recycles >= 1
     assert load.rss_bytes > 10 * MB
     assert load.models[0].execution_provider == "CPUExecutionProvider"  # reloaded, still serving

@@ -79,7 +79,7 @@ def bind(
 
 
 def write_ready_file(path: str, port: int) -> None:
-    """Tell a supervisor (cutout up, tests) which port we got, atomically."""
+    """Tell a supervisor (cutout-admin up, tests) which port we got, atomically."""
     if not path:
         return
     target = Path(path)

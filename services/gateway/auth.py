@@ -1,7 +1,7 @@
-"""Vendor identity from `authorization: Bearer <key>` metadata.
+"""Vendor identity from `authorization: Bearer <key>` metadata, checked by one interceptor.
 
 Keys come from the vendor registry in Redis (services/gateway/vendors.py,
-`cutout vendors ...`) and, for the local cluster and simple setups, from
+`cutout-admin vendors ...`) and, for the local cluster and simple setups, from
 CUTOUT_API_KEYS="vendor:sha256hex,...". Both hold SHA-256 hashes only, so
 neither the configuration, Redis nor a log line ever holds a usable key.
 """
@@ -16,14 +16,16 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import grpc
+import redis.asyncio as aioredis
 
 from services.common.errors import CutoutError
+from services.common.identity import VENDOR_ID, set_vendor
+from services.common.interceptors import Context, Continuation, Handler, around, is_open
 
 if TYPE_CHECKING:
     from services.gateway.ratelimit import Quota
     from services.gateway.vendors import Vendor, VendorRegistry
 
-VENDOR_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -131,3 +133,35 @@ class Authenticator:
             self._cache.clear()
         self._cache[digest] = (now, found)
         return found
+
+
+class VendorAuth(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Authenticates every public call and sets its vendor (services/common/identity.py).
+
+    Handlers, the gateway's own and the relayed ones, then read the vendor
+    with `current_vendor()`; none repeats the check. A refusal is a
+    CutoutError for the ErrorMapping interceptor outside this one.
+    """
+
+    def __init__(self, keys: Authenticator) -> None:
+        self.keys = keys
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler:
+        handler = await continuation(handler_call_details)
+        if handler is None or is_open(handler_call_details.method):
+            return handler
+
+        async def authenticate(context: Context) -> None:
+            try:
+                vendor = await self.keys.vendor_for(context.invocation_metadata() or ())
+            except aioredis.RedisError as exc:
+                raise CutoutError(
+                    f"vendor registry unavailable, retry shortly: {exc}",
+                    grpc.StatusCode.UNAVAILABLE,
+                    retry_after_s=1.0,
+                ) from exc
+            set_vendor(vendor)
+
+        return around(handler, authenticate)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from google.rpc import status_pb2
 
-from cutout.v1 import scheduler_service_pb2 as spb
+from services.internal.v1 import scheduler_service_pb2 as spb
 
 Send = Callable[[spb.EnqueueJobsRequest], Awaitable[spb.EnqueueJobsResponse]]
 
@@ -40,7 +40,7 @@ class BatchLimits:
     max_in_flight: int = 4
 
 
-Pending = tuple[spb.EnqueueJobRequest, int, "asyncio.Future[spb.EnqueueJobResponse]"]
+Pending = tuple[spb.JobToEnqueue, int, "asyncio.Future[spb.EnqueuedJob]"]
 
 
 class EnqueueBatcher:
@@ -51,22 +51,20 @@ class EnqueueBatcher:
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def enqueue(self, request: spb.EnqueueJobRequest) -> spb.EnqueueJobResponse:
+    async def enqueue(self, request: spb.JobToEnqueue) -> spb.EnqueuedJob:
         """Queue one job; raises EnqueueRefused, or the call's grpc.aio.AioRpcError."""
         (future,) = self._add([request])
         return await future
 
     async def enqueue_all(
-        self, requests: list[spb.EnqueueJobRequest]
-    ) -> list[spb.EnqueueJobResponse | BaseException]:
+        self, requests: list[spb.JobToEnqueue]
+    ) -> list[spb.EnqueuedJob | BaseException]:
         """Queue many jobs (a batch's items) in as few calls as fit; one outcome each."""
         return await asyncio.gather(*self._add(requests), return_exceptions=True)
 
-    def _add(
-        self, requests: list[spb.EnqueueJobRequest]
-    ) -> list[asyncio.Future[spb.EnqueueJobResponse]]:
+    def _add(self, requests: list[spb.JobToEnqueue]) -> list[asyncio.Future[spb.EnqueuedJob]]:
         loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[spb.EnqueueJobResponse]] = []
+        futures: list[asyncio.Future[spb.EnqueuedJob]] = []
         for request in requests:
             futures.append(loop.create_future())
             self._pending.append((request, request.ByteSize(), futures[-1]))
@@ -95,7 +93,7 @@ class EnqueueBatcher:
 
     async def _call(self, batch: list[Pending]) -> None:
         try:
-            reply = await self._send(spb.EnqueueJobsRequest(requests=[r for r, _, _ in batch]))
+            reply = await self._send(spb.EnqueueJobsRequest(jobs=[r for r, _, _ in batch]))
             if len(reply.outcomes) != len(batch):
                 raise RuntimeError(
                     f"scheduler answered {len(reply.outcomes)} outcomes for {len(batch)} jobs"

@@ -99,7 +99,7 @@ DEFAULT_QUOTAS: dict[str, Quota] = {
     "crop_face": Quota(30, 3600),
     "batches": Quota(10, 3600),
 }
-# What `cutout up` and the tests' clusters use: generous, but still on.
+# What `cutout-admin up` and the tests' clusters use: generous, but still on.
 GENEROUS = "requests=1000000/60,remove_background=1000000/60,crop_face=1000000/60,batches=100000/60"
 
 

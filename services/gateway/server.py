@@ -1,4 +1,4 @@
-"""Wires the gateway together: key table, scheduler channel, gRPC server."""
+"""Wires the gateway together: key table, scheduler channel, interceptors, gRPC server."""
 
 from __future__ import annotations
 
@@ -7,21 +7,24 @@ import logging
 import grpc
 import redis.asyncio as aioredis
 
-from cutout.v1 import cutout_service_pb2_grpc as pb_grpc
-from cutout.v1 import scheduler_service_pb2_grpc as spb_grpc
+from cutout.v1 import cutout_service_pb2
 from services.common import serving
+from services.common.interceptors import ErrorMapping
 from services.common.metrics import RpcMetrics
 from services.common.metrics import serve as serve_metrics
-from services.gateway.auth import Authenticator, KeyTable, parse_key_entries
+from services.gateway.auth import Authenticator, KeyTable, VendorAuth, parse_key_entries
+from services.gateway.enqueue_batcher import EnqueueBatcher
 from services.gateway.fetch import Fetcher, FetchPolicy
 from services.gateway.intake import Limits
 from services.gateway.ratelimit import RateLimiter
-from services.gateway.service import CutoutServicer
+from services.gateway.relay import SERVICE, Relay
 from services.gateway.settings import GatewaySettings
+from services.gateway.submit_api import SERVED_HERE, SubmitServicer
 from services.gateway.vendors import VendorRegistry
+from services.internal.v1 import scheduler_service_pb2_grpc as spb_grpc
 
 log = logging.getLogger(__name__)
-SERVICE_NAME = "cutout.v1.CutoutService"
+SERVICE_NAME = SERVICE.full_name
 
 
 class GatewayServer:
@@ -42,12 +45,20 @@ class GatewayServer:
         )
         limiter = RateLimiter(self.redis, settings.key_prefix, settings.rate_limits)
         registry = VendorRegistry(self.redis, settings.key_prefix)
-        servicer = CutoutServicer(
-            Authenticator(static, registry, settings.auth_cache_s),
-            spb_grpc.SchedulerServiceStub(self.channel),
+        keys = Authenticator(static, registry, settings.auth_cache_s)
+        scheduler = spb_grpc.SchedulerServiceStub(self.channel)
+        token = settings.internal_token
+        # Concurrent submits (and a batch's items) reach the scheduler together.
+        enqueuer = EnqueueBatcher(
+            lambda request: scheduler.EnqueueJobs(
+                request, timeout=settings.scheduler_timeout_s, metadata=token.metadata()
+            )
+        )
+        servicer = SubmitServicer(
+            keys,
+            enqueuer,
             Limits(settings.max_image_bytes, settings.max_pixels, tuple(settings.models)),
             settings.max_batch,
-            settings.scheduler_timeout_s,
             limiter,
             Fetcher(
                 FetchPolicy(
@@ -61,9 +72,27 @@ class GatewayServer:
         )
         self.server = grpc.aio.server(
             options=serving.server_options(settings.max_message_bytes),
-            interceptors=[RpcMetrics()],
+            # Outermost first: metrics see every outcome; ErrorMapping turns what
+            # the handlers and VendorAuth raise into statuses.
+            interceptors=[RpcMetrics(), ErrorMapping(), VendorAuth(keys)],
         )
-        pb_grpc.add_CutoutServiceServicer_to_server(servicer, self.server)
+        relay = Relay(self.channel, token, settings.scheduler_timeout_s)
+        handlers = {
+            "SubmitJob": grpc.unary_unary_rpc_method_handler(
+                servicer.SubmitJob,
+                cutout_service_pb2.SubmitJobRequest.FromString,
+                cutout_service_pb2.SubmitJobResponse.SerializeToString,
+            ),
+            "SubmitBatch": grpc.unary_unary_rpc_method_handler(
+                servicer.SubmitBatch,
+                cutout_service_pb2.SubmitBatchRequest.FromString,
+                cutout_service_pb2.SubmitBatchResponse.SerializeToString,
+            ),
+            **relay.handlers(SERVED_HERE),
+        }
+        self.server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
+        )
         self.health = serving.add_health_and_reflection(self.server, [SERVICE_NAME])
         self.port = 0
         self.metrics_port = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.common.config import SettingsError, env_float, env_int, env_list, env_str
+from services.common.internal_auth import InternalToken
 from services.common.serving import MiB
 from services.gateway.ratelimit import Quota, parse_quotas
 
@@ -23,7 +24,7 @@ class GatewaySettings:
         listen: CUTOUT_GATEWAY_LISTEN, host:port of the public API (port 0 picks one).
         scheduler: CUTOUT_SCHEDULER_ADDR, host:port of a scheduler (or a load-balanced name).
         api_keys: CUTOUT_API_KEYS, comma-separated "vendor:<sha256 hex of the key>": static keys
-            beside the vendor registry in Redis (`cutout vendors ...`).
+            beside the vendor registry in Redis (`cutout-admin vendors ...`).
         auth_cache_s: CUTOUT_AUTH_CACHE_S, how long a registry answer about a key is reused;
             a disabled vendor or a revoked key stops working within this time.
         tls_cert: CUTOUT_TLS_CERT, PEM certificate chain for the public port (empty: plaintext).
@@ -50,6 +51,8 @@ class GatewaySettings:
             (empty: off).
         ready_file: CUTOUT_READY_FILE, file to write the bound port to once serving.
         log_level: CUTOUT_LOG_LEVEL.
+        internal_token: CUTOUT_INTERNAL_TOKEN (required) and CUTOUT_INTERNAL_TOKENS_ACCEPTED:
+            the shared secret of calls between the services (services/common/internal_auth.py).
     """
 
     listen: str
@@ -73,6 +76,7 @@ class GatewaySettings:
     rate_limits: dict[str, Quota]
     metrics_listen: str
     ready_file: str
+    internal_token: InternalToken
     log_level: str
 
     @classmethod
@@ -100,4 +104,5 @@ class GatewaySettings:
             metrics_listen=env_str("CUTOUT_METRICS_LISTEN", "0.0.0.0:9101"),
             ready_file=env_str("CUTOUT_READY_FILE", ""),
             log_level=env_str("CUTOUT_LOG_LEVEL", "INFO"),
+            internal_token=InternalToken.from_env(),
         )

@@ -1,13 +1,16 @@
 """The vendor registry: vendors, their hashed API keys, limits and weights, in Redis.
 
-Managed with `cutout vendors add|list|rotate|disable|enable` (operators, with
-access to Redis); read by every gateway (keys, status, rate limits) and by
-the scheduler's Lua scripts (fairness weight, cap on waiting jobs). A key is
+Managed with `cutout-admin vendors add|list|rotate|disable|enable` (operators, with
+access to Redis); read by every gateway (keys, status, rate limits). A
+vendor's fairness weight and cap on waiting jobs are its scheduling policy,
+written through services/common/vendor_policy.py (in the same transaction as
+the registry's own fields), which is all the scheduler reads. A key is
 shown once, when it is made; Redis only ever holds its SHA-256.
 
 Redis keys (under the cluster's prefix, default "cutout:"):
-  vendor:{id}        HASH  status (active|disabled), weight, limits ("name=N/S,..."),
-                           max_queued (0 = the cluster default), created_ms, updated_ms
+  vendor:{id}        HASH  status (active|disabled), limits ("name=N/S,..."),
+                           created_ms, updated_ms
+  vendor_policy:{id} HASH  weight, max_queued (0 = the cluster default): see vendor_policy.py
   registry:vendors   SET   every registered vendor id
   apikeys            HASH  sha256(key) -> vendor id
   apikeys:{id}       SET   the vendor's key hashes
@@ -22,7 +25,9 @@ from typing import cast
 
 import redis.asyncio as aioredis
 
-from services.gateway.auth import VENDOR_ID, hash_key, new_key
+from services.common import vendor_policy
+from services.common.identity import VENDOR_ID
+from services.gateway.auth import hash_key, new_key
 from services.gateway.ratelimit import Quota, parse_quota_overrides
 
 
@@ -91,14 +96,9 @@ class VendorRegistry:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(
                 self._vendor(vendor_id),
-                mapping={
-                    "status": "active",
-                    "weight": weight,
-                    "limits": limits,
-                    "max_queued": max_queued,
-                    "updated_ms": now,
-                },
+                mapping={"status": "active", "limits": limits, "updated_ms": now},
             )
+            vendor_policy.write(pipe, self.prefix, vendor_id, weight, max_queued)
             pipe.sadd(self.ids, vendor_id)
             pipe.hset(self.key_index, hash_key(key), vendor_id)
             pipe.sadd(self._keys_of(vendor_id), hash_key(key))
@@ -114,14 +114,13 @@ class VendorRegistry:
     ) -> Vendor:
         _check(vendor_id, weight, limits, max_queued)
         await self._require(vendor_id)
-        changes: dict[str, str | float | int] = {"updated_ms": _now_ms()}
-        if weight is not None:
-            changes["weight"] = weight
+        changes: dict[str, str | int] = {"updated_ms": _now_ms()}
         if limits is not None:
             changes["limits"] = limits
-        if max_queued is not None:
-            changes["max_queued"] = max_queued
-        await self.redis.hset(self._vendor(vendor_id), mapping=changes)  # type: ignore[arg-type]
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self._vendor(vendor_id), mapping=changes)  # type: ignore[arg-type]
+            vendor_policy.write(pipe, self.prefix, vendor_id, weight, max_queued)
+            await pipe.execute()
         return await self.get(vendor_id)
 
     async def rotate(self, vendor_id: str, grace_s: int = 0) -> str:
@@ -158,22 +157,24 @@ class VendorRegistry:
 
     async def _require(self, vendor_id: str) -> None:
         if not await self.redis.sismember(self.ids, vendor_id):
-            raise RegistryError(f"no vendor {vendor_id!r}; `cutout vendors list` shows them")
+            raise RegistryError(f"no vendor {vendor_id!r}; `cutout-admin vendors list` shows them")
 
     async def get(self, vendor_id: str) -> Vendor:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(self._vendor(vendor_id))
             pipe.scard(self._keys_of(vendor_id))
-            fields, keys = await pipe.execute()
+            vendor_policy.queue_read(pipe, self.prefix, vendor_id)
+            fields, keys, policy_reply = await pipe.execute()
         if not fields:
-            raise RegistryError(f"no vendor {vendor_id!r}; `cutout vendors list` shows them")
+            raise RegistryError(f"no vendor {vendor_id!r}; `cutout-admin vendors list` shows them")
         f = {k.decode(): v.decode() for k, v in fields.items()}
+        policy = vendor_policy.parse(policy_reply)
         return Vendor(
             id=vendor_id,
             active=f.get("status") == "active",
-            weight=float(f.get("weight") or 1),
+            weight=policy.weight or 1.0,
             limits=parse_quota_overrides(f.get("limits", "")),
-            max_queued=int(f.get("max_queued") or 0),
+            max_queued=policy.max_queued,
             created_ms=int(f.get("created_ms") or 0),
             keys=int(keys),
         )

@@ -9,8 +9,9 @@ import os
 
 import grpc
 
-from cutout.v1 import inference_service_pb2_grpc as pb_grpc
 from services.common import serving
+from services.common.interceptors import ErrorMapping
+from services.common.internal_auth import InternalAuth
 from services.common.metrics import RpcMetrics
 from services.common.metrics import serve as serve_metrics
 from services.inference import metrics
@@ -18,9 +19,10 @@ from services.inference.models import ModelCatalog, ModelError, requested_provid
 from services.inference.recycling import RecyclePolicy, rss_bytes
 from services.inference.service import InferenceServicer
 from services.inference.settings import NodeSettings
+from services.internal.v1 import inference_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
-SERVICE_NAME = "cutout.v1.InferenceService"
+SERVICE_NAME = "cutout.internal.v1.InferenceService"
 
 
 def session_runs(configured: int, providers: list[str], capacity: int) -> int:
@@ -49,7 +51,8 @@ class NodeServer:
         self.settings = settings
         self.server = grpc.aio.server(
             options=serving.server_options(settings.max_message_bytes),
-            interceptors=[RpcMetrics()],
+            # Only the scheduler (holding the internal token) may run jobs here.
+            interceptors=[RpcMetrics(), ErrorMapping(), InternalAuth(settings.internal_token)],
         )
         self.health = serving.add_health_and_reflection(self.server, [SERVICE_NAME])
         self.servicer: InferenceServicer | None = None

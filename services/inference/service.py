@@ -17,8 +17,6 @@ from typing import Any, cast
 
 import grpc
 
-from cutout.v1 import inference_service_pb2 as pb
-from cutout.v1 import inference_service_pb2_grpc as pb_grpc
 from cutout.v1 import jobs_pb2
 from cutout.v1.jobs_pb2 import Stage
 from services.common import operations
@@ -27,6 +25,8 @@ from services.inference import metrics, pipeline
 from services.inference.models import ModelCatalog
 from services.inference.progress_relay import ProgressRelay
 from services.inference.recycling import RecyclePolicy, give_memory_back, rss_bytes
+from services.internal.v1 import inference_service_pb2 as pb
+from services.internal.v1 import inference_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 Context = grpc.aio.ServicerContext[object, object]

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.config import default_model_dir, env_float, env_int, env_list, env_str
+from services.common.internal_auth import InternalToken
 from services.common.serving import MiB
 
 
@@ -41,6 +42,8 @@ class NodeSettings:
             (empty: off).
         ready_file: CUTOUT_READY_FILE, file to write the bound port to once serving.
         log_level: CUTOUT_LOG_LEVEL.
+        internal_token: CUTOUT_INTERNAL_TOKEN (required) and CUTOUT_INTERNAL_TOKENS_ACCEPTED:
+            the shared secret of calls between the services (services/common/internal_auth.py).
     """
 
     listen: str
@@ -60,6 +63,7 @@ class NodeSettings:
     grace_s: float
     metrics_listen: str
     ready_file: str
+    internal_token: InternalToken
     log_level: str
 
     @classmethod
@@ -83,4 +87,5 @@ class NodeSettings:
             metrics_listen=env_str("CUTOUT_METRICS_LISTEN", "0.0.0.0:9103"),
             ready_file=env_str("CUTOUT_READY_FILE", ""),
             log_level=env_str("CUTOUT_LOG_LEVEL", "INFO"),
+            internal_token=InternalToken.from_env(),
         )

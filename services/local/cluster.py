@@ -1,4 +1,4 @@
-"""A whole Cutout cluster as local processes: what `cutout up`, the demo and the tests run.
+"""A whole Cutout cluster as local processes: what `cutout-admin up`, the demo and the tests run.
 
 Each service runs as `python -m services.<name>` with its settings in its
 environment and listens on a port it picks itself (reported through a ready
@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.common.config import PROJECT_ROOT, default_model_dir
+from services.common.internal_auth import new_token
 from services.gateway.auth import hash_key
 from services.gateway.ratelimit import GENEROUS
 from services.local.redis import RedisServer, free_port
@@ -59,6 +60,8 @@ class ClusterConfig:
             cluster is not where quotas matter, but the limiter still runs).
         dns_nodes: give the scheduler `dns:///localhost:PORT` instead of the node list,
             so it finds its (single) node through a DNS lookup as in Kubernetes.
+        internal_token: CUTOUT_INTERNAL_TOKEN shared by the services (a fresh random one
+            per cluster unless given).
     """
 
     nodes: int = 2
@@ -72,6 +75,7 @@ class ClusterConfig:
     appendfsync: str = "everysec"
     dns_nodes: bool = False
     rate_limits: str = GENEROUS
+    internal_token: str = field(default_factory=new_token)
 
 
 class LocalCluster:
@@ -100,6 +104,7 @@ class LocalCluster:
                 "CUTOUT_MODEL_DIR": str(self.config.model_dir),
                 "CUTOUT_MODELS": ",".join(self.models),
                 "CUTOUT_STORAGE_DIR": str(self.workdir / "results"),
+                "CUTOUT_INTERNAL_TOKEN": self.config.internal_token,
                 "PYTHONPATH": os.pathsep.join(
                     [str(PROJECT_ROOT), str(PROJECT_ROOT / "clients" / "python")]
                 ),
@@ -127,7 +132,7 @@ class LocalCluster:
                 cwd=PROJECT_ROOT,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,  # Ctrl-C in a terminal reaches only `cutout up`
+                start_new_session=True,  # Ctrl-C in a terminal reaches only `cutout-admin up`
             )
 
     def _wait_ready(self, svc: Service, timeout_s: float) -> None:

@@ -1,4 +1,4 @@
-"""A private redis-server process: the embedded default for `cutout up` and the tests."""
+"""A private redis-server process: the embedded default for `cutout-admin up` and the tests."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`cutout up`: a local cluster on embedded defaults, until Ctrl-C or SIGTERM."""
+"""`cutout-admin up`: a local cluster on embedded defaults, until Ctrl-C or SIGTERM."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def run_up(nodes: int, port: int, workdir: Path | None, appendfsync: str = "ever
         f"starting redis, scheduler, {nodes} node(s) and the gateway (models load first)..."
     ):
         cluster.start()
-    # Where `cutout vendors` finds this cluster's registry when run from here.
+    # Where `cutout-admin vendors` finds this cluster's registry when run from here.
     (workdir / "redis.url").write_text(cluster.redis_url + "\n")
     print_summary(cluster, key)
     stop.wait()

@@ -4,97 +4,42 @@ A job that succeeds with something still to deliver is queued in the
 `deliveries` outbox by the same Lua script that marks it SUCCEEDED, so the
 work is never lost between the two. Any scheduler replica leases due
 deliveries in groups, uploads outputs still waiting in the local store to
-the vendor's remote store (replacing the job's result URI with the remote
-URL), then writes the group's record updates in as few statements as fit
-under the database's packet limit. What fails is retried with backoff,
-forever, until the job's retention ends: a storage or database outage
-delays a delivery, never drops it, and never turns a job FAILED.
+the vendor's remote store (switching the job's result to the remote URL in
+one compare-and-set script that also tells watchers), then writes the
+group's record updates in as few statements as fit under the database's
+packet limit. What fails is retried with backoff, forever, until the job's
+retention ends: a storage or database outage delays a delivery, never drops
+it, and never turns a job FAILED.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import cast
 
 import redis.asyncio as aioredis
 
-from cutout.v1 import jobs_pb2
 from services.scheduler import metrics
-from services.scheduler.keys import Keys
 from services.scheduler.records import RecordsUnavailable, RecordUpdate, RecordWriter
-from services.scheduler.scripts import CLAIM_DELIVERIES
 from services.scheduler.storage import ResultStores, StorageError
+from services.scheduler.store import BlobRetention, Delivery, Outbox, Switched
 
 log = logging.getLogger(__name__)
-
-MAX_BACKOFF_MS = 5 * 60 * 1000
-_FIELDS = ("vendor", "result", "record", "create_ms", "update_ms")
-
-
-def backoff_ms(tries: int, base_ms: int) -> int:
-    """base, 2*base, 4*base, ... capped at five minutes."""
-    return int(min(MAX_BACKOFF_MS, base_ms * 2 ** max(0, tries - 1)))
-
-
-class Outbox:
-    """The `deliveries` sorted set: job id -> when its delivery is next due."""
-
-    def __init__(self, redis: aioredis.Redis, keys: Keys, lease_ms: int = 60_000) -> None:
-        self.redis = redis
-        self.keys = keys
-        self.lease_ms = lease_ms
-        self._claim = redis.register_script(CLAIM_DELIVERIES)
-
-    async def claim(self, limit: int) -> list[str]:
-        got = await self._claim(args=[self.keys.prefix, limit, self.lease_ms])
-        return [g.decode() for g in cast(list[bytes], got)]
-
-    async def done(self, job_ids: list[str]) -> None:
-        if job_ids:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.zrem(self.keys.deliveries, *job_ids)
-                pipe.hdel(self.keys.delivery_tries, *job_ids)
-                await pipe.execute()
-
-    async def later(self, job_ids: list[str], base_ms: int) -> None:
-        """Push each delivery back by its own backoff (two pipelined round trips in all)."""
-        if not job_ids:
-            return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:
-                pipe.hincrby(self.keys.delivery_tries, job_id, 1)
-            tries = [int(t) for t in await pipe.execute()]
-        now = int(time.time() * 1000)
-        due = {j: now + backoff_ms(t, base_ms) for j, t in zip(job_ids, tries, strict=True)}
-        await self.redis.zadd(self.keys.deliveries, due)
-
-
-@dataclass
-class _Due:
-    job_id: str
-    vendor: str
-    result: jobs_pb2.Result
-    record: jobs_pb2.RecordRef | None
-    created_ms: int
-    done_ms: int
 
 
 class Deliverer:
     def __init__(
         self,
         outbox: Outbox,
+        blobs: BlobRetention,
         stores: ResultStores,
         writer: RecordWriter | None,
         retry_base_ms: int = 1000,
         batch: int = 500,
     ) -> None:
         self.outbox = outbox
-        self.redis = outbox.redis
-        self.keys = outbox.keys
+        self.blobs = blobs
         self.stores = stores
         self.writer = writer
         self.retry_base_ms = retry_base_ms
@@ -119,45 +64,26 @@ class Deliverer:
         ids = await self.outbox.claim(self.batch)
         if not ids:
             return 0
-        due, gone = await self._load(ids)
+        due, gone = await self.outbox.load(ids)
+        uploaded, failed, expired = await self._upload(due)
+        gone += expired
         if gone:
             log.error("deliveries dropped: their jobs expired first", extra={"jobs": gone})
             await self.outbox.done(gone)
-        uploaded, failed = await self._upload(due)
         delivered = await self._update_records(uploaded, failed)
         await self.outbox.done(delivered)
         if failed:
             await self.outbox.later(failed, self.retry_base_ms)
         return len(ids)
 
-    async def _load(self, ids: list[str]) -> tuple[list[_Due], list[str]]:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in ids:
-                pipe.hmget(self.keys.job(job_id), *_FIELDS)
-            rows = await pipe.execute()
-        due: list[_Due] = []
-        gone: list[str] = []
-        for job_id, (vendor, result, record, created, updated) in zip(ids, rows, strict=True):
-            if not vendor or not result:
-                gone.append(job_id)
-                continue
-            ref = jobs_pb2.RecordRef.FromString(record) if record else None
-            due.append(
-                _Due(
-                    job_id,
-                    vendor.decode(),
-                    jobs_pb2.Result.FromString(result),
-                    ref,
-                    int(created or 0),
-                    int(updated or 0),
-                )
-            )
-        return due, gone
+    async def _upload(self, due: list[Delivery]) -> tuple[list[Delivery], list[str], list[str]]:
+        """Move outputs still waiting locally to their vendor's remote store.
 
-    async def _upload(self, due: list[_Due]) -> tuple[list[_Due], list[str]]:
-        """Move outputs still waiting locally to their vendor's remote store."""
-        ok: list[_Due] = []
+        Returns (to deliver on, failed, expired meanwhile).
+        """
+        ok: list[Delivery] = []
         failed: list[str] = []
+        gone: list[str] = []
         for item in due:
             remote = self.stores.remote_for(item.vendor)
             local_uri = item.result.uri
@@ -177,28 +103,39 @@ class Deliverer:
                 )
                 failed.append(item.job_id)
                 continue
-            await self._switch_result(item, url)
-            ok.append(item)
-        return ok, failed
+            if await self._switch_result(item, url):
+                ok.append(item)
+            else:
+                gone.append(item.job_id)
+        return ok, failed, gone
 
-    async def _switch_result(self, item: _Due, url: str) -> None:
-        """Point the job at its remote copy, then drop the local one."""
-        old = item.result.uri
-        item.result.uri = url
-        deadline = await self.redis.zscore(self.keys.blobs, old)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            if deadline is not None:
-                pipe.zadd(self.keys.blobs, {url: deadline})
-            pipe.hset(self.keys.job(item.job_id), "result", item.result.SerializeToString())
-            await pipe.execute()
-        await self.stores.local.delete(old)
-        await self.redis.zrem(self.keys.blobs, old)
-        log.info(
-            "delayed upload done",
-            extra={"job_id": item.job_id, "vendor": item.vendor, "uri": url},
-        )
+    async def _switch_result(self, item: Delivery, url: str) -> bool:
+        """Point the job at its remote copy, then drop the local one.
 
-    async def _update_records(self, items: list[_Due], failed: list[str]) -> list[str]:
+        False: the job expired meanwhile; the sweeper deletes both copies.
+
+        Two deliverers of one job (a lease that ran out mid-upload) both upload to
+        the same key, which the store overwrites: one object. The switch is a
+        compare-and-set, so exactly one of them points the job at it; the other
+        adopts the job's result as it now is, deletes nothing (the object is the
+        winner's too) and goes on to the record update, which is idempotent.
+        """
+        local_uri = item.result.uri
+        outcome = await self.outbox.switch_result(item, url)
+        extra = {"job_id": item.job_id, "vendor": item.vendor, "uri": item.result.uri}
+        if outcome == Switched.GONE:
+            return False
+        if outcome == Switched.MOVED_ON:
+            log.info("delayed upload already delivered by another deliverer", extra=extra)
+            return True
+        # The local copy is due for deletion from the switch on: delete it now
+        # rather than at the next sweep, then forget it.
+        await self.stores.local.delete(local_uri)
+        await self.blobs.forget([local_uri])
+        log.info("delayed upload done", extra=extra)
+        return True
+
+    async def _update_records(self, items: list[Delivery], failed: list[str]) -> list[str]:
         """Write the records of items; return the ids fully delivered (failures join failed)."""
         updates = [
             RecordUpdate(

@@ -20,16 +20,15 @@ import grpc
 import redis.asyncio as aioredis
 
 from cutout.names import job_name
-from cutout.v1 import inference_service_pb2 as inference_pb2
 from cutout.v1 import jobs_pb2
 from services.common.errors import NON_RETRYABLE, status_from_code
 from services.common.operations import HEAVY_LANE, LIGHT_LANE
+from services.internal.v1 import inference_service_pb2 as inference_pb2
 from services.scheduler import metrics
-from services.scheduler.jobstore import Claim, JobStore
-from services.scheduler.keys import Keys
 from services.scheduler.nodes import Node, NodePool
 from services.scheduler.progress import ProgressThrottle
 from services.scheduler.storage import ResultStores, StorageError
+from services.scheduler.store import Claim, Retried, Store
 
 log = logging.getLogger(__name__)
 
@@ -51,19 +50,15 @@ class ProtocolError(Exception):
 class Dispatcher:
     def __init__(
         self,
-        store: JobStore,
+        store: Store,
         pool: NodePool,
         results: ResultStores,
-        redis: aioredis.Redis,
-        keys: Keys,
         policy: DispatchPolicy,
         on_delivery: Callable[[], None] = lambda: None,
     ) -> None:
         self.store = store
         self.pool = pool
         self.results = results
-        self.redis = redis
-        self.keys = keys
         self.policy = policy
         self.on_delivery = on_delivery  # wakes the delivery loop
         self._kicks = {HEAVY_LANE: asyncio.Event(), LIGHT_LANE: asyncio.Event()}
@@ -95,7 +90,7 @@ class Dispatcher:
                 await self._wait(kick, self.pool.poll_interval_s)
                 continue
             try:
-                claim = await self.store.claim(node.address, self.policy.lease_ms, lane)
+                claim = await self.store.claims.claim(node.address, self.policy.lease_ms, lane)
             except aioredis.RedisError as exc:
                 # Redis restarting or unreachable: jobs are safe in it; retry.
                 log.warning("cannot claim: redis unavailable", extra={"error": str(exc)})
@@ -111,11 +106,11 @@ class Dispatcher:
     async def reap_forever(self) -> None:
         while True:
             try:
-                gone = await self.store.reap()
+                gone = await self.store.attempts.reap()
                 metrics.LEASE_LOSSES.inc(len(gone))
                 if gone:
                     log.warning("leases expired; jobs will be retried", extra={"jobs": gone})
-                if await self.store.promote():
+                if await self.store.attempts.promote():
                     self._kick()
             except aioredis.RedisError as exc:
                 log.warning("reaper could not reach redis", extra={"error": str(exc)})
@@ -130,10 +125,10 @@ class Dispatcher:
         """
         while True:
             try:
-                while due := await self.store.expired_blobs():
+                while due := await self.store.blobs.expired():
                     for uri in due:
                         await self.results.delete(uri)
-                    await self.store.forget_blobs(due)
+                    await self.store.blobs.forget(due)
             except StorageError as exc:
                 metrics.STORAGE_ERRORS.labels("cloudinary", "delete").inc()
                 log.warning("retention sweep failed; will retry", extra={"error": str(exc)})
@@ -176,25 +171,16 @@ class Dispatcher:
 
         Resubscribes after Redis restarts; meanwhile the claim loop still polls.
         """
-        cancel_channel = self.keys.cancel_channel.encode()
         while True:
-            pubsub = self.redis.pubsub()
             try:
-                await pubsub.subscribe(self.keys.wake_channel, self.keys.cancel_channel)
-                async for message in pubsub.listen():
-                    if message["type"] != "message":
-                        continue
-                    if message["channel"] == cancel_channel:
-                        task = self._attempts.get(message["data"].decode())
-                        if task is not None:
-                            task.cancel()
-                    else:
+                async for signal in self.store.signals.listen():
+                    if not signal.cancelled:
                         self._kick()
+                    elif (task := self._attempts.get(signal.cancelled)) is not None:
+                        task.cancel()
             except aioredis.RedisError as exc:
                 log.warning("lost redis pub/sub; resubscribing", extra={"error": str(exc)})
                 await asyncio.sleep(1.0)
-            finally:
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     # --- one attempt -------------------------------------------------------------
 
@@ -239,12 +225,14 @@ class Dispatcher:
             image=claim.image,
             vendor_id=claim.vendor,
         )
-        call = node.stub.Process(request, timeout=self.policy.attempt_timeout_s)
+        call = node.stub.Process(
+            request, timeout=self.policy.attempt_timeout_s, metadata=self.pool.metadata
+        )
         output: inference_pb2.ProcessOutput | None = None
         chunks: list[bytes] = []
 
         async def write(updates: list[tuple[int, int]]) -> bool:
-            return await self.store.progress(claim, updates, self.policy.lease_ms)
+            return await self.store.attempts.progress(claim, updates, self.policy.lease_ms)
 
         progress = ProgressThrottle(write, self.policy.progress_interval_s)
         try:
@@ -305,7 +293,7 @@ class Dispatcher:
         if output.HasField("subject_box"):
             result.subject_box.CopyFrom(output.subject_box)
         # Stages not written yet, the output's retention and SUCCEEDED: one round trip.
-        done = await self.store.complete(
+        done = await self.store.attempts.complete(
             claim, result, deliver, updates=progress.take(), lease_ms=self.policy.lease_ms
         )
         if done:
@@ -366,7 +354,7 @@ class Dispatcher:
             "node answered with an error", extra={**extra, "code": code.name, "details": details}
         )
         if code.value[0] in NON_RETRYABLE:
-            if await self.store.fail(claim, status_from_code(code, details)):
+            if await self.store.attempts.fail(claim, status_from_code(code, details)):
                 metrics.JOBS_FINISHED.labels("failed").inc()
             return
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -383,10 +371,10 @@ class Dispatcher:
     async def _retry(
         self, claim: Claim, code: grpc.StatusCode, message: str, refund: bool = False
     ) -> None:
-        outcome = await self.store.retry(claim, status_from_code(code, message), refund)
-        if outcome == 1:
+        outcome = await self.store.attempts.retry(claim, status_from_code(code, message), refund)
+        if outcome == Retried.RETRYING:
             metrics.RETRIES.inc()
-        if outcome == 2:
+        if outcome == Retried.DEAD_LETTERED:
             metrics.DEAD_LETTERS.inc()
             metrics.JOBS_FINISHED.labels("failed").inc()
             log.warning(
@@ -399,7 +387,7 @@ class Dispatcher:
         period = self.policy.lease_ms / 3000
         while True:
             await asyncio.sleep(period)
-            if not await self.store.renew(claim, self.policy.lease_ms):
+            if not await self.store.attempts.renew(claim, self.policy.lease_ms):
                 task = self._attempts.get(claim.job_id)
                 if task is not None:
                     task.cancel()

@@ -1,102 +1,156 @@
 """Every Redis key and channel the scheduler uses, in one place.
 
-All keys start with a configurable prefix (default "cutout:") so several
-clusters or test runs can share one Redis. The Lua scripts in scripts.py
-build the same names from the prefix; keep the two in step.
+Each key family is a pattern in PATTERNS, under a configurable prefix
+(default "cutout:") so several clusters or test runs can share one Redis.
+Python builds names with `Keys`; the Lua scripts get the same patterns as
+functions (`key.job(job_id)`, `key.queue(lane, vendor)`, ...) rendered into
+their prelude from PATTERNS by services/scheduler/store/lua.py, so the two
+cannot drift apart.
 
 Scripts touch keys they compute, so Cutout needs a standalone Redis (with a
 replica or Sentinel for failover), not Redis Cluster.
+
+Lanes: `{lane}` is '' for inference work or 'light:' for light jobs
+(services/common/operations.py); each lane has its own queues, ring and
+deficits, and the job hash's `lane` field says which lane a job is in.
+
+Owners (services/scheduler/store/): submissions.py writes idempotency, seq,
+vendor_jobs, vendors and batch; claims.py ring, ring_members, deficit, turn and
+weights; attempts.py leases, delayed, running, counters and eta; dead_letters.py
+dead_letters; retention.py blobs; outbox.py deliveries and delivery_tries;
+signals.py listens on the two channels. The job hash, input, events and queues
+change only through the scripts of those modules and cancellation.py, each a
+documented transition that may touch other families (a dead letter leaves
+`running` for `dead_letters`); lua.py holds the helpers they share. jobs.py
+and stats.py only read; batches.py reads and cancels through cancellation.py.
+vendor_policy is not the scheduler's: it only reads it.
 """
 
 from __future__ import annotations
 
-DEFAULT_PREFIX = "cutout:"
+import string
+from typing import Final
 
-# job:{id}          HASH   the job record: state, stage, progress, attempt, vendor,
-#                          operation (serialised proto), result/error (serialised), times.
-# input:{id}        STRING the input image bytes; deleted when the job is done.
-# events:{id}       STREAM every change to the job, as the hash fields it changed.
-# queue:{vendor}    ZSET   the vendor's waiting jobs; score = (9 - priority) * 2^40 + seq,
-#                          so higher priority first, then FIFO.
-# ring              LIST   vendors with waiting jobs, in round-robin order.
-# ring:members      SET    the same vendors, to keep the ring free of duplicates.
-# deficit           HASH   vendor -> unused credit (milli-megapixels) of deficit round robin.
-# turn              HASH   vendor -> 1 while its turn at the head of the ring has begun.
-# light:queue:{v}, light:ring, light:ring:members, light:deficit, light:turn
-#                          the same five for the light lane (transforms, ID/square crops),
-#                          which has its own round robin and never waits behind inference.
-#                          The job hash's `lane` field says which lane a job is in.
-# weights           HASH   vendor -> fairness weight (from CUTOUT_VENDOR_WEIGHTS; default 1).
-# vendor:{id}       HASH   the vendor registry (services/gateway/vendors.py, `cutout vendors`):
-#                          CLAIM reads `weight` (beats `weights`), ENQUEUE `max_queued`.
-# leases            ZSET   running job id -> lease deadline (ms since the epoch).
-# delayed           ZSET   job id -> when its backoff ends and it rejoins its queue (ms).
-# dlq:{vendor}      ZSET   the vendor's dead-lettered job ids -> when dead-lettered (ms).
-# running:{vendor}  SET    the vendor's running job ids.
-# jobs:{vendor}     ZSET   every job of the vendor -> seq, for listing newest first.
-# idem:{vendor}:{k} STRING job id for an idempotency key; expires after 24 h.
-# batch:{vendor}:{batch}  SET  the job ids of one batch ("batches/{id}"); expires after the
-#                          retention period plus a day from its last job's submission.
-# seq               STRING global submission counter.
-# vendors           SET    every vendor that ever submitted, for global stats.
-# counters:{vendor} HASH   monotonic counts: attempts, lease_lost, retried, dead_lettered,
-#                          succeeded, failed.
-# eta               HASH   run_ms, light:run_ms: moving average of attempt run time per lane,
-#                          for queue ETAs.
-# blobs             ZSET   stored result URI -> when its job expires (ms); the sweeper
-#                          deletes the blob then, so storage is retained as long as the job.
-# deliveries        ZSET   succeeded job id -> when its delivery is next due (ms): the upload
-#                          to a remote store that failed inline, and/or its record update.
-# delivery_tries    HASH   job id -> failed delivery tries so far (for backoff).
-# wake              PUBSUB published on every enqueue and requeue: dispatchers wake up.
-# cancel            PUBSUB job id of a cancelled running job: its dispatcher cancels the node call.
+from services.common import vendor_policy
+
+PATTERNS: Final[dict[str, str]] = {
+    # HASH: the job record: state, stage, progress, attempt, vendor, lane, operation
+    # (serialised proto), result/error (serialised), times (ms since the epoch).
+    "job": "job:{job_id}",
+    # STRING: the input image bytes; deleted when the job is done (kept for a dead letter).
+    "input": "input:{job_id}",
+    # STREAM: every change to the job, as the hash fields it changed (WatchJob replays it);
+    # trimmed to about EVENTS_KEPT entries.
+    "events": "events:{job_id}",
+    # ZSET: the vendor's waiting jobs of one lane; score = (9 - priority) * PRIORITY_BAND
+    # + seq, so higher priority first, then FIFO.
+    "queue": "{lane}queue:{vendor}",
+    # LIST: vendors with waiting jobs in the lane, in round-robin order.
+    "ring": "{lane}ring",
+    # SET: the same vendors, to keep the ring free of duplicates.
+    "ring_members": "{lane}ring:members",
+    # HASH: vendor -> unused credit (milli-megapixels) of deficit round robin.
+    "deficit": "{lane}deficit",
+    # HASH: vendor -> 1 while its turn at the head of the ring has begun.
+    "turn": "{lane}turn",
+    # HASH: vendor -> fairness weight from CUTOUT_VENDOR_WEIGHTS (published at start).
+    "weights": "weights",
+    # HASH: the vendor's scheduling policy, written by the vendor registry: `weight`
+    # (beats `weights`), `max_queued` (beats the cluster default). The interface is
+    # services/common/vendor_policy.py; the scheduler only reads it.
+    "vendor_policy": vendor_policy.KEY,
+    # ZSET: running job id -> lease deadline (ms since the epoch).
+    "leases": "leases",
+    # ZSET: job id -> when its backoff ends and it rejoins its queue (ms).
+    "delayed": "delayed",
+    # ZSET: the vendor's dead-lettered job ids -> when dead-lettered (ms).
+    "dead_letters": "dlq:{vendor}",
+    # SET: the vendor's running job ids.
+    "running": "running:{vendor}",
+    # ZSET: every job of the vendor -> seq, for listing newest first.
+    "vendor_jobs": "jobs:{vendor}",
+    # STRING: job id for a vendor's idempotency key; expires after 24 h.
+    "idempotency": "idem:{vendor}:{client_key}",
+    # SET: the job ids of one batch ("batches/{id}"); expires after the retention period
+    # plus a day from its last job's submission.
+    "batch": "batch:{vendor}:{batch}",
+    # STRING: global submission counter.
+    "seq": "seq",
+    # SET: every vendor that ever submitted, for global stats.
+    "vendors": "vendors",
+    # HASH: monotonic counts: attempts, lease_lost, retried, dead_lettered, succeeded, failed.
+    "counters": "counters:{vendor}",
+    # HASH: run_ms, light:run_ms: moving average of attempt run time per lane, for ETAs.
+    "eta": "eta",
+    # ZSET: stored result URI -> when it is to be deleted (ms): its job's expiry, or now
+    # for a copy no job points at any more; the sweeper deletes the blob, then the entry.
+    "blobs": "blobs",
+    # ZSET: succeeded job id -> when its delivery is next due (ms): the upload to a remote
+    # store that failed inline, and/or its record update.
+    "deliveries": "deliveries",
+    # HASH: job id -> failed delivery tries so far (for backoff).
+    "delivery_tries": "delivery_tries",
+    # PUBSUB: published on every enqueue and requeue: dispatchers wake up.
+    "wake_channel": "wake",
+    # PUBSUB: job id of a cancelled running job: its dispatcher cancels the node call.
+    "cancel_channel": "cancel",
+}
+
+DEFAULT_PREFIX = "cutout:"
+EVENTS_KEPT = 256  # per job: a job has ~15 events, requeued dead letters more
+
+
+def fields_of(pattern: str) -> list[str]:
+    """The placeholders of a pattern, in order: the Lua builder's parameters."""
+    return [f for _, f, _, _ in string.Formatter().parse(pattern) if f is not None]
 
 
 class Keys:
+    """Key names under one prefix, built from PATTERNS."""
+
     def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
         self.prefix = prefix
-        self.ring = prefix + "ring"
-        self.ring_members = prefix + "ring:members"
-        self.leases = prefix + "leases"
-        self.seq = prefix + "seq"
-        self.vendors = prefix + "vendors"
-        self.weights = prefix + "weights"
-        self.eta = prefix + "eta"
-        self.blobs = prefix + "blobs"
-        self.deliveries = prefix + "deliveries"
-        self.delivery_tries = prefix + "delivery_tries"
-        self.wake_channel = prefix + "wake"
-        self.cancel_channel = prefix + "cancel"
+        self.vendors = self.of("vendors")
+        self.weights = self.of("weights")
+        self.eta = self.of("eta")
+        self.blobs = self.of("blobs")
+        self.deliveries = self.of("deliveries")
+        self.delivery_tries = self.of("delivery_tries")
+        self.wake_channel = self.of("wake_channel")
+        self.cancel_channel = self.of("cancel_channel")
+
+    def of(self, family: str, **fields: str) -> str:
+        return self.prefix + PATTERNS[family].format(**fields)
 
     def job(self, job_id: str) -> str:
-        return f"{self.prefix}job:{job_id}"
+        return self.of("job", job_id=job_id)
 
     def input(self, job_id: str) -> str:
-        return f"{self.prefix}input:{job_id}"
+        return self.of("input", job_id=job_id)
 
     def events(self, job_id: str) -> str:
-        return f"{self.prefix}events:{job_id}"
+        return self.of("events", job_id=job_id)
 
     def queue(self, vendor: str, lane: str = "") -> str:
-        return f"{self.prefix}{lane}queue:{vendor}"
+        return self.of("queue", lane=lane, vendor=vendor)
 
-    def ring_members_of(self, lane: str) -> str:
-        return f"{self.prefix}{lane}ring:members"
+    def ring_members(self, lane: str) -> str:
+        return self.of("ring_members", lane=lane)
 
     def running(self, vendor: str) -> str:
-        return f"{self.prefix}running:{vendor}"
+        return self.of("running", vendor=vendor)
 
     def vendor_jobs(self, vendor: str) -> str:
-        return f"{self.prefix}jobs:{vendor}"
+        return self.of("vendor_jobs", vendor=vendor)
 
     def counters(self, vendor: str) -> str:
-        return f"{self.prefix}counters:{vendor}"
+        return self.of("counters", vendor=vendor)
 
     def batch(self, vendor: str, batch: str) -> str:
-        return f"{self.prefix}batch:{vendor}:{batch}"
+        return self.of("batch", vendor=vendor, batch=batch)
 
     def dead_letters(self, vendor: str) -> str:
-        return f"{self.prefix}dlq:{vendor}"
+        return self.of("dead_letters", vendor=vendor)
 
 
 # Fairness cost of a job in milli-megapixels, with a floor so that a flood of

@@ -3,21 +3,23 @@
 Counters and histograms count what this replica did (sum them across
 replicas). Gauges of queue depth, jobs by state and pending deliveries are
 read from Redis by `QueueGauges` and describe the whole cluster, so every
-replica reports the same value (aggregate them with max, not sum).
+replica reports the same value (aggregate them with max, not sum). The
+store counts them (store/stats.py); this module only publishes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import cast
+from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge, Histogram
 
-from services.common.operations import LANES
-from services.scheduler.keys import MAX_PRIORITY, PRIORITY_BAND, Keys
 from services.scheduler.nodes import NodePool
+
+if TYPE_CHECKING:  # the store counts with these metrics: import it only for types
+    from services.scheduler.store.stats import Stats
 
 log = logging.getLogger(__name__)
 
@@ -90,41 +92,20 @@ DELIVERIES_PENDING = Gauge(
 
 
 class QueueGauges:
-    """Refreshes the cluster-wide gauges from Redis and the node pool."""
+    """Refreshes the cluster-wide gauges from the store's counts and the node pool."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys, pool: NodePool) -> None:
-        self.redis = redis
-        self.keys = keys
+    def __init__(self, stats: Stats, pool: NodePool) -> None:
+        self.stats = stats
         self.pool = pool
 
     async def refresh(self) -> None:
-        vendors = sorted(
-            v.decode() for v in cast(set[bytes], await self.redis.smembers(self.keys.vendors))
-        )
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for vendor in vendors:
-                for prio in range(MAX_PRIORITY + 1):
-                    low = (MAX_PRIORITY - prio) * PRIORITY_BAND
-                    for lane in LANES:
-                        pipe.zcount(self.keys.queue(vendor, lane), low, low + PRIORITY_BAND - 1)
-                pipe.scard(self.keys.running(vendor))
-                pipe.zcard(self.keys.dead_letters(vendor))
-            pipe.zcard(self.keys.deliveries)
-            counts = [int(c) for c in await pipe.execute()]
-        depths = (MAX_PRIORITY + 1) * len(LANES)
-        per_vendor = depths + 2
-        totals = {"queued": 0, "running": 0, "dead_lettered": 0}
-        for i, vendor in enumerate(vendors):
-            row = counts[i * per_vendor : (i + 1) * per_vendor]
-            for prio in range(MAX_PRIORITY + 1):
-                both = row[prio * len(LANES) : (prio + 1) * len(LANES)]
-                QUEUE_DEPTH.labels(vendor, str(prio)).set(sum(both))
-            totals["queued"] += sum(row[:depths])
-            totals["running"] += row[-2]
-            totals["dead_lettered"] += row[-1]
-        for state, n in totals.items():
-            JOBS.labels(state).set(n)
-        DELIVERIES_PENDING.set(counts[-1])
+        snapshot = await self.stats.snapshot()
+        for (vendor, priority), depth in snapshot.depth.items():
+            QUEUE_DEPTH.labels(vendor, str(priority)).set(depth)
+        JOBS.labels("queued").set(snapshot.queued)
+        JOBS.labels("running").set(snapshot.running)
+        JOBS.labels("dead_lettered").set(snapshot.dead_lettered)
+        DELIVERIES_PENDING.set(snapshot.deliveries_pending)
         healthy = 0
         for node in self.pool.nodes:
             NODE_IN_FLIGHT.labels(node.address).set(node.in_flight)

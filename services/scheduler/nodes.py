@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cutout.v1 import inference_service_pb2 as inference_pb2
-from cutout.v1 import inference_service_pb2_grpc as inference_grpc
+from services.common.internal_auth import InternalToken
+from services.internal.v1 import inference_service_pb2 as inference_pb2
+from services.internal.v1 import inference_service_pb2_grpc as inference_grpc
 
 log = logging.getLogger(__name__)
-INFERENCE_SERVICE = "cutout.v1.InferenceService"
+INFERENCE_SERVICE = "cutout.internal.v1.InferenceService"
 
 
 @dataclass
@@ -150,6 +151,7 @@ class NodePool:
         entries: list[str],
         poll_interval_s: float,
         max_message_bytes: int,
+        token: InternalToken,
         dns_interval_s: float = 5.0,
         resolve: Resolve = resolve_all,
     ) -> None:
@@ -157,6 +159,8 @@ class NodePool:
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ]
+        # Sent with every call to a node (Process, GetLoad): nodes refuse calls without it.
+        self.metadata = token.metadata()
         self.static, self.dns_names = split_entries(entries)
         self.nodes: list[Node] = [self._connect(a) for a in self.static]
         self._retired: list[Node] = []
@@ -233,7 +237,9 @@ class NodePool:
             health = await node.health.Check(
                 health_pb2.HealthCheckRequest(service=INFERENCE_SERVICE), timeout=2.0
             )
-            load = await node.stub.GetLoad(inference_pb2.GetLoadRequest(), timeout=2.0)
+            load = await node.stub.GetLoad(
+                inference_pb2.GetLoadRequest(), timeout=2.0, metadata=self.metadata
+            )
         except grpc.aio.AioRpcError:
             if node.healthy:
                 log.warning("node stopped answering", extra={"node": node.address})

@@ -9,25 +9,30 @@ import logging
 import grpc
 import redis.asyncio as aioredis
 
-from cutout.v1 import scheduler_service_pb2_grpc as pb_grpc
+from cutout.v1 import cutout_service_pb2_grpc as public_grpc
 from services.common import serving
+from services.common.interceptors import ErrorMapping
+from services.common.internal_auth import InternalAuth
 from services.common.metrics import RpcMetrics
 from services.common.metrics import serve as serve_metrics
 from services.common.operations import LIGHT_LANE
+from services.internal.v1 import scheduler_service_pb2_grpc as internal_grpc
 from services.scheduler.cloudinary_store import CloudinaryAccount, CloudinaryResultStore
-from services.scheduler.delivery import Deliverer, Outbox
+from services.scheduler.delivery import Deliverer
 from services.scheduler.dispatcher import Dispatcher, DispatchPolicy
-from services.scheduler.jobstore import Admission, Fairness, JobStore, Retention, RetryPolicy
+from services.scheduler.enqueue_api import SchedulerServicer
 from services.scheduler.keys import Keys
 from services.scheduler.metrics import QueueGauges
 from services.scheduler.nodes import NodePool
+from services.scheduler.public_api import CutoutServicer
 from services.scheduler.records import MysqlTarget, RecordWriter
-from services.scheduler.service import SchedulerServicer
 from services.scheduler.settings import SchedulerSettings
 from services.scheduler.storage import LocalResultStore, ResultStores
+from services.scheduler.store import Admission, Fairness, Retention, RetryPolicy, Store
 
 log = logging.getLogger(__name__)
-SERVICE_NAME = "cutout.v1.SchedulerService"
+# The public API's reads, watches and cancellations, and the internal enqueue API.
+SERVICE_NAMES = ["cutout.v1.CutoutService", "cutout.internal.v1.SchedulerService"]
 
 
 class SchedulerServer:
@@ -40,10 +45,16 @@ class SchedulerServer:
                 settings.redis_url, max_connections=128, timeout=20
             )
         )
-        keys = Keys(settings.key_prefix)
-        self.store = JobStore(
+        self.pool = NodePool(
+            settings.nodes,
+            settings.node_poll_s,
+            settings.max_message_bytes,
+            settings.internal_token,
+            dns_interval_s=settings.node_dns_s,
+        )
+        self.store = Store(
             self.redis,
-            keys,
+            Keys(settings.key_prefix),
             Retention(finished_s=settings.retention_s),
             RetryPolicy(max_retries=settings.max_retries, base_delay_ms=settings.retry_base_ms),
             Fairness(
@@ -53,14 +64,8 @@ class SchedulerServer:
                 max_queued_per_vendor=settings.max_queued_per_vendor,
                 max_queued=settings.max_queued,
             ),
+            fleet_capacity=lambda lane: self.pool.capacity(lane == LIGHT_LANE),
         )
-        self.pool = NodePool(
-            settings.nodes,
-            settings.node_poll_s,
-            settings.max_message_bytes,
-            dns_interval_s=settings.node_dns_s,
-        )
-        self.store.fleet_capacity = lambda lane: self.pool.capacity(lane == LIGHT_LANE)
         remote = None
         if settings.uses_cloudinary():
             remote = CloudinaryResultStore(
@@ -72,15 +77,13 @@ class SchedulerServer:
             RecordWriter(MysqlTarget.from_url(settings.mysql_url)) if settings.mysql_url else None
         )
         self.deliverer = Deliverer(
-            Outbox(self.redis, keys), results, self.writer, settings.delivery_retry_ms
+            self.store.outbox, self.store.blobs, results, self.writer, settings.delivery_retry_ms
         )
-        self.gauges = QueueGauges(self.redis, keys, self.pool)
+        self.gauges = QueueGauges(self.store.stats, self.pool)
         self.dispatcher = Dispatcher(
             self.store,
             self.pool,
             results,
-            self.redis,
-            keys,
             DispatchPolicy(
                 lease_ms=settings.lease_ms,
                 attempt_timeout_s=settings.attempt_timeout_s,
@@ -90,24 +93,28 @@ class SchedulerServer:
         )
         self.server = grpc.aio.server(
             options=serving.server_options(settings.max_message_bytes),
-            interceptors=[RpcMetrics()],
+            # Outermost first: metrics see every outcome, ErrorMapping turns what
+            # the handlers (and InternalAuth) raise into statuses.
+            interceptors=[RpcMetrics(), ErrorMapping(), InternalAuth(settings.internal_token)],
         )
-        pb_grpc.add_SchedulerServiceServicer_to_server(
-            SchedulerServicer(self.store, self.pool, results, records=self.writer is not None),
-            self.server,
+        public_grpc.add_CutoutServiceServicer_to_server(
+            CutoutServicer(self.store, self.pool, results), self.server
         )
-        self.health = serving.add_health_and_reflection(self.server, [SERVICE_NAME])
+        internal_grpc.add_SchedulerServiceServicer_to_server(
+            SchedulerServicer(self.store, records=self.writer is not None), self.server
+        )
+        self.health = serving.add_health_and_reflection(self.server, SERVICE_NAMES)
         self.port = 0
         self.metrics_port = 0
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         await self.redis.ping()  # fail fast, with the URL in the error, if Redis is not there
-        await self.store.publish_weights()
+        await self.store.start()
         self.metrics_port = serve_metrics(self.settings.metrics_listen)
         self.port = serving.bind(self.server, self.settings.listen)
         await self.server.start()
-        await serving.set_serving(self.health, [SERVICE_NAME], True)
+        await serving.set_serving(self.health, SERVICE_NAMES, True)
         self._tasks = [
             asyncio.create_task(self.pool.run()),
             asyncio.create_task(self.dispatcher.run()),
@@ -131,7 +138,7 @@ class SchedulerServer:
         )
 
     async def stop(self) -> None:
-        await serving.set_serving(self.health, [SERVICE_NAME], False)
+        await serving.set_serving(self.health, SERVICE_NAMES, False)
         await self.dispatcher.drain(self.settings.grace_s)
         for task in self._tasks:
             task.cancel()

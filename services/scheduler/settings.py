@@ -14,6 +14,7 @@ from services.common.config import (
     env_list,
     env_str,
 )
+from services.common.internal_auth import InternalToken
 from services.common.serving import MiB
 from services.scheduler.nodes import split_entries
 
@@ -106,6 +107,8 @@ class SchedulerSettings:
         grace_s: CUTOUT_GRACE_S, how long a stopping scheduler lets attempts finish.
         ready_file: CUTOUT_READY_FILE, file to write the bound port to once serving.
         log_level: CUTOUT_LOG_LEVEL.
+        internal_token: CUTOUT_INTERNAL_TOKEN (required) and CUTOUT_INTERNAL_TOKENS_ACCEPTED:
+            the shared secret of calls between the services (services/common/internal_auth.py).
     """
 
     listen: str
@@ -136,6 +139,7 @@ class SchedulerSettings:
     max_message_bytes: int
     grace_s: float
     ready_file: str
+    internal_token: InternalToken
     log_level: str
 
     @classmethod
@@ -170,6 +174,7 @@ class SchedulerSettings:
             grace_s=env_float("CUTOUT_GRACE_S", 10.0),
             ready_file=env_str("CUTOUT_READY_FILE", ""),
             log_level=env_str("CUTOUT_LOG_LEVEL", "INFO"),
+            internal_token=InternalToken.from_env(),
         ).checked()
 
     def uses_cloudinary(self) -> bool:

@@ -1,4 +1,4 @@
-"""The `cutout` command: run a local cluster, submit images, follow and fetch jobs."""
+"""The `cutout` command: submit images, follow and fetch jobs (operators: `cutout-admin`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import grpc
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -17,8 +19,11 @@ from cutout.client import DEFAULT_ADDR, FACE_MODES, FORMATS, AsyncClient, build_
 from cutout.errors import CutoutError
 from cutout.v1 import jobs_pb2
 
-console = Console(stderr=True)
-out = Console()
+# soft_wrap: a line is never broken at 80 columns when output goes to a file or a pipe.
+# Messages (stderr) use markup for colour, so what comes from users and servers in them is
+# escaped (`https://[fd00::1]/x` is not markup); data lines (stdout) take no markup at all.
+console = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(markup=False, highlight=False, soft_wrap=True)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 STATES = {
     "queued": jobs_pb2.JOB_STATE_QUEUED,
@@ -73,16 +78,33 @@ def print_rows(header: list[str], rows: list[list[str]]) -> None:
             print("\t".join(row))
 
 
-def expand_inputs(inputs: Sequence[str]) -> list[str]:
-    """Files and URLs as given; a folder stands for the images directly inside it."""
+def expand_inputs(inputs: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Files and URLs as given; a folder stands for the images directly inside it.
+
+    Returns (inputs, skipped): what a folder holds besides images is skipped, each with why.
+    """
     found: list[str] = []
+    skipped: list[tuple[str, str]] = []
     for item in inputs:
         path = Path(item)
         if item.startswith(("https://", "http://")) or not path.is_dir():
             found.append(item)
-        else:
-            found += sorted(str(p) for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    return found
+            continue
+        for entry in sorted(path.iterdir()):
+            if entry.is_dir():
+                skipped.append((str(entry), "a folder (folders are not searched recursively)"))
+            elif entry.suffix.lower() in IMAGE_SUFFIXES:
+                found.append(str(entry))
+            else:
+                suffix = entry.suffix or "no suffix"
+                skipped.append((str(entry), f"not an image file ({suffix})"))
+    return found, skipped
+
+
+def refused(item: str, why: object, violations: Sequence[tuple[str, str]] = ()) -> None:
+    console.print(f"[red]refused[/red] {escape(item)}: {escape(str(why))}")
+    for field, what in violations:
+        console.print(f"    {escape(field)}: {escape(what)}")
 
 
 # --- commands -------------------------------------------------------------------
@@ -112,7 +134,9 @@ def _submission(
 
 
 async def cmd_submit(args: argparse.Namespace) -> int:
-    inputs = expand_inputs(args.inputs)
+    inputs, skipped = expand_inputs(args.inputs)
+    for item, why in skipped:
+        console.print(f"[yellow]skipped[/yellow] {escape(item)}: {escape(why)}")
     if not inputs:
         console.print("[red]nothing to submit[/red]: no image files found")
         return 2
@@ -132,9 +156,9 @@ async def cmd_submit(args: argparse.Namespace) -> int:
             try:
                 job = (await client.submit_submission(_submission(args, item, record))).job
             except (CutoutError, OSError, ValueError) as exc:
-                console.print(f"[red]refused[/red] {item}: {exc}")
-                for field, why in getattr(exc, "violations", []):
-                    console.print(f"    {field}: {why}")
+                if isinstance(exc, CutoutError) and exc.code == grpc.StatusCode.UNAVAILABLE:
+                    raise  # the cluster, not this image: stop and say so once
+                refused(item, exc, getattr(exc, "violations", []))
                 failed += 1
                 continue
             jobs.append((item, job))
@@ -173,7 +197,7 @@ async def submit_as_batches(args: argparse.Namespace, inputs: list[str]) -> int:
                     subs.append(_submission(args, item))
                     chunk.append(item)
                 except (OSError, ValueError) as exc:
-                    console.print(f"[red]refused[/red] {item}: {exc}")
+                    refused(item, exc)
                     failed += 1
             if not subs:
                 continue
@@ -185,7 +209,7 @@ async def submit_as_batches(args: argparse.Namespace, inputs: list[str]) -> int:
                     jobs.append((item, outcome.job))
                 else:
                     failed += 1
-                    console.print(f"[red]refused[/red] {item}: {outcome.error.message}")
+                    refused(item, outcome.error.message)
             out.print(f"{reply.batch}\t{len(jobs)} of {len(chunk)} images accepted")
             if args.wait and jobs:
                 failed += await follow_batch(client, reply.batch, jobs, Path(args.out))
@@ -211,14 +235,15 @@ async def follow_batch(
         final = await client.get(job.name)
         if final.state != jobs_pb2.JOB_STATE_SUCCEEDED:
             failures += 1
-            console.print(f"[red]{state_name(final.state)}[/red] {item}: {final.error.message}")
+            what = f"{escape(item)}: {escape(final.error.message)}"
+            console.print(f"[red]{state_name(final.state)}[/red] {what}")
         elif final.result.uri.startswith("https://"):
             out.print(f"{item}\t{final.result.uri}")
         else:
             ext = final.result.content_type.removeprefix("image/").replace("jpeg", "jpg")
             await client.save_result(job.name, out_dir / f"{Path(item).stem}.{ext}")
     saved = len(jobs) - failures
-    console.print(f"{batch}: {saved} of {len(jobs)} succeeded; results in {out_dir}")
+    console.print(f"{batch}: {saved} of {len(jobs)} succeeded; results in {escape(str(out_dir))}")
     return failures
 
 
@@ -245,7 +270,9 @@ async def follow(client: AsyncClient, jobs: list[tuple[str, jobs_pb2.Job]], out_
 
         async def one(item: str, job: jobs_pb2.Job) -> None:
             nonlocal failures
-            task: TaskID = progress.add_task(Path(item).name[:32], total=100, status="queued")
+            task: TaskID = progress.add_task(
+                escape(Path(item).name[:32]), total=100, status="queued"
+            )
             final = job
             try:
                 async for event in client.watch(job.name):
@@ -261,22 +288,23 @@ async def follow(client: AsyncClient, jobs: list[tuple[str, jobs_pb2.Job]], out_
                     progress.update(task, completed=final.progress_percent, status=status)
                 if final.state != jobs_pb2.JOB_STATE_SUCCEEDED:
                     failures += 1
-                    progress.update(
-                        task, status=f"[red]{state_name(final.state)}: {final.error.message}[/red]"
-                    )
+                    why = escape(final.error.message)
+                    progress.update(task, status=f"[red]{state_name(final.state)}: {why}[/red]")
                     return
                 if final.result.uri.startswith("https://"):  # kept by Cloudinary
                     progress.update(
-                        task, completed=100, status=f"[green]{final.result.uri}[/green]"
+                        task, completed=100, status=f"[green]{escape(final.result.uri)}[/green]"
                     )
                     return
                 ext = final.result.content_type.removeprefix("image/").replace("jpeg", "jpg")
                 target = out_dir / f"{Path(item).stem}.{ext}"
                 await client.save_result(job.name, target)
-                progress.update(task, completed=100, status=f"[green]saved {target}[/green]")
+                progress.update(
+                    task, completed=100, status=f"[green]saved {escape(str(target))}[/green]"
+                )
             except CutoutError as exc:
                 failures += 1
-                progress.update(task, status=f"[red]{exc}[/red]")
+                progress.update(task, status=f"[red]{escape(str(exc))}[/red]")
 
         await asyncio.gather(*(one(item, job) for item, job in jobs))
     return failures
@@ -383,43 +411,6 @@ async def cmd_dlq(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_key(args: argparse.Namespace) -> int:
-    from services.gateway.auth import hash_key, new_key
-
-    key = new_key()
-    out.print(f"API key (give it to the vendor; it is not stored anywhere): {key}")
-    out.print(f"gateway entry for CUTOUT_API_KEYS: {args.vendor}:{hash_key(key)}")
-    return 0
-
-
-def cmd_vendors(args: argparse.Namespace) -> int:
-    try:
-        from services.gateway import vendor_admin
-    except ImportError as exc:
-        need = "pip install 'cutout[server]'"
-        console.print(f"[red]cutout vendors needs the server parts[/red]: {need} ({exc})")
-        return 2
-    return asyncio.run(vendor_admin.run(args))
-
-
-def _local_redis_url() -> str:
-    """The URL `cutout up` wrote for its embedded Redis, if one is running from here."""
-    path = Path("var") / "redis.url"
-    return path.read_text().strip() if path.is_file() else "redis://127.0.0.1:6379/0"
-
-
-def cmd_up(args: argparse.Namespace) -> int:
-    try:
-        from services.local.up import run_up
-    except ImportError as exc:
-        console.print(
-            f"[red]cutout up needs the server parts[/red]: pip install 'cutout[server]' ({exc})"
-        )
-        return 2
-    workdir = Path(args.workdir) if args.workdir else None
-    return run_up(args.nodes, args.port, workdir, args.appendfsync)
-
-
 # --- parser ------------------------------------------------------------------------
 
 
@@ -444,19 +435,6 @@ def parser() -> argparse.ArgumentParser:
         help="TLS trusting this CA bundle (env CUTOUT_TLS_CA)",
     )
     sub = top.add_subparsers(dest="command", required=True)
-
-    up = sub.add_parser("up", help="run a local cluster until Ctrl-C")
-    up.add_argument("--nodes", type=int, default=2, help="inference nodes (default 2)")
-    up.add_argument("--port", type=int, default=50051, help="gateway port (default 50051)")
-    up.add_argument("--workdir", default="", help="data, results and logs (default ./var)")
-    up.add_argument(
-        "--appendfsync",
-        choices=["everysec", "always"],
-        default="everysec",
-        help="AOF fsync policy of the embedded Redis: everysec can lose the last second "
-        "of accepted jobs on a power cut, always loses none and is slower (default everysec)",
-    )
-    up.set_defaults(sync=cmd_up)
 
     s = sub.add_parser(
         "submit", parents=[common], help="submit images (files, folders or https URLs)"
@@ -551,75 +529,23 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("name", metavar="batches/ID")
     b.set_defaults(run=cmd_batch)
 
-    k = sub.add_parser("key", help="make a new API key for a vendor")
-    k.add_argument("vendor")
-    k.set_defaults(sync=cmd_key)
-
-    v = sub.add_parser(
-        "vendors",
-        help="manage vendors and their API keys (operators; talks to Redis directly)",
-        description="The vendor registry every gateway reads: keys (stored hashed), status, "
-        "rate limits, fairness weight and cap on waiting jobs.",
-    )
-    v.add_argument(
-        "--redis",
-        default=os.environ.get("CUTOUT_REDIS_URL") or _local_redis_url(),
-        help="the cluster's Redis (env CUTOUT_REDIS_URL; default: the one `cutout up` started)",
-    )
-    v.add_argument(
-        "--prefix",
-        default=os.environ.get("CUTOUT_REDIS_PREFIX", "cutout:"),
-        help="key prefix (env CUTOUT_REDIS_PREFIX)",
-    )
-    actions = v.add_subparsers(dest="vendors_action", required=True)
-    add = actions.add_parser("add", help="register a vendor and print its first key")
-    add.add_argument("vendor")
-    change = actions.add_parser("set", help="change a vendor's weight, limits or queue cap")
-    change.add_argument("vendor")
-    for p, default in ((add, True), (change, False)):
-        p.add_argument(
-            "--weight",
-            type=float,
-            default=1.0 if default else None,
-            help="fair share relative to others (default 1)",
-        )
-        p.add_argument(
-            "--limits",
-            default="" if default else None,
-            metavar="NAME=N/SECONDS,...",
-            help="own rate limits of requests, remove_background, crop_face, batches "
-            "(others keep the gateway's)",
-        )
-        p.add_argument(
-            "--max-queued",
-            type=int,
-            default=0 if default else None,
-            help="most waiting jobs (0: the cluster default)",
-        )
-    actions.add_parser("list", help="every vendor (never their keys)")
-    rotate = actions.add_parser("rotate", help="issue a new key; old keys stop after --grace")
-    rotate.add_argument("vendor")
-    rotate.add_argument(
-        "--grace", type=int, default=0, help="seconds the old keys keep working (default 0)"
-    )
-    for name, what in (("disable", "refuse every call"), ("enable", "accept calls again")):
-        p = actions.add_parser(name, help=f"{what} (keys kept)")
-        p.add_argument("vendor")
-    v.set_defaults(sync=cmd_vendors)
     return top
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parser().parse_args(argv)
     try:
-        if hasattr(args, "sync"):
-            code = args.sync(args)
-        else:
-            code = asyncio.run(args.run(args))
+        code = asyncio.run(args.run(args))
     except CutoutError as exc:
-        console.print(f"[red]{exc.code.name}[/red]: {exc.message}")
+        console.print(f"[red]{exc.code.name}[/red]: {escape(exc.message)}")
         for field, why in exc.violations:
-            console.print(f"    {field}: {why}")
+            console.print(f"    {escape(field)}: {escape(why)}")
+        if exc.code == grpc.StatusCode.UNAVAILABLE and hasattr(args, "addr"):
+            console.print(
+                f"cannot reach a Cutout gateway at {escape(args.addr)}: is a cluster running "
+                "there? `cutout-admin up` starts one on this machine; otherwise pass --addr "
+                "or set CUTOUT_ADDR to the gateway's host:port"
+            )
         code = 1
     except KeyboardInterrupt:
         code = 130

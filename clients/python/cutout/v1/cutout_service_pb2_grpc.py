@@ -26,8 +26,11 @@ if _version_not_supported:
 
 
 class CutoutServiceStub:
-    """The public API, served by the gateway. Every call carries
-    `authorization: Bearer <api key>` metadata and sees only the caller's jobs.
+    """The public API. Clients call it on the gateway, which authenticates the
+    vendor, takes its quotas, and serves SubmitJob and SubmitBatch itself; the
+    scheduler serves every other method, relayed by the gateway unchanged. Every
+    call carries `authorization: Bearer <api key>` metadata and sees only the
+    caller's jobs.
     """
 
     def __init__(self, channel):
@@ -104,8 +107,11 @@ class CutoutServiceStub:
 
 
 class CutoutServiceServicer:
-    """The public API, served by the gateway. Every call carries
-    `authorization: Bearer <api key>` metadata and sees only the caller's jobs.
+    """The public API. Clients call it on the gateway, which authenticates the
+    vendor, takes its quotas, and serves SubmitJob and SubmitBatch itself; the
+    scheduler serves every other method, relayed by the gateway unchanged. Every
+    call carries `authorization: Bearer <api key>` metadata and sees only the
+    caller's jobs.
     """
 
     def SubmitJob(self, request, context):
@@ -278,8 +284,11 @@ def add_CutoutServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class CutoutService:
-    """The public API, served by the gateway. Every call carries
-    `authorization: Bearer <api key>` metadata and sees only the caller's jobs.
+    """The public API. Clients call it on the gateway, which authenticates the
+    vendor, takes its quotas, and serves SubmitJob and SubmitBatch itself; the
+    scheduler serves every other method, relayed by the gateway unchanged. Every
+    call carries `authorization: Bearer <api key>` metadata and sees only the
+    caller's jobs.
     """
 
     @staticmethod

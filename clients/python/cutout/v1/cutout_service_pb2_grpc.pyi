@@ -27,8 +27,11 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class CutoutServiceStub:
-    """The public API, served by the gateway. Every call carries
-    `authorization: Bearer <api key>` metadata and sees only the caller's jobs.
+    """The public API. Clients call it on the gateway, which authenticates the
+    vendor, takes its quotas, and serves SubmitJob and SubmitBatch itself; the
+    scheduler serves every other method, relayed by the gateway unchanged. Every
+    call carries `authorization: Bearer <api key>` metadata and sees only the
+    caller's jobs.
     """
 
     @_typing.overload
@@ -68,8 +71,11 @@ class CutoutServiceStub:
 
 @_typing.type_check_only
 class CutoutServiceAsyncStub(CutoutServiceStub):
-    """The public API, served by the gateway. Every call carries
-    `authorization: Bearer <api key>` metadata and sees only the caller's jobs.
+    """The public API. Clients call it on the gateway, which authenticates the
+    vendor, takes its quotas, and serves SubmitJob and SubmitBatch itself; the
+    scheduler serves every other method, relayed by the gateway unchanged. Every
+    call carries `authorization: Bearer <api key>` metadata and sees only the
+    caller's jobs.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -105,8 +111,11 @@ class CutoutServiceAsyncStub(CutoutServiceStub):
     """Drops dead-lettered jobs for good (their inputs are deleted; the jobs stay FAILED)."""
 
 class CutoutServiceServicer(metaclass=_abc_1.ABCMeta):
-    """The public API, served by the gateway. Every call carries
-    `authorization: Bearer <api key>` metadata and sees only the caller's jobs.
+    """The public API. Clients call it on the gateway, which authenticates the
+    vendor, takes its quotas, and serves SubmitJob and SubmitBatch itself; the
+    scheduler serves every other method, relayed by the gateway unchanged. Every
+    call carries `authorization: Bearer <api key>` metadata and sees only the
+    caller's jobs.
     """
 
     @_abc_1.abstractmethod

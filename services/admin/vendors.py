@@ -1,4 +1,4 @@
-"""`cutout vendors ...`: the operator's side of the vendor registry (talks to Redis directly)."""
+"""`cutout-admin vendors ...`: the vendor registry, for operators (talks to Redis directly)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import datetime as dt
 import redis.asyncio as aioredis
 from rich.console import Console
 
+from cutout.cli import print_rows
+from services.common import vendor_policy
 from services.gateway.auth import hash_key
 from services.gateway.vendors import RegistryError, Vendor, VendorRegistry
 
@@ -38,6 +40,8 @@ async def run(args: argparse.Namespace) -> int:
     redis = aioredis.Redis.from_url(args.redis)
     registry = VendorRegistry(redis, args.prefix)
     try:
+        # A registry written before vendor_policy.py kept the policy in its own hash.
+        await vendor_policy.adopt_registry_fields(redis, args.prefix)
         action = args.vendors_action
         if action == "add":
             key = await registry.add(args.vendor, args.weight, args.limits, args.max_queued)
@@ -56,7 +60,6 @@ async def run(args: argparse.Namespace) -> int:
             vendors = [v for v in vendors if v.id == args.vendor]
         if action in ("list", "set", "disable", "enable"):
             header = ["vendor", "status", "weight", "rate limits", "max queued", "keys", "created"]
-            from cutout.cli import print_rows
 
             print_rows(header, [_row(v) for v in vendors])
         return 0

@@ -4,7 +4,7 @@ isort:skip_file
 """
 
 from collections import abc as _abc
-from cutout.v1 import inference_service_pb2 as _inference_service_pb2
+from services.internal.v1 import inference_service_pb2 as _inference_service_pb2
 from grpc import aio as _aio
 import abc as _abc_1
 import grpc as _grpc
@@ -27,7 +27,9 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class InferenceServiceStub:
-    """Internal: served by every inference node. The scheduler is its only caller."""
+    """Internal: served by every inference node. The scheduler is its only caller;
+    every call carries the cluster's internal token (`x-cutout-internal-token`).
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -44,7 +46,9 @@ class InferenceServiceStub:
 
 @_typing.type_check_only
 class InferenceServiceAsyncStub(InferenceServiceStub):
-    """Internal: served by every inference node. The scheduler is its only caller."""
+    """Internal: served by every inference node. The scheduler is its only caller;
+    every call carries the cluster's internal token (`x-cutout-internal-token`).
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Process: _aio.UnaryStreamMultiCallable[_inference_service_pb2.ProcessRequest, _inference_service_pb2.ProcessResponse]  # type: ignore[assignment]
@@ -57,7 +61,9 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     """Reports what the node can take right now."""
 
 class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Internal: served by every inference node. The scheduler is its only caller."""
+    """Internal: served by every inference node. The scheduler is its only caller;
+    every call carries the cluster's internal token (`x-cutout-internal-token`).
+    """
 
     @_abc_1.abstractmethod
     def Process(

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from cutout.v1 import inference_service_pb2 as cutout_dot_v1_dot_inference__service__pb2
+from services.internal.v1 import inference_service_pb2 as cutout_dot_internal_dot_v1_dot_inference__service__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in cutout/v1/inference_service_pb2_grpc.py depends on'
+        + ' but the generated code in cutout/internal/v1/inference_service_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class InferenceServiceStub:
-    """Internal: served by every inference node. The scheduler is its only caller.
+    """Internal: served by every inference node. The scheduler is its only caller;
+    every call carries the cluster's internal token (`x-cutout-internal-token`).
     """
 
     def __init__(self, channel):
@@ -36,19 +37,20 @@ class InferenceServiceStub:
             channel: A grpc.Channel.
         """
         self.Process = channel.unary_stream(
-                '/cutout.v1.InferenceService/Process',
-                request_serializer=cutout_dot_v1_dot_inference__service__pb2.ProcessRequest.SerializeToString,
-                response_deserializer=cutout_dot_v1_dot_inference__service__pb2.ProcessResponse.FromString,
+                '/cutout.internal.v1.InferenceService/Process',
+                request_serializer=cutout_dot_internal_dot_v1_dot_inference__service__pb2.ProcessRequest.SerializeToString,
+                response_deserializer=cutout_dot_internal_dot_v1_dot_inference__service__pb2.ProcessResponse.FromString,
                 _registered_method=True)
         self.GetLoad = channel.unary_unary(
-                '/cutout.v1.InferenceService/GetLoad',
-                request_serializer=cutout_dot_v1_dot_inference__service__pb2.GetLoadRequest.SerializeToString,
-                response_deserializer=cutout_dot_v1_dot_inference__service__pb2.GetLoadResponse.FromString,
+                '/cutout.internal.v1.InferenceService/GetLoad',
+                request_serializer=cutout_dot_internal_dot_v1_dot_inference__service__pb2.GetLoadRequest.SerializeToString,
+                response_deserializer=cutout_dot_internal_dot_v1_dot_inference__service__pb2.GetLoadResponse.FromString,
                 _registered_method=True)
 
 
 class InferenceServiceServicer:
-    """Internal: served by every inference node. The scheduler is its only caller.
+    """Internal: served by every inference node. The scheduler is its only caller;
+    every call carries the cluster's internal token (`x-cutout-internal-token`).
     """
 
     def Process(self, request, context):
@@ -73,24 +75,25 @@ def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Process': grpc.unary_stream_rpc_method_handler(
                     servicer.Process,
-                    request_deserializer=cutout_dot_v1_dot_inference__service__pb2.ProcessRequest.FromString,
-                    response_serializer=cutout_dot_v1_dot_inference__service__pb2.ProcessResponse.SerializeToString,
+                    request_deserializer=cutout_dot_internal_dot_v1_dot_inference__service__pb2.ProcessRequest.FromString,
+                    response_serializer=cutout_dot_internal_dot_v1_dot_inference__service__pb2.ProcessResponse.SerializeToString,
             ),
             'GetLoad': grpc.unary_unary_rpc_method_handler(
                     servicer.GetLoad,
-                    request_deserializer=cutout_dot_v1_dot_inference__service__pb2.GetLoadRequest.FromString,
-                    response_serializer=cutout_dot_v1_dot_inference__service__pb2.GetLoadResponse.SerializeToString,
+                    request_deserializer=cutout_dot_internal_dot_v1_dot_inference__service__pb2.GetLoadRequest.FromString,
+                    response_serializer=cutout_dot_internal_dot_v1_dot_inference__service__pb2.GetLoadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'cutout.v1.InferenceService', rpc_method_handlers)
+            'cutout.internal.v1.InferenceService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('cutout.v1.InferenceService', rpc_method_handlers)
+    server.add_registered_method_handlers('cutout.internal.v1.InferenceService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
 class InferenceService:
-    """Internal: served by every inference node. The scheduler is its only caller.
+    """Internal: served by every inference node. The scheduler is its only caller;
+    every call carries the cluster's internal token (`x-cutout-internal-token`).
     """
 
     @staticmethod
@@ -107,9 +110,9 @@ class InferenceService:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/cutout.v1.InferenceService/Process',
-            cutout_dot_v1_dot_inference__service__pb2.ProcessRequest.SerializeToString,
-            cutout_dot_v1_dot_inference__service__pb2.ProcessResponse.FromString,
+            '/cutout.internal.v1.InferenceService/Process',
+            cutout_dot_internal_dot_v1_dot_inference__service__pb2.ProcessRequest.SerializeToString,
+            cutout_dot_internal_dot_v1_dot_inference__service__pb2.ProcessResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -134,9 +137,9 @@ class InferenceService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/cutout.v1.InferenceService/GetLoad',
-            cutout_dot_v1_dot_inference__service__pb2.GetLoadRequest.SerializeToString,
-            cutout_dot_v1_dot_inference__service__pb2.GetLoadResponse.FromString,
+            '/cutout.internal.v1.InferenceService/GetLoad',
+            cutout_dot_internal_dot_v1_dot_inference__service__pb2.GetLoadRequest.SerializeToString,
+            cutout_dot_internal_dot_v1_dot_inference__service__pb2.GetLoadResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,130 @@
+"""Server interceptors every service shares, and the one way they wrap a handler.
+
+grpc.aio interceptors see a method handler before the call runs; to act
+around the call itself (catch what the handler raises, set who is calling)
+they return a new handler whose behaviour wraps the old one. `around` does
+that for the two shapes Cutout serves, unary and server streaming; other
+shapes (the reflection service's bidirectional stream) pass unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeAlias
+
+import grpc
+import redis.asyncio as aioredis
+
+from services.common.errors import CutoutError, abort
+
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+Continuation: TypeAlias = Callable[[grpc.HandlerCallDetails], Awaitable[Handler]]
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+# Runs before the handler; may raise CutoutError to refuse the call.
+Before: TypeAlias = Callable[[Context], Awaitable[None]]
+
+# Services no interceptor of ours touches: probes and tooling must always work.
+OPEN_SERVICES = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
+
+
+def is_open(method: str) -> bool:
+    return method.startswith(OPEN_SERVICES)
+
+
+def around(handler: Handler, before: Before) -> Handler:
+    """The handler with `before(context)` run first, in the call's own task."""
+    if handler.unary_unary is not None:
+        inner_uu: Any = handler.unary_unary
+
+        async def unary(request: Any, context: Context) -> Any:
+            await before(context)
+            return await inner_uu(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary, handler.request_deserializer, handler.response_serializer
+        )
+    if handler.unary_stream is not None:
+        inner_us: Any = handler.unary_stream
+
+        async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
+            await before(context)
+            async for item in inner_us(request, context):
+                yield item
+
+        return grpc.unary_stream_rpc_method_handler(
+            stream, handler.request_deserializer, handler.response_serializer
+        )
+    return handler
+
+
+def as_status(exc: Exception) -> CutoutError | None:
+    """The status a domain or infrastructure exception means to a caller, or None."""
+    if isinstance(exc, CutoutError):
+        return exc
+    if isinstance(
+        exc, aioredis.ConnectionError | aioredis.TimeoutError | aioredis.BusyLoadingError
+    ):
+        # Redis restarting or out of reach: the caller can retry the same call.
+        return CutoutError(
+            f"the job store is unavailable, retry shortly ({type(exc).__name__}: {exc})",
+            grpc.StatusCode.UNAVAILABLE,
+            retry_after_s=1.0,
+        )
+    return None
+
+
+def mapping_errors(handler: Handler) -> Handler:
+    """The handler with domain errors (and Redis outages) turned into statuses."""
+    if handler.unary_unary is not None:
+        inner_uu: Any = handler.unary_unary
+
+        async def unary(request: Any, context: Context) -> Any:
+            try:
+                return await inner_uu(request, context)
+            except Exception as exc:
+                err = as_status(exc)
+                if err is None:
+                    raise
+                await abort(context, err)
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary, handler.request_deserializer, handler.response_serializer
+        )
+    if handler.unary_stream is not None:
+        inner_us: Any = handler.unary_stream
+
+        async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
+            try:
+                async for item in inner_us(request, context):
+                    yield item
+            except Exception as exc:
+                err = as_status(exc)
+                if err is None:
+                    raise
+                await abort(context, err)
+
+        return grpc.unary_stream_rpc_method_handler(
+            stream, handler.request_deserializer, handler.response_serializer
+        )
+    return handler
+
+
+class ErrorMapping(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Maps CutoutError (and Redis outages) to gRPC statuses for every handler.
+
+    Handlers raise; this is the one place a domain error becomes a status
+    with its rich details (BadRequest, RetryInfo, QuotaFailure) and trailers.
+    Put it before the interceptors whose refusals it should map.
+    """
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler:
+        handler = await continuation(handler_call_details)
+        if handler is None or is_open(handler_call_details.method):
+            return handler
+        return mapping_errors(handler)
