@@ -41,11 +41,9 @@ def load(path: Path) -> dict[str, Any]:
     return project
 
 
-def requirements(
-    server: dict[str, Any], client: dict[str, Any] | None, extras: list[str]
-) -> list[str]:
+def requirements(server: dict[str, Any], client: dict[str, Any], extras: list[str]) -> list[str]:
     own = normalize(server["name"])
-    client_name = normalize(client["name"]) if client else None
+    client_name = normalize(client["name"])
     optional: dict[str, list[str]] = server.get("optional-dependencies", {})
     found: list[str] = []
     seen: set[str] = set()
@@ -56,7 +54,7 @@ def requirements(
             if name == own:
                 for extra in wanted:
                     add_extra(extra)
-            elif client is not None and name == client_name:
+            elif name == client_name:
                 add(client.get("dependencies", []))
             elif req not in found:
                 found.append(req)
@@ -75,32 +73,13 @@ def requirements(
     return found
 
 
-def old_layout(server: dict[str, Any]) -> dict[str, Any]:
-    """FALLBACK for the layout before the packaging split; delete once main has it.
-
-    One distribution `cutout` with a `server` extra, whose `gpu` extra also pulls
-    in the CPU onnxruntime. Give it `cpu` and `gpu` extras shaped like the new
-    layout's: the server's list with onnxruntime, or with onnxruntime-gpu instead.
-    """
-    optional = dict(server.get("optional-dependencies", {}))
-    server_reqs = optional["server"]
-    without_ort = [r for r in server_reqs if name_of(r)[0] != "onnxruntime"]
-    optional["cpu"] = server_reqs
-    optional["gpu"] = [*without_ort, "onnxruntime-gpu>=1.20"]
-    return {**server, "optional-dependencies": optional}
-
-
 def main() -> None:
     if len(sys.argv) < 3:
         raise SystemExit(__doc__)
     src, extras = Path(sys.argv[1]), sys.argv[2:]
     server = load(src / "pyproject.toml")
-    client_file = src / "clients" / "python" / "pyproject.toml"
-    if client_file.is_file():
-        reqs = requirements(server, load(client_file), extras)
-    else:
-        reqs = requirements(old_layout(server), None, extras)
-    print("\n".join(reqs))
+    client = load(src / "clients" / "python" / "pyproject.toml")
+    print("\n".join(requirements(server, client, extras)))
 
 
 if __name__ == "__main__":

@@ -3,9 +3,9 @@
 #
 #   gateway | scheduler | inference [ARGS]   python -m services.<part>
 #   migrate [URL]                            python -m services.scheduler.migrate
-#   admin vendors|key ...                    operator commands (python -m services.admin)
+#   admin vendors|key|token ...              operator commands (python -m services.admin)
 #   redis [redis-server ARGS]                the redis-server binary the server ships
-#                                            (for CI and local runs; production uses redis:7)
+#                                            (for CI and trials; production uses redis:7)
 #   anything else                            run as given (python, sh, cutout ...)
 #
 # Kubernetes `command: ["python", "-m", "services.gateway"]` bypasses this script
@@ -30,12 +30,7 @@ migrate)
     ;;
 admin)
     shift
-    if python -c 'import importlib.util as u, sys; sys.exit(u.find_spec("services.admin") is None)'; then
-        exec python -m services.admin "$@"
-    fi
-    # FALLBACK until the packaging split lands: the operator commands still live
-    # in the `cutout` CLI.
-    exec cutout "$@"
+    exec python -m services.admin "$@"
     ;;
 redis)
     shift

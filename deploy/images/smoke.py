@@ -257,7 +257,12 @@ def start_cluster(cluster: Cluster, api_key: str) -> dict[str, int]:
         ],
         volumes={cluster.work / "redis": "/data"},
     )
-    common = {"CUTOUT_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "CUTOUT_MODELS": MODEL}
+    common = {
+        "CUTOUT_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "CUTOUT_MODELS": MODEL,
+        # The shared secret of the calls between the services (docs/configuration.md).
+        "CUTOUT_INTERNAL_TOKEN": secrets.token_urlsafe(24),
+    }
     for name in ("node-1", "node-2"):  # both load the model at once
         cluster.start_service(
             name,
