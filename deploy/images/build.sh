@@ -66,7 +66,7 @@ choose_bases() {
         ;;
     public)
         : "${CPU_BASE:=docker.io/library/python:3.12-slim-bookworm}"
-        : "${GPU_BASE:=docker.io/nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04}"
+        : "${GPU_BASE:=docker.io/nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04}"
         : "${MODELS_BASE:=docker.io/library/debian:bookworm-slim}"
         ;;
     *)

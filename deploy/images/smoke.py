@@ -10,7 +10,8 @@ folder by the cutout-models image's own command. Checked from the host:
 
 1. the images' shape: user 10001, no HEALTHCHECK, no model in the service image;
    cutout-gpu has onnxruntime-gpu (CUDAExecutionProvider) and no CPU onnxruntime;
-2. grpc.health.v1 (what Kubernetes probes ask) SERVING on every service;
+2. grpc.health.v1 (what Kubernetes probes ask) SERVING on every service; a
+   cutout-gpu node, which has no GPU here, refusing to start on the CPU;
 3. `cutout submit astronaut.jpg --wait` with the CLI; the cutout's alpha against
    rembg.remove run here with the same model file: mean |difference| <= 1/255 and
    mask IoU >= 0.99 (tests/test_e2e_real_model.py allows 2/255 across three photos);
@@ -177,14 +178,21 @@ class Cluster:
             time.sleep(0.2)
         return status[1]
 
+    def logs(self, name: str) -> str:
+        """What the container wrote, stdout and stderr interleaved."""
+        return subprocess.run(
+            ["podman", "logs", self.full(name)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            check=False,
+        ).stdout
+
     def collect_logs(self, dest: Path) -> None:
         dest.mkdir(parents=True, exist_ok=True)
         for full in self.started:
             name = full.removeprefix(self.prefix + "-")
-            logs = subprocess.run(
-                ["podman", "logs", full], capture_output=True, text=True, check=False
-            )
-            (dest / f"{name}.log").write_text(logs.stdout + logs.stderr)
+            (dest / f"{name}.log").write_text(self.logs(name))
             (dest / f"{name}.inspect.json").write_text(podman("inspect", full, check_rc=False))
 
     def remove(self) -> None:
@@ -208,14 +216,15 @@ def check_images(images: dict[str, str]) -> None:
     check(not baked.strip(), f"the service image contains models: {baked.split()}")
     probe = (
         "import importlib.metadata as md, json, onnxruntime as ort; "
-        "print(json.dumps([ort.get_available_providers(), "
+        "from onnxruntime.capi import build_and_package_info as info; "
+        "print(json.dumps([ort.get_available_providers(), info.cuda_version, "
         "sorted(d.metadata['Name'].lower() for d in md.distributions())]))"
     )
-    providers, dists = json.loads(
+    providers, cuda, dists = json.loads(
         podman("run", "--rm", "--entrypoint", "python", images["gpu"], "-c", probe)
     )
     onnx = [d for d in dists if "onnx" in d]
-    log(f"cutout-gpu: providers {providers}, distributions {onnx}")
+    log(f"cutout-gpu: providers {providers}, distributions {onnx}, built for CUDA {cuda}")
     check("CUDAExecutionProvider" in providers, f"cutout-gpu has no CUDA provider: {providers}")
     check("onnxruntime-gpu" in dists, f"cutout-gpu has no onnxruntime-gpu: {onnx}")
     check("onnxruntime" not in dists, f"cutout-gpu also has the CPU onnxruntime: {onnx}")
@@ -263,6 +272,14 @@ def start_cluster(cluster: Cluster, api_key: str) -> dict[str, int]:
         # The shared secret of the calls between the services (docs/configuration.md).
         "CUTOUT_INTERNAL_TOKEN": secrets.token_urlsafe(24),
     }
+    # cutout-gpu's node, meanwhile: with no GPU it must refuse to start (see check_gpu_node).
+    cluster.run(
+        "gpu-node",
+        cluster.images["gpu"],
+        ["inference"],
+        {**common, "CUTOUT_NODE_LISTEN": "127.0.0.1:0", "CUTOUT_METRICS_LISTEN": ""},
+        {cluster.models: "/models:ro"},
+    )
     for name in ("node-1", "node-2"):  # both load the model at once
         cluster.start_service(
             name,
@@ -300,6 +317,16 @@ def start_cluster(cluster: Cluster, api_key: str) -> dict[str, int]:
     ports["gateway"] = cluster.wait_port("gateway")
     log(f"cluster up: {ports}, redis {redis_port}")
     return ports
+
+
+def check_gpu_node(cluster: Cluster) -> None:
+    """cutout-gpu's node on a machine without a GPU: it loads the model, finds it on the CPU
+    and, with the image's CUTOUT_REQUIRE_GPU=1, exits instead of serving slowly."""
+    code = cluster.wait_exit("gpu-node", READY_TIMEOUT_S)
+    logs = cluster.logs("gpu-node")
+    check(code != 0, "cutout-gpu's node started without a GPU (CUTOUT_REQUIRE_GPU=1)")
+    check("CUTOUT_REQUIRE_GPU=1 but" in logs, f"cutout-gpu's node failed otherwise: {logs[-1500:]}")
+    log(f"cutout-gpu's node without a GPU: exit {code}, refused to run on the CPU")
 
 
 def check_health(ports: dict[str, int]) -> None:
@@ -413,6 +440,7 @@ def smoke(args: argparse.Namespace, cluster: Cluster, work: Path) -> None:
     api_key = "ck_" + secrets.token_urlsafe(32)
     ports = start_cluster(cluster, api_key)
     check_health({name: ports[name] for name in SERVICES})
+    check_gpu_node(cluster)
     addr = f"127.0.0.1:{ports['gateway']}"
 
     import skimage.data
