@@ -1,10 +1,14 @@
-"""Images by URL: hostile addresses refused with a reason, allowed hosts fetched, caps kept."""
+"""Images by URL: hostile addresses refused with a reason, allowed host:port pairs fetched (and
+no other port of their host), caps kept."""
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import AsyncIterator
+import re
+import socket
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -13,8 +17,10 @@ from aiohttp import web
 from cutout import AsyncClient, CutoutError
 from cutout.client import build_submission
 from cutout.v1 import jobs_pb2
+from services.common.config import SettingsError
 from services.common.errors import CutoutError as ServerError
-from services.gateway.fetch import Fetcher, FetchPolicy, forbidden
+from services.gateway.fetch import AllowedHost, Fetcher, FetchPolicy, forbidden
+from services.gateway.settings import GatewaySettings
 from services.local.cluster import LocalCluster
 from tests.conftest import KEYS
 
@@ -95,6 +101,9 @@ async def image_server(photos: dict[str, bytes]) -> AsyncIterator[str]:
     async def loop(request: web.Request) -> web.Response:
         raise web.HTTPFound("/loop")
 
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPFound(request.query["to"])  # an open redirect, as attackers find them
+
     async def huge(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse()
         await response.prepare(request)
@@ -108,6 +117,7 @@ async def image_server(photos: dict[str, bytes]) -> AsyncIterator[str]:
             web.get("/to-private", to_private),
             web.get("/to-photo", to_photo),
             web.get("/loop", loop),
+            web.get("/redirect", redirect),
             web.get("/huge", huge),
         ]
     )
@@ -120,10 +130,17 @@ async def image_server(photos: dict[str, bytes]) -> AsyncIterator[str]:
     await runner.cleanup()
 
 
+def allowing(*entries: str, **policy: Any) -> Fetcher:
+    allowed = frozenset(AllowedHost.parse(e) for e in entries)
+    return Fetcher(FetchPolicy(allow_http=True, allow_hosts=allowed, **policy))
+
+
+def host_port(url: str) -> str:
+    return url.removeprefix("http://").split("/")[0]
+
+
 async def test_allowed_host_is_fetched_and_its_redirects_are_checked(image_server: str) -> None:
-    fetcher = Fetcher(
-        FetchPolicy(allow_http=True, allow_hosts=frozenset({"127.0.0.1"}), max_bytes=1 << 20)
-    )
+    fetcher = allowing(host_port(image_server), max_bytes=1 << 20)
     data = await fetcher.fetch(f"{image_server}/to-photo", "uri")
     assert data[:3] == b"\xff\xd8\xff"  # the JPEG, after one redirect
     cases = {
@@ -141,7 +158,7 @@ async def test_gateway_takes_urls_and_refuses_hostile_ones(
     make_cluster, tiny_model_dir: Path, image_server: str
 ) -> None:  # type: ignore[no-untyped-def]
     cluster: LocalCluster = make_cluster(
-        tiny_model_dir, CUTOUT_URL_ALLOW_HTTP="1", CUTOUT_URL_ALLOW_HOSTS="127.0.0.1"
+        tiny_model_dir, CUTOUT_URL_ALLOW_HTTP="1", CUTOUT_URL_ALLOW_HOSTS=host_port(image_server)
     )
     async with AsyncClient(cluster.gateway_address, A) as client:
         job = await client.submit(f"{image_server}/coffee.jpg")
@@ -163,3 +180,96 @@ async def test_gateway_takes_urls_and_refuses_hostile_ones(
         )
         assert reply.outcomes[0].HasField("job")
         assert "10.0.0.1 is private" in reply.outcomes[1].error.message
+        # The allow-list opens the image server's port, not its machine: a redirect to the
+        # cluster's own Redis on the same address is refused.
+        redis = f"http://{cluster.redis_url.removeprefix('redis://').split('/')[0]}/"
+        with pytest.raises(CutoutError) as refused:
+            await client.submit(f"{image_server}/redirect?to={redis}")
+        assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert (
+            f"the allow-list has it only as {host_port(image_server).replace(':', ' on port ')}"
+            in refused.value.message
+        ), refused.value.message
+
+
+@pytest.fixture
+def trap() -> Iterator[socket.socket]:
+    """A listening loopback port nobody should reach: a connection made to it, even one
+    closed at once, waits in its accept queue, so `connections` counts it afterwards."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    sock.setblocking(False)
+    yield sock
+    sock.close()
+
+
+def connections(sock: socket.socket) -> int:
+    count = 0
+    while True:
+        try:
+            conn, _ = sock.accept()
+        except BlockingIOError:
+            return count
+        conn.close()
+        count += 1
+
+
+async def test_an_allowed_host_is_allowed_on_its_port_only_and_no_other_is_ever_dialled(
+    image_server: str, trap: socket.socket
+) -> None:
+    port = trap.getsockname()[1]
+    other = f"http://127.0.0.1:{port}/"
+    allowed = host_port(image_server)
+    fetcher = allowing(allowed)
+    for url in (other, f"{image_server}/redirect?to={other}"):  # directly, or redirected
+        with pytest.raises(ServerError) as refused:
+            await fetcher.fetch(url, "submission.image.uri")
+        assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert refused.value.violations[0].field == "submission.image.uri"
+        only = allowed.replace(":", " on port ")
+        assert f"127.0.0.1 is loopback; refused (the allow-list has it only as {only})" in str(
+            refused.value
+        )
+    assert connections(trap) == 0
+    # An entry without a port allows the scheme's default port (80 here) and nothing else.
+    with pytest.raises(ServerError, match=re.escape("only as 127.0.0.1 on port 443 (https) or 80")):
+        await allowing("127.0.0.1").fetch(f"{image_server}/coffee.jpg", "uri")
+    with pytest.raises(ServerError, match="is loopback"):
+        await allowing(f"https://127.0.0.1:{port}").fetch(other, "uri")  # http is not https
+    assert connections(trap) == 0
+    # The trap does count: allowed, the fetcher dials it (and times out: it never answers).
+    with pytest.raises(ServerError, match=re.escape("no complete answer within 0.5 s")):
+        await allowing(f"127.0.0.1:{port}", timeout_s=0.5).fetch(other, "uri")
+    assert connections(trap) == 1
+
+
+@pytest.mark.parametrize(
+    ("entries", "words"),
+    [
+        ("images.internal:8080,ftp://x", "'ftp://x': the scheme must be https or http"),
+        ("images.internal:http", "the port must be a number 1-65535"),
+        ("10.0.0.5/images", "expected host:port, or scheme://host:port"),
+    ],
+)
+def test_allow_list_entries_are_checked_at_start(
+    monkeypatch: pytest.MonkeyPatch, entries: str, words: str
+) -> None:
+    monkeypatch.setenv("CUTOUT_URL_ALLOW_HOSTS", entries)
+    with pytest.raises(SettingsError, match=f"CUTOUT_URL_ALLOW_HOSTS: .*{words}"):
+        GatewaySettings.from_env()
+
+
+def test_allow_list_entries_parse_into_host_port_and_scheme(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(
+        "CUTOUT_URL_ALLOW_HOSTS", "Images.Internal:8080, http://[::1]:81, 10.0.0.5, ::1"
+    )
+    monkeypatch.setenv("CUTOUT_INTERNAL_TOKEN", "t" * 32)
+    assert GatewaySettings.from_env().url_allow_hosts == [
+        AllowedHost("images.internal", 8080),
+        AllowedHost("::1", 81, "http"),
+        AllowedHost("10.0.0.5"),
+        AllowedHost("::1"),
+    ]

@@ -5,8 +5,10 @@ The host is resolved once; every address it resolves to must be public
 the IPv4 inside first), and the connection then goes to those very
 addresses, so a DNS answer that changes between the check and the connect
 cannot redirect it. Each redirect (at most 3) is checked the same way. Only
-https by default; size and time are capped. Hosts on an operator allow-list
-skip the address check (that is how the tests reach their loopback server).
+https by default; size and time are capped. Host-and-port pairs on an operator
+allow-list skip the address check (that is how the tests reach their loopback
+server); the pair, not the host: an allowed internal image server must not open
+every other port of its machine (its Redis, its admin API) to whoever submits a URL.
 """
 
 from __future__ import annotations
@@ -29,13 +31,73 @@ Resolve = Callable[[str, int], Awaitable[list[str]]]
 
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
 NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
-SIXTO4 = ipaddress.ip_network("2002::/16")
 # Cloud metadata endpoints that are not covered by the private/link-local ranges.
 METADATA = [
     ipaddress.ip_network("100.100.100.200/32"),  # Alibaba Cloud
     ipaddress.ip_network("fd00:ec2::254/128"),  # AWS IPv6 (also private)
 ]
 REDIRECTS = {301, 302, 303, 307, 308}
+DEFAULT_PORTS = {"https": 443, "http": 80}
+
+
+def _normal_host(host: str) -> str:
+    """One spelling per host: IPs in their compressed form, names in lower case."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host.lower().rstrip(".")
+
+
+@dataclass(frozen=True)
+class AllowedHost:
+    """One allow-list entry: URLs to this host on this port skip the address check.
+
+    Attributes:
+        host: a host name or a literal IP, as `_normal_host` spells it.
+        port: the one port allowed; None: the scheme's default (443 for https, 80 for http).
+        scheme: "https" or "http"; None: either (each on its own default port if no port).
+    """
+
+    host: str
+    port: int | None = None
+    scheme: str | None = None
+
+    @classmethod
+    def parse(cls, entry: str) -> AllowedHost:
+        """`host`, `host:port`, `[v6]:port`, `scheme://host` or `scheme://host:port`.
+
+        Raises ValueError saying what is wrong with the entry.
+        """
+        scheme, sep, rest = entry.strip().rpartition("://")
+        if sep and scheme.lower() not in DEFAULT_PORTS:
+            raise ValueError(f"{entry!r}: the scheme must be https or http")
+        if ":" in rest and "[" not in rest and rest.count(":") > 1:  # a bare IPv6 address
+            rest = f"[{rest}]"
+        parts = urlsplit("//" + rest)
+        try:
+            port = parts.port
+        except ValueError:
+            port = 0
+        if port == 0:
+            raise ValueError(f"{entry!r}: the port must be a number 1-65535")
+        extra = parts.path or parts.query or parts.fragment or parts.username is not None
+        if not parts.hostname or extra:
+            raise ValueError(f"{entry!r}: expected host:port, or scheme://host:port")
+        return cls(_normal_host(parts.hostname), port, scheme.lower() if sep else None)
+
+    def allows(self, scheme: str, host: str, port: int) -> bool:
+        if self.scheme is not None and scheme != self.scheme:
+            return False
+        return host == self.host and port == (self.port or DEFAULT_PORTS[scheme])
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        ports = self.port or " or ".join(
+            f"{port} ({scheme})"
+            for scheme, port in DEFAULT_PORTS.items()
+            if self.scheme in (None, scheme)
+        )
+        return f"{self.scheme + '://' if self.scheme else ''}{host} on port {ports}"
 
 
 @dataclass(frozen=True)
@@ -46,14 +108,17 @@ class FetchPolicy:
         timeout_s: whole fetch, redirects included.
         max_redirects: redirects followed.
         allow_http: also fetch http:// URLs (off by default).
-        allow_hosts: host names or literal IPs exempt from the address check.
+        allow_hosts: (scheme,) host and port combinations exempt from the address check.
     """
 
     max_bytes: int = 20 * 1024 * 1024
     timeout_s: float = 10.0
     max_redirects: int = 3
     allow_http: bool = False
-    allow_hosts: frozenset[str] = field(default_factory=frozenset)
+    allow_hosts: frozenset[AllowedHost] = field(default_factory=frozenset)
+
+    def allowed(self, scheme: str, host: str, port: int) -> bool:
+        return any(entry.allows(scheme, host, port) for entry in self.allow_hosts)
 
 
 def embedded_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
@@ -164,12 +229,18 @@ class Fetcher:
         addresses = [ipaddress.ip_address(a.split("%")[0]) for a in found]
         if not addresses:
             raise self._refuse(field_path, url, f"host {host!r} has no address")
-        if host not in self.policy.allow_hosts:
+        if not self.policy.allowed(parts.scheme, _normal_host(host), port):
             for ip in addresses:
                 why = forbidden(ip)
                 if why:
-                    raise self._refuse(field_path, url, f"host {host!r} resolves to {why}; refused")
+                    why = f"host {host!r} resolves to {why}; refused"
+                    raise self._refuse(field_path, url, why + self._allowed_only(host))
         return host, port, addresses
+
+    def _allowed_only(self, host: str) -> str:
+        """Where the allow-list does let this host through, for a refusal's message."""
+        entries = sorted(str(a) for a in self.policy.allow_hosts if a.host == _normal_host(host))
+        return f" (the allow-list has it only as {', '.join(entries)})" if entries else ""
 
     async def fetch(self, url: str, field_path: str) -> bytes:
         """The body at url, following up to max_redirects checked redirects."""

@@ -7,7 +7,15 @@ from dataclasses import dataclass
 from services.common.config import SettingsError, env_float, env_int, env_list, env_str
 from services.common.internal_auth import InternalToken
 from services.common.serving import MiB
+from services.gateway.fetch import AllowedHost
 from services.gateway.ratelimit import Quota, parse_quotas
+
+
+def _allowed_hosts(entries: list[str]) -> list[AllowedHost]:
+    try:
+        return [AllowedHost.parse(entry) for entry in entries]
+    except ValueError as exc:
+        raise SettingsError(f"CUTOUT_URL_ALLOW_HOSTS: {exc}") from exc
 
 
 def _quotas(spec: str) -> dict[str, Quota]:
@@ -37,8 +45,10 @@ class GatewaySettings:
         scheduler_timeout_s: CUTOUT_SCHEDULER_TIMEOUT_S, deadline of unary calls to the scheduler.
         url_allow_http: CUTOUT_URL_ALLOW_HTTP=1 also fetches http:// image URLs (https only
             by default).
-        url_allow_hosts: CUTOUT_URL_ALLOW_HOSTS, comma-separated host names or IPs whose
-            addresses skip the public-address check (internal image hosts you trust).
+        url_allow_hosts: CUTOUT_URL_ALLOW_HOSTS, comma-separated `host:port` (or
+            `scheme://host:port`) of internal image servers you trust: URLs to that host on
+            that port skip the public-address check. An entry without a port allows only the
+            scheme's default port (443 for https, 80 for http), never the host's other ports.
         url_timeout_s: CUTOUT_URL_TIMEOUT_S, time for a whole URL fetch, redirects included.
         url_max_redirects: CUTOUT_URL_MAX_REDIRECTS, redirects followed (each re-checked).
         redis_url: CUTOUT_REDIS_URL, the Redis holding rate-limit state (the scheduler's).
@@ -68,7 +78,7 @@ class GatewaySettings:
     max_message_bytes: int
     scheduler_timeout_s: float
     url_allow_http: bool
-    url_allow_hosts: list[str]
+    url_allow_hosts: list[AllowedHost]
     url_timeout_s: float
     url_max_redirects: int
     redis_url: str
@@ -95,7 +105,7 @@ class GatewaySettings:
             max_message_bytes=env_int("CUTOUT_GATEWAY_MAX_MESSAGE_BYTES", 64 * MiB, minimum=MiB),
             scheduler_timeout_s=env_float("CUTOUT_SCHEDULER_TIMEOUT_S", 10.0, minimum=0.1),
             url_allow_http=env_str("CUTOUT_URL_ALLOW_HTTP", "0") == "1",
-            url_allow_hosts=env_list("CUTOUT_URL_ALLOW_HOSTS"),
+            url_allow_hosts=_allowed_hosts(env_list("CUTOUT_URL_ALLOW_HOSTS")),
             url_timeout_s=env_float("CUTOUT_URL_TIMEOUT_S", 10.0, minimum=0.1),
             url_max_redirects=env_int("CUTOUT_URL_MAX_REDIRECTS", 3, minimum=0),
             redis_url=env_str("CUTOUT_REDIS_URL", "redis://127.0.0.1:6379/0"),

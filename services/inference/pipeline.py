@@ -22,9 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from cutout.v1 import jobs_pb2
+from services.common import images
 from services.inference import faces
 from services.inference.models import ModelCatalog
 
@@ -38,6 +39,13 @@ DEFAULT_QUALITY = 85
 # pymatting's solver needs several GB beyond this; refuse instead of swapping.
 MAX_MATTING_PIXELS = 8_000_000
 MAX_MARGIN_PX = 1000
+# Largest side each output format's encoder takes (libwebp's and libjpeg's limits).
+MAX_SIDE: dict[int, tuple[str, int]] = {
+    jobs_pb2.OUTPUT_FORMAT_WEBP: ("WebP", 16383),
+    jobs_pb2.OUTPUT_FORMAT_JPEG: ("JPEG", 65500),
+}
+# Where the image is in the job as its sender built it; the node sees only the bytes.
+IMAGE_FIELD = "submission.image.content"
 
 
 class InvalidImage(ValueError):
@@ -62,24 +70,18 @@ class Output:
 
 
 def decode(data: bytes, max_pixels: int) -> Image.Image:
-    """Open the first frame, refuse oversized images before decoding, honour EXIF."""
+    """The first frame, upright, as 8-bit RGB(A); InvalidImage for anything unreadable.
+
+    The same reading as the gateway's intake (services/common/images.py), so the words of
+    a refusal here match the ones intake would have used.
+    """
     try:
-        img: Image.Image = Image.open(io.BytesIO(data))
-        width, height = img.size
-        if width * height > max_pixels:
-            raise InvalidImage(
-                f"image is {width}x{height} = {width * height / 1e6:.1f} megapixels; "
-                f"the limit is {max_pixels / 1e6:.1f}"
-            )
-        img.seek(0)
-        img.load()
-        img = ImageOps.exif_transpose(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise InvalidImage(f"cannot decode image: {exc}") from exc
-    if img.mode not in ("RGB", "RGBA"):
-        # rembg's compositing expects RGB(A); palette, grey, CMYK and 16-bit inputs convert here.
-        img = img.convert("RGBA" if "A" in img.getbands() or "transparency" in img.info else "RGB")
-    return img
+        return images.decode(data, max_pixels)
+    except images.ImageError as exc:
+        why = str(exc)
+    # Not chained to the ImageError: its traceback would keep what Pillow read alive for
+    # as long as the job's error is referenced (see services/gateway/intake.py).
+    raise InvalidImage(f"{IMAGE_FIELD} {why}")
 
 
 def _opaque(img: Image.Image) -> Image.Image:
@@ -96,6 +98,13 @@ def encode(
     quality: int = 0,
     subject: tuple[int, int, int, int] | None = None,
 ) -> Output:
+    name, side = MAX_SIDE.get(fmt, ("PNG", 2**31 - 1))
+    if max(img.size) > side:
+        # Known before encoding; the encoder's own error would read as a fault of the node.
+        raise InvalidImage(
+            f"the output is {img.width}x{img.height} and {name} holds at most {side} pixels "
+            "a side; ask for PNG output, or resize"
+        )
     buf = io.BytesIO()
     if fmt == jobs_pb2.OUTPUT_FORMAT_WEBP:
         if quality:
