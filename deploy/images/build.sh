@@ -16,6 +16,7 @@
 #                local:  $LOCAL_BASE (made by setup-host.sh from Debian's packages) for all three
 #                default: local when that image exists, else public
 #   CPU_BASE, GPU_BASE, MODELS_BASE   override one base each
+#   PUSH_FLAGS   extra `podman push` flags (e.g. --tls-verify=false for a plain-HTTP test registry)
 #   PODMAN       the podman binary (build uses podman's -v and --layers; with docker, run the
 #                `docker build` commands at the top of each Containerfile instead)
 set -euo pipefail
@@ -181,7 +182,8 @@ main() {
         local ref
         for ref in "$(cpu_ref)" "$(gpu_ref)" "$(models_ref)"; do
             log "pushing $ref"
-            "$podman" push "$ref"
+            # shellcheck disable=SC2086  # PUSH_FLAGS: words on purpose
+            "$podman" push ${PUSH_FLAGS:-} "$ref"
         done
         ;;
     *)
