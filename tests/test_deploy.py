@@ -161,6 +161,8 @@ def test_renders_into_namespace_cutout(name: str) -> None:
     for o in objects:
         if o["kind"] == "Namespace":
             assert o["metadata"]["name"] == NAMESPACE
+            labels = o["metadata"]["labels"]
+            assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
         else:
             assert o["metadata"].get("namespace") == NAMESPACE, (o["kind"], o["metadata"])
 
@@ -823,6 +825,10 @@ def test_gpu_nodes_only_in_the_gpu_overlay(name: str) -> None:
     else:
         assert "nvidia.com/gpu" not in limits
         assert env.get("CUTOUT_REQUIRE_GPU", "0") == "0"
+    # ONNX Runtime's threads fill the CPU limit without oversubscribing it: one
+    # session run at a time on CPU cores, one per slot on a GPU.
+    runs = int(env["CUTOUT_NODE_CAPACITY"]) if name.startswith("gpu") else 1
+    assert int(env["CUTOUT_ORT_THREADS"]) * runs == int(limits["cpu"])
     for c in containers(objects):
         if c.name != node.name:
             assert "nvidia.com/gpu" not in c.spec["resources"]["limits"], c.name
