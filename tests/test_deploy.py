@@ -1,4 +1,4 @@
-"""The Kubernetes manifests (deploy/k8s) come up on a real cluster, and only as intended.
+"""The Kubernetes manifests (deploy/k8s) would come up on a real cluster, and only as intended.
 
 Every overlay, and base and the overlays with each optional component, is
 rendered by the real `kubectl kustomize` and validated strictly against the
@@ -18,6 +18,7 @@ import math
 import re
 import subprocess
 import sys
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +157,7 @@ def selects(selector: Obj, labels: dict[str, str]) -> bool:
 
 @pytest.mark.parametrize("name", RENDERS)
 def test_renders_into_namespace_cutout(name: str) -> None:
+    """kubectl kustomize renders it, all in namespace cutout, which enforces PSA restricted."""
     objects = objects_of(name)
     assert objects, f"{name} renders nothing"
     for o in objects:
@@ -170,6 +172,7 @@ def test_renders_into_namespace_cutout(name: str) -> None:
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 @pytest.mark.parametrize("name", RENDERS)
 def test_objects_validate_strictly(name: str, version: str) -> None:
+    """Each built-in object is valid for that Kubernetes version, unknown fields refused."""
     crd_kinds = set(crd_schemas())
     checked = 0
     for o in objects_of(name):
@@ -205,6 +208,7 @@ def _strict(schema: Any) -> Any:
     return schema
 
 
+@cache
 def crd_schemas() -> dict[str, dict[str, Any]]:
     """kind -> {apiVersion: strict JSON schema} from deploy/k8s/crds."""
     out: dict[str, dict[str, Any]] = {}
@@ -228,6 +232,7 @@ def validate_custom(o: Obj) -> None:
 
 @pytest.mark.parametrize("name", RENDERS)
 def test_custom_resources_validate_against_their_crds(name: str) -> None:
+    """ScaledObject, ServiceMonitor and PrometheusRule match the CRDs their operators install."""
     crd_kinds = set(crd_schemas())
     for o in objects_of(name):
         if o["kind"] in crd_kinds:
@@ -254,6 +259,7 @@ def test_crd_validation_refuses_mistakes() -> None:
 
 @pytest.mark.parametrize("name", DEPLOYABLE)
 def test_expected_objects(name: str) -> None:
+    """Every part is there, and Envoy's Service is the only one reachable from outside."""
     objects = objects_of(name)
     kinds = {(o["kind"], o["metadata"]["name"]) for o in objects}
     for wanted in [
@@ -266,13 +272,13 @@ def test_expected_objects(name: str) -> None:
         ("NetworkPolicy", "default-deny-ingress"),
     ]:
         assert wanted in kinds, f"{name} lacks {wanted}"
-    balancers = [o["metadata"]["name"] for o in objects if o.get("spec", {}).get("type")]
-    entry = [
+    exposed = [
         o["metadata"]["name"]
         for o in objects
         if o["kind"] == "Service" and o["spec"].get("type") in ("LoadBalancer", "NodePort")
     ]
-    assert entry == ["envoy"], f"entry points {entry} (Services with a type: {balancers})"
+    assert exposed == ["envoy"], f"Services reachable from outside: {exposed}"
+    assert not [o for o in objects if o["kind"] == "Ingress"]
 
 
 # --- generated files ---------------------------------------------------------------------
@@ -287,12 +293,14 @@ def test_generated_files_are_current() -> None:
 
 
 def test_prometheus_rule_is_the_alerts_file() -> None:
+    """The rules Prometheus Operator loads are exactly deploy/monitoring/alerts.yaml."""
     alerts = yaml.safe_load((PROJECT_ROOT / "deploy" / "monitoring" / "alerts.yaml").read_text())
     rule = find(objects_of("base+prometheus-operator"), "PrometheusRule", "cutout")
     assert rule["spec"] == alerts
 
 
 def test_tls_component_serves_the_envoy_file_with_tls_on() -> None:
+    """components/tls: the same Envoy config plus its TLS listener, the cert mounted, 443 only."""
     source = (PROJECT_ROOT / "deploy" / "envoy" / "envoy.yaml").read_text()
     plain = find(objects_of("cpu"), "Deployment", "envoy")
     objects = objects_of("base+tls")
@@ -323,6 +331,7 @@ def test_tls_component_serves_the_envoy_file_with_tls_on() -> None:
 
 @pytest.mark.parametrize("name", DEPLOYABLE)
 def test_images_are_pinned_and_real(name: str) -> None:
+    """Tagged, never latest or a placeholder; the node and its numba seed share one image."""
     names = set()
     for c in containers(objects_of(name)):
         image = c.image
@@ -346,6 +355,7 @@ def test_images_are_pinned_and_real(name: str) -> None:
 
 @pytest.mark.parametrize("name", DEPLOYABLE)
 def test_every_container_is_hardened_and_bounded(name: str) -> None:
+    """Requests, limits, restricted securityContext everywhere; probes on declared ports."""
     for c in containers(objects_of(name)):
         where = f"{name}: {c.workload['metadata']['name']}/{c.name}"
         resources = c.spec.get("resources", {})
@@ -502,6 +512,7 @@ def test_manifests_use_only_real_settings(name: str) -> None:
 
 
 def test_every_setting_is_documented() -> None:
+    """Every CUTOUT_ variable a service reads is described in docs/configuration.md."""
     doc = (PROJECT_ROOT / "docs" / "configuration.md").read_text()
     missing = sorted(n for n in known_variables() if f"`{n}`" not in doc)
     assert not missing, f"docs/configuration.md does not describe {missing}"
@@ -651,6 +662,12 @@ REACHES = {
 
 @pytest.mark.parametrize("name", DEPLOYABLE)
 def test_network_policies_allow_only_the_intended_paths(name: str) -> None:
+    """For every declared port of every pod: exactly the intended sources may connect.
+
+    Sources: outside the cluster, the monitoring namespace, and each workload of
+    namespace cutout; evaluated with NetworkPolicy's rules (isolation by any
+    selecting policy, allow if any rule's peers and ports match).
+    """
     objects = objects_of(name)
     workloads = pods(objects)
     sources = [OUTSIDE, ("<monitoring>", {}, "monitoring")]
@@ -692,6 +709,7 @@ def autoscaled(objects: list[Obj]) -> set[str]:
 
 @pytest.mark.parametrize("name", DEPLOYABLE)
 def test_replicated_workloads_have_disruption_budgets(name: str) -> None:
+    """Each Deployment that can run several pods has one PDB that never blocks a drain."""
     objects = objects_of(name)
     budgets = [o for o in objects if o["kind"] == "PodDisruptionBudget"]
     scaled = autoscaled(objects)
@@ -711,6 +729,7 @@ def test_replicated_workloads_have_disruption_budgets(name: str) -> None:
 
 
 def test_autoscaling_by_overlay() -> None:
+    """HPAs on CPU for gateways and Envoy in production; dev runs one of everything."""
     for name in PRODUCTION:
         hpas = {
             o["spec"]["scaleTargetRef"]["name"]: o
@@ -737,6 +756,7 @@ def node_benchmark_jobs_per_s() -> float:
 
 @pytest.mark.parametrize("name", ["cpu+keda", "gpu+all"])
 def test_keda_scales_nodes_on_backlog(name: str) -> None:
+    """KEDA's threshold is the nodes' jobs per minute, the CPU one from the node benchmark."""
     objects = objects_of(name)
     scaled = find(objects, "ScaledObject", "inference")
     node = find(objects, "Deployment", "inference")
@@ -789,6 +809,7 @@ def test_pods_get_time_to_drain(name: str) -> None:
 
 @pytest.mark.parametrize("name", DEPLOYABLE)
 def test_results_storage(name: str) -> None:
+    """Production stores in Cloudinary (required secret); dev locally on its RWO volume."""
     objects = objects_of(name)
     scheduler = by_service(objects)["scheduler"]
     env = env_of(scheduler, objects)
@@ -807,6 +828,7 @@ def test_results_storage(name: str) -> None:
 
 @pytest.mark.parametrize("name", DEPLOYABLE)
 def test_gpu_nodes_only_in_the_gpu_overlay(name: str) -> None:
+    """Only the GPU overlay asks for GPUs, tolerates their taint and requires CUDA."""
     objects = objects_of(name)
     node = by_service(objects)["inference"]
     env = env_of(node, objects)
@@ -835,6 +857,7 @@ def test_gpu_nodes_only_in_the_gpu_overlay(name: str) -> None:
 
 
 def test_service_env_gives_what_kubernetes_would() -> None:
+    """The parity helper expands $(VAR), reads secrets and resource limits, skips optionals."""
     secrets = {
         "cutout-internal": {"token": "t" * 32},
         "cutout-redis": {"password": "pw"},
