@@ -277,8 +277,10 @@ class OrtRuntime:
 
     @classmethod
     def load(cls, path: Path, precision: str, config: LoadConfig) -> Runtime:
-        if precision not in cls.precisions(Host.detect()):
-            raise RuntimeUnavailable(f"{cls.name} does not run {precision} here")
+        host = Host.detect()
+        if precision not in cls.precisions(host):
+            why = cls.unavailable(host) or f"it runs {', '.join(cls.precisions(host))}"
+            raise RuntimeUnavailable(f"{cls.name} does not run {precision} here: {why}")
         session = ort.InferenceSession(
             str(path),
             sess_options=ort_session_options(config.threads),

@@ -47,6 +47,25 @@ def cpu_threads_per_run(runs: int) -> int:
     return max(1, (cores or 1) // runs)
 
 
+def runtime_selector(s: NodeSettings) -> tuple[RuntimeSelector | None, list[str]]:
+    """The runtime selector, or none where CUTOUT_PROVIDERS names ONNX Runtime providers.
+
+    The providers returned decide session runs at once (a GPU's first, or the CPU's).
+    Raises RuntimeUnavailable (naming what the host runs) for a runtime it cannot run.
+    """
+    if s.providers != "auto":
+        if s.runtime != "auto" or s.precision != "auto":
+            raise ModelError(
+                "CUTOUT_PROVIDERS lists ONNX Runtime providers; it cannot be combined with "
+                "CUTOUT_RUNTIME or CUTOUT_PRECISION: set one or the other"
+            )
+        return None, requested_providers(s.providers)
+    selector = RuntimeSelector(
+        s.runtime, s.precision, s.runtime_probe_s, trt_cache_dir=s.trt_cache_dir
+    )
+    return selector, [CUDA_PROVIDER if selector.on_gpu else CPU_PROVIDER]
+
+
 class NodeServer:
     def __init__(self, settings: NodeSettings) -> None:
         self.settings = settings
@@ -59,27 +78,9 @@ class NodeServer:
         self.port = 0
         self.metrics_port = 0
 
-    def selector(self) -> tuple[RuntimeSelector | None, list[str]]:
-        """The runtime selector, or none where CUTOUT_PROVIDERS names ONNX Runtime providers.
-
-        The providers returned decide session runs at once (GPU first or CPU).
-        """
-        s = self.settings
-        if s.providers != "auto":
-            if s.runtime != "auto" or s.precision != "auto":
-                raise ModelError(
-                    "CUTOUT_PROVIDERS lists ONNX Runtime providers; it cannot be combined with "
-                    "CUTOUT_RUNTIME or CUTOUT_PRECISION: set one or the other"
-                )
-            return None, requested_providers(s.providers)
-        selector = RuntimeSelector(
-            s.runtime, s.precision, s.runtime_probe_s, trt_cache_dir=s.trt_cache_dir
-        )
-        return selector, [CUDA_PROVIDER if selector.on_gpu else CPU_PROVIDER]
-
     async def start(self) -> None:
         s = self.settings
-        selector, providers = self.selector()
+        selector, providers = runtime_selector(s)
         runs = session_runs(s.session_runs, providers, s.capacity)
         threads = s.ort_threads or cpu_threads_per_run(runs)
         # Loading (and timing the runtimes) takes seconds; keep the event loop free meanwhile.
