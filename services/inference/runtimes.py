@@ -21,6 +21,7 @@ import logging
 import os
 import platform
 import queue
+import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -101,15 +102,29 @@ class Host:
         return ov_says and (not self.cpu_flags or bool(self.cpu_flags & BF16_FLAGS))
 
 
+def openvino() -> Any:
+    """The openvino module, imported with its telemetry off.
+
+    `import openvino` imports its model converter, which starts Google
+    Analytics telemetry unless the user has opted out in ~/intel: each event
+    forks a process that sends to the network. A node sends nothing anywhere,
+    and a fork beside gRPC's threads is unsafe (gRPC logs "skipping fork()
+    handlers"). With openvino_telemetry hidden, OpenVINO uses its own stub.
+    """
+    if "openvino" not in sys.modules:
+        sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]
+    import openvino as ov
+
+    return ov
+
+
 @functools.cache
 def _detect() -> Host:
     model, flags = read_cpuinfo()
     caps: tuple[str, ...] | None = None
     error = ""
     try:
-        import openvino as ov
-
-        caps = tuple(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+        caps = tuple(openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
     except Exception as exc:  # ImportError, or a plugin that cannot start
         error = f"{type(exc).__name__}: {exc}"
     return Host(model, flags, tuple(ort.get_available_providers()), caps, error)
@@ -414,8 +429,7 @@ class OpenVinoRuntime:
                 f"openvino does not run {precision} on this CPU ({host.cpu_model}; "
                 f"bf16 flags: {flags}; OpenVINO capabilities: {host.openvino_caps})"
             )
-        import openvino as ov
-
+        ov = openvino()
         core = ov.Core()
         model = core.read_model(str(path))
         if len(model.outputs) > 1:
