@@ -88,3 +88,17 @@ def test_png_output_is_lossless_whichever_strategy(name: str) -> None:
     assert out.content_type == "image/png"
     assert Image.open(io.BytesIO(out.data)).tobytes() == img.tobytes()
     assert pipeline._grey(img) == (name == "camera")
+
+
+def test_subject_box_is_the_box_of_the_half_opaque_pixels() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(100):
+        alpha = np.zeros((int(rng.integers(1, 40)), int(rng.integers(1, 40))), np.uint8)
+        for _ in range(int(rng.integers(0, 5))):
+            y, x = rng.integers(0, alpha.shape[0]), rng.integers(0, alpha.shape[1])
+            alpha[y, x] = rng.integers(0, 256)
+        ys, xs = np.nonzero(alpha >= 128)
+        want = None
+        if ys.size:
+            want = (int(xs.min()), int(ys.min()), int(np.ptp(xs)) + 1, int(np.ptp(ys)) + 1)
+        assert pipeline.subject_box(Image.fromarray(alpha)) == want, alpha
