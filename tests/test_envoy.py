@@ -42,7 +42,7 @@ from services.common.config import PROJECT_ROOT
 from services.common.internal_auth import new_token
 from services.gateway.settings import GatewaySettings
 from services.local.cluster import LocalCluster, Service
-from services.local.envoy import CANONICAL, EnvoyProcess, TlsFiles, render, validate, write
+from services.local.envoy import CANONICAL, EnvoyProcess, TlsFiles, validate
 from tests.conftest import KEYS, start_cluster
 from tests.test_tls import make_ca, make_server_cert
 
@@ -185,15 +185,28 @@ def test_the_canonical_and_the_rendered_configs_are_valid_envoy_configs(
         checked = validate(path)
         assert checked.returncode == 0, f"{path}: {checked.stdout}{checked.stderr}"
         assert "OK" in checked.stdout
-    # The TLS listener the file carries commented out is valid once switched on.
-    tls = write(
-        render(["127.0.0.1:1"], tls=TlsFiles(tmp_path / "t.crt", tmp_path / "t.key")),
-        tmp_path / "tls.yaml",
-    )
+    # Rendered by the command line, with the TLS listener the file carries commented out.
     ca_key, ca = make_ca(tmp_path, "ca")
     make_server_cert(tmp_path, ca_key, ca)
-    (tmp_path / "gateway.pem").rename(tmp_path / "t.crt")
-    (tmp_path / "gateway.key").rename(tmp_path / "t.key")
+    tls = tmp_path / "tls.yaml"
+    args = ["--gateway", "127.0.0.1:1", "--gateway", "127.0.0.1:2", "--out", str(tls)]
+    args += [
+        "--tls-cert",
+        str(tmp_path / "gateway.pem"),
+        "--tls-key",
+        str(tmp_path / "gateway.key"),
+    ]
+    made = subprocess.run(
+        [sys.executable, "-m", "services.local.envoy", *args],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert made.returncode == 0, made.stderr
+    listeners = yaml.safe_load(tls.read_text())["static_resources"]["listeners"]
+    assert [entry["name"] for entry in listeners] == ["public", "public_tls"]
     checked = validate(tls)
     assert checked.returncode == 0, checked.stdout + checked.stderr
 

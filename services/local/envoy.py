@@ -7,15 +7,20 @@ ports asked for (0 lets Envoy pick), and optionally the TLS listener that the
 file carries commented out, uncommented with local certificate paths. Every
 route, timeout, retry, limit and health check stays as the file says, so the
 tests exercise the config that ships.
+
+    python -m services.local.envoy --gateway 127.0.0.1:50061 --gateway 127.0.0.1:50062 \\
+        --port 8080 --admin-port 9901 --out envoy.local.yaml
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -264,3 +269,33 @@ class EnvoyProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Write deploy/envoy/envoy.yaml with your gateways' addresses and ports."
+    )
+    parser.add_argument(
+        "--gateway", action="append", required=True, metavar="HOST:PORT", help="repeat per replica"
+    )
+    parser.add_argument("--port", type=int, default=8080, help="public listener (default 8080)")
+    parser.add_argument("--admin-port", type=int, default=9901, help="admin API (default 9901)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--tls-cert", default="", help="PEM chain: switch on the TLS listener")
+    parser.add_argument("--tls-key", default="", help="its PEM private key")
+    parser.add_argument("--tls-port", type=int, default=8443, help="TLS listener (default 8443)")
+    parser.add_argument("--out", default="-", help="file to write (default: stdout)")
+    args = parser.parse_args(argv)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
+    tls = TlsFiles(Path(args.tls_cert), Path(args.tls_key)) if args.tls_cert else None
+    config = render(args.gateway, args.port, args.admin_port, tls, args.tls_port, args.host)
+    if args.out == "-":
+        sys.stdout.write(yaml.dump(config, Dumper=_NoAliases, sort_keys=False))
+    else:
+        write(config, Path(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
