@@ -3,6 +3,7 @@ generated code is exactly what they generate."""
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -10,8 +11,12 @@ from pathlib import Path
 
 from services.common.config import PROJECT_ROOT
 
-sys.path.insert(0, str(PROJECT_ROOT / "protos"))
-import generate
+# Loaded from its file: putting protos/ on sys.path would make protos/cutout shadow the
+# `cutout` package as a namespace package for every test collected after this one.
+_spec = importlib.util.spec_from_file_location("generate", PROJECT_ROOT / "protos" / "generate.py")
+assert _spec is not None and _spec.loader is not None
+generate = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(generate)
 
 BUF = Path(sys.executable).parent / "buf"
 BASELINE = PROJECT_ROOT / "protos" / "api-baseline.tar.gz"
