@@ -28,7 +28,21 @@ clients/ts/node_modules/.installed: clients/ts/package-lock.json
 	cd clients/ts && npm ci --no-audit --no-fund
 	touch $@
 
-install: $(VENV)/.installed clients/ts/node_modules/.installed
+# The web page (clients/web): its npm packages, then dist/ bundled with the TS client.
+clients/web/node_modules/.installed: clients/web/package-lock.json clients/ts/node_modules/.installed
+	cd clients/web && npm ci --no-audit --no-fund
+	touch $@
+
+clients/web/dist/index.html: clients/web/node_modules/.installed $(wildcard clients/web/*.* clients/web/src/* clients/ts/src/*.ts)
+	cd clients/web && npm run build
+
+# Debian's Chromium for tests/test_web_page.py (Playwright never downloads a browser);
+# nothing to do when it is there.
+/usr/bin/chromium:
+	apt-get update
+	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium fonts-dejavu-core
+
+install: $(VENV)/.installed clients/ts/node_modules/.installed clients/web/dist/index.html /usr/bin/chromium
 
 demo: install
 	$(BIN)/python -m services.local.demo --out out
@@ -69,4 +83,4 @@ migrate: install
 
 clean:
 	rm -rf $(VENV) var out samples .mypy_cache .ruff_cache .pytest_cache
-	rm -rf clients/ts/node_modules clients/ts/dist
+	rm -rf clients/ts/node_modules clients/ts/dist clients/web/node_modules clients/web/dist clients/web/dist-test
