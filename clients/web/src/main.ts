@@ -5,7 +5,7 @@
  * Browsers open at most 6 HTTP/1.1 connections to one origin, and a gRPC-Web
  * stream holds one for as long as it runs, so the page never has more than
  * WATCHES watches, SUBMITS submits and one poll open at once: the images beyond
- * are sent and watched in turn, and their queue positions come from a ListJobs
+ * are sent and watched in turn, and their queue positions come from a GetJob
  * poll meanwhile.
  */
 
@@ -20,12 +20,13 @@ import {
   Stage,
 } from "cutout-client/web";
 import { zipSync } from "fflate";
-import { describeJob, explain } from "./messages.js";
+import { bytes, describeJob, explain } from "./messages.js";
 
 const KEY_STORAGE = "cutout.apiKey";
 const WATCHES = 3;
 const SUBMITS = 2;
 const POLL_MS = 2000;
+const POLLED = 10;
 const IMAGE_TYPES = /^image\//;
 
 type Phase = "waiting" | "sending" | "sent" | "watching" | "done" | "error";
@@ -169,7 +170,22 @@ function record(item: Item, entry: string): void {
   }
 }
 
-function show(item: Item, job: Job): void {
+function show(item: Item, snapshot: Job): void {
+  let job = snapshot;
+  const before = item.job;
+  if (
+    job.state === JobState.QUEUED &&
+    job.queuePosition === 0n &&
+    before?.state === JobState.QUEUED
+  ) {
+    // 0 is "not known here" (a replayed event of a job that has since left the queue):
+    // keep the place last shown rather than blank it.
+    job = {
+      ...job,
+      queuePosition: before.queuePosition,
+      estimatedWait: job.estimatedWait ?? before.estimatedWait,
+    };
+  }
   item.job = job;
   const { root, status, progress } = item.card;
   root.dataset.state = JobState[job.state];
@@ -256,6 +272,7 @@ async function follow(item: Item, api: CutoutClient, name: string): Promise<void
       item.card.download.href = url;
       item.card.download.download = item.outName;
       item.card.download.hidden = false;
+      item.card.status.textContent = `Done · ${result.widthPx} × ${result.heightPx} px · ${bytes(data.length)}`;
       setPhase(item, "done");
     } else if (job.outcome.case === "error") {
       const why = CutoutError.fromStatus(job.outcome.value);
@@ -294,22 +311,21 @@ function pump(): void {
   summarize();
 }
 
-/** Queue positions and ETAs of the jobs not watched yet, from ListJobs. */
+/**
+ * Queue positions and ETAs of the jobs not watched yet, from GetJob (which, unlike
+ * ListJobs, computes them), for the POLLED oldest: they are the next to run, and
+ * the places further back only shrink from what their submit said.
+ */
 function schedulePoll(): void {
-  const unwatched = () => items.some((i) => i.phase === "sent");
-  if (pollTimer !== undefined || !unwatched()) return;
+  const unwatched = () => items.filter((i) => i.phase === "sent").slice(0, POLLED);
+  if (pollTimer !== undefined || unwatched().length === 0) return;
   pollTimer = setTimeout(async () => {
-    const api = client;
     try {
-      if (api && unwatched()) {
-        const byName = new Map(items.filter((i) => i.phase === "sent").map((i) => [i.jobName, i]));
-        for (const state of [JobState.QUEUED, JobState.RUNNING]) {
-          const page = await api.listJobs({ state, pageSize: 500 });
-          for (const job of page.jobs) {
-            const item = byName.get(job.name);
-            if (item?.phase === "sent") show(item, job);
-          }
-        }
+      for (const item of unwatched()) {
+        const api = client;
+        if (!api || !item.jobName) break;
+        const job = await api.getJob(item.jobName);
+        if (item.phase === "sent") show(item, job);
       }
     } catch {
       // A missed poll only delays a position update; the watch will bring the truth.

@@ -55,7 +55,7 @@ export function describeJob(job: Job): string {
   }
 }
 
-function bytes(n: number): string {
+export function bytes(n: number): string {
   if (n >= 1024 * 1024) return `${(n / (1024 * 1024)).toFixed(1)} MB`;
   if (n >= 1024) return `${Math.round(n / 1024)} KB`;
   return `${n} bytes`;
@@ -94,16 +94,20 @@ export function explain(err: CutoutError, size: number): Explained {
       return { text: `Refused: ${fields || err.reason}`, retryable: false };
     }
     case Code.ResourceExhausted: {
+      const quota = err.quotaViolations[0]?.description;
       if (err.retryAfterMs !== undefined) {
-        const quota = err.quotaViolations[0]?.description;
-        const why = quota ? `Rate limit reached (${quota})` : "Rate limit reached";
+        // A quota names itself (QuotaFailure); a full queue says why in its message.
+        const why = quota ? `Rate limit reached (${quota})` : `Cutout is busy: ${err.reason}`;
         return {
           text: `${why}. Retrying in ${duration(err.retryAfterMs)}.`,
           retryInMs: err.retryAfterMs,
           retryable: true,
         };
       }
-      return { text: `The queue is full: ${err.reason}. Try again later.`, retryable: true };
+      if (/larger than/.test(err.reason)) {
+        return { text: `Too large to send (${bytes(size)}): ${err.reason}.`, retryable: false };
+      }
+      return { text: `Refused for now: ${err.reason}. Try again later.`, retryable: true };
     }
     case Code.Unauthenticated:
       return { text: "The API key was not accepted. Check it above and retry.", retryable: true };

@@ -109,7 +109,7 @@ describe("the web page, in Chromium, through Envoy", () => {
         await card.locator("progress").evaluate((p: HTMLProgressElement) => p.value),
         100,
       );
-      assert.equal(await card.locator(".status").textContent(), "Done");
+      assert.match((await card.locator(".status").textContent()) ?? "", /^Done · \d+ × \d+ px · /);
       const shown = await card
         .locator("img.cutout")
         .evaluate((img: HTMLImageElement) => img.complete && img.naturalWidth > 0);
