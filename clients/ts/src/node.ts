@@ -1,14 +1,11 @@
 /**
  * The client in Node: gRPC over HTTP/2 (the gateway directly, or Envoy), or
- * gRPC-Web / Connect when asked.
+ * gRPC-Web through Envoy when asked. (Connect's own protocol is not offered: the
+ * gateway speaks gRPC only and Envoy does not translate it.)
  */
 
-import type { Transport } from "@connectrpc/connect";
-import {
-  createConnectTransport,
-  createGrpcTransport,
-  createGrpcWebTransport,
-} from "@connectrpc/connect-node";
+import type { Interceptor, Transport } from "@connectrpc/connect";
+import { createGrpcTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
 import { type ClientOptions, CutoutClient } from "./client.js";
 
 export * from "./index.js";
@@ -16,8 +13,8 @@ export * from "./index.js";
 export interface NodeClientOptions extends Partial<ClientOptions> {
   /** "host:port" (plaintext) or an http(s):// URL; $CUTOUT_ADDR, else 127.0.0.1:50051. */
   address?: string;
-  /** "grpc" (default), "grpc-web" (what Envoy's grpc_web filter speaks) or "connect". */
-  protocol?: "grpc" | "grpc-web" | "connect";
+  /** "grpc" (default) or "grpc-web" (what Envoy's grpc_web filter speaks). */
+  protocol?: "grpc" | "grpc-web";
 }
 
 /** "127.0.0.1:50051" -> "http://127.0.0.1:50051"; URLs stay as they are. */
@@ -25,16 +22,15 @@ export function baseUrl(address: string): string {
   return /^https?:\/\//.test(address) ? address : `http://${address}`;
 }
 
+/** A Connect transport to `address`; interceptors see every attempt of every call. */
 export function nodeTransport(
   address: string,
   protocol: NodeClientOptions["protocol"] = "grpc",
+  interceptors: Interceptor[] = [],
 ): Transport {
-  const options = { baseUrl: baseUrl(address), httpVersion: "2" as const };
+  const options = { baseUrl: baseUrl(address), httpVersion: "2" as const, interceptors };
   if (protocol === "grpc-web") {
     return createGrpcWebTransport(options);
-  }
-  if (protocol === "connect") {
-    return createConnectTransport(options);
   }
   return createGrpcTransport(options);
 }

@@ -15,7 +15,6 @@ import { readFile } from "node:fs/promises";
 import { createServer } from "node:net";
 import { describe, test } from "node:test";
 import type { Interceptor } from "@connectrpc/connect";
-import { createGrpcTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
 import {
   type ClientOptions,
   Code,
@@ -24,7 +23,7 @@ import {
   JobState,
   Stage,
 } from "../src/index.js";
-import { baseUrl } from "../src/node.js";
+import { nodeTransport } from "../src/node.js";
 import { pngHeader } from "./png.js";
 
 function env(name: string): string {
@@ -51,11 +50,8 @@ function client(apiKey: string, options: Partial<ClientOptions> = {}, address = 
     attempts.push(req.method.name);
     return next(req);
   };
-  const transportOptions = { baseUrl: baseUrl(address), interceptors: [count] };
-  const transport =
-    PROTOCOL === "grpc-web"
-      ? createGrpcWebTransport({ ...transportOptions, httpVersion: "1.1" })
-      : createGrpcTransport(transportOptions);
+  const protocol = PROTOCOL === "grpc-web" ? "grpc-web" : "grpc";
+  const transport = nodeTransport(address, protocol, [count]);
   return { client: new CutoutClient(transport, { apiKey, ...options }), attempts };
 }
 
