@@ -214,12 +214,12 @@ describe(`cutout-client over ${PROTOCOL} at ${ADDR}`, () => {
     assert.equal(err.trailers["ratelimit-limit"], "1");
 
     const { client: patient, attempts } = client(KEY_LIMITED);
-    const started = performance.now();
     const job = await patient.submit(PHOTO, { op: "transform" });
-    const waited = performance.now() - started;
     assert.equal(job.state, JobState.QUEUED);
-    assert.ok(attempts.length >= 2, `the first attempt was refused: ${attempts}`);
-    assert.ok(waited >= LIMITED_PERIOD_MS / 4, `waited ${waited} ms for the quota`);
+    // Refused once, then admitted after the server's delay: a client that retried
+    // without waiting would have been refused many times over (or a third time if
+    // its timer fired a millisecond early).
+    assert.ok(attempts.length >= 2 && attempts.length <= 3, `attempts: ${attempts}`);
   });
 
   test("UNAVAILABLE is retried with backoff, a bounded number of times", async () => {
