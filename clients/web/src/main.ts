@@ -206,7 +206,10 @@ function fail(item: Item, err: unknown, again: () => void): void {
   const explained = explain(error, item.file.size);
   const { card } = item;
   setPhase(item, "error");
-  if (!item.jobName) card.status.textContent = "Not sent";
+  if (!item.jobName) {
+    card.status.textContent =
+      explained.retryInMs === undefined ? "Not sent" : "Waiting to send again";
+  }
   card.root.dataset.code = String(error.code);
   card.error.textContent = explained.text;
   card.retry.hidden = !explained.retryable;
