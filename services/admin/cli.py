@@ -49,7 +49,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     envoy = not args.no_envoy
     gateways = args.gateways if args.gateways is not None else (2 if envoy else 1)
     return run_up(
-        args.nodes, args.port, workdir, args.appendfsync, envoy, gateways, args.envoy_admin_port
+        args.nodes,
+        args.port,
+        workdir,
+        args.appendfsync,
+        envoy,
+        gateways,
+        args.envoy_admin_port,
+        args.web_port,
     )
 
 
@@ -138,6 +145,12 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="gateway replicas behind Envoy (default 2; 1 with --no-envoy)",
+    )
+    up.add_argument(
+        "--web-port",
+        type=int,
+        default=8000,
+        help="the web page (gRPC-Web through Envoy; default 8000; -1: no page)",
     )
     up.add_argument(
         "--envoy-admin-port",

@@ -14,6 +14,7 @@ from services.common.config import PROJECT_ROOT
 from services.gateway.auth import new_key
 from services.local.cluster import ClusterConfig, LocalCluster
 from services.local.envoy import envoy_binary
+from services.local.webpage import WebPage
 from services.scheduler.migrate import migrate
 from services.scheduler.records import MysqlTarget
 
@@ -41,6 +42,7 @@ def run_up(
     envoy: bool = True,
     gateways: int = 2,
     envoy_admin_port: int = 9901,
+    web_port: int = 8000,
 ) -> int:
     """Run the cluster until Ctrl-C or SIGTERM; `port` is the public one (Envoy's when on)."""
     workdir = workdir or PROJECT_ROOT / "var"
@@ -80,9 +82,19 @@ def run_up(
         cluster.start()
     # Where `cutout-admin vendors` finds this cluster's registry when run from here.
     (workdir / "redis.url").write_text(cluster.redis_url + "\n")
+    page = None
+    if envoy and web_port >= 0:  # the page speaks gRPC-Web, which only Envoy serves
+        try:
+            page = WebPage(f"http://{cluster.public_address}", port=web_port).start()
+        except (FileNotFoundError, OSError) as exc:
+            console.print(f"no web page: {exc}", markup=False)
     print_summary(cluster, key)
+    if page is not None:
+        console.print(f"  web page   {page.url}   (paste the API key above)")
     stop.wait()
     console.print("stopping...")
+    if page is not None:
+        page.stop()
     cluster.stop()
     console.print("stopped")
     return 0
