@@ -47,8 +47,12 @@ install: $(VENV)/.installed clients/ts/node_modules/.installed clients/web/dist/
 demo: install
 	$(BIN)/python -m services.local.demo --out out
 
+# Everything CI runs: lint, types, the pytest suite (services, Envoy, the TypeScript
+# client, the web page in Chromium), then the container images built and run as a
+# cluster (deploy/images/smoke.py).
 test: install lint typecheck
 	$(BIN)/pytest
+	$(MAKE) smoke
 
 lint: install
 	$(BIN)/ruff check .
@@ -91,6 +95,7 @@ clean:
 # deploy/images/setup-host.sh).
 .PHONY: images push smoke
 images:
+	deploy/images/setup-host.sh
 	deploy/images/build.sh build
 
 push:
