@@ -158,8 +158,8 @@ class Supervisor:
             if watch.exits_in_a_row >= self.backoff.alarm_after:
                 self._log(
                     f"{svc.name} KEEPS DYING: {watch.exits_in_a_row} exits in a row, none up "
-                    f"{self.backoff.stable_s:.0f}s; last: {watch.last_exit}; retrying every "
-                    f"{self.backoff.delay(watch.exits_in_a_row + 1):.1f}s at most; "
+                    f"{self.backoff.stable_s:.0f}s; last: {watch.last_exit}; still retried, "
+                    f"delays growing to {self.backoff.max_s:.1f}s; "
                     f"see {svc.log_path}, which ends:\n{_tail(svc.log_path)}"
                 )
         elif now >= watch.restart_at:
