@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from cutout import AsyncClient
 from cutout.v1 import jobs_pb2
+from services.common.config import PROJECT_ROOT
 from services.local.cluster import ClusterConfig, LocalCluster, Service
 from services.local.supervisor import Backoff
 from tests.conftest import KEYS
@@ -138,3 +143,89 @@ async def test_a_service_that_keeps_dying_backs_off_and_is_reported(
     finally:
         cluster.stop()
     assert all(n.exit_code() is not None for n in cluster.nodes)
+
+
+def children(pid: int, module: str) -> list[int]:
+    """Pids of the processes `pid` started that run `python -m <module>`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        parent = int(stat.rpartition(")")[2].split()[1])
+        if parent == pid and module.encode() in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+async def test_cutout_admin_up_restarts_a_killed_node_and_its_stop_restarts_nothing(
+    tmp_path: Path, tiny_model_dir: Path, photos: dict[str, bytes]
+) -> None:
+    args = ["--workdir", str(tmp_path), "--port", "0", "--nodes", "1", "--no-envoy"]
+    env = {
+        **os.environ,
+        "CUTOUT_MODEL_DIR": str(tiny_model_dir),
+        "CUTOUT_NODE_POLL_S": "0.2",
+        "PYTHONPATH": os.pathsep.join(
+            [str(PROJECT_ROOT), str(PROJECT_ROOT / "clients" / "python")]
+        ),
+    }
+    up = subprocess.Popen(
+        [sys.executable, "-m", "services.admin", "up", *args],
+        env=env,
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+
+    async def read_until(text: str, timeout_s: float = 180) -> str:
+        assert up.stdout is not None
+        deadline = time.monotonic() + timeout_s
+        while not any(text in line for line in lines):
+            assert time.monotonic() < deadline and up.poll() is None, "".join(lines)
+            lines.append(await asyncio.to_thread(up.stdout.readline))
+        return "".join(lines)
+
+    try:
+        printed = await read_until("Ctrl-C stops everything")
+        node_address = re.search(r"^\s+node-1\s+(\S+)", printed, re.M)
+        addr = re.search(r"CUTOUT_ADDR=(\S+)", printed)
+        key = re.search(r"CUTOUT_API_KEY=(\S+)", printed)
+        assert node_address and addr and key, printed
+        [node_pid] = children(up.pid, "services.inference")
+        os.kill(node_pid, signal.SIGKILL)
+        printed = await read_until(f"supervisor: node-1 restarted on {node_address.group(1)}")
+        assert f"node-1 ({node_address.group(1)}) killed by SIGKILL" in printed
+        assert children(up.pid, "services.inference") != [node_pid]
+        async with AsyncClient(addr.group(1), key.group(1)) as client:
+            job = await client.submit(photos["coffee_small"])
+            done = await final_state(client, job.name)
+        assert done.state == jobs_pb2.JOB_STATE_SUCCEEDED, done.error.message
+    finally:
+        services = [
+            pid
+            for module in ("services.scheduler", "services.inference", "services.gateway")
+            for pid in children(up.pid, module)
+        ]
+        up.send_signal(signal.SIGTERM)
+        rest, _ = await asyncio.to_thread(up.communicate, timeout=120)
+    assert up.returncode == 0, "".join(lines) + rest
+    assert len(services) == 3
+    assert "stopped" in rest and "restart" not in rest, rest
+    assert not any(alive(pid) for pid in services), "a service outlived cutout-admin up"
+    log = (tmp_path / "logs" / "supervisor.log").read_text()
+    assert log.count("restarted on") == 1
+    assert log.rstrip().endswith("stopped supervising")
