@@ -6,8 +6,8 @@ that doubles with each exit in a row (`Backoff`: 0.5 s up to 30 s by default)
 and starts over once the process has stayed up `stable_s`. Every exit and
 restart is a line in <workdir>/logs/supervisor.log and is echoed (to the
 console of `cutout-admin up`); a service that exits `alarm_after` times in a
-row is reported as one that keeps dying, with the end of its log, and is
-still retried at the longest delay rather than in a tight loop.
+row is reported once as one that keeps dying, with the end of its log, and
+is still retried, its delay growing to the longest, never in a tight loop.
 
 `stop()` ends the watch before the cluster stops its processes, so a stop
 never looks like a crash.
@@ -124,7 +124,7 @@ class Supervisor:
             return sum(w.restarts for w in self._watches if w.svc.name == name)
 
     def failing(self) -> list[str]:
-        """Services that have exited `alarm_after` times or more in a row, without staying up."""
+        """Services that exited `alarm_after` times in a row and have not stayed up since."""
         with self._lock:
             return [
                 w.svc.name for w in self._watches if w.exits_in_a_row >= self.backoff.alarm_after
@@ -143,6 +143,9 @@ class Supervisor:
         if watch.restart_at is None:
             code = svc.exit_code()
             if code is None:
+                if watch.exits_in_a_row and now - watch.started_at >= self.backoff.stable_s:
+                    watch.exits_in_a_row = 0
+                    self._log(f"{svc.name} has stayed up {self.backoff.stable_s:.0f}s: healthy")
                 return
             uptime = now - watch.started_at
             if uptime >= self.backoff.stable_s:
@@ -155,7 +158,7 @@ class Supervisor:
                 f"{svc.name} ({svc.address}) {watch.last_exit} after {uptime:.1f}s up; "
                 f"restarting in {delay:.1f}s (exit {watch.exits_in_a_row} in a row)"
             )
-            if watch.exits_in_a_row >= self.backoff.alarm_after:
+            if watch.exits_in_a_row == self.backoff.alarm_after:
                 self._log(
                     f"{svc.name} KEEPS DYING: {watch.exits_in_a_row} exits in a row, none up "
                     f"{self.backoff.stable_s:.0f}s; last: {watch.last_exit}; still retried, "
