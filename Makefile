@@ -84,3 +84,17 @@ migrate: install
 clean:
 	rm -rf $(VENV) var out samples .mypy_cache .ruff_cache .pytest_cache
 	rm -rf clients/ts/node_modules clients/ts/dist clients/web/node_modules clients/web/dist clients/web/dist-test
+
+# Container images (docs/images.md): cutout, cutout-gpu and cutout-models.
+# `IMAGE_REPO=registry.example.org/team make images push` names them for a
+# registry and pushes them; `make smoke` runs them as a cluster (needs podman:
+# deploy/images/setup-host.sh).
+.PHONY: images push smoke
+images:
+	deploy/images/build.sh build
+
+push:
+	deploy/images/build.sh push
+
+smoke: install images
+	$(BIN)/python deploy/images/smoke.py
