@@ -27,7 +27,7 @@ from PIL import Image, ImageOps
 
 from cutout.v1 import jobs_pb2
 from services.common import images
-from services.inference import faces
+from services.inference import faces, matting
 from services.inference.models import ModelCatalog
 
 Report = Callable[[int, int], None]  # (Stage, percent)
@@ -37,7 +37,7 @@ CONTENT_TYPES: dict[int, str] = {
     jobs_pb2.OUTPUT_FORMAT_JPEG: "image/jpeg",
 }
 DEFAULT_QUALITY = 85
-# pymatting's solver needs several GB beyond this; refuse instead of swapping.
+# Largest photo matted (its matte is solved on at most matting.WORK_PIXELS of it).
 MAX_MATTING_PIXELS = 8_000_000
 MAX_MARGIN_PX = 1000
 # Largest side each output format's encoder takes (libwebp's and libjpeg's limits).
@@ -174,7 +174,7 @@ def subject_box(alpha: Image.Image) -> tuple[int, int, int, int] | None:
 def remove_background(
     img: Image.Image, spec: jobs_pb2.RemoveBackground, catalog: ModelCatalog, report: Report
 ) -> tuple[Image.Image, tuple[int, int, int, int] | None]:
-    from rembg.bg import alpha_matting_cutout, apply_background_color
+    from rembg.bg import apply_background_color
 
     if spec.alpha_matting and img.width * img.height > MAX_MATTING_PIXELS:
         raise InvalidImage(
@@ -188,7 +188,7 @@ def remove_background(
     if spec.mask_only:
         out = mask
     elif spec.alpha_matting:
-        out = alpha_matting_cutout(img, mask, 240, 10, 10)
+        out = matting.cutout(img, mask)
     else:
         out = naive_cutout(img, mask)
     box = subject_box(out.getchannel("A") if out.mode == "RGBA" else out)

@@ -8,6 +8,7 @@ cluster has one in front of its gateway replicas, else the first gateway's.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -23,6 +24,7 @@ from services.gateway.auth import hash_key
 from services.gateway.ratelimit import GENEROUS
 from services.local.envoy import EnvoyProcess
 from services.local.redis import RedisServer, free_port
+from services.local.supervisor import Backoff, Echo, Supervisor
 
 
 @dataclass
@@ -34,6 +36,7 @@ class Service:
     proc: subprocess.Popen[bytes] | None = None
     port: int = 0
     metrics_port: int = 0
+    ready_file: Path | None = None  # written by the process once it serves
 
     @property
     def metrics_url(self) -> str:
@@ -42,6 +45,13 @@ class Service:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def exit_code(self) -> int | None:
+        """The process's exit status once it has exited (negative: the signal), else None."""
+        return self.proc.poll() if self.proc is not None else None
+
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
 
 
 @dataclass
@@ -69,6 +79,10 @@ class ClusterConfig:
             so it finds its (single) node through a DNS lookup as in Kubernetes.
         internal_token: CUTOUT_INTERNAL_TOKEN shared by the services (a fresh random one
             per cluster unless given).
+        supervise: restart the scheduler(s), nodes and gateways when their process exits
+            while the cluster is up, on the same address (services/local/supervisor.py).
+            Off by default: tests kill processes and expect them to stay dead.
+        backoff: when the supervisor restarts a process that exited.
     """
 
     nodes: int = 2
@@ -86,11 +100,16 @@ class ClusterConfig:
     dns_nodes: bool = False
     rate_limits: str = GENEROUS
     internal_token: str = field(default_factory=new_token)
+    supervise: bool = False
+    backoff: Backoff = field(default_factory=Backoff)
 
 
 class LocalCluster:
-    def __init__(self, config: ClusterConfig) -> None:
+    def __init__(self, config: ClusterConfig, echo: Echo | None = None) -> None:
+        """`echo` receives the supervisor's lines (restarts), when `config.supervise` is on."""
         self.config = config
+        self.echo = echo
+        self.supervisor: Supervisor | None = None
         self.workdir = config.workdir
         self.redis: RedisServer | None = None
         self.redis_url = config.redis_url
@@ -135,6 +154,7 @@ class LocalCluster:
     def _spawn(self, svc: Service) -> None:
         ready = self._ready_dir / f"{svc.name}.port"
         ready.unlink(missing_ok=True)
+        svc.ready_file = ready
         env = {**svc.env, "CUTOUT_READY_FILE": str(ready)}
         with svc.log_path.open("ab") as log:
             svc.proc = subprocess.Popen(
@@ -185,6 +205,14 @@ class LocalCluster:
                 self._wait_ready(gateway, timeout_s)
             if self.config.envoy:
                 self.start_envoy(timeout_s)
+            if self.config.supervise:
+                self.supervisor = Supervisor(
+                    self.workdir / "logs" / "supervisor.log", self.config.backoff, self.echo
+                )
+                for svc in [self.scheduler, *self.extra_schedulers, *self.nodes, *self.gateways]:
+                    if svc is not None:
+                        self.supervisor.watch(svc, functools.partial(self.respawn, svc))
+                self.supervisor.start()
         except BaseException:
             self.stop()
             raise
@@ -207,7 +235,20 @@ class LocalCluster:
         self.extra_schedulers.append(svc)
         self._spawn(svc)
         self._wait_ready(svc, timeout_s)
+        if self.supervisor is not None:
+            self.supervisor.watch(svc, functools.partial(self.respawn, svc))
         return svc
+
+    def respawn(self, svc: Service) -> None:
+        """Start a service's process again on the address it had, without waiting for it."""
+        listen = {
+            "services.scheduler": "CUTOUT_SCHEDULER_LISTEN",
+            "services.gateway": "CUTOUT_GATEWAY_LISTEN",
+            "services.inference": "CUTOUT_NODE_LISTEN",
+        }[svc.module]
+        if svc.port:
+            svc.env[listen] = svc.address
+        self._spawn(svc)
 
     def start_scheduler(self, timeout_s: float = 60.0) -> Service:
         env = self._scheduler_env()
@@ -302,7 +343,12 @@ class LocalCluster:
                 svc.proc.wait()
 
     def stop(self) -> None:
-        """Envoy and the gateways first (no new work), then scheduler, nodes, Redis."""
+        """Envoy and the gateways first (no new work), then scheduler, nodes, Redis.
+
+        The supervisor stops first, so none of these stops is taken for a crash.
+        """
+        if self.supervisor is not None:
+            self.supervisor.stop()
         if self.envoy:
             self.envoy.stop()
         for gateway in self.gateways:

@@ -55,7 +55,9 @@ def main() -> int:
             envoy=True,
             workdir=workdir,
             api_keys={"local": key},
-        )
+            supervise=True,
+        ),
+        echo=lambda line: console.print(line, markup=False),
     )
     started = time.monotonic()
     with console.status(

@@ -66,8 +66,9 @@ def run_up(
         redis_url=os.environ.get("CUTOUT_REDIS_URL", ""),
         api_keys={"local": key},
         appendfsync=appendfsync,
+        supervise=True,  # a crashed service comes back on its address (logs/supervisor.log)
     )
-    cluster = LocalCluster(config)
+    cluster = LocalCluster(config, echo=lambda line: console.print(line, markup=False))
     mysql_url = os.environ.get("CUTOUT_MYSQL_URL", "")
     if mysql_url:  # records database configured: bring its schema up to date first
         applied = asyncio.run(migrate(MysqlTarget.from_url(mysql_url)))
@@ -119,7 +120,7 @@ def print_summary(cluster: LocalCluster, key: str) -> None:
     redis_note = f"embedded, AOF {cluster.config.appendfsync}" if cluster.redis else "external"
     console.print(f"  redis      {cluster.redis_url}   ({redis_note})")
     console.print(f"  results    {cluster.workdir / 'results'}")
-    console.print(f"  logs       {cluster.workdir / 'logs'}")
+    console.print(f"  logs       {cluster.workdir / 'logs'}   (restarts: supervisor.log)")
     console.print(f"  API key    {key}")
     console.print(f"\n  export CUTOUT_ADDR={cluster.public_address} CUTOUT_API_KEY={key}")
     console.print("  cutout submit photo.jpg --wait\n\nCtrl-C stops everything.")
