@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint typecheck protos api-baseline up migrate clean
+.PHONY: install demo test lint typecheck protos ts api-baseline up migrate clean
 
 # Everything, into .venv: the client (cutout-client, clients/python), the services
 # on CPU (cutout-server, the root), and the dev tools.
@@ -21,13 +21,38 @@ $(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	@echo "== installed: source $(VENV)/bin/activate puts cutout and cutout-admin on PATH"
 	touch $@
 
-install: $(VENV)/.installed
+# The TypeScript client's dependencies and tools (clients/ts), exactly as its
+# package-lock.json pins them; again only when the lock file changes.
+clients/ts/node_modules/.installed: clients/ts/package-lock.json
+	@command -v npm >/dev/null || { echo "npm not found: install Node.js 20 or later with npm"; exit 1; }
+	cd clients/ts && npm ci --no-audit --no-fund
+	touch $@
+
+# The web page (clients/web): its npm packages, then dist/ bundled with the TS client.
+clients/web/node_modules/.installed: clients/web/package-lock.json clients/ts/node_modules/.installed
+	cd clients/web && npm ci --no-audit --no-fund
+	touch $@
+
+clients/web/dist/index.html: clients/web/node_modules/.installed $(wildcard clients/web/*.* clients/web/src/* clients/ts/src/*.ts)
+	cd clients/web && npm run build
+
+# Debian's Chromium for tests/test_web_page.py (Playwright never downloads a browser);
+# nothing to do when it is there.
+/usr/bin/chromium:
+	apt-get update
+	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium fonts-dejavu-core
+
+install: $(VENV)/.installed clients/ts/node_modules/.installed clients/web/dist/index.html /usr/bin/chromium
 
 demo: install
 	$(BIN)/python -m services.local.demo --out out
 
+# Everything CI runs: lint, types, the pytest suite (services, Envoy, the TypeScript
+# client, the web page in Chromium), then the container images built and run as a
+# cluster (deploy/images/smoke.py).
 test: install lint typecheck
 	$(BIN)/pytest
+	$(MAKE) smoke
 
 lint: install
 	$(BIN)/ruff check .
@@ -41,6 +66,11 @@ typecheck: install
 # from protos/ (tests fail when either is stale).
 protos: install
 	$(BIN)/python protos/generate.py
+
+# Regenerate the TypeScript stubs clients/ts/src/gen from protos/cutout/v1 (buf.gen.ts.yaml;
+# tests/test_protos.py fails when they are stale).
+ts: install
+	cd clients/ts && npm run generate
 
 # Accept the API as it is now as the one later changes are checked against
 # (`buf breaking`, in tests/test_protos.py): run when a breaking change is released on purpose.
@@ -57,3 +87,19 @@ migrate: install
 
 clean:
 	rm -rf $(VENV) var out samples .mypy_cache .ruff_cache .pytest_cache
+	rm -rf clients/ts/node_modules clients/ts/dist clients/web/node_modules clients/web/dist clients/web/dist-test
+
+# Container images (docs/images.md): cutout, cutout-gpu and cutout-models.
+# `IMAGE_REPO=registry.example.org/team make images push` names them for a
+# registry and pushes them; `make smoke` runs them as a cluster (needs podman:
+# deploy/images/setup-host.sh).
+.PHONY: images push smoke
+images:
+	deploy/images/setup-host.sh
+	deploy/images/build.sh build
+
+push:
+	deploy/images/build.sh push
+
+smoke: install images
+	$(BIN)/python deploy/images/smoke.py

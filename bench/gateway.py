@@ -1,13 +1,22 @@
-"""Gateway benchmark: submit throughput and latency with auth, rate limiting and validation on.
+"""Gateway benchmark: submit throughput and latency with auth, rate limiting and validation on,
+straight to the gateway and through Envoy, in one run.
 
-    python bench/gateway.py [--requests 3000] [--concurrency 64]
+    python bench/gateway.py [--requests 3000] [--concurrency 64] [--rounds 4]
 
 Starts a local cluster (its own redis-server, a scheduler, the gateway; no
 inference nodes, so every accepted job stays queued and the measurement is
 the gateway's intake path: Bearer key check, two GCRA rate-limit decisions
 in Redis, format sniffing and header pixel check of a ~100 KB JPEG, and the
-scheduler's enqueue script). A client process keeps `--concurrency` unary
-SubmitJob calls in flight and records each call's latency.
+scheduler's enqueue script), and Envoy (deploy/envoy/envoy.yaml) in front of
+that same gateway. A client process keeps `--concurrency` unary SubmitJob
+calls in flight and records each call's latency.
+
+The same load goes straight to the gateway and through Envoy in alternating
+rounds (`--rounds`, `--requests` per path in all, each round's first path
+alternating), so a drifting machine weighs on both alike. Envoy's overhead is
+`envoy_overhead_ratio` = direct submits/s / Envoy submits/s (1.00: none;
+1.10: the Envoy path is 10 % slower). One gateway on both paths: the ratio is
+what the extra hop costs, not what a second replica adds.
 
 Then, below saturation: submits started at half the measured rate (open
 loop, at most 64 in flight), whose p50/p99 are what a vendor sees when the
@@ -15,7 +24,9 @@ gateway is not the bottleneck. (At a closed-loop concurrency of 64, Little's
 law ties the two: mean latency = 64 / throughput.)
 
 Prints a table and writes bench/results/gateway.json (submits_per_s, p50_ms,
-p99_ms, paced_rate_per_s, paced_p50_ms, paced_p99_ms, cpu_ms_per_submit).
+p99_ms, paced_rate_per_s, paced_p50_ms, paced_p99_ms, cpu_ms_per_submit: all
+straight to the gateway; direct_submits_per_s, envoy_submits_per_s,
+envoy_overhead_ratio, envoy_p50_ms, envoy_p99_ms, envoy_cpu_ms_per_submit).
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ import platform
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -98,12 +110,66 @@ async def paced(address: str, key: str, image: bytes, total: int, rate: float) -
     return latencies
 
 
+def cpu_now(cluster: LocalCluster) -> dict[str, float]:
+    """CPU seconds of every process, Envoy and this client included."""
+    cpu = {**cpu_seconds(cluster), "client": time.process_time()}
+    if cluster.envoy is not None and cluster.envoy.proc is not None:
+        fields = Path(f"/proc/{cluster.envoy.proc.pid}/stat").read_text().rsplit(")", 1)[1]
+        ticks = fields.split()[11:13]
+        cpu["envoy"] = (int(ticks[0]) + int(ticks[1])) / os.sysconf("SC_CLK_TCK")
+    return cpu
+
+
+@dataclass
+class PathRun:
+    """Everything measured on one path (direct or through Envoy) over its rounds."""
+
+    latencies: list[float] = field(default_factory=list)
+    wall_s: float = 0.0
+    cpu_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return len(self.latencies) / self.wall_s
+
+    def ms(self, q: float) -> float:
+        return round(float(np.percentile(np.array(self.latencies) * 1000, q)), 2)
+
+    def cpu_ms_per_submit(self) -> dict[str, float]:
+        return {k: round(v * 1000 / len(self.latencies), 3) for k, v in self.cpu_s.items()}
+
+
+async def alternate(
+    cluster: LocalCluster, key: str, image: bytes, args: argparse.Namespace
+) -> dict[str, PathRun]:
+    """The same closed-loop load on both paths, in turns; each round's first path alternates."""
+    addresses = {"direct": cluster.gateway_address, "envoy": cluster.public_address}
+    runs = {path: PathRun() for path in addresses}
+    per_round = max(1, args.requests // args.rounds)
+    for i in range(args.rounds):
+        for path in ("direct", "envoy") if i % 2 == 0 else ("envoy", "direct"):
+            before = cpu_now(cluster)
+            started = time.perf_counter()
+            runs[path].latencies += await drive(
+                addresses[path], key, image, per_round, args.concurrency
+            )
+            runs[path].wall_s += time.perf_counter() - started
+            after = cpu_now(cluster)
+            for proc, seconds in after.items():
+                if proc in before:
+                    runs[path].cpu_s[proc] = (
+                        runs[path].cpu_s.get(proc, 0.0) + seconds - before[proc]
+                    )
+    return runs
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--requests", type=int, default=3000, help="submits per path")
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=4, help="alternating rounds per path")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "gateway.json"))
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cutout-bench-gw-"))
@@ -116,6 +182,7 @@ async def main() -> None:
         ClusterConfig(
             nodes=1,
             gateway_port=0,
+            envoy=True,
             workdir=work / "cluster",
             model_dir=work / "models",
             api_keys={"bench": key},
@@ -126,36 +193,36 @@ async def main() -> None:
     cluster.start(start_nodes=False)
     image = jpeg_100kb()
     try:
-        await drive(cluster.gateway_address, key, image, 200, args.concurrency)  # warm-up
-        cpu_before = {**cpu_seconds(cluster), "client": time.process_time()}
-        started = time.perf_counter()
-        latencies = await drive(
-            cluster.gateway_address, key, image, args.requests, args.concurrency
-        )
-        wall = time.perf_counter() - started
-        cpu_after = {**cpu_seconds(cluster), "client": time.process_time()}
+        for address in (cluster.gateway_address, cluster.public_address):  # warm-up
+            await drive(address, key, image, 200, args.concurrency)
+        runs = await alternate(cluster, key, image, args)
+        direct, envoy = runs["direct"], runs["envoy"]
         # What a vendor sees below saturation: half the measured rate, open loop.
-        rate = len(latencies) / wall / 2
+        rate = direct.rate / 2
         calm = await paced(cluster.gateway_address, key, image, int(rate * 5), rate)
     finally:
         cluster.stop()
-    ms = np.array(latencies) * 1000
     result = {
-        "submits_per_s": round(len(latencies) / wall, 1),
-        "p50_ms": round(float(np.percentile(ms, 50)), 2),
-        "p99_ms": round(float(np.percentile(ms, 99)), 2),
+        "submits_per_s": round(direct.rate, 1),
+        "p50_ms": direct.ms(50),
+        "p99_ms": direct.ms(99),
+        "direct_submits_per_s": round(direct.rate, 1),
+        "envoy_submits_per_s": round(envoy.rate, 1),
+        "envoy_overhead_ratio": round(direct.rate / envoy.rate, 3),
+        "envoy_p50_ms": envoy.ms(50),
+        "envoy_p99_ms": envoy.ms(99),
         "paced_rate_per_s": round(rate, 1),
         "paced_p50_ms": round(float(np.percentile(np.array(calm) * 1000, 50)), 2),
         "paced_p99_ms": round(float(np.percentile(np.array(calm) * 1000, 99)), 2),
-        "requests": len(latencies),
+        "requests": len(direct.latencies),
+        "envoy_requests": len(envoy.latencies),
+        "rounds": args.rounds,
         "concurrency": args.concurrency,
         "image_bytes": len(image),
-        # Where the time goes: CPU milliseconds per submit in each process.
-        "cpu_ms_per_submit": {
-            k: round((cpu_after[k] - cpu_before[k]) * 1000 / len(latencies), 3)
-            for k in cpu_after
-            if k in cpu_before
-        },
+        # Where the time goes: CPU milliseconds per submit in each process
+        # (Envoy idles on the direct path).
+        "cpu_ms_per_submit": direct.cpu_ms_per_submit(),
+        "envoy_cpu_ms_per_submit": envoy.cpu_ms_per_submit(),
         "pipeline": "auth + 2 GCRA decisions + sniff/header check + enqueue script",
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}",
@@ -163,18 +230,27 @@ async def main() -> None:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{'metric':<36} {'value':>10} {'target':>10}")
-    print(
-        f"{'submits/s (concurrency ' + str(args.concurrency) + ')':<36} "
-        f"{result['submits_per_s']:>10} {'>= 1000':>10}"
-    )
-    print(f"{'p50 latency (ms)':<36} {result['p50_ms']:>10} {'':>10}")
-    print(f"{'p99 latency (ms)':<36} {result['p99_ms']:>10} {'<= 25':>10}")
-    paced_label = f"paced at {result['paced_rate_per_s']}/s: p50 / p99 (ms)"
-    print(f"{paced_label:<36} {result['paced_p50_ms']:>10} {result['paced_p99_ms']:>10}")
-    for proc, ms in result["cpu_ms_per_submit"].items():  # type: ignore[union-attr]
-        print(f"{'CPU ms per submit: ' + proc:<36} {ms:>10}")
+    print_table(result, direct, envoy, args)
     print(f"wrote {args.out}")
+
+
+def print_table(
+    result: dict[str, object], direct: PathRun, envoy: PathRun, args: argparse.Namespace
+) -> None:
+    print(
+        f"{'metric (concurrency ' + str(args.concurrency) + ')':<40} {'direct':>10} {'envoy':>10}"
+    )
+    print(f"{'submits/s (target >= 1000 direct)':<40} {direct.rate:>10.1f} {envoy.rate:>10.1f}")
+    print(f"{'p50 latency (ms)':<40} {direct.ms(50):>10} {envoy.ms(50):>10}")
+    print(f"{'p99 latency (ms) (target <= 25 direct)':<40} {direct.ms(99):>10} {envoy.ms(99):>10}")
+    overhead = result["envoy_overhead_ratio"]
+    print(f"{'envoy overhead (direct / envoy submits/s)':<40} {'':>10} {overhead:>10}")
+    paced_label = f"direct paced at {result['paced_rate_per_s']}/s: p50 / p99"
+    print(f"{paced_label:<40} {result['paced_p50_ms']:>10} {result['paced_p99_ms']:>10}")
+    direct_cpu, envoy_cpu = direct.cpu_ms_per_submit(), envoy.cpu_ms_per_submit()
+    for proc in direct_cpu:
+        label = "CPU ms per submit: " + proc
+        print(f"{label:<40} {direct_cpu[proc]:>10} {envoy_cpu.get(proc, 0.0):>10}")
 
 
 if __name__ == "__main__":

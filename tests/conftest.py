@@ -3,7 +3,8 @@
 - redis_server(): a private redis-server on a free port, with AOF, killable.
 - tiny_model_dir: a folder with a tiny ONNX model the tests build (fast pipeline tests).
 - real_model_dir: the real IS-Net model (CUTOUT_MODEL_DIR, default ../shared/models).
-- cluster(...): redis + scheduler + nodes + gateway as real processes.
+- cluster(...): redis + scheduler + nodes + gateway as real processes; with envoy=True,
+  Envoy (deploy/envoy/envoy.yaml) in front of `gateways` gateway replicas.
 """
 
 from __future__ import annotations
@@ -59,13 +60,20 @@ def real_model_dir() -> Path:
 
 
 def start_cluster(
-    workdir: Path, model_dir: Path, start_nodes: bool = True, **extra_env: str
+    workdir: Path,
+    model_dir: Path,
+    start_nodes: bool = True,
+    gateways: int = 1,
+    envoy: bool = False,
+    **extra_env: str,
 ) -> LocalCluster:
     """One node and a gateway on free ports, for module-scoped fixtures (stop it yourself)."""
     cluster = LocalCluster(
         ClusterConfig(
             nodes=1,
             gateway_port=0,
+            gateways=gateways,
+            envoy=envoy,
             workdir=workdir,
             model_dir=model_dir,
             api_keys=dict(KEYS),
@@ -87,9 +95,13 @@ def make_cluster(tmp_path: Path) -> Iterator[Callable[..., LocalCluster]]:
         dns_nodes: bool = False,
         appendfsync: str = "everysec",
         rate_limits: str = GENEROUS,
+        gateways: int = 1,
+        envoy: bool = False,
         **extra_env: str,
     ) -> LocalCluster:
         config = ClusterConfig(
+            gateways=gateways,
+            envoy=envoy,
             rate_limits=rate_limits,
             dns_nodes=dns_nodes,
             appendfsync=appendfsync,

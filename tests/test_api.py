@@ -91,6 +91,10 @@ async def test_job_waits_for_a_node_then_completes(
         done = await asyncio.wait_for(finish(client, job.name), 60)
         assert done.state == jobs_pb2.JOB_STATE_SUCCEEDED, done.error.message
         _, data = await client.result(job.name)
+        # The fleet says what it runs the model on (the node's own choice, see runtimes.py).
+        (runtime,) = (await client.stats()).runtimes
+        assert (runtime.model, runtime.device, runtime.nodes) == ("tiny", "cpu", 1)
+        assert runtime.runtime in ("onnxruntime", "openvino") and runtime.precision
     ours = np.asarray(Image.open(io.BytesIO(data)).getchannel("A"), dtype=np.float64)
     # What went in is what the node computed: the same alpha as the pipeline run here.
     assert np.array_equal(ours, local_alpha(tiny_model_dir, photos["coffee"]))

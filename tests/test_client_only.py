@@ -81,6 +81,34 @@ def test_extras_never_install_both_runtimes() -> None:
     server = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]
     assert not any("onnxruntime" in d for d in server["dependencies"])
     extras = server["optional-dependencies"]
-    assert [d.split(">")[0] for d in extras["cpu"]] == ["onnxruntime"]
+    cpu = [d.split(">")[0] for d in extras["cpu"]]
+    assert "onnxruntime" in cpu and "onnxruntime-gpu" not in cpu
     assert [d.split(">")[0] for d in extras["gpu"]] == ["onnxruntime-gpu"]
-    assert "cutout-server[cpu]" in extras["dev"]
+    (dev_server,) = [d for d in extras["dev"] if d.startswith("cutout-server[")]
+    assert "cpu" in dev_server and "gpu" not in dev_server
+
+
+def _resolve(extra: str, report: Path) -> set[str]:
+    """What `pip install ./clients/python '.[extra]'` would install on a fresh machine."""
+    run = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+         "--report", str(report), str(PROJECT_ROOT / "clients" / "python"),
+         f"{PROJECT_ROOT}[{extra}]"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    import json
+
+    return {i["metadata"]["name"].lower() for i in json.loads(report.read_text())["install"]}
+
+
+def test_the_cpu_and_gpu_installs_each_resolve_to_one_runtime(tmp_path: Path) -> None:
+    """Resolved by pip against the package index, as a user's install would be: the two
+    ONNX Runtime distributions share their files, so a set holding both is broken."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        cpu, gpu = pool.map(lambda e: _resolve(e, tmp_path / f"{e}.json"), ["cpu", "gpu"])
+    for wanted, got in (("onnxruntime", cpu), ("onnxruntime-gpu", gpu)):
+        assert {"cutout-client", "cutout-server", "rembg"} <= got
+        assert {n for n in got if n.startswith("onnxruntime")} == {wanted}, sorted(got)

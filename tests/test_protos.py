@@ -1,20 +1,28 @@
 """The API definitions: lint clean, no unplanned breaking change, and the committed
-generated code is exactly what they generate."""
+generated code (Python, and TypeScript in clients/ts) is exactly what they generate."""
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from services.common.config import PROJECT_ROOT
 
-sys.path.insert(0, str(PROJECT_ROOT / "protos"))
-import generate
+# Loaded from its file: putting protos/ on sys.path would make protos/cutout shadow the
+# `cutout` package as a namespace package for every test collected after this one.
+_spec = importlib.util.spec_from_file_location("generate", PROJECT_ROOT / "protos" / "generate.py")
+assert _spec is not None and _spec.loader is not None
+generate = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(generate)
 
 BUF = Path(sys.executable).parent / "buf"
 BASELINE = PROJECT_ROOT / "protos" / "api-baseline.tar.gz"
+TS_GEN = Path("clients/ts/src/gen")
 
 
 def buf(*args: str, cwd: Path = PROJECT_ROOT) -> subprocess.CompletedProcess[str]:
@@ -33,6 +41,29 @@ def test_generated_code_is_not_stale(tmp_path: Path) -> None:
         if p.read_bytes() != c.read_bytes()
     ]
     assert not stale, f"regenerate with `make protos`: {stale} differ from protos/"
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_typescript_stubs_are_not_stale(tmp_path: Path) -> None:
+    """clients/ts/src/gen is what buf.gen.ts.yaml makes from cutout.v1 and google.rpc now."""
+    if not (PROJECT_ROOT / "clients/ts/node_modules/.bin/protoc-gen-es").exists():
+        pytest.fail("protoc-gen-es is not installed: run `make install` (npm ci in clients/ts)")
+    run = buf("generate", "--template", "buf.gen.ts.yaml", "--output", str(tmp_path))
+    assert run.returncode == 0, run.stdout + run.stderr
+    fresh = _files(tmp_path / TS_GEN)
+    committed = _files(PROJECT_ROOT / TS_GEN)
+    # The public package and the google.rpc messages its errors carry; never cutout.internal.
+    assert sorted(fresh) == [
+        "cutout/v1/cutout_service_pb.ts",
+        "cutout/v1/jobs_pb.ts",
+        "google/rpc/error_details_pb.ts",
+        "google/rpc/status_pb.ts",
+    ]
+    stale = sorted(n for n in fresh.keys() | committed.keys() if fresh.get(n) != committed.get(n))
+    assert not stale, f"regenerate with `make ts`: {stale} in {TS_GEN} differ from protos/"
 
 
 def test_internal_apis_are_generated_into_the_services_only() -> None:

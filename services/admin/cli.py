@@ -1,6 +1,6 @@
 """`cutout-admin`: what operators run beside the services, never part of the client.
 
-- `up`: a whole local cluster on embedded defaults until Ctrl-C.
+- `up`: a whole local cluster on embedded defaults until Ctrl-C, Envoy in front of two gateways.
 - `vendors ...`: the vendor registry in Redis (keys, limits, weights, caps).
 - `key VENDOR`: a static API key and its CUTOUT_API_KEYS entry.
 - `token`: a fresh internal token (CUTOUT_INTERNAL_TOKEN) for the services.
@@ -46,7 +46,18 @@ def cmd_up(args: argparse.Namespace) -> int:
     from services.local.up import run_up
 
     workdir = Path(args.workdir) if args.workdir else None
-    return run_up(args.nodes, args.port, workdir, args.appendfsync)
+    envoy = not args.no_envoy
+    gateways = args.gateways if args.gateways is not None else (2 if envoy else 1)
+    return run_up(
+        args.nodes,
+        args.port,
+        workdir,
+        args.appendfsync,
+        envoy,
+        gateways,
+        args.envoy_admin_port,
+        args.web_port,
+    )
 
 
 def _local_redis_url() -> str:
@@ -118,7 +129,35 @@ def parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="run a local cluster until Ctrl-C")
     up.add_argument("--nodes", type=int, default=2, help="inference nodes (default 2)")
-    up.add_argument("--port", type=int, default=50051, help="gateway port (default 50051)")
+    up.add_argument(
+        "--port",
+        type=int,
+        default=50051,
+        help="the public port: Envoy's, or the gateway's with --no-envoy (default 50051)",
+    )
+    up.add_argument(
+        "--no-envoy",
+        action="store_true",
+        help="no Envoy in front: one gateway serves the public port (gRPC only, no gRPC-Web)",
+    )
+    up.add_argument(
+        "--gateways",
+        type=int,
+        default=None,
+        help="gateway replicas behind Envoy (default 2; 1 with --no-envoy)",
+    )
+    up.add_argument(
+        "--web-port",
+        type=int,
+        default=8000,
+        help="the web page (gRPC-Web through Envoy; default 8000; -1: no page)",
+    )
+    up.add_argument(
+        "--envoy-admin-port",
+        type=int,
+        default=9901,
+        help="Envoy's admin API and /stats/prometheus (default 9901; 0 picks a free port)",
+    )
     up.add_argument("--workdir", default="", help="data, results and logs (default ./var)")
     up.add_argument(
         "--appendfsync",

@@ -109,13 +109,8 @@ def mapping_errors(handler: Handler) -> Handler:
     return handler
 
 
-class ErrorMapping(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Maps CutoutError (and Redis outages) to gRPC statuses for every handler.
-
-    Handlers raise; this is the one place a domain error becomes a status
-    with its rich details (BadRequest, RetryInfo, QuotaFailure) and trailers.
-    Put it before the interceptors whose refusals it should map.
-    """
+class HandlerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Base of Cutout's interceptors: wraps the handler of every call but the open services."""
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -123,4 +118,19 @@ class ErrorMapping(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         handler = await continuation(handler_call_details)
         if handler is None or is_open(handler_call_details.method):
             return handler
+        return self.wrap(handler, handler_call_details.method)
+
+    def wrap(self, handler: Handler, method: str) -> Handler:
+        raise NotImplementedError
+
+
+class ErrorMapping(HandlerInterceptor):
+    """Maps CutoutError (and Redis outages) to gRPC statuses for every handler.
+
+    Handlers raise; this is the one place a domain error becomes a status
+    with its rich details (BadRequest, RetryInfo, QuotaFailure) and trailers.
+    Put it before the interceptors whose refusals it should map.
+    """
+
+    def wrap(self, handler: Handler, method: str) -> Handler:
         return mapping_errors(handler)

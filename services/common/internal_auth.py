@@ -28,7 +28,7 @@ import grpc
 from services.common.config import SettingsError, env_list, env_str
 from services.common.errors import CutoutError
 from services.common.identity import VENDOR_ID, set_vendor
-from services.common.interceptors import Context, Continuation, Handler, around, is_open
+from services.common.interceptors import Context, Handler, HandlerInterceptor, around
 
 TOKEN_HEADER = "x-cutout-internal-token"
 VENDOR_HEADER = "x-cutout-vendor"
@@ -91,19 +91,13 @@ def _value(context: Context, key: str) -> str:
     return ""
 
 
-class InternalAuth(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+class InternalAuth(HandlerInterceptor):
     """Refuses internal calls without a valid token; sets the vendor of relayed public calls."""
 
     def __init__(self, tokens: InternalToken) -> None:
         self.tokens = tokens
 
-    async def intercept_service(
-        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> Handler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or is_open(method):
-            return handler
+    def wrap(self, handler: Handler, method: str) -> Handler:
         public = method.startswith(PUBLIC_SERVICE)
 
         async def check(context: Context) -> None:

@@ -8,7 +8,6 @@ codes, vendors, nodes and models; never job ids.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias
@@ -71,10 +70,9 @@ class RpcMetrics(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             return handler
         timer = RPC_SECONDS.labels(service, method)
 
-        def done(context: Any, started: float, failed: bool | None) -> None:
+        def done(context: Any, started: float, failed: bool) -> None:
             timer.observe(time.perf_counter() - started)
-            if failed is not None:  # None: already counted as CANCELLED
-                RPCS.labels(service, method, _code(context, failed)).inc()
+            RPCS.labels(service, method, _code(context, failed)).inc()
 
         if handler.unary_unary is not None:
             inner_uu = handler.unary_unary
@@ -96,17 +94,22 @@ class RpcMetrics(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
             async def stream(request: Any, context: Any) -> Any:
                 started = time.perf_counter()
-                failed: bool | None = True
-                try:
-                    async for item in inner_us(request, context):
-                        yield item
-                    failed = False
-                except asyncio.CancelledError:
-                    RPCS.labels(service, method, "CANCELLED").inc()
-                    failed = None
-                    raise
-                finally:
-                    done(context, started, failed)
+                failed = [True]
+
+                # Counted when the RPC ends, not in a `finally` here: a stream whose caller
+                # hangs up while a message is being written leaves this generator suspended
+                # at `yield` until it is garbage-collected.
+                def finished(_: object) -> None:
+                    if context.cancelled():
+                        timer.observe(time.perf_counter() - started)
+                        RPCS.labels(service, method, "CANCELLED").inc()
+                    else:
+                        done(context, started, failed[0])
+
+                context.add_done_callback(finished)
+                async for item in inner_us(request, context):
+                    yield item
+                failed[0] = False
 
             return grpc.unary_stream_rpc_method_handler(
                 stream, handler.request_deserializer, handler.response_serializer

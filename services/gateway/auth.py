@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 
 from services.common.errors import CutoutError
 from services.common.identity import VENDOR_ID, set_vendor
-from services.common.interceptors import Context, Continuation, Handler, around, is_open
+from services.common.interceptors import Context, Handler, HandlerInterceptor, around
 
 if TYPE_CHECKING:
     from services.gateway.ratelimit import Quota
@@ -135,7 +135,7 @@ class Authenticator:
         return found
 
 
-class VendorAuth(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+class VendorAuth(HandlerInterceptor):
     """Authenticates every public call and sets its vendor (services/common/identity.py).
 
     Handlers, the gateway's own and the relayed ones, then read the vendor
@@ -146,13 +146,7 @@ class VendorAuth(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     def __init__(self, keys: Authenticator) -> None:
         self.keys = keys
 
-    async def intercept_service(
-        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> Handler:
-        handler = await continuation(handler_call_details)
-        if handler is None or is_open(handler_call_details.method):
-            return handler
-
+    def wrap(self, handler: Handler, method: str) -> Handler:
         async def authenticate(context: Context) -> None:
             try:
                 vendor = await self.keys.vendor_for(context.invocation_metadata() or ())

@@ -91,6 +91,10 @@ class Relay:
                 timeout=self._timeout(context, True),
                 metadata=self.token.metadata(current_vendor()),
             )
+            # However the caller's RPC ends, the scheduler's stream ends with it. Not left
+            # to this generator's `finally`: a caller that hangs up while a message is being
+            # written leaves the generator suspended at `yield` until it is garbage-collected.
+            context.add_done_callback(cast(Any, lambda _: call.cancel()))
             try:
                 async for reply in call:
                     yield cast(bytes, reply)
@@ -100,6 +104,6 @@ class Relay:
                     exc.code(), exc.details() or "", _passed_on(exc.trailing_metadata())
                 )
             finally:
-                call.cancel()  # the caller went away: free the scheduler's stream at once
+                call.cancel()
 
         return relay

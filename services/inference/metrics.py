@@ -29,8 +29,14 @@ RECYCLES = Counter(
 )
 EXECUTION_PROVIDER = Gauge(
     "cutout_model_execution_provider",
-    "1 for the ONNX Runtime execution provider each model really runs on",
+    "1 for the ONNX Runtime execution provider each model really runs on (none on OpenVINO)",
     ["model", "provider"],
+)
+MODEL_RUNTIME = Gauge(
+    "cutout_model_runtime",
+    "1 for what each model runs on: runtime (onnxruntime, openvino, cuda, tensorrt), "
+    "device (cpu, cuda:N), precision (fp32, bf16, fp16) and host threads per run",
+    ["model", "runtime", "device", "precision", "threads"],
 )
 PROVIDER_FALLBACK = Gauge(
     "cutout_model_provider_fallback",
@@ -41,6 +47,9 @@ PROVIDER_FALLBACK = Gauge(
 
 def describe_models(catalog: ModelCatalog) -> None:
     for m in catalog.models.values():
-        EXECUTION_PROVIDER.labels(m.name, m.execution_provider).set(1)
+        r = m.runtime
+        MODEL_RUNTIME.labels(m.name, r.runtime, r.device, r.precision, str(r.threads)).set(1)
+        if m.execution_provider:
+            EXECUTION_PROVIDER.labels(m.name, m.execution_provider).set(1)
         fell_back = bool(m.requested_providers) and m.execution_provider != m.requested_providers[0]
         PROVIDER_FALLBACK.labels(m.name).set(1 if fell_back else 0)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,7 +27,7 @@ from PIL import Image, ImageOps
 
 from cutout.v1 import jobs_pb2
 from services.common import images
-from services.inference import faces
+from services.inference import faces, matting
 from services.inference.models import ModelCatalog
 
 Report = Callable[[int, int], None]  # (Stage, percent)
@@ -36,7 +37,7 @@ CONTENT_TYPES: dict[int, str] = {
     jobs_pb2.OUTPUT_FORMAT_JPEG: "image/jpeg",
 }
 DEFAULT_QUALITY = 85
-# pymatting's solver needs several GB beyond this; refuse instead of swapping.
+# Largest photo matted (its matte is solved on at most matting.WORK_PIXELS of it).
 MAX_MATTING_PIXELS = 8_000_000
 MAX_MARGIN_PX = 1000
 # Largest side each output format's encoder takes (libwebp's and libjpeg's limits).
@@ -92,6 +93,14 @@ def _opaque(img: Image.Image) -> Image.Image:
     return flat
 
 
+def _grey(img: Image.Image) -> bool:
+    """Grey content: one channel, or R = G = B on a sparse grid of pixels (microseconds)."""
+    if img.mode in ("L", "LA", "1", "I", "F", "I;16"):
+        return True
+    px = np.asarray(img)[::17, ::17]
+    return bool((px[..., 0] == px[..., 1]).all() and (px[..., 1] == px[..., 2]).all())
+
+
 def encode(
     img: Image.Image,
     fmt: int,
@@ -115,7 +124,12 @@ def encode(
         # JPEG has no alpha: transparent parts become white.
         _opaque(img).save(buf, "JPEG", quality=quality or DEFAULT_QUALITY, optimize=True)
     else:
-        img.save(buf, "PNG", compress_level=3)
+        # zlib's RLE strategy on colour photos: 12 MP in 1.38 s of CPU instead of 1.82 s,
+        # and smaller files (skimage's astronaut, chelsea, coffee, rocket: 6-13% smaller).
+        # Grey content (R = G = B) loses 47% with it (camera: 408 against 278 kB), so grey
+        # images keep the default strategy.
+        strategy = zlib.Z_DEFAULT_STRATEGY if _grey(img) else zlib.Z_RLE
+        img.save(buf, "PNG", compress_level=3, compress_type=strategy)
     content_type = CONTENT_TYPES.get(fmt, "image/png")
     return Output(buf.getvalue(), content_type, img.width, img.height, subject)
 
@@ -130,20 +144,37 @@ def _mask(img: Image.Image, model_name: str, catalog: ModelCatalog) -> Image.Ima
     return mask
 
 
+def naive_cutout(img: Image.Image, mask: Image.Image) -> Image.Image:
+    """rembg's naive_cutout, the same pixels (colour scaled by alpha) at 40% of its CPU.
+
+    rembg's Image.composite(img, transparent, mask) is this paste done on a
+    copy of the transparent image, so the bytes are identical; at 12 MP it
+    measured 227 ms of CPU against 89 ms for this.
+    """
+    out = Image.new("RGBA", img.size, 0)
+    out.paste(img, mask=mask)
+    return out
+
+
+_HALF_OPAQUE = [0] * 128 + [255] * 128
+
+
 def subject_box(alpha: Image.Image) -> tuple[int, int, int, int] | None:
-    """Bounding box (x, y, w, h) of the pixels at least half opaque; None when there are none."""
-    solid = np.asarray(alpha) >= 128
-    rows = np.nonzero(solid.any(axis=1))[0]
-    cols = np.nonzero(solid.any(axis=0))[0]
-    if rows.size == 0:
+    """Bounding box (x, y, w, h) of the pixels at least half opaque; None when there are none.
+
+    In PIL (a lookup table, then getbbox): 21 ms at 12 MP against 40 ms in numpy.
+    """
+    box = alpha.convert("L").point(_HALF_OPAQUE).getbbox()
+    if box is None:
         return None
-    return int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)
+    left, top, right, bottom = box
+    return left, top, right - left, bottom - top
 
 
 def remove_background(
     img: Image.Image, spec: jobs_pb2.RemoveBackground, catalog: ModelCatalog, report: Report
 ) -> tuple[Image.Image, tuple[int, int, int, int] | None]:
-    from rembg.bg import alpha_matting_cutout, apply_background_color, naive_cutout
+    from rembg.bg import apply_background_color
 
     if spec.alpha_matting and img.width * img.height > MAX_MATTING_PIXELS:
         raise InvalidImage(
@@ -157,7 +188,7 @@ def remove_background(
     if spec.mask_only:
         out = mask
     elif spec.alpha_matting:
-        out = alpha_matting_cutout(img, mask, 240, 10, 10)
+        out = matting.cutout(img, mask)
     else:
         out = naive_cutout(img, mask)
     box = subject_box(out.getchannel("A") if out.mode == "RGBA" else out)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from dataclasses import asdict
 
 import grpc
 
@@ -17,6 +18,8 @@ from services.common.metrics import serve as serve_metrics
 from services.inference import metrics
 from services.inference.models import ModelCatalog, ModelError, requested_providers
 from services.inference.recycling import RecyclePolicy, rss_bytes
+from services.inference.runtimes import CPU_PROVIDER, CUDA_PROVIDER
+from services.inference.selection import RuntimeSelector
 from services.inference.service import InferenceServicer
 from services.inference.settings import NodeSettings
 from services.internal.v1 import inference_service_pb2_grpc as pb_grpc
@@ -46,6 +49,25 @@ def cpu_threads_per_run(runs: int) -> int:
     return max(1, (cores or 1) // runs)
 
 
+def runtime_selector(s: NodeSettings) -> tuple[RuntimeSelector | None, list[str]]:
+    """The runtime selector, or none where CUTOUT_PROVIDERS names ONNX Runtime providers.
+
+    The providers returned decide session runs at once (a GPU's first, or the CPU's).
+    Raises RuntimeUnavailable (naming what the host runs) for a runtime it cannot run.
+    """
+    if s.providers != "auto":
+        if s.runtime != "auto" or s.precision != "auto":
+            raise ModelError(
+                "CUTOUT_PROVIDERS lists ONNX Runtime providers; it cannot be combined with "
+                "CUTOUT_RUNTIME or CUTOUT_PRECISION: set one or the other"
+            )
+        return None, requested_providers(s.providers)
+    selector = RuntimeSelector(
+        s.runtime, s.precision, s.runtime_probe_s, trt_cache_dir=s.trt_cache_dir
+    )
+    return selector, [CUDA_PROVIDER if selector.on_gpu else CPU_PROVIDER]
+
+
 class NodeServer:
     def __init__(self, settings: NodeSettings) -> None:
         self.settings = settings
@@ -61,19 +83,15 @@ class NodeServer:
 
     async def start(self) -> None:
         s = self.settings
-        providers = requested_providers(s.providers)
+        selector, providers = runtime_selector(s)
         runs = session_runs(s.session_runs, providers, s.capacity)
         threads = s.ort_threads or cpu_threads_per_run(runs)
-        # Loading takes seconds; keep the event loop free meanwhile.
+        # Loading (and timing the runtimes) takes seconds; keep the event loop free meanwhile.
         catalog = await asyncio.to_thread(
-            ModelCatalog.load, s.model_dir, s.models, providers, threads, runs
+            ModelCatalog.load, s.model_dir, s.models, providers, threads, runs, selector
         )
         if s.require_gpu:
-            on_cpu = [
-                m.name
-                for m in catalog.models.values()
-                if m.execution_provider != "CUDAExecutionProvider"
-            ]
+            on_cpu = [m.name for m in catalog.models.values() if m.runtime.device == "cpu"]
             if on_cpu:
                 raise ModelError(f"CUTOUT_REQUIRE_GPU=1 but {on_cpu} run on the CPU")
         self.servicer = InferenceServicer(
@@ -83,7 +101,10 @@ class NodeServer:
             s.max_pixels,
             light_capacity=s.light_capacity,
             recycle=RecyclePolicy(s.max_rss_mb * 2**20),
-            reload=lambda: ModelCatalog.load(s.model_dir, s.models, providers, threads, runs),
+            # The selector remembers each model's runtime: a reload does not time them again.
+            reload=lambda: ModelCatalog.load(
+                s.model_dir, s.models, providers, threads, runs, selector
+            ),
             progress_hold_s=s.progress_hold_ms / 1000,
         )
         metrics.describe_models(catalog)
@@ -103,6 +124,7 @@ class NodeServer:
                 "metrics_port": self.metrics_port,
                 "node": s.node_id,
                 "models": list(catalog.models),
+                "runtimes": {m.name: asdict(m.runtime) for m in catalog.models.values()},
             },
         )
 

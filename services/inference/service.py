@@ -240,6 +240,10 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     name=m.name,
                     execution_provider=m.execution_provider,
                     requested_providers=m.requested_providers,
+                    runtime=m.runtime.runtime,
+                    device=m.runtime.device,
+                    precision=m.runtime.precision,
+                    threads=m.runtime.threads,
                 )
                 for m in self.catalog.models.values()
             ],

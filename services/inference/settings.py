@@ -7,9 +7,17 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.common.config import default_model_dir, env_float, env_int, env_list, env_str
+from services.common.config import (
+    default_model_dir,
+    env_choice,
+    env_float,
+    env_int,
+    env_list,
+    env_str,
+)
 from services.common.internal_auth import InternalToken
 from services.common.serving import MiB
+from services.inference.runtimes import PRECISIONS, RUNTIMES
 
 
 @dataclass(frozen=True)
@@ -23,6 +31,12 @@ class NodeSettings:
             The first is the default model.
         providers: CUTOUT_PROVIDERS, "auto" (CUDA if available, else CPU) or a comma list.
         require_gpu: CUTOUT_REQUIRE_GPU=1 refuses to start unless models run on CUDA.
+        runtime: CUTOUT_RUNTIME, "auto" (the fastest this host has, timed at start) or one
+            of onnxruntime, openvino, cuda, tensorrt (services/inference/runtimes.py).
+        precision: CUTOUT_PRECISION, "auto" (each runtime's fastest) or fp32, bf16, fp16.
+        runtime_probe_s: CUTOUT_RUNTIME_PROBE_S, seconds the start-up timing of runtimes
+            may take per model before the remaining candidates are passed over.
+        trt_cache_dir: CUTOUT_TRT_CACHE_DIR, where TensorRT keeps built engines.
         capacity: CUTOUT_NODE_CAPACITY, inference jobs processed at once.
         light_capacity: CUTOUT_LIGHT_CAPACITY, light jobs (transforms, ID-card and square
             face crops) processed at once beside them, in their own threads.
@@ -31,8 +45,9 @@ class NodeSettings:
         session_runs: CUTOUT_SESSION_RUNS, session runs at once per model (0 = one when
             the model runs on the CPU, the capacity on an accelerator). The other jobs
             decode, pre- and post-process and encode meanwhile.
-        ort_threads: CUTOUT_ORT_THREADS, ONNX Runtime intra-op threads per session run
-            (0 = the node's cores divided by its session runs, so concurrent runs share them).
+        ort_threads: CUTOUT_ORT_THREADS, threads per session run, for every runtime (ONNX
+            Runtime intra-op threads, OpenVINO inference threads; 0 = the node's cores divided
+            by its session runs, so concurrent runs share them).
         progress_hold_ms: CUTOUT_PROGRESS_HOLD_MS, how long progress is held back before
             it is sent; a job done by then sends its stages with its output in one message.
         max_pixels: CUTOUT_MAX_PIXELS, largest input decoded, in pixels.
@@ -52,6 +67,10 @@ class NodeSettings:
     models: list[str]
     providers: str
     require_gpu: bool
+    runtime: str
+    precision: str
+    runtime_probe_s: float
+    trt_cache_dir: Path
     capacity: int
     light_capacity: int
     max_rss_mb: int
@@ -75,6 +94,10 @@ class NodeSettings:
             models=env_list("CUTOUT_MODELS"),
             providers=env_str("CUTOUT_PROVIDERS", "auto"),
             require_gpu=env_str("CUTOUT_REQUIRE_GPU", "0") == "1",
+            runtime=env_choice("CUTOUT_RUNTIME", "auto", ("auto", *RUNTIMES)),
+            precision=env_choice("CUTOUT_PRECISION", "auto", ("auto", *PRECISIONS)),
+            runtime_probe_s=env_float("CUTOUT_RUNTIME_PROBE_S", 60.0),
+            trt_cache_dir=Path(env_str("CUTOUT_TRT_CACHE_DIR", "/tmp/cutout-trt-cache")),
             capacity=env_int("CUTOUT_NODE_CAPACITY", 2, minimum=1),
             light_capacity=env_int("CUTOUT_LIGHT_CAPACITY", 2, minimum=1),
             max_rss_mb=env_int("CUTOUT_MAX_RSS_MB", 6144, minimum=0),

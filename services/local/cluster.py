@@ -2,11 +2,13 @@
 
 Each service runs as `python -m services.<name>` with its settings in its
 environment and listens on a port it picks itself (reported through a ready
-file), except the gateway, whose port is chosen by the caller.
+file), except the public port, which the caller chooses: Envoy's when the
+cluster has one in front of its gateway replicas, else the first gateway's.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -20,7 +22,9 @@ from services.common.config import PROJECT_ROOT, default_model_dir
 from services.common.internal_auth import new_token
 from services.gateway.auth import hash_key
 from services.gateway.ratelimit import GENEROUS
+from services.local.envoy import EnvoyProcess
 from services.local.redis import RedisServer, free_port
+from services.local.supervisor import Backoff, Echo, Supervisor
 
 
 @dataclass
@@ -32,6 +36,7 @@ class Service:
     proc: subprocess.Popen[bytes] | None = None
     port: int = 0
     metrics_port: int = 0
+    ready_file: Path | None = None  # written by the process once it serves
 
     @property
     def metrics_url(self) -> str:
@@ -41,6 +46,13 @@ class Service:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    def exit_code(self) -> int | None:
+        """The process's exit status once it has exited (negative: the signal), else None."""
+        return self.proc.poll() if self.proc is not None else None
+
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
 
 @dataclass
 class ClusterConfig:
@@ -48,7 +60,12 @@ class ClusterConfig:
 
     Attributes:
         nodes: inference nodes to start.
-        gateway_port: port of the public API (0 picks a free one).
+        gateway_port: port of the public API (0 picks a free one): Envoy's when `envoy`
+            is on, else the first gateway's.
+        gateways: gateway replicas to start (the others pick free ports).
+        envoy: put Envoy (deploy/envoy/envoy.yaml, rendered for loopback) in front of the
+            gateways; its address is then the cluster's public address.
+        envoy_admin_port: port of Envoy's admin API and /stats/prometheus (0 picks one).
         workdir: where Redis data, results, logs and the local key live.
         redis_url: use this Redis instead of starting one.
         model_dir: folder of *.onnx models.
@@ -62,10 +79,17 @@ class ClusterConfig:
             so it finds its (single) node through a DNS lookup as in Kubernetes.
         internal_token: CUTOUT_INTERNAL_TOKEN shared by the services (a fresh random one
             per cluster unless given).
+        supervise: restart the scheduler(s), nodes and gateways when their process exits
+            while the cluster is up, on the same address (services/local/supervisor.py).
+            Off by default: tests kill processes and expect them to stay dead.
+        backoff: when the supervisor restarts a process that exited.
     """
 
     nodes: int = 2
     gateway_port: int = 50051
+    gateways: int = 1
+    envoy: bool = False
+    envoy_admin_port: int = 0
     workdir: Path = field(default_factory=lambda: PROJECT_ROOT / "var")
     redis_url: str = ""
     model_dir: Path = field(default_factory=default_model_dir)
@@ -76,18 +100,24 @@ class ClusterConfig:
     dns_nodes: bool = False
     rate_limits: str = GENEROUS
     internal_token: str = field(default_factory=new_token)
+    supervise: bool = False
+    backoff: Backoff = field(default_factory=Backoff)
 
 
 class LocalCluster:
-    def __init__(self, config: ClusterConfig) -> None:
+    def __init__(self, config: ClusterConfig, echo: Echo | None = None) -> None:
+        """`echo` receives the supervisor's lines (restarts), when `config.supervise` is on."""
         self.config = config
+        self.echo = echo
+        self.supervisor: Supervisor | None = None
         self.workdir = config.workdir
         self.redis: RedisServer | None = None
         self.redis_url = config.redis_url
         self.scheduler: Service | None = None
         self.extra_schedulers: list[Service] = []
         self.nodes: list[Service] = []
-        self.gateway: Service | None = None
+        self.gateways: list[Service] = []
+        self.envoy: EnvoyProcess | None = None
         self.models = config.models or sorted(p.stem for p in config.model_dir.glob("*.onnx"))
         if not self.models:
             raise FileNotFoundError(f"no *.onnx model in {config.model_dir} (set CUTOUT_MODEL_DIR)")
@@ -124,6 +154,7 @@ class LocalCluster:
     def _spawn(self, svc: Service) -> None:
         ready = self._ready_dir / f"{svc.name}.port"
         ready.unlink(missing_ok=True)
+        svc.ready_file = ready
         env = {**svc.env, "CUTOUT_READY_FILE": str(ready)}
         with svc.log_path.open("ab") as log:
             svc.proc = subprocess.Popen(
@@ -168,7 +199,20 @@ class LocalCluster:
                 self.start_node(i, wait=False)
             for node in self.nodes:
                 self._wait_ready(node, timeout_s)
-            self.start_gateway(timeout_s)
+            for i in range(self.config.gateways):
+                self.start_gateway(i, wait=False)
+            for gateway in self.gateways:
+                self._wait_ready(gateway, timeout_s)
+            if self.config.envoy:
+                self.start_envoy(timeout_s)
+            if self.config.supervise:
+                self.supervisor = Supervisor(
+                    self.workdir / "logs" / "supervisor.log", self.config.backoff, self.echo
+                )
+                for svc in [self.scheduler, *self.extra_schedulers, *self.nodes, *self.gateways]:
+                    if svc is not None:
+                        self.supervisor.watch(svc, functools.partial(self.respawn, svc))
+                self.supervisor.start()
         except BaseException:
             self.stop()
             raise
@@ -191,7 +235,20 @@ class LocalCluster:
         self.extra_schedulers.append(svc)
         self._spawn(svc)
         self._wait_ready(svc, timeout_s)
+        if self.supervisor is not None:
+            self.supervisor.watch(svc, functools.partial(self.respawn, svc))
         return svc
+
+    def respawn(self, svc: Service) -> None:
+        """Start a service's process again on the address it had, without waiting for it."""
+        listen = {
+            "services.scheduler": "CUTOUT_SCHEDULER_LISTEN",
+            "services.gateway": "CUTOUT_GATEWAY_LISTEN",
+            "services.inference": "CUTOUT_NODE_LISTEN",
+        }[svc.module]
+        if svc.port:
+            svc.env[listen] = svc.address
+        self._spawn(svc)
 
     def start_scheduler(self, timeout_s: float = 60.0) -> Service:
         env = self._scheduler_env()
@@ -224,12 +281,23 @@ class LocalCluster:
             self._wait_ready(node, timeout_s)
         return node
 
-    def start_gateway(self, timeout_s: float = 60.0) -> Service:
+    def start_gateway(self, index: int = 0, wait: bool = True, timeout_s: float = 60.0) -> Service:
+        """Gateway replica `index`; started again, it keeps its address (Envoy's upstream)."""
         assert self.scheduler is not None
+        if index < len(self.gateways):
+            gateway = self.gateways[index]
+            if gateway.port:
+                gateway.env["CUTOUT_GATEWAY_LISTEN"] = gateway.address
+            self._spawn(gateway)
+            if wait:
+                self._wait_ready(gateway, timeout_s)
+            return gateway
+        public = index == 0 and not self.config.envoy
+        port = self.config.gateway_port if public else 0
         env = self._base_env()
         env.update(
             {
-                "CUTOUT_GATEWAY_LISTEN": f"127.0.0.1:{self.config.gateway_port}",
+                "CUTOUT_GATEWAY_LISTEN": f"127.0.0.1:{port}",
                 "CUTOUT_RATE_LIMITS": self.config.rate_limits,
                 "CUTOUT_SCHEDULER_ADDR": self.scheduler.address,
                 "CUTOUT_API_KEYS": ",".join(
@@ -237,10 +305,24 @@ class LocalCluster:
                 ),
             }
         )
-        self.gateway = self._service("gateway", "services.gateway", env)
-        self._spawn(self.gateway)
-        self._wait_ready(self.gateway, timeout_s)
-        return self.gateway
+        name = "gateway" if index == 0 else f"gateway-{index + 1}"
+        gateway = self._service(name, "services.gateway", env)
+        self.gateways.append(gateway)
+        self._spawn(gateway)
+        if wait:
+            self._wait_ready(gateway, timeout_s)
+        return gateway
+
+    def start_envoy(self, timeout_s: float = 60.0) -> EnvoyProcess:
+        """Envoy on the public port, balancing over every gateway; returns once all are healthy."""
+        self.envoy = EnvoyProcess(
+            self.workdir,
+            [g.address for g in self.gateways],
+            port=self.config.gateway_port,
+            admin_port=self.config.envoy_admin_port,
+        )
+        self.envoy.start(timeout_s)
+        return self.envoy
 
     @staticmethod
     def kill(svc: Service) -> None:
@@ -261,9 +343,16 @@ class LocalCluster:
                 svc.proc.wait()
 
     def stop(self) -> None:
-        """Gateway first (no new work), then scheduler, nodes, Redis."""
-        if self.gateway:
-            self.terminate(self.gateway)
+        """Envoy and the gateways first (no new work), then scheduler, nodes, Redis.
+
+        The supervisor stops first, so none of these stops is taken for a crash.
+        """
+        if self.supervisor is not None:
+            self.supervisor.stop()
+        if self.envoy:
+            self.envoy.stop()
+        for gateway in self.gateways:
+            self.terminate(gateway)
         for scheduler in [self.scheduler, *self.extra_schedulers]:
             if scheduler:
                 self.terminate(scheduler)
@@ -273,6 +362,19 @@ class LocalCluster:
             self.redis.stop()
 
     @property
+    def gateway(self) -> Service | None:
+        """The first gateway replica."""
+        return self.gateways[0] if self.gateways else None
+
+    @property
     def gateway_address(self) -> str:
+        """The first gateway's own address (bypassing Envoy)."""
         assert self.gateway is not None
         return self.gateway.address
+
+    @property
+    def public_address(self) -> str:
+        """Where clients connect: Envoy when it is on, else the first gateway."""
+        if self.envoy is not None:
+            return self.envoy.address
+        return self.gateway_address

@@ -46,21 +46,28 @@ def main() -> int:
     workdir = PROJECT_ROOT / "var"
     samples = write_samples(PROJECT_ROOT / "samples")
     key = local_key(workdir)
+    # As `cutout-admin up` runs it: Envoy in front of two gateways, on a free port.
     cluster = LocalCluster(
         ClusterConfig(
-            nodes=args.nodes, gateway_port=free_port(), workdir=workdir, api_keys={"local": key}
-        )
+            nodes=args.nodes,
+            gateway_port=free_port(),
+            gateways=2,
+            envoy=True,
+            workdir=workdir,
+            api_keys={"local": key},
+            supervise=True,
+        ),
+        echo=lambda line: console.print(line, markup=False),
     )
     started = time.monotonic()
     with console.status(
-        f"starting redis, scheduler, {args.nodes} inference nodes and the gateway..."
+        f"starting redis, scheduler, {args.nodes} inference nodes, 2 gateways and Envoy..."
     ):
         cluster.start()
-    console.print(
-        f"cluster up in {time.monotonic() - started:.1f}s; gateway {cluster.gateway_address}"
-    )
+    elapsed = time.monotonic() - started
+    console.print(f"cluster up in {elapsed:.1f}s; envoy {cluster.public_address}")
     try:
-        env = {**os.environ, "CUTOUT_ADDR": cluster.gateway_address, "CUTOUT_API_KEY": key}
+        env = {**os.environ, "CUTOUT_ADDR": cluster.public_address, "CUTOUT_API_KEY": key}
         cmd = [
             sys.executable,
             "-m",

@@ -37,6 +37,8 @@ class Node:
     reported_light_in_flight: int = 0
     local_light_in_flight: int = 0
     models: dict[str, str] = field(default_factory=dict)  # name -> execution provider
+    # name -> (runtime, device, precision), as the node reported in GetLoad.
+    runtimes: dict[str, tuple[str, str, str]] = field(default_factory=dict)
     # Since when (time.monotonic()) every poll of the node has gone unanswered; None
     # while it answers, whatever it answers (a draining node still does; a frozen or
     # partitioned one does not). Counted from polls that were made, so a scheduler that
@@ -269,6 +271,7 @@ class NodePool:
         node.light_capacity = load.light_capacity
         node.reported_light_in_flight = load.light_in_flight
         node.models = {m.name: m.execution_provider for m in load.models}
+        node.runtimes = {m.name: (m.runtime, m.device, m.precision) for m in load.models}
         if node.free + node.light_free > was_free:
             self.changed.set()
 
@@ -290,6 +293,15 @@ class NodePool:
         """(healthy nodes, their capacity, their in-flight jobs)."""
         up = [n for n in self.nodes if n.healthy]
         return len(up), sum(n.capacity for n in up), sum(n.in_flight for n in up)
+
+    def runtimes(self) -> dict[tuple[str, str, str, str], int]:
+        """(model, runtime, device, precision) -> healthy nodes running the model that way."""
+        counts: dict[tuple[str, str, str, str], int] = {}
+        for node in self.nodes:
+            if node.healthy:
+                for model, how in node.runtimes.items():
+                    counts[(model, *how)] = counts.get((model, *how), 0) + 1
+        return counts
 
     async def close(self) -> None:
         await asyncio.gather(*(n.channel.close(None) for n in self.nodes + self._retired))

@@ -126,6 +126,10 @@ class CutoutServicer(pb_grpc.CutoutServiceServicer):
     ) -> pb.GetQueueStatsResponse:
         stats = await self.store.stats.queue(current_vendor())
         stats.healthy_nodes, stats.capacity, stats.in_flight = self.pool.totals()
+        for (model, runtime, device, precision), nodes in sorted(self.pool.runtimes().items()):
+            stats.runtimes.add(
+                model=model, runtime=runtime, device=device, precision=precision, nodes=nodes
+            )
         return pb.GetQueueStatsResponse(stats=stats)
 
     async def WatchBatch(

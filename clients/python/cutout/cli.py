@@ -360,6 +360,8 @@ async def cmd_stats(args: argparse.Namespace) -> int:
     )
     for p in s.by_priority:
         out.print(f"  priority {p.priority}: {p.queued} queued")
+    for r in s.runtimes:
+        out.print(f"  {r.model}: {r.runtime} {r.device} {r.precision} on {r.nodes} node(s)")
     out.print(
         f"succeeded {s.succeeded}  failed {s.failed}  attempts {s.attempts_started}  "
         f"retries {s.retries}  lease losses {s.lease_losses}  dead-lettered {s.dead_lettered}"

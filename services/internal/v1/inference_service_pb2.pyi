@@ -209,12 +209,27 @@ class ModelInfo(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     EXECUTION_PROVIDER_FIELD_NUMBER: _builtins.int
     REQUESTED_PROVIDERS_FIELD_NUMBER: _builtins.int
+    RUNTIME_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    PRECISION_FIELD_NUMBER: _builtins.int
+    THREADS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Catalogue name, as used in RemoveBackground.model."""
     execution_provider: _builtins.str
     """The ONNX Runtime execution provider the session really runs on, for
     example "CPUExecutionProvider".
     """
+    runtime: _builtins.str
+    """The runtime the model runs on: "onnxruntime", "openvino", "cuda" or
+    "tensorrt" (the CUTOUT_RUNTIME value that selects it). On "openvino",
+    execution_provider is empty.
+    """
+    device: _builtins.str
+    """The device it runs on: "cpu" or "cuda:<device id>"."""
+    precision: _builtins.str
+    """The precision it computes in: "fp32", "bf16" or "fp16"."""
+    threads: _builtins.int
+    """Host threads one run of the model uses; 0 when the runtime chose."""
     @_builtins.property
     def requested_providers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The providers the node asked for, in preference order."""
@@ -225,10 +240,14 @@ class ModelInfo(_message.Message):
         name: _builtins.str = ...,
         execution_provider: _builtins.str = ...,
         requested_providers: _abc.Iterable[_builtins.str] | None = ...,
+        runtime: _builtins.str = ...,
+        device: _builtins.str = ...,
+        precision: _builtins.str = ...,
+        threads: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_provider", b"execution_provider", "name", b"name", "requested_providers", b"requested_providers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "execution_provider", b"execution_provider", "name", b"name", "precision", b"precision", "requested_providers", b"requested_providers", "runtime", b"runtime", "threads", b"threads"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -783,8 +783,9 @@ class QueueStats(_message.Message):
     DEAD_LETTERED_FIELD_NUMBER: _builtins.int
     SUCCEEDED_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
+    RUNTIMES_FIELD_NUMBER: _builtins.int
     queued: _builtins.int
-    """Jobs waiting, for the caller (or all vendors on the internal API)."""
+    """The caller's jobs waiting."""
     running: _builtins.int
     """Jobs leased to nodes."""
     healthy_nodes: _builtins.int
@@ -795,8 +796,7 @@ class QueueStats(_message.Message):
     """Jobs in flight on healthy nodes."""
     attempts_started: _builtins.int
     """Attempts started on nodes so far (each one an execution of the model).
-    Counters cover the caller's jobs (all vendors on the internal API) since
-    the Redis was created.
+    Counters cover the caller's jobs since the Redis was created.
     """
     lease_losses: _builtins.int
     """Attempts whose lease ran out (node or scheduler died or hung): the only
@@ -814,6 +814,12 @@ class QueueStats(_message.Message):
     def by_priority(self) -> _containers.RepeatedCompositeFieldContainer[Global___PriorityDepth]:
         """Waiting jobs by priority, highest first; levels with none are omitted."""
 
+    @_builtins.property
+    def runtimes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelRuntime]:
+        """How the healthy nodes run each model (runtime, device, precision), one
+        entry per distinct way, sorted by model then runtime.
+        """
+
     def __init__(
         self,
         *,
@@ -829,14 +835,53 @@ class QueueStats(_message.Message):
         dead_lettered: _builtins.int = ...,
         succeeded: _builtins.int = ...,
         failed: _builtins.int = ...,
+        runtimes: _abc.Iterable[Global___ModelRuntime] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts_started", b"attempts_started", "by_priority", b"by_priority", "capacity", b"capacity", "dead_lettered", b"dead_lettered", "failed", b"failed", "healthy_nodes", b"healthy_nodes", "in_flight", b"in_flight", "lease_losses", b"lease_losses", "queued", b"queued", "retries", b"retries", "running", b"running", "succeeded", b"succeeded"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts_started", b"attempts_started", "by_priority", b"by_priority", "capacity", b"capacity", "dead_lettered", b"dead_lettered", "failed", b"failed", "healthy_nodes", b"healthy_nodes", "in_flight", b"in_flight", "lease_losses", b"lease_losses", "queued", b"queued", "retries", b"retries", "running", b"running", "runtimes", b"runtimes", "succeeded", b"succeeded"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___QueueStats: _TypeAlias = QueueStats  # noqa: Y015
+
+@_typing.final
+class ModelRuntime(_message.Message):
+    """One way healthy nodes run a model, and how many of them do."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    RUNTIME_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    PRECISION_FIELD_NUMBER: _builtins.int
+    NODES_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Catalogue name, as used in RemoveBackground.model."""
+    runtime: _builtins.str
+    """The runtime: "onnxruntime", "openvino", "cuda" or "tensorrt"."""
+    device: _builtins.str
+    """The device: "cpu" or "cuda:<device id>"."""
+    precision: _builtins.str
+    """The precision it computes in: "fp32", "bf16" or "fp16"."""
+    nodes: _builtins.int
+    """Healthy nodes that run the model this way."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        runtime: _builtins.str = ...,
+        device: _builtins.str = ...,
+        precision: _builtins.str = ...,
+        nodes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "model", b"model", "nodes", b"nodes", "precision", b"precision", "runtime", b"runtime"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelRuntime: _TypeAlias = ModelRuntime  # noqa: Y015
 
 @_typing.final
 class BatchProgress(_message.Message):

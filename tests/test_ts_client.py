@@ -1,0 +1,99 @@
+"""The TypeScript client (clients/ts): typed with `tsc --strict`, linted, and its
+Node tests (`npm test`, Node's own runner) passing against a live cluster.
+
+The cluster runs the tiny model behind Envoy (two gateways); vendor-a and vendor-b
+are static keys, and one more vendor per run is registered with `cutout-admin
+vendors add --limits requests=1/N` so that it, and only it, meets its rate limit.
+What each Node test proves is in clients/ts/test/client.test.ts.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from services.common.config import PROJECT_ROOT
+from services.local.cluster import LocalCluster
+from tests.conftest import KEYS
+
+TS = PROJECT_ROOT / "clients" / "ts"
+LIMITED_PERIOD_S = 4
+
+
+def npm(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> str:
+    """Run npm in clients/ts; fail with its whole output unless it exits 0."""
+    exe = shutil.which("npm")
+    if exe is None:
+        pytest.fail("npm is not on PATH: install Node 20 and npm (see README.md, TypeScript)")
+    if not (TS / "node_modules" / ".package-lock.json").is_file():
+        pytest.fail("clients/ts/node_modules is missing: run `make install` (npm ci)")
+    done = subprocess.run(
+        [exe, *args],
+        cwd=TS,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, f"npm {' '.join(args)} exited {done.returncode}:\n{output}"
+    return output
+
+
+def add_vendor(redis_url: str, vendor: str, limits: str) -> str:
+    """Register a vendor the way an operator does; returns its key."""
+    admin = [sys.executable, "-m", "services.admin", "vendors", "--redis", redis_url]
+    done = subprocess.run(
+        [*admin, "add", vendor, "--limits", limits],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_typescript_is_strict_and_typed() -> None:
+    npm("run", "typecheck")
+
+
+def test_typescript_is_lint_clean() -> None:
+    npm("run", "lint")
+
+
+def node_tests_env(cluster: LocalCluster, protocol: str, photo: Path) -> dict[str, str]:
+    return {
+        "CUTOUT_TEST_ADDR": cluster.public_address,
+        "CUTOUT_TEST_PROTOCOL": protocol,
+        "CUTOUT_TEST_KEY_A": KEYS["vendor-a"],
+        "CUTOUT_TEST_KEY_B": KEYS["vendor-b"],
+        # A vendor of its own per run: the quota is spent by the run that uses it.
+        "CUTOUT_TEST_KEY_LIMITED": add_vendor(
+            cluster.redis_url, f"limited-{protocol}", f"requests=1/{LIMITED_PERIOD_S}"
+        ),
+        "CUTOUT_TEST_LIMITED_PERIOD_S": str(LIMITED_PERIOD_S),
+        "CUTOUT_TEST_PHOTO": str(photo),
+    }
+
+
+def test_node_client_through_envoy(
+    make_cluster: Callable[..., LocalCluster],
+    tiny_model_dir: Path,
+    photos: dict[str, bytes],
+    tmp_path: Path,
+) -> None:
+    """The Node tests through Envoy in front of two gateways, as gRPC (HTTP/2) and as
+    gRPC-Web (what browsers speak; Envoy's grpc_web filter translates it)."""
+    photo = tmp_path / "astronaut.jpg"
+    photo.write_bytes(photos["astronaut"])
+    cluster = make_cluster(tiny_model_dir, envoy=True, gateways=2)
+    for protocol in ("grpc", "grpc-web"):
+        output = npm("test", env=node_tests_env(cluster, protocol, photo))
+        print(output)
+        assert "# fail 0" in output and f"over {protocol} at" in output, output
