@@ -83,7 +83,7 @@ class CutoutServicer(pb_grpc.CutoutServiceServicer):
         self, request: pb.WatchJobRequest, context: Context
     ) -> AsyncIterator[pb.WatchJobResponse]:
         vendor = current_vendor()
-        with self.streams.hold(vendor):
+        with self.streams.hold(vendor, context):
             async for job in self.store.jobs.watch(vendor, _job_id(request.name)):
                 response = pb.WatchJobResponse()
                 response.event.job.CopyFrom(job)
@@ -136,7 +136,7 @@ class CutoutServicer(pb_grpc.CutoutServiceServicer):
         self, request: pb.WatchBatchRequest, context: Context
     ) -> AsyncIterator[pb.WatchBatchResponse]:
         vendor = current_vendor()
-        with self.streams.hold(vendor):
+        with self.streams.hold(vendor, context):
             async for progress in self.store.batches.watch(vendor, _batch(request.name)):
                 yield pb.WatchBatchResponse(batch=progress)
 

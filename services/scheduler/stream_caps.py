@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 
@@ -33,10 +34,11 @@ class StreamCaps:
     def of(self, vendor: str) -> int:
         return self._open[vendor]
 
-    @contextlib.contextmanager
-    def hold(self, vendor: str) -> Iterator[None]:
-        """One open stream of the vendor, for as long as the block runs; RESOURCE_EXHAUSTED
-        when the vendor or the scheduler is at its cap."""
+    def acquire(self, vendor: str) -> Callable[[], None]:
+        """Count one open stream of the vendor; returns its release (idempotent).
+
+        RESOURCE_EXHAUSTED when the vendor or the scheduler is at its cap.
+        """
         if self._open[vendor] >= self.per_vendor:
             raise _refusal(
                 vendor,
@@ -52,12 +54,32 @@ class StreamCaps:
                 f"watch streams: {self.total} per scheduler",
             )
         self._open[vendor] += 1
-        try:
-            yield
-        finally:
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
             self._open[vendor] -= 1
             if not self._open[vendor]:
                 del self._open[vendor]
+
+        return release
+
+    @contextlib.contextmanager
+    def hold(self, vendor: str, context: Any = None) -> Iterator[None]:
+        """One open stream of the vendor for as long as the block runs, and no longer than
+        the RPC: with `context`, the count drops when the call ends even if the streaming
+        generator stays suspended at a `yield` (a caller that hung up mid-write) until it
+        is garbage-collected."""
+        release = self.acquire(vendor)
+        if context is not None:
+            context.add_done_callback(lambda _: release())
+        try:
+            yield
+        finally:
+            release()
 
 
 def _refusal(vendor: str, why: str, quota: str) -> CutoutError:
