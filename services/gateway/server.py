@@ -67,6 +67,8 @@ class GatewayServer:
                     max_redirects=settings.url_max_redirects,
                     allow_http=settings.url_allow_http,
                     allow_hosts=frozenset(settings.url_allow_hosts),
+                    fetches_per_vendor=settings.url_fetches_per_vendor,
+                    fetches=settings.url_fetches,
                 )
             ),
         )

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -80,15 +81,29 @@ class Frame:
 
 
 _local = threading.local()
+_importing = threading.Lock()
+
+
+def _cv2() -> Any:
+    """OpenCV, imported by one thread at a time.
+
+    cv2's package bootstrap is not safe to run from two threads at once: a second
+    job's thread saw a half-initialised module ("module 'cv2' has no attribute
+    'data'") when two face crops were the node's first.
+    """
+    with _importing:
+        import cv2
+        import cv2.data
+
+    return cv2
 
 
 def _cascade() -> object:
     # CascadeClassifier is not safe to share between threads: one per thread.
     cascade = getattr(_local, "cascade", None)
     if cascade is None:
-        import cv2
-
-        folder: str = cv2.data.haarcascades  # type: ignore[attr-defined]
+        cv2 = _cv2()
+        folder: str = cv2.data.haarcascades
         path = os.path.join(folder, "haarcascade_frontalface_alt2.xml")
         cascade = cv2.CascadeClassifier(path)
         if cascade.empty():
@@ -99,8 +114,7 @@ def _cascade() -> object:
 
 def detect(img: Image.Image) -> list[Box]:
     """Frontal faces in the image, in its own pixel coordinates."""
-    import cv2
-
+    cv2 = _cv2()
     grey = img.convert("L")
     shrink = min(1.0, DETECT_MAX_SIDE / max(grey.size))
     if shrink < 1.0:
