@@ -9,41 +9,22 @@ What each Node test proves is in clients/ts/test/client.test.ts.
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
 from services.common.config import PROJECT_ROOT
 from services.local.cluster import LocalCluster
 from tests.conftest import KEYS
+from tests.npm import run_npm
 
 TS = PROJECT_ROOT / "clients" / "ts"
 LIMITED_PERIOD_S = 4
 
 
 def npm(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> str:
-    """Run npm in clients/ts; fail with its whole output unless it exits 0."""
-    exe = shutil.which("npm")
-    if exe is None:
-        pytest.fail("npm is not on PATH: install Node 20 and npm (see README.md, TypeScript)")
-    if not (TS / "node_modules" / ".package-lock.json").is_file():
-        pytest.fail("clients/ts/node_modules is missing: run `make install` (npm ci)")
-    done = subprocess.run(
-        [exe, *args],
-        cwd=TS,
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, f"npm {' '.join(args)} exited {done.returncode}:\n{output}"
-    return output
+    return run_npm(TS, *args, env=env, timeout=timeout)
 
 
 def add_vendor(redis_url: str, vendor: str, limits: str) -> str:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +21,7 @@ from services.common.config import PROJECT_ROOT
 from services.local.cluster import LocalCluster
 from services.local.webpage import WebPage
 from tests.conftest import KEYS
+from tests.npm import run_npm
 from tests.test_ts_client import add_vendor
 
 WEB = PROJECT_ROOT / "clients" / "web"
@@ -30,24 +29,7 @@ CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 
 
 def npm(*args: str, env: dict[str, str] | None = None, timeout: float = 400) -> str:
-    """Run npm in clients/web; fail with its whole output unless it exits 0."""
-    exe = shutil.which("npm")
-    if exe is None:
-        pytest.fail("npm is not on PATH: install Node 20 and npm (see README.md)")
-    for needed in (WEB / "node_modules", PROJECT_ROOT / "clients" / "ts" / "node_modules"):
-        if not needed.is_dir():
-            pytest.fail(f"{needed} is missing: run `make install` (npm ci)")
-    done = subprocess.run(
-        [exe, *args],
-        cwd=WEB,
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, f"npm {' '.join(args)} exited {done.returncode}:\n{output}"
-    return output
+    return run_npm(WEB, *args, env=env, timeout=timeout)
 
 
 def test_web_page_is_strict_and_lint_clean() -> None:
