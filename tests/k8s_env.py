@@ -153,7 +153,7 @@ def containers(objects: list[Obj]) -> list[Container]:
     return out
 
 
-def _expand(value: str, env: Mapping[str, str]) -> str:
+def expand(value: str, env: Mapping[str, str]) -> str:
     """Kubernetes' $(VAR) expansion: defined names replaced, others kept, $$ is $."""
 
     def sub(m: re.Match[str]) -> str:
@@ -237,7 +237,7 @@ def environment(
             if value is None:
                 continue
         else:
-            value = _expand(var.get("value", ""), env)
+            value = expand(var.get("value", ""), env)
         env[var["name"]] = value
     return env
 

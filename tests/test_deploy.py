@@ -879,3 +879,57 @@ def test_service_env_gives_what_kubernetes_would() -> None:
         service_env("cpu", secrets)  # production requires the Cloudinary URL
     placeholders = service_env("cpu")
     assert placeholders["gateway"]["CUTOUT_INTERNAL_TOKEN"] == "<secret cutout-internal/token>"
+
+
+def _smoke() -> Any:
+    """deploy/images/smoke.py as a module (it is a script, not a package)."""
+    if "cutout_smoke" not in sys.modules:
+        path = PROJECT_ROOT / "deploy" / "images" / "smoke.py"
+        spec = importlib.util.spec_from_file_location("cutout_smoke", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["cutout_smoke"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["cutout_smoke"]
+
+
+def test_container_smoke_runs_what_the_manifests_run() -> None:
+    """Parity: the container smoke test (make smoke) starts each container with the dev
+    overlay's command, environment, user and securityContext; it may change only the
+    addresses named in HOST_NETWORK and SMOKE_ONLY, each a setting a service reads."""
+    smoke = _smoke()
+    values = smoke.secret_values()
+    runs = smoke.manifest_runs(values)  # every Secret the overlay requires is given
+    objects = objects_of("dev")
+    for c in containers(objects):
+        assert runs[c.name].env == environment(c, objects, values)
+    for name in ("gateway", "scheduler", "inference", "migrate"):
+        run = runs[name]
+        assert run.command[:2] == ["python", "-m"], run.command  # not the image's entrypoint
+        assert run.user == "10001:10001"
+        assert "--read-only" in run.podman_security and "--cap-drop=ALL" in run.podman_security
+        assert "/tmp" in run.emptydirs
+    assert runs["redis"].args[:2] == ["--requirepass", runs["redis"].env["REDIS_PASSWORD"]]
+    assert runs["inference"].grace_s >= stop_grace("inference")
+    known = known_variables()
+    for name in {**smoke.HOST_NETWORK, **smoke.SMOKE_ONLY}:
+        assert name in known, f"the smoke test overrides {name}, which no service reads"
+    manifest_env = runs["gateway"]
+    with pytest.raises(smoke.SmokeError, match="CUTOUT_RATE_LIMITS"):
+        smoke.service_env(manifest_env, {"CUTOUT_RATE_LIMITS": "requests=1/1"})
+    assert smoke.service_env(manifest_env, {"CUTOUT_GATEWAY_LISTEN": "127.0.0.1:0"}) == {
+        **manifest_env.env,
+        "CUTOUT_GATEWAY_LISTEN": "127.0.0.1:0",
+    }
+    url = runs["scheduler"].env["CUTOUT_REDIS_URL"]
+    password = runs["redis"].env["REDIS_PASSWORD"]
+    assert smoke.loopback_redis_url(url, 7001) == f"redis://:{password}@127.0.0.1:7001/0"
+
+
+def test_smoke_maps_every_security_setting() -> None:
+    """A securityContext field the smoke test cannot reproduce fails it, never vanishes."""
+    smoke = _smoke()
+    c = next(c for c in containers(objects_of("dev")) if c.name == "gateway")
+    c.spec["securityContext"]["privileged"] = True
+    with pytest.raises(smoke.SmokeError, match="privileged"):
+        smoke.security_options(c)

@@ -6,7 +6,20 @@ Each part in its own container on the host network, the services on free
 loopback ports (port 0, reported through CUTOUT_READY_FILE in a shared folder):
 Redis (the redis-server the cutout image ships), two CPU inference nodes, the
 scheduler and the gateway, all from the cutout image, the model copied into a
-folder by the cutout-models image's own command. Checked from the host:
+folder by the cutout-models image's own command.
+
+Parity with Kubernetes: every container runs as the rendered `dev` overlay
+(deploy/k8s, through tests/k8s_env.py) would run it: its command and args, its
+environment as Kubernetes builds it (ConfigMaps, the Secrets cutout-redis and
+cutout-internal given real values, $(VAR) expansion), its user, a read-only
+root filesystem with /tmp as the manifests' emptyDir, all capabilities
+dropped, no privilege escalation. What differs is named in HOST_NETWORK and
+SMOKE_ONLY below (addresses, because here there are no pods or Service DNS
+names) and checked by tests/test_deploy.py, which fails when the smoke test
+would override anything else. The vendor is registered as docs/deploy.md says,
+with `cutout-admin vendors add` run inside the scheduler's container. Redis runs
+with the StatefulSet's arguments, from the cutout image's redis-server (the
+cluster's redis:7 image is not reachable from CI). Checked from the host:
 
 1. the images' shape: user 10001, no HEALTHCHECK, no model in the service image;
    cutout-gpu has onnxruntime-gpu (CUDAExecutionProvider) and no CPU onnxruntime;
@@ -32,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import hashlib
 import io
 import json
@@ -43,6 +57,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -54,6 +69,9 @@ from cutout import AsyncClient
 from cutout.v1 import jobs_pb2
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # tests/k8s_env.py: the manifests as Kubernetes reads them
+from tests import k8s_env  # noqa: E402
+
 HERE = ROOT / "deploy" / "images"
 MODEL = "isnet-general-use"
 USER = "10001:10001"
@@ -64,6 +82,96 @@ MIN_IOU = 0.99
 READY_TIMEOUT_S = 180
 JOB_TIMEOUT_S = 300
 SERVICES = ("node-1", "node-2", "scheduler", "gateway")
+OVERLAY = "dev"  # the overlay whose containers the smoke test runs (local storage, no MySQL)
+
+# What the smoke test sets differently from the environment the manifests give
+# (tests/test_deploy.py fails when it would override anything else). Here every
+# container shares the host's network: no pods, no Service DNS names.
+HOST_NETWORK = {
+    "CUTOUT_GATEWAY_LISTEN": "port 0 on loopback instead of the pod's 0.0.0.0:50051",
+    "CUTOUT_SCHEDULER_LISTEN": "port 0 on loopback instead of the pod's 0.0.0.0:50052",
+    "CUTOUT_NODE_LISTEN": "port 0 on loopback instead of the pod's 0.0.0.0:50061",
+    "CUTOUT_METRICS_LISTEN": "off: two nodes on one network cannot both bind :9103",
+    "CUTOUT_REDIS_URL": "the Service redis:6379 becomes Redis's loopback port; password kept",
+    "CUTOUT_SCHEDULER_ADDR": "the Service scheduler:50052 becomes the scheduler's port",
+    "CUTOUT_NODES": "the headless Service inference:50061 becomes the two nodes' ports",
+}
+SMOKE_ONLY = {
+    "CUTOUT_READY_FILE": "how the smoke test learns the port each service bound",
+    "CUTOUT_NODE_ID": "a pod's hostname names its node; host-network containers share one",
+}
+
+
+@dataclass(frozen=True)
+class ManifestRun:
+    """One container as the rendered manifests run it."""
+
+    command: list[str]
+    args: list[str]
+    env: dict[str, str]
+    user: str  # uid:gid from the pod's securityContext
+    podman_security: list[str]  # the container's securityContext as podman options
+    emptydirs: list[str]  # paths mounted from an emptyDir
+    grace_s: int  # the pod's terminationGracePeriodSeconds
+
+
+def security_options(container: k8s_env.Container) -> list[str]:
+    """The container's securityContext as podman run options; unknown fields are an error,
+    so a new setting in the manifests cannot be silently left out here."""
+    context = dict(container.spec.get("securityContext", {}))
+    options = []
+    if context.pop("readOnlyRootFilesystem", False):
+        options.append("--read-only")
+    if context.pop("allowPrivilegeEscalation", True) is False:
+        options += ["--security-opt", "no-new-privileges"]
+    caps = context.pop("capabilities", {})
+    options += [f"--cap-drop={c}" for c in caps.pop("drop", [])]
+    options += [f"--cap-add={c}" for c in caps.pop("add", [])]
+    context.pop("runAsNonRoot", None)  # checked: the images' user is 10001 (check_images)
+    if context or caps:
+        raise SmokeError(f"{container.name}: securityContext fields not mapped: {context, caps}")
+    return options
+
+
+def manifest_runs(secret_values: dict[str, dict[str, str]]) -> dict[str, ManifestRun]:
+    """Container name -> how the OVERLAY's manifests run it, with these Secret values."""
+    objects = k8s_env.render(OVERLAY)
+    runs = {}
+    for c in k8s_env.containers(objects):
+        env = k8s_env.environment(c, objects, secret_values)
+        pod = c.pod.get("securityContext", {})
+        volumes = {v["name"]: v for v in c.pod.get("volumes", [])}  # not volumeClaimTemplates
+        emptydirs = [
+            m["mountPath"]
+            for m in c.spec.get("volumeMounts", [])
+            if "emptyDir" in volumes.get(m["name"], {})
+        ]
+        runs[c.name] = ManifestRun(
+            command=[k8s_env.expand(a, env) for a in c.spec.get("command", [])],
+            args=[k8s_env.expand(a, env) for a in c.spec.get("args", [])],
+            env=env,
+            user=f"{pod['runAsUser']}:{pod['runAsGroup']}",
+            podman_security=security_options(c),
+            emptydirs=emptydirs,
+            grace_s=int(c.pod.get("terminationGracePeriodSeconds", 30)),
+        )
+    return runs
+
+
+def service_env(run: ManifestRun, overrides: dict[str, str]) -> dict[str, str]:
+    """The manifests' environment with the smoke test's overrides (only those it names)."""
+    unknown = set(overrides) - set(HOST_NETWORK) - set(SMOKE_ONLY)
+    if unknown:
+        raise SmokeError(f"overrides not in HOST_NETWORK or SMOKE_ONLY: {sorted(unknown)}")
+    return {**run.env, **overrides}
+
+
+def loopback_redis_url(manifest_url: str, port: int) -> str:
+    """The manifests' Redis URL (password and database kept) pointed at a loopback port."""
+    head, at, tail = manifest_url.rpartition("@")
+    host_port, slash, db = tail.partition("/")
+    check(host_port == "redis:6379", f"unexpected Redis address in the manifests: {host_port}")
+    return f"{head}{at}127.0.0.1:{port}{slash}{db}"
 
 
 class SmokeError(AssertionError):
@@ -135,28 +243,39 @@ class Cluster:
         args: list[str],
         env: dict[str, str] | None = None,
         volumes: dict[Path, str] | None = None,
+        manifest: ManifestRun | None = None,
     ) -> None:
+        """podman run; with manifest, as Kubernetes would run that container: its
+        command (instead of the image's entrypoint), user, securityContext and
+        emptyDirs (tmpfs, unless a volume is mounted there)."""
         cmd = ["run", "-d", "--name", self.full(name), "--network", "host"]
         for key, value in (env or {}).items():
             cmd += ["--env", f"{key}={value}"]
         for host, inside in (volumes or {}).items():
             cmd += ["--volume", f"{host}:{inside}"]
+        if manifest is not None:
+            cmd += ["--user", manifest.user, *manifest.podman_security]
+            mounted = {inside.removesuffix(":ro") for inside in (volumes or {}).values()}
+            cmd += [f"--tmpfs={path}" for path in manifest.emptydirs if path not in mounted]
+            if manifest.command:
+                cmd += ["--entrypoint", json.dumps(manifest.command)]
         self.started.append(self.full(name))
         podman(*cmd, image, *args)
 
-    def start_service(self, name: str, part: str, env: dict[str, str]) -> None:
-        """A Cutout service on a free loopback port (see wait_port)."""
-        env = {
-            **env,
-            "CUTOUT_READY_FILE": f"/ready/{name}.port",
-            "CUTOUT_METRICS_LISTEN": "",  # two nodes share the host network: no fixed ports
-        }
-        volumes = {
-            self.ready: "/ready",
-            self.models: "/models:ro",
-            self.results: "/var/lib/cutout/results",
-        }
-        self.run(name, self.images["cpu"], [part], env, volumes)
+    def start_service(
+        self,
+        name: str,
+        manifest: ManifestRun,
+        overrides: dict[str, str],
+        volumes: dict[Path, str] | None = None,
+    ) -> None:
+        """A Cutout service as the manifests run it, on a free loopback port (see wait_port)."""
+        env = service_env(
+            manifest,
+            {**overrides, "CUTOUT_READY_FILE": f"/ready/{name}.port", "CUTOUT_METRICS_LISTEN": ""},
+        )
+        volumes = {**(volumes or {}), self.ready: "/ready"}
+        self.run(name, self.images["cpu"], manifest.args, env, volumes, manifest)
 
     def wait_port(self, name: str) -> int:
         ready = self.ready / f"{name}.port"
@@ -233,13 +352,18 @@ def check_images(images: dict[str, str]) -> None:
     check("onnxruntime" not in dists, f"cutout-gpu also has the CPU onnxruntime: {onnx}")
 
 
-def install_models(cluster: Cluster, model_dir: Path) -> None:
-    """The models image's command, as the init container runs it."""
+def run_to_completion(cluster: Cluster, name: str, what: str, timeout_s: float = 120) -> None:
+    code = cluster.wait_exit(name, timeout_s)
+    check(code == 0, f"{what} exited with {code}: {cluster.logs(name)[-1500:]}")
+
+
+def install_models(cluster: Cluster, runs: dict[str, ManifestRun], model_dir: Path) -> None:
+    """The models init container, as the manifests run it."""
+    models = runs["models"]
     cluster.run(
-        "models", cluster.images["models"], ["/target"], volumes={cluster.models: "/target"}
+        "models", cluster.images["models"], models.args, {}, {cluster.models: "/target"}, models
     )
-    code = cluster.wait_exit("models", 120)
-    check(code == 0, f"the models image's copy exited with {code}")
+    run_to_completion(cluster, "models", "the models init container")
     wanted = sorted(p.name for p in model_dir.glob("*.onnx"))
     check(MODEL + ".onnx" in wanted, f"{MODEL}.onnx is not in {model_dir}")
     for name in wanted:
@@ -248,78 +372,91 @@ def install_models(cluster: Cluster, model_dir: Path) -> None:
         check(sha256(copied) == sha256(model_dir / name), f"{name}: the copy differs")
 
 
-def start_cluster(cluster: Cluster, api_key: str) -> dict[str, int]:
-    """Redis, two nodes, scheduler, gateway; returns each service's port."""
-    redis_port = free_port()
-    cluster.run(
-        "redis",
-        cluster.images["cpu"],
-        [
-            "redis",
-            "--port",
-            str(redis_port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            "/data",
-            "--appendonly",
-            "yes",
-            "--save",
-            "",
-        ],
-        volumes={cluster.work / "redis": "/data"},
-    )
-    common = {
-        "CUTOUT_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-        "CUTOUT_MODELS": MODEL,
-        # The shared secret of the calls between the services (docs/configuration.md).
-        "CUTOUT_INTERNAL_TOKEN": secrets.token_urlsafe(24),
+def secret_values() -> dict[str, dict[str, str]]:
+    """The Secrets docs/deploy.md has a user create (step 3), with fresh values."""
+    return {
+        "cutout-internal": {"token": secrets.token_urlsafe(24)},
+        "cutout-redis": {"password": secrets.token_urlsafe(24)},
     }
+
+
+def register_vendor(cluster: Cluster) -> str:
+    """`cutout-admin vendors add` inside the scheduler's container, as docs/deploy.md
+    does with kubectl exec; returns the API key it prints once."""
+    out = podman("exec", cluster.full("scheduler"), "cutout-admin", "vendors", "add", "smoke")
+    keys = [w for w in out.split() if w.startswith("ck_")]
+    check(len(keys) == 1, f"cutout-admin vendors add printed no key: {out[-500:]}")
+    return keys[0]
+
+
+def start_cluster(cluster: Cluster, runs: dict[str, ManifestRun]) -> tuple[dict[str, int], str]:
+    """Redis, two nodes, the migrate job, scheduler, gateway, each as the manifests run it;
+    returns each service's port and a vendor's API key."""
+    redis_port = free_port()
+    redis = runs["redis"]
+    # The StatefulSet's arguments (password, AOF), from the cutout image's redis-server,
+    # on a free loopback port (the host's own Redis may have 6379).
+    redis_args = ["redis", *redis.args, "--port", str(redis_port), "--bind", "127.0.0.1"]
+    check("--requirepass" in redis.args, "the manifests' Redis has no password")
+    # Its securityContext too, but the cutout image's own user and entrypoint.
+    as_cutout = dataclasses.replace(redis, command=[], user=USER)
+    volumes = {cluster.work / "redis": "/data"}
+    cluster.run("redis", cluster.images["cpu"], redis_args, {}, volumes, as_cutout)
+    redis_url = loopback_redis_url(runs["scheduler"].env["CUTOUT_REDIS_URL"], redis_port)
     # cutout-gpu's node, meanwhile: with no GPU it must refuse to start (see check_gpu_node).
+    gpu_env = {
+        "CUTOUT_REDIS_URL": redis_url,
+        "CUTOUT_MODELS": MODEL,
+        "CUTOUT_INTERNAL_TOKEN": runs["inference"].env["CUTOUT_INTERNAL_TOKEN"],
+        "CUTOUT_NODE_LISTEN": "127.0.0.1:0",
+        "CUTOUT_METRICS_LISTEN": "",
+    }
     cluster.run(
-        "gpu-node",
-        cluster.images["gpu"],
-        ["inference"],
-        {**common, "CUTOUT_NODE_LISTEN": "127.0.0.1:0", "CUTOUT_METRICS_LISTEN": ""},
-        {cluster.models: "/models:ro"},
+        "gpu-node", cluster.images["gpu"], ["inference"], gpu_env, {cluster.models: "/models:ro"}
     )
     for name in ("node-1", "node-2"):  # both load the model at once
+        numba = (
+            cluster.work / f"numba-{name}"
+        )  # each pod's own emptyDir, seeded by its init container
+        numba.mkdir()
+        os.chown(numba, 10001, 10001)
+        seed = runs["numba-cache"]
+        cluster.run(f"numba-{name}", cluster.images["cpu"], seed.args, {}, {numba: "/seed"}, seed)
+        run_to_completion(cluster, f"numba-{name}", f"{name}'s numba-cache init container")
         cluster.start_service(
             name,
-            "inference",
-            {
-                **common,
-                "CUTOUT_NODE_LISTEN": "127.0.0.1:0",
-                "CUTOUT_NODE_ID": f"smoke-{name}",
-                "CUTOUT_ORT_THREADS": "1",
-            },
+            runs["inference"],
+            {"CUTOUT_NODE_LISTEN": "127.0.0.1:0", "CUTOUT_NODE_ID": f"smoke-{name}"},
+            {cluster.models: "/models:ro", numba: "/var/cache/numba"},
         )
     ports = {name: cluster.wait_port(name) for name in ("node-1", "node-2")}
+    migrate = runs["migrate"]
+    cluster.run("migrate", cluster.images["cpu"], migrate.args, migrate.env, {}, migrate)
+    run_to_completion(cluster, "migrate", "the migrate init container")
     cluster.start_service(
         "scheduler",
-        "scheduler",
+        runs["scheduler"],
         {
-            **common,
+            "CUTOUT_REDIS_URL": redis_url,
             "CUTOUT_SCHEDULER_LISTEN": "127.0.0.1:0",
             "CUTOUT_NODES": f"127.0.0.1:{ports['node-1']},127.0.0.1:{ports['node-2']}",
-            "CUTOUT_NODE_POLL_S": "0.2",
-            "CUTOUT_RETRY_BASE_MS": "200",
         },
+        {cluster.results: "/var/lib/cutout/results"},
     )
     ports["scheduler"] = cluster.wait_port("scheduler")
     cluster.start_service(
         "gateway",
-        "gateway",
+        runs["gateway"],
         {
-            **common,
+            "CUTOUT_REDIS_URL": redis_url,
             "CUTOUT_GATEWAY_LISTEN": "127.0.0.1:0",
             "CUTOUT_SCHEDULER_ADDR": f"127.0.0.1:{ports['scheduler']}",
-            "CUTOUT_API_KEYS": f"smoke:{hashlib.sha256(api_key.encode()).hexdigest()}",
         },
     )
     ports["gateway"] = cluster.wait_port("gateway")
-    log(f"cluster up: {ports}, redis {redis_port}")
-    return ports
+    api_key = register_vendor(cluster)
+    log(f"cluster up as the {OVERLAY} overlay runs it: {ports}, redis {redis_port}")
+    return ports, api_key
 
 
 def check_gpu_node(cluster: Cluster) -> None:
@@ -428,12 +565,15 @@ def check_node_kill(
     return alpha(output)
 
 
-def stop_all(cluster: Cluster, killed: str) -> None:
-    """SIGTERM in the order Kubernetes would drain: gateway first; each must exit 0."""
+def stop_all(cluster: Cluster, runs: dict[str, ManifestRun], killed: str) -> None:
+    """SIGTERM in the order Kubernetes would drain: gateway first; each must exit 0 within
+    its pod's terminationGracePeriodSeconds."""
+    manifest = {"gateway": "gateway", "scheduler": "scheduler", "redis": "redis"}
     for name in ("gateway", "scheduler", "node-1", "node-2", "redis"):
         if name == killed:
             continue
-        podman("stop", "--time", "40", cluster.full(name), timeout=60)
+        grace = runs[manifest.get(name, "inference")].grace_s
+        podman("stop", "--time", str(grace), cluster.full(name), timeout=grace + 30)
         code = cluster.status(name)[1]
         check(code == 0, f"{name} exited with {code} on SIGTERM")
 
@@ -441,9 +581,9 @@ def stop_all(cluster: Cluster, killed: str) -> None:
 def smoke(args: argparse.Namespace, cluster: Cluster, work: Path) -> None:
     check_images(cluster.images)
     log("images: user, no HEALTHCHECK, no model in cutout, GPU providers: ok")
-    install_models(cluster, args.model_dir)
-    api_key = "ck_" + secrets.token_urlsafe(32)
-    ports = start_cluster(cluster, api_key)
+    runs = manifest_runs(secret_values())
+    install_models(cluster, runs, args.model_dir)
+    ports, api_key = start_cluster(cluster, runs)
     check_health({name: ports[name] for name in SERVICES})
     check_gpu_node(cluster)
     addr = f"127.0.0.1:{ports['gateway']}"
@@ -472,7 +612,7 @@ def smoke(args: argparse.Namespace, cluster: Cluster, work: Path) -> None:
         "astronaut 3072x3072 through a node kill", ours, rembg_alpha(cluster.models, big.getvalue())
     )
     killed = next(n for n in ("node-1", "node-2") if cluster.status(n)[0] == "exited")
-    stop_all(cluster, killed)
+    stop_all(cluster, runs, killed)
 
 
 def main() -> int:
