@@ -24,7 +24,7 @@ from services.local.cluster import ClusterConfig, LocalCluster
 from services.local.redis import RedisServer
 from tests.tinymodel import build_tiny_model
 
-KEYS = {"vendor-a": new_key(), "vendor-b": new_key()}
+KEYS = {"vendor-a": new_key(), "vendor-b": new_key(), "vendor-c": new_key()}
 
 
 @pytest.fixture

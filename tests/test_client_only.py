@@ -66,6 +66,8 @@ def test_client_wheel_holds_the_public_api_and_nothing_of_the_services(tmp_path:
         "cutout/v1/cutout_service_pb2_grpc.py",
         "cutout/v1/jobs_pb2.py",
         "cutout/v1/jobs_pb2_grpc.py",
+        "cutout/v1/webhooks_pb2.py",
+        "cutout/v1/webhooks_pb2_grpc.py",
     ]
     assert "cutout/v1/jobs_pb2.pyi" in names and "cutout/py.typed" in names
     for name, text in sources.items():

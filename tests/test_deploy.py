@@ -69,8 +69,8 @@ SERVICE_OF_MODULE = {
 }
 # The files each service reads its environment in.
 READS = {
-    "gateway": ["gateway/settings.py", "common/internal_auth.py"],
-    "scheduler": ["scheduler/settings.py", "common/internal_auth.py"],
+    "gateway": ["gateway/settings.py", "common/internal_auth.py", "common/webhook_policy.py"],
+    "scheduler": ["scheduler/settings.py", "common/internal_auth.py", "common/webhook_policy.py"],
     "migrate": ["scheduler/migrate.py"],
     "inference": ["inference/settings.py", "common/internal_auth.py", "common/config.py"],
 }
@@ -84,7 +84,12 @@ def objects_of(name: str) -> list[Obj]:
 def known_variables() -> set[str]:
     names: set[str] = set()
     common = PROJECT_ROOT / "services" / "common"
-    for path in [*SETTINGS, common / "config.py", common / "internal_auth.py"]:
+    for path in [
+        *SETTINGS,
+        common / "config.py",
+        common / "internal_auth.py",
+        common / "webhook_policy.py",
+    ]:
         names |= set(re.findall(r'"(CUTOUT_[A-Z0-9_]+)"', path.read_text()))
     return names
 

@@ -43,7 +43,7 @@ from cutout.v1 import cutout_service_pb2 as pb
 from cutout.v1 import cutout_service_pb2_grpc as pb_grpc
 from cutout.v1 import jobs_pb2
 from services.common.errors import CutoutError
-from services.gateway.fetch import FetchSlots
+from services.common.fetch import FetchSlots
 from services.internal.v1 import inference_service_pb2 as inference_pb2
 from services.internal.v1.inference_service_pb2_grpc import InferenceServiceStub
 from services.local.cluster import LocalCluster

@@ -59,6 +59,7 @@ def test_typescript_stubs_are_not_stale(tmp_path: Path) -> None:
     assert sorted(fresh) == [
         "cutout/v1/cutout_service_pb.ts",
         "cutout/v1/jobs_pb.ts",
+        "cutout/v1/webhooks_pb.ts",
         "google/rpc/error_details_pb.ts",
         "google/rpc/status_pb.ts",
     ]
@@ -69,7 +70,9 @@ def test_typescript_stubs_are_not_stale(tmp_path: Path) -> None:
 def test_internal_apis_are_generated_into_the_services_only() -> None:
     public = {p.name for p in (PROJECT_ROOT / "clients/python/cutout/v1").glob("*_pb2*.py")}
     internal = {p.name for p in (PROJECT_ROOT / "services/internal/v1").glob("*_pb2*.py")}
-    assert public == {f"{n}_pb2{g}.py" for n in ("cutout_service", "jobs") for g in ("", "_grpc")}
+    assert public == {
+        f"{n}_pb2{g}.py" for n in ("cutout_service", "jobs", "webhooks") for g in ("", "_grpc")
+    }
     assert "scheduler_service_pb2.py" in internal and "inference_service_pb2.py" in internal
     from services.internal.v1 import inference_service_pb2_grpc
 

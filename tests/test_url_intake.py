@@ -19,7 +19,7 @@ from cutout.client import build_submission
 from cutout.v1 import jobs_pb2
 from services.common.config import SettingsError
 from services.common.errors import CutoutError as ServerError
-from services.gateway.fetch import AllowedHost, Fetcher, FetchPolicy, forbidden
+from services.common.fetch import AllowedHost, Fetcher, FetchPolicy, forbidden
 from services.gateway.settings import GatewaySettings
 from services.local.cluster import LocalCluster
 from tests.conftest import KEYS
@@ -36,7 +36,7 @@ async def fake_dns(host: str, port: int) -> list[str]:
     }
     if host in table:
         return table[host]
-    from services.gateway.fetch import system_resolve
+    from services.common.fetch import system_resolve
 
     return await system_resolve(host, port)
 

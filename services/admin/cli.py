@@ -108,11 +108,26 @@ def _vendors_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             default=0 if default else None,
             help="most waiting jobs (0: the cluster default)",
         )
+        p.add_argument(
+            "--webhook",
+            default=None,
+            metavar="URL",
+            help="https URL notified when the vendor's jobs and batches finish ('' removes "
+            "it); checked like image URLs; prints the signing secret the first time",
+        )
     actions.add_parser("list", help="every vendor (never their keys)")
     rotate = actions.add_parser("rotate", help="issue a new key; old keys stop after --grace")
     rotate.add_argument("vendor")
     rotate.add_argument(
         "--grace", type=int, default=0, help="seconds the old keys keep working (default 0)"
+    )
+    secret = actions.add_parser(
+        "rotate-webhook-secret",
+        help="a new webhook signing secret; deliveries carry both until --grace ends",
+    )
+    secret.add_argument("vendor")
+    secret.add_argument(
+        "--grace", type=int, default=86400, help="seconds the old secret is still used (1 day)"
     )
     for name, what in (("disable", "refuse every call"), ("enable", "accept calls again")):
         p = actions.add_parser(name, help=f"{what} (keys kept)")

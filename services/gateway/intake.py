@@ -157,7 +157,7 @@ def validate(
     if source is None:
         violations.append(FieldViolation(f"{prefix}.image", "required: content (bytes) or uri"))
     elif source == "uri":
-        # The gateway fetches URLs (services/gateway/fetch.py) before validating.
+        # The gateway fetches URLs (services/common/fetch.py) before validating.
         raise CutoutError(f"{prefix}.image.uri: not fetched", grpc.StatusCode.INTERNAL)
     if violations:
         summary = "; ".join(f"{v.field}: {v.description}" for v in violations)

@@ -9,12 +9,12 @@ import redis.asyncio as aioredis
 
 from cutout.v1 import cutout_service_pb2
 from services.common import serving
+from services.common.fetch import Fetcher, FetchPolicy
 from services.common.interceptors import ErrorMapping
 from services.common.metrics import RpcMetrics
 from services.common.metrics import serve as serve_metrics
 from services.gateway.auth import Authenticator, KeyTable, VendorAuth, parse_key_entries
 from services.gateway.enqueue_batcher import EnqueueBatcher
-from services.gateway.fetch import Fetcher, FetchPolicy
 from services.gateway.intake import Limits
 from services.gateway.ratelimit import RateLimiter
 from services.gateway.relay import SERVICE, Relay
@@ -71,6 +71,7 @@ class GatewayServer:
                     fetches=settings.url_fetches,
                 )
             ),
+            settings.webhooks,
         )
         self.server = grpc.aio.server(
             options=serving.server_options(settings.max_message_bytes),

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.common.config import SettingsError, env_float, env_int, env_list, env_str
+from services.common.fetch import AllowedHost
 from services.common.internal_auth import InternalToken
 from services.common.serving import MiB
-from services.gateway.fetch import AllowedHost
+from services.common.webhook_policy import WebhookPolicy
 from services.gateway.ratelimit import Quota, parse_quotas
 
 
@@ -67,6 +68,8 @@ class GatewaySettings:
             (empty: off).
         ready_file: CUTOUT_READY_FILE, file to write the bound port to once serving.
         log_level: CUTOUT_LOG_LEVEL.
+        webhooks: CUTOUT_WEBHOOK_ALLOW_HOSTS and the other CUTOUT_WEBHOOK_* settings
+            (services/common/webhook_policy.py): how a submit's webhook_url is checked.
         internal_token: CUTOUT_INTERNAL_TOKEN (required) and CUTOUT_INTERNAL_TOKENS_ACCEPTED:
             the shared secret of calls between the services (services/common/internal_auth.py).
     """
@@ -95,6 +98,7 @@ class GatewaySettings:
     metrics_listen: str
     ready_file: str
     internal_token: InternalToken
+    webhooks: WebhookPolicy
     log_level: str
 
     @classmethod
@@ -125,4 +129,5 @@ class GatewaySettings:
             ready_file=env_str("CUTOUT_READY_FILE", ""),
             log_level=env_str("CUTOUT_LOG_LEVEL", "INFO"),
             internal_token=InternalToken.from_env(),
+            webhooks=WebhookPolicy.from_env(),
         )

@@ -24,18 +24,21 @@ import redis.asyncio as aioredis
 
 from cutout.v1 import cutout_service_pb2 as pb
 from cutout.v1 import jobs_pb2
+from services.common import webhook_registry
 from services.common.errors import (
     CutoutError,
+    FieldViolation,
     abort_status,
     invalid_argument,
     relayed_trailers,
     unavailable,
 )
+from services.common.fetch import Fetcher
 from services.common.identity import current_vendor
+from services.common.webhook_policy import WebhookPolicy
 from services.gateway import metrics
 from services.gateway.auth import Authenticator
 from services.gateway.enqueue_batcher import EnqueueBatcher, EnqueueRefused
-from services.gateway.fetch import Fetcher
 from services.gateway.intake import Limits, validate
 from services.gateway.ratelimit import Decision, RateLimiter, refusal, trailers
 from services.internal.v1 import scheduler_service_pb2 as spb
@@ -69,6 +72,7 @@ class SubmitServicer:
         max_batch: int,
         limiter: RateLimiter,
         fetcher: Fetcher,
+        webhooks: WebhookPolicy | None = None,
     ) -> None:
         self.keys = keys
         self.enqueuer = enqueuer
@@ -76,6 +80,7 @@ class SubmitServicer:
         self.max_batch = max_batch
         self.limiter = limiter
         self.fetcher = fetcher
+        self.webhooks = webhooks or WebhookPolicy()
 
     async def _fetched(
         self, sub: jobs_pb2.JobSubmission, prefix: str, deadline: float
@@ -127,6 +132,9 @@ class SubmitServicer:
     ) -> pb.SubmitJobResponse:
         vendor = current_vendor()
         sub = request.submission
+        if sub.webhook_url:  # refused before it takes quota
+            await self._require_webhook_secret(vendor)
+            await self.webhooks.check(sub.webhook_url, "submission.webhook_url")
         if _is_url(sub):
             deadline = self._deadline()
             slots = self.fetcher.slots
@@ -163,6 +171,10 @@ class SubmitServicer:
         if not 1 <= count <= self.max_batch:
             raise invalid_argument("submissions", f"send 1-{self.max_batch} items, not {count}")
         batch = f"batches/{uuid.uuid4().hex}"
+        if request.webhook_url or any(s.webhook_url for s in request.submissions):
+            await self._require_webhook_secret(vendor)
+        if request.webhook_url:
+            await self.webhooks.check(request.webhook_url, "webhook_url")
         whole = await self._take(vendor, "batches", 1)
         if whole is not None and not whole.allowed:
             raise refusal(whole, vendor)
@@ -195,6 +207,47 @@ class SubmitServicer:
         )
         return pb.SubmitBatchResponse(batch=batch, outcomes=outcomes)
 
+    async def _require_webhook_secret(self, vendor: str) -> None:
+        """A submit's own webhook URL is signed with the vendor's secret: refuse it while
+        the vendor has none (it would be retried for a day, unsigned never)."""
+        try:
+            endpoint = await webhook_registry.read(self.limiter.redis, self.limiter.prefix, vendor)
+        except aioredis.RedisError as exc:
+            raise _limiter_down(exc) from exc
+        if not endpoint.secrets:
+            raise CutoutError(
+                f"vendor {vendor} has no webhook signing secret, so webhook_url cannot be "
+                "signed: an operator creates one with `cutout-admin vendors set "
+                f"{vendor} --webhook URL` (see docs/webhooks.md)",
+                grpc.StatusCode.FAILED_PRECONDITION,
+            )
+
+    async def _with_webhook(
+        self,
+        request: pb.SubmitBatchRequest,
+        index: int,
+        checked: dict[str, asyncio.Future[object]],
+    ) -> jobs_pb2.JobSubmission | CutoutError:
+        """Item index with its own webhook_url checked, or the batch's (checked already)
+        given to it; one check (and DNS lookup) per distinct URL however many name it."""
+        sub = request.submissions[index]
+        if sub.webhook_url:
+            field = f"submissions[{index}].webhook_url"
+            if sub.webhook_url not in checked:
+                checked[sub.webhook_url] = asyncio.ensure_future(
+                    self.webhooks.check(sub.webhook_url, field)
+                )
+            try:
+                await asyncio.shield(checked[sub.webhook_url])
+            except CutoutError as err:
+                return _for_field(err, field)
+        elif request.webhook_url:
+            own = jobs_pb2.JobSubmission()
+            own.CopyFrom(sub)
+            own.webhook_url = request.webhook_url
+            return own
+        return sub
+
     async def _admit_items(
         self, vendor: str, request: pb.SubmitBatchRequest
     ) -> tuple[dict[int, Checked], dict[int, CutoutError]]:
@@ -208,8 +261,12 @@ class SubmitServicer:
         refused: dict[int, CutoutError] = {}
         by_operation: dict[str, list[int]] = {}
 
+        webhooks_checked: dict[str, asyncio.Future[object]] = {}
+
         async def fetch(index: int) -> jobs_pb2.JobSubmission | CutoutError:
-            sub = request.submissions[index]
+            sub = await self._with_webhook(request, index, webhooks_checked)
+            if isinstance(sub, CutoutError):
+                return sub
             if not _is_url(sub):
                 return sub
             slots = self.fetcher.slots
@@ -248,6 +305,19 @@ class SubmitServicer:
         for index in refused:
             checked.pop(index, None)
         return checked, refused
+
+
+def _for_field(err: CutoutError, field: str) -> CutoutError:
+    """A URL check's refusal, reported against this item's field (the first item to
+    name a URL made the check)."""
+    first = err.violations[0].field if err.violations else field
+    if first == field:
+        return err
+    return CutoutError(
+        err.message.replace(first, field, 1),
+        err.code,
+        [FieldViolation(field, v.description) for v in err.violations],
+    )
 
 
 def _record(outcome: pb.BatchItemOutcome, reply: spb.EnqueuedJob | BaseException) -> None:

@@ -15,6 +15,7 @@ Redis keys (under the cluster's prefix, default "cutout:"):
   apikeys            HASH  sha256(key) -> vendor id
   apikeys:{id}       SET   the vendor's key hashes
   apikeys:expiry     HASH  sha256(key) -> ms since the epoch when a rotated-out key stops working
+  webhook_endpoint:{id}, webhook_secrets:{id}: the vendor's webhook, see webhook_registry.py
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import cast
 
 import redis.asyncio as aioredis
 
-from services.common import vendor_policy
+from services.common import vendor_policy, webhook_registry
 from services.common.identity import VENDOR_ID
 from services.gateway.auth import hash_key, new_key
 from services.gateway.ratelimit import Quota, parse_quota_overrides
@@ -146,6 +147,18 @@ class VendorRegistry:
             pipe.hset(self._vendor(vendor_id), "updated_ms", _now_ms())
             await pipe.execute()
         return key
+
+    async def set_webhook(self, vendor_id: str, url: str) -> str | None:
+        """Point the vendor's webhook at url (checked by the caller; "" removes it) and
+        enable it; returns the signing secret when one was made (shown once)."""
+        await self._require(vendor_id)
+        return await webhook_registry.set_endpoint(self.redis, self.prefix, vendor_id, url)
+
+    async def rotate_webhook_secret(self, vendor_id: str, grace_s: int) -> str:
+        if grace_s < 0:
+            raise RegistryError("grace must be 0 or more seconds")
+        await self._require(vendor_id)
+        return await webhook_registry.rotate_secret(self.redis, self.prefix, vendor_id, grace_s)
 
     async def set_active(self, vendor_id: str, active: bool) -> Vendor:
         await self._require(vendor_id)

@@ -18,6 +18,8 @@ Owners (services/scheduler/store/): submissions.py writes idempotency, seq,
 vendor_jobs, vendors and batch; claims.py ring, ring_members, deficit, turn and
 weights; attempts.py leases, delayed, running, counters and eta; dead_letters.py
 dead_letters; retention.py blobs; outbox.py deliveries and delivery_tries;
+webhooks.py webhook, webhooks_due and webhook_log (queued by lua.py's finish, which
+also counts batch_open down);
 signals.py listens on the two channels. The job hash, input, events and queues
 change only through the scripts of those modules and cancellation.py, each a
 documented transition that may touch other families (a dead letter leaves
@@ -31,7 +33,7 @@ from __future__ import annotations
 import string
 from typing import Final
 
-from services.common import vendor_policy
+from services.common import vendor_policy, webhook_registry
 
 PATTERNS: Final[dict[str, str]] = {
     # HASH: the job record: state, stage, progress, attempt (every start), free_attempts
@@ -92,6 +94,21 @@ PATTERNS: Final[dict[str, str]] = {
     "deliveries": "deliveries",
     # HASH: job id -> failed delivery tries so far (for backoff).
     "delivery_tries": "delivery_tries",
+    # HASH / HASH: a vendor's webhook endpoint and its signing secrets, written by the
+    # vendor registry: services/common/webhook_registry.py. The scheduler only reads them.
+    "webhook_endpoint": webhook_registry.ENDPOINT_KEY,
+    "webhook_secrets": webhook_registry.SECRETS_KEY,
+    # HASH: one webhook delivery (a job's or a batch's end): vendor, event, subject
+    # (jobs/ID or batches/ID), url, state, attempts, last status/error, times; kept
+    # WEBHOOK_KEPT_S after it ends.
+    "webhook": "webhook:{message_id}",
+    # ZSET: pending webhook delivery id -> when it is next due (ms); leased like deliveries.
+    "webhooks_due": "webhooks:due",
+    # ZSET: the vendor's webhook delivery ids -> created (ms), for `cutout webhooks list`.
+    "webhook_log": "webhooks:log:{vendor}",
+    # HASH: "{vendor}/{batch}" -> the batch's jobs not yet finished; at 0 its
+    # batch.completed webhook is queued.
+    "batch_open": "batch_open",
     # PUBSUB: published on every enqueue and requeue: dispatchers wake up.
     "wake_channel": "wake",
     # PUBSUB: job id of a cancelled running job: its dispatcher cancels the node call.
@@ -118,11 +135,19 @@ class Keys:
         self.blobs = self.of("blobs")
         self.deliveries = self.of("deliveries")
         self.delivery_tries = self.of("delivery_tries")
+        self.webhooks_due = self.of("webhooks_due")
+        self.batch_open = self.of("batch_open")
         self.wake_channel = self.of("wake_channel")
         self.cancel_channel = self.of("cancel_channel")
 
     def of(self, family: str, **fields: str) -> str:
         return self.prefix + PATTERNS[family].format(**fields)
+
+    def webhook(self, message_id: str) -> str:
+        return self.of("webhook", message_id=message_id)
+
+    def webhook_log(self, vendor: str) -> str:
+        return self.of("webhook_log", vendor=vendor)
 
     def job(self, job_id: str) -> str:
         return self.of("job", job_id=job_id)

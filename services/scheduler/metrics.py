@@ -91,6 +91,14 @@ DELIVERIES_PENDING = Gauge(
     "cutout_deliveries_pending", "Succeeded jobs whose upload or record update is still due"
 )
 
+WEBHOOK_ATTEMPTS = Counter(
+    "cutout_webhook_attempts_total",
+    "Webhook delivery attempts by vendor and outcome: delivered (2xx), retry (another "
+    "attempt is due), failed (retry window over), disabled (410: the endpoint is disabled)",
+    ["vendor", "outcome"],
+)
+WEBHOOKS_PENDING = Gauge("cutout_webhooks_pending", "Webhook deliveries not made yet")
+
 
 class QueueGauges:
     """Refreshes the cluster-wide gauges from the store's counts and the node pool."""

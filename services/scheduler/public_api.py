@@ -25,6 +25,7 @@ from services.common.identity import current_vendor
 from services.scheduler.nodes import NodePool
 from services.scheduler.storage import ResultStores, StorageError
 from services.scheduler.store import Store, ensure_succeeded
+from services.scheduler.store.webhooks import message_id_from_name
 from services.scheduler.stream_caps import StreamCaps
 
 Context = grpc.aio.ServicerContext[object, object]
@@ -120,6 +121,29 @@ class CutoutServicer(pb_grpc.CutoutServiceServicer):
         except StorageError as exc:
             # Kept by a remote store (Cloudinary): the result's uri is its URL.
             raise CutoutError(str(exc), grpc.StatusCode.FAILED_PRECONDITION) from None
+
+    async def ListWebhookDeliveries(
+        self, request: pb.ListWebhookDeliveriesRequest, context: Context
+    ) -> pb.ListWebhookDeliveriesResponse:
+        size = _page_size(request.page_size, request.page_token)
+        deliveries, token = await self.store.webhooks.page(
+            current_vendor(), size, request.page_token
+        )
+        return pb.ListWebhookDeliveriesResponse(deliveries=deliveries, next_page_token=token)
+
+    async def GetWebhookDelivery(
+        self, request: pb.GetWebhookDeliveryRequest, context: Context
+    ) -> pb.GetWebhookDeliveryResponse:
+        message_id = message_id_from_name(request.name)
+        delivery = await self.store.webhooks.get(current_vendor(), message_id)
+        return pb.GetWebhookDeliveryResponse(delivery=delivery)
+
+    async def RedeliverWebhook(
+        self, request: pb.RedeliverWebhookRequest, context: Context
+    ) -> pb.RedeliverWebhookResponse:
+        message_id = message_id_from_name(request.name)
+        delivery = await self.store.webhooks.redeliver(current_vendor(), message_id)
+        return pb.RedeliverWebhookResponse(delivery=delivery)
 
     async def GetQueueStats(
         self, request: pb.GetQueueStatsRequest, context: Context

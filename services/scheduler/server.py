@@ -30,6 +30,7 @@ from services.scheduler.settings import SchedulerSettings
 from services.scheduler.storage import LocalResultStore, ResultStores
 from services.scheduler.store import Admission, Fairness, Retention, RetryPolicy, Store
 from services.scheduler.stream_caps import StreamCaps
+from services.scheduler.webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
 # The public API's reads, watches and cancellations, and the internal enqueue API.
@@ -108,6 +109,7 @@ class SchedulerServer:
             self.writer,
             settings.delivery_retry_ms,
         )
+        self.webhooks = WebhookSender(self.work_store, settings.webhooks)
         self.gauges = QueueGauges(self.store.stats, self.pool)
         self.dispatcher = Dispatcher(
             self.work_store,
@@ -161,6 +163,7 @@ class SchedulerServer:
                 self.dispatcher.sweep_forever(min(30.0, max(0.5, self.settings.retention_s / 4)))
             ),
             asyncio.create_task(self.deliverer.run_forever()),
+            asyncio.create_task(self.webhooks.run_forever()),
             asyncio.create_task(self.gauges.refresh_forever(self.settings.metrics_interval_s)),
         ]
         serving.write_ready_file(self.settings.ready_file, self.port)

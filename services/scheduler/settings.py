@@ -16,6 +16,7 @@ from services.common.config import (
 )
 from services.common.internal_auth import InternalToken
 from services.common.serving import MiB
+from services.common.webhook_policy import WebhookPolicy
 from services.scheduler.nodes import split_entries
 
 
@@ -124,6 +125,8 @@ class SchedulerSettings:
         grace_s: CUTOUT_GRACE_S, how long a stopping scheduler lets attempts finish.
         ready_file: CUTOUT_READY_FILE, file to write the bound port to once serving.
         log_level: CUTOUT_LOG_LEVEL.
+        webhooks: CUTOUT_WEBHOOK_* (services/common/webhook_policy.py): how webhook
+            deliveries are checked, sent and retried.
         internal_token: CUTOUT_INTERNAL_TOKEN (required) and CUTOUT_INTERNAL_TOKENS_ACCEPTED:
             the shared secret of calls between the services (services/common/internal_auth.py).
     """
@@ -164,6 +167,7 @@ class SchedulerSettings:
     grace_s: float
     ready_file: str
     internal_token: InternalToken
+    webhooks: WebhookPolicy
     log_level: str
 
     @classmethod
@@ -206,6 +210,7 @@ class SchedulerSettings:
             ready_file=env_str("CUTOUT_READY_FILE", ""),
             log_level=env_str("CUTOUT_LOG_LEVEL", "INFO"),
             internal_token=InternalToken.from_env(),
+            webhooks=WebhookPolicy.from_env(),
         ).checked()
 
     def uses_cloudinary(self) -> bool:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
@@ -17,7 +18,7 @@ from rich.table import Table
 
 from cutout.client import DEFAULT_ADDR, FACE_MODES, FORMATS, AsyncClient, build_submission
 from cutout.errors import CutoutError
-from cutout.v1 import jobs_pb2
+from cutout.v1 import jobs_pb2, webhooks_pb2
 
 # soft_wrap: a line is never broken at 80 columns when output goes to a file or a pipe.
 # Messages (stderr) use markup for colour, so what comes from users and servers in them is
@@ -130,6 +131,7 @@ def _submission(
         quality=args.quality,
         priority=args.priority,
         record=record,
+        webhook_url=args.webhook,
     )
 
 
@@ -201,7 +203,7 @@ async def submit_as_batches(args: argparse.Namespace, inputs: list[str]) -> int:
                     failed += 1
             if not subs:
                 continue
-            reply = await client.submit_batch(subs)
+            reply = await client.submit_batch(subs, webhook_url=args.webhook)
             jobs: list[tuple[str, jobs_pb2.Job]] = []
             for outcome in reply.outcomes:
                 item = chunk[outcome.index]
@@ -413,6 +415,63 @@ async def cmd_dlq(args: argparse.Namespace) -> int:
     return 0
 
 
+def delivery_state(state: webhooks_pb2.WebhookDeliveryState.ValueType) -> str:
+    return webhooks_pb2.WebhookDeliveryState.Name(state).removeprefix("WEBHOOK_DELIVERY_STATE_")
+
+
+def _when(ts: Timestamp) -> str:
+    return ts.ToDatetime().strftime("%Y-%m-%d %H:%M:%S") if ts.seconds else "-"
+
+
+def describe_delivery(d: webhooks_pb2.WebhookDelivery) -> str:
+    lines = [
+        f"{d.name}  {d.event_type} of {d.subject}",
+        f"  to {d.url}",
+        f"  {delivery_state(d.state)} after {d.attempts} attempt(s), "
+        f"created {_when(d.create_time)}",
+    ]
+    if d.attempts:
+        status = f"HTTP {d.last_status_code}" if d.last_status_code else "no HTTP answer"
+        lines.append(f"  last attempt {_when(d.last_attempt_time)}: {status} {d.last_error}")
+    if d.state == webhooks_pb2.WEBHOOK_DELIVERY_STATE_PENDING:
+        lines.append(f"  next attempt {_when(d.next_attempt_time)}")
+    if d.HasField("delivered_time"):
+        lines.append(f"  delivered {_when(d.delivered_time)}")
+    return "\n".join(lines)
+
+
+async def cmd_webhooks(args: argparse.Namespace) -> int:
+    async with AsyncClient(args.addr, args.api_key, tls=tls_of(args)) as client:
+        if args.webhooks_action == "list":
+            page = await client.webhook_deliveries(args.limit, args.page_token)
+            rows = [
+                [
+                    d.name.removeprefix("webhookDeliveries/"),
+                    d.event_type,
+                    d.subject,
+                    delivery_state(d.state),
+                    str(d.attempts),
+                    str(d.last_status_code or "-"),
+                    _when(d.create_time),
+                ]
+                for d in page.deliveries
+            ]
+            header = ["delivery", "event", "subject", "state", "attempts", "last", "created"]
+            print_rows(header, rows)
+            if page.next_page_token:
+                out.print(f"more: --page-token {page.next_page_token}")
+            return 0
+        if not args.deliveries:
+            console.print(f"[red]{args.webhooks_action}[/red]: name one or more deliveries")
+            return 2
+        for name in args.deliveries:
+            if args.webhooks_action == "show":
+                out.print(describe_delivery(await client.webhook_delivery(name)))
+            else:
+                out.print(describe_delivery(await client.redeliver_webhook(name)))
+    return 0
+
+
 # --- parser ------------------------------------------------------------------------
 
 
@@ -491,6 +550,13 @@ def parser() -> argparse.ArgumentParser:
         metavar="PROJECT/RECORD",
         help="your data_records row to point at the result once it succeeds (one image)",
     )
+    s.add_argument(
+        "--webhook",
+        default="",
+        metavar="URL",
+        help="https URL notified when each job (and a --batch) finishes, instead of your "
+        "registered webhook endpoint",
+    )
     s.add_argument("--wait", action="store_true", help="show live progress and save the results")
     s.add_argument("--out", default="out", help="folder for results with --wait (default ./out)")
     s.set_defaults(run=cmd_submit)
@@ -530,6 +596,15 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("batch_action", choices=["watch", "cancel"])
     b.add_argument("name", metavar="batches/ID")
     b.set_defaults(run=cmd_batch)
+
+    w = sub.add_parser(
+        "webhooks", parents=[common], help="webhook deliveries: list, show, redeliver"
+    )
+    w.add_argument("webhooks_action", choices=["list", "show", "redeliver"])
+    w.add_argument("deliveries", nargs="*", metavar="DELIVERY", help="for show and redeliver")
+    w.add_argument("--limit", type=int, default=50)
+    w.add_argument("--page-token", default="")
+    w.set_defaults(run=cmd_webhooks)
 
     return top
 

@@ -28,7 +28,7 @@ import grpc
 from cutout.errors import CutoutError
 from cutout.v1 import cutout_service_pb2 as pb
 from cutout.v1 import cutout_service_pb2_grpc as pb_grpc
-from cutout.v1 import jobs_pb2
+from cutout.v1 import jobs_pb2, webhooks_pb2
 
 DEFAULT_ADDR = "127.0.0.1:50051"
 MAX_MESSAGE = 64 * 1024 * 1024
@@ -111,6 +111,7 @@ def build_submission(
     priority: int = 0,
     client_key: str = "",
     record: tuple[str, str] | None = None,
+    webhook_url: str = "",
 ) -> jobs_pb2.JobSubmission:
     """One JobSubmission from plain arguments (what the CLI flags map to).
 
@@ -118,7 +119,8 @@ def build_submission(
     crop_to_subject, margin, alpha_matting), "crop-face" (mode: passport,
     id-card or square) or "transform" (resize "fit"/"fill"/"", width,
     height, output_format, quality): a light job that never waits behind
-    background removals.
+    background removals. webhook_url, when given, is notified when the job finishes
+    instead of your registered webhook endpoint.
     """
     fmt = FORMATS.get(output_format)
     if fmt is None:
@@ -153,6 +155,7 @@ def build_submission(
         operation=operation,
         priority=priority,
         client_key=client_key or uuid.uuid4().hex,
+        webhook_url=webhook_url,
     )
     if record is not None:
         sub.record.project_id, sub.record.record_id = record
@@ -259,11 +262,13 @@ class AsyncClient:
         return (await self.submit_submission(build_submission(image, **options))).job
 
     async def submit_batch(
-        self, submissions: list[jobs_pb2.JobSubmission]
+        self, submissions: list[jobs_pb2.JobSubmission], webhook_url: str = ""
     ) -> pb.SubmitBatchResponse:
+        """webhook_url: notified when the batch completes, and when each item without a
+        webhook_url of its own finishes (instead of your registered endpoint)."""
         try:
             return await self._stub.SubmitBatch(
-                pb.SubmitBatchRequest(submissions=submissions),
+                pb.SubmitBatchRequest(submissions=submissions, webhook_url=webhook_url),
                 metadata=self._md,
                 timeout=self.timeout_s,
             )
@@ -392,6 +397,39 @@ class AsyncClient:
             raise CutoutError.from_rpc_error(exc) from None
         return reply.purged_count
 
+    async def webhook_deliveries(
+        self, page_size: int = 50, page_token: str = ""
+    ) -> pb.ListWebhookDeliveriesResponse:
+        """Webhook deliveries of your jobs and batches, newest first."""
+        request = pb.ListWebhookDeliveriesRequest(page_size=page_size, page_token=page_token)
+        try:
+            return await self._stub.ListWebhookDeliveries(
+                request, metadata=self._md, timeout=self.timeout_s
+            )
+        except grpc.RpcError as exc:
+            raise CutoutError.from_rpc_error(exc) from None
+
+    async def webhook_delivery(self, name: str) -> webhooks_pb2.WebhookDelivery:
+        request = pb.GetWebhookDeliveryRequest(name=name)
+        try:
+            reply = await self._stub.GetWebhookDelivery(
+                request, metadata=self._md, timeout=self.timeout_s
+            )
+        except grpc.RpcError as exc:
+            raise CutoutError.from_rpc_error(exc) from None
+        return reply.delivery
+
+    async def redeliver_webhook(self, name: str) -> webhooks_pb2.WebhookDelivery:
+        """Send a delivery again now, with the same webhook-id."""
+        request = pb.RedeliverWebhookRequest(name=name)
+        try:
+            reply = await self._stub.RedeliverWebhook(
+                request, metadata=self._md, timeout=self.timeout_s
+            )
+        except grpc.RpcError as exc:
+            raise CutoutError.from_rpc_error(exc) from None
+        return reply.delivery
+
 
 class Client:
     """Blocking client; use as `with Client(...) as c:`."""
@@ -448,8 +486,10 @@ class Client:
         """Submit one image; options as in build_submission. Returns the queued job."""
         return self.submit_submission(build_submission(image, **options)).job
 
-    def submit_batch(self, submissions: list[jobs_pb2.JobSubmission]) -> pb.SubmitBatchResponse:
-        request = pb.SubmitBatchRequest(submissions=submissions)
+    def submit_batch(
+        self, submissions: list[jobs_pb2.JobSubmission], webhook_url: str = ""
+    ) -> pb.SubmitBatchResponse:
+        request = pb.SubmitBatchRequest(submissions=submissions, webhook_url=webhook_url)
         try:
             return self._stub.SubmitBatch(request, metadata=self._md, timeout=self.timeout_s)
         except grpc.RpcError as exc:
@@ -558,5 +598,34 @@ class Client:
             return self._stub.PurgeDeadLetters(
                 request, metadata=self._md, timeout=self.timeout_s
             ).purged_count
+        except grpc.RpcError as exc:
+            raise CutoutError.from_rpc_error(exc) from None
+
+    def webhook_deliveries(
+        self, page_size: int = 50, page_token: str = ""
+    ) -> pb.ListWebhookDeliveriesResponse:
+        request = pb.ListWebhookDeliveriesRequest(page_size=page_size, page_token=page_token)
+        try:
+            return self._stub.ListWebhookDeliveries(
+                request, metadata=self._md, timeout=self.timeout_s
+            )
+        except grpc.RpcError as exc:
+            raise CutoutError.from_rpc_error(exc) from None
+
+    def webhook_delivery(self, name: str) -> webhooks_pb2.WebhookDelivery:
+        request = pb.GetWebhookDeliveryRequest(name=name)
+        try:
+            return self._stub.GetWebhookDelivery(
+                request, metadata=self._md, timeout=self.timeout_s
+            ).delivery
+        except grpc.RpcError as exc:
+            raise CutoutError.from_rpc_error(exc) from None
+
+    def redeliver_webhook(self, name: str) -> webhooks_pb2.WebhookDelivery:
+        request = pb.RedeliverWebhookRequest(name=name)
+        try:
+            return self._stub.RedeliverWebhook(
+                request, metadata=self._md, timeout=self.timeout_s
+            ).delivery
         except grpc.RpcError as exc:
             raise CutoutError.from_rpc_error(exc) from None

@@ -29,6 +29,7 @@ import { CutoutError } from "./errors.js";
 import {
   CutoutService,
   type ListJobsResponse,
+  type ListWebhookDeliveriesResponse,
   type SubmitBatchResponse,
   type SubmitJobResponse,
 } from "./gen/cutout/v1/cutout_service_pb.js";
@@ -41,6 +42,7 @@ import {
   JobSubmissionSchema,
   type Result,
 } from "./gen/cutout/v1/jobs_pb.js";
+import type { WebhookDelivery } from "./gen/cutout/v1/webhooks_pb.js";
 import { buildSubmission, type ImageInput, type SubmitOptions } from "./submission.js";
 
 export interface ClientOptions {
@@ -170,7 +172,34 @@ export class CutoutClient {
     const submissions = await Promise.all(
       items.map((item) => (isSubmission(item) ? item : buildSubmission(item, options))),
     );
-    return this.unary(control, (o) => this.rpc.submitBatch({ submissions }, o));
+    const webhookUrl = options.webhookUrl ?? "";
+    return this.unary(control, (o) => this.rpc.submitBatch({ submissions, webhookUrl }, o));
+  }
+
+  /** Webhook deliveries of your jobs and batches, newest first. */
+  listWebhookDeliveries(
+    options: { pageSize?: number; pageToken?: string } = {},
+    control: CallControl = {},
+  ): Promise<ListWebhookDeliveriesResponse> {
+    const request = { pageSize: options.pageSize ?? 50, pageToken: options.pageToken ?? "" };
+    return this.unary(control, (o) => this.rpc.listWebhookDeliveries(request, o));
+  }
+
+  async getWebhookDelivery(name: string, control: CallControl = {}): Promise<WebhookDelivery> {
+    const reply = await this.unary(control, (o) => this.rpc.getWebhookDelivery({ name }, o));
+    if (!reply.delivery) {
+      throw new CutoutError(Code.Internal, "GetWebhookDelivery answered without a delivery");
+    }
+    return reply.delivery;
+  }
+
+  /** Send a delivery again now, with the same webhook-id. */
+  async redeliverWebhook(name: string, control: CallControl = {}): Promise<WebhookDelivery> {
+    const reply = await this.unary(control, (o) => this.rpc.redeliverWebhook({ name }, o));
+    if (!reply.delivery) {
+      throw new CutoutError(Code.Internal, "RedeliverWebhook answered without a delivery");
+    }
+    return reply.delivery;
   }
 
   async getJob(name: string, control: CallControl = {}): Promise<Job> {

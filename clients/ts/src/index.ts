@@ -15,6 +15,7 @@ export {
 export { Code, CutoutError, codeName, type FieldViolation, type QuotaViolation } from "./errors.js";
 export * from "./gen/cutout/v1/cutout_service_pb.js";
 export * from "./gen/cutout/v1/jobs_pb.js";
+export * from "./gen/cutout/v1/webhooks_pb.js";
 export type { Status } from "./gen/google/rpc/status_pb.js";
 export {
   buildSubmission,
@@ -26,3 +27,9 @@ export {
   randomKey,
   type SubmitOptions,
 } from "./submission.js";
+export {
+  verifyWebhook,
+  type WebhookEvent,
+  WebhookVerificationError,
+  webhookSignature,
+} from "./webhooks.js";

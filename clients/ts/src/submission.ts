@@ -51,6 +51,8 @@ export interface SubmitOptions {
   clientKey?: string;
   /** A row in your database the result should be written to. */
   record?: { projectId: string; recordId: string };
+  /** https URL notified when the job finishes, instead of your registered webhook endpoint. */
+  webhookUrl?: string;
 }
 
 const FORMATS: Record<FormatName, OutputFormat> = {
@@ -170,5 +172,6 @@ export async function buildSubmission(
     priority: options.priority ?? 0,
     clientKey: options.clientKey || randomKey(),
     record: options.record,
+    webhookUrl: options.webhookUrl ?? "",
   });
 }

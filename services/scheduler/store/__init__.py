@@ -14,6 +14,7 @@ nothing about gRPC servers or nodes. `Store` builds all the parts:
     store.dead_letters  page, requeue, purge
     store.blobs         retention of stored outputs
     store.outbox        deliveries still due after SUCCEEDED
+    store.webhooks      webhook deliveries of finished jobs and batches
     store.signals       wake-ups and cancellations for dispatchers
 """
 
@@ -57,6 +58,7 @@ from services.scheduler.store.retention import BlobRetention
 from services.scheduler.store.signals import Signal, Signals
 from services.scheduler.store.stats import Snapshot, Stats
 from services.scheduler.store.submissions import Submissions
+from services.scheduler.store.webhooks import Webhooks
 
 __all__ = [
     "Admission",
@@ -89,6 +91,7 @@ __all__ = [
     "Store",
     "Submissions",
     "Switched",
+    "Webhooks",
     "ensure_succeeded",
     "estimate_wait_ms",
     "job_from_fields",
@@ -125,6 +128,7 @@ class Store:
         self.dead_letters = DeadLetters(redis, keys, self.jobs)
         self.outbox = Outbox(redis, keys, retention, delivery_lease_ms)
         self.signals = Signals(redis, keys)
+        self.webhooks = Webhooks(redis, keys)
 
     async def start(self) -> None:
         """Before serving: publish the configured weights; adopt vendor policies that an

@@ -39,6 +39,10 @@ redis.call('HSET', jk, 'state', STATE_QUEUED, 'stage', STAGE_QUEUED, 'progress',
   'attempt', 0, 'free_attempts', 0, 'dead_lettered', 0, 'update_ms', now)
 event(id, 'state', STATE_QUEUED, 'stage', STAGE_QUEUED, 'progress', 0, 'node', '', 'attempt', 0,
   'dead_lettered', 0, 'error', '', 'update_ms', now)
+local batch = redis.call('HGET', jk, 'batch')
+if batch and batch ~= '' then  -- open again: its batch.completed is due again when it ends
+  redis.call('HINCRBY', key.batch_open(), vendor .. '/' .. batch, 1)
+end
 enqueue_ready(id, vendor, tonumber(st[3]))
 return REQUEUED_REQUEUED
 """

@@ -10,6 +10,7 @@ prelude gives them:
   parameters in order: `key.job(job_id)`, `key.queue(lane, vendor)`;
 - PRIORITY_BAND, MAX_PRIORITY, EVENTS_KEPT, LANES (operations.LANES), and the
   vendor policy's field names POLICY_WEIGHT and POLICY_MAX_QUEUED;
+- WEBHOOK_PENDING, ... (the webhook delivery states of store/webhooks.py);
 - the helpers below, shared by every concern.
 
 Each script gets the key prefix as ARGV[1]. Every state change appends the
@@ -25,7 +26,7 @@ from enum import IntEnum
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
-from cutout.v1 import jobs_pb2
+from cutout.v1 import jobs_pb2, webhooks_pb2
 from services.common import operations, vendor_policy
 from services.scheduler.keys import (
     EVENTS_KEPT,
@@ -48,6 +49,10 @@ def constants() -> list[str]:
     other numbers and names the scripts share with Python."""
     lines = [_number(n.removeprefix("JOB_"), v) for n, v in jobs_pb2.JobState.items()]
     lines += [_number(n, v) for n, v in jobs_pb2.Stage.items()]
+    lines += [
+        _number(n.replace("WEBHOOK_DELIVERY_STATE_", "WEBHOOK_"), v)
+        for n, v in webhooks_pb2.WebhookDeliveryState.items()
+    ]
     for enum in OUTCOMES:
         lines += [_outcome(enum, member) for member in enum]
     lines += [_number("PRIORITY_BAND", PRIORITY_BAND), _number("MAX_PRIORITY", MAX_PRIORITY)]
@@ -125,6 +130,29 @@ local function count(vendor, field, n)
 end
 -- Terminal transition: SUCCEEDED, FAILED or CANCELLED with its outcome field
 -- ('result' or 'error'). Everything about the job expires after `retention` seconds.
+-- A webhook delivery of `event` about `subject` (jobs/ID, batches/ID) to url, or to
+-- the vendor's endpoint when url is ''; nothing when neither is set or the endpoint
+-- is disabled. `after`: the subject's previous delivery, sent first (order per job).
+local function queue_webhook(vendor, event_type, subject, url, after, now)
+  if url == '' then
+    local ep = redis.call('HMGET', key.webhook_endpoint(vendor), 'url', 'status')
+    if not ep[1] or ep[2] ~= 'active' then return false end
+    url = ep[1]
+  end
+  local mid = 'msg_' .. string.gsub(subject, '/', '_') .. '_' .. now
+  local mk = key.webhook(mid)
+  if redis.call('EXISTS', mk) == 1 then return mid end
+  redis.call('HSET', mk, 'vendor', vendor, 'event', event_type, 'subject', subject,
+    'url', url, 'state', WEBHOOK_PENDING, 'attempts', 0, 'create_ms', now, 'after', after or '')
+  redis.call('ZADD', key.webhooks_due(), now, mid)
+  redis.call('ZADD', key.webhook_log(vendor), now, mid)
+  return mid
+end
+local EVENT_OF = {[STATE_SUCCEEDED] = 'job.succeeded', [STATE_FAILED] = 'job.failed',
+  [STATE_CANCELLED] = 'job.cancelled'}
+-- Terminal transition: SUCCEEDED, FAILED or CANCELLED with its outcome field
+-- ('result' or 'error'). Everything about the job expires after `retention` seconds.
+-- Queues the job's webhook, and its batch's when it was the batch's last open job.
 local function finish(id, state, progress, field, value, retention)
   local now = now_ms()
   local jk = key.job(id)
@@ -134,6 +162,17 @@ local function finish(id, state, progress, field, value, retention)
     'retry_ms', 0, 'update_ms', now)
   redis.call('EXPIRE', jk, retention)
   redis.call('EXPIRE', key.events(id), retention)
+  local j = redis.call('HMGET', jk, 'vendor', 'webhook', 'batch', 'webhook_last')
+  local vendor, url, batch = j[1], j[2] or '', j[3] or ''
+  local mid = queue_webhook(vendor, EVENT_OF[tonumber(state)], 'jobs/' .. id, url, j[4], now)
+  if mid then redis.call('HSET', jk, 'webhook_last', mid) end
+  if batch ~= '' then
+    local open = redis.call('HINCRBY', key.batch_open(), vendor .. '/' .. batch, -1)
+    if open <= 0 then
+      redis.call('HDEL', key.batch_open(), vendor .. '/' .. batch)
+      queue_webhook(vendor, 'batch.completed', batch, url, false, now)
+    end
+  end
 end
 local function finish_and_free(id, state, progress, field, value, retention)
   finish(id, state, progress, field, value, retention)

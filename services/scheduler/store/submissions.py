@@ -33,7 +33,7 @@ from services.scheduler.store.outcomes import Enqueued
 
 # ARGV: prefix, id, vendor, priority, operation, record, client_key, batch,
 #       input_pixels, image, idempotency_ttl_s, cost, max_queued_vendor,
-#       max_queued_total, lane ('' or 'light:'), batch_ttl_s
+#       max_queued_total, lane ('' or 'light:'), batch_ttl_s, webhook_url
 # Returns {ENQUEUED_NEW, id, fields, rank, active, run_ms} for a new job,
 # {ENQUEUED_DEDUPLICATED, existing_id, ...the same} for a repeated idempotency key:
 # fields is the job hash (flat), rank its 0-based rank in its queue or false when
@@ -82,13 +82,15 @@ redis.call('HSET', key.job(id), 'vendor', vendor, 'state', STATE_QUEUED, 'stage'
   'progress', 0, 'priority', prio, 'attempt', 0, 'node', '', 'client_key', ck,
   'batch', ARGV[8], 'input_pixels', ARGV[9], 'operation', ARGV[5], 'record', ARGV[6],
   'seq', seq, 'score', score, 'cost', tonumber(ARGV[12]), 'create_ms', now, 'update_ms', now,
-  'lane', ARGV[15])
+  'lane', ARGV[15], 'webhook', ARGV[17])
 redis.call('SET', key.input(id), ARGV[10])
 if ARGV[8] ~= '' then
   -- The batch's members, for WatchBatch and CancelBatch; kept as long as its jobs.
   local bk = key.batch(vendor, ARGV[8])
   redis.call('SADD', bk, id)
   redis.call('EXPIRE', bk, tonumber(ARGV[16]))
+  -- Its jobs not finished yet: finish() queues batch.completed when this reaches 0.
+  redis.call('HINCRBY', key.batch_open(), vendor .. '/' .. ARGV[8], 1)
 end
 redis.call('ZADD', key.vendor_jobs(vendor), seq, id)
 redis.call('SADD', key.vendors(), vendor)
@@ -165,6 +167,7 @@ class Submissions:
             self.admission.max_queued,
             operations.lane(sub.operation),
             self.retention.finished_s + 24 * 3600,
+            sub.webhook_url,
         ]
 
     def _outcome(self, new: NewJob, reply: list[Any]) -> tuple[jobs_pb2.Job, bool] | CutoutError:

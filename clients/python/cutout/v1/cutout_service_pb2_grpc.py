@@ -104,6 +104,21 @@ class CutoutServiceStub:
                 request_serializer=cutout_dot_v1_dot_cutout__service__pb2.PurgeDeadLettersRequest.SerializeToString,
                 response_deserializer=cutout_dot_v1_dot_cutout__service__pb2.PurgeDeadLettersResponse.FromString,
                 _registered_method=True)
+        self.ListWebhookDeliveries = channel.unary_unary(
+                '/cutout.v1.CutoutService/ListWebhookDeliveries',
+                request_serializer=cutout_dot_v1_dot_cutout__service__pb2.ListWebhookDeliveriesRequest.SerializeToString,
+                response_deserializer=cutout_dot_v1_dot_cutout__service__pb2.ListWebhookDeliveriesResponse.FromString,
+                _registered_method=True)
+        self.GetWebhookDelivery = channel.unary_unary(
+                '/cutout.v1.CutoutService/GetWebhookDelivery',
+                request_serializer=cutout_dot_v1_dot_cutout__service__pb2.GetWebhookDeliveryRequest.SerializeToString,
+                response_deserializer=cutout_dot_v1_dot_cutout__service__pb2.GetWebhookDeliveryResponse.FromString,
+                _registered_method=True)
+        self.RedeliverWebhook = channel.unary_unary(
+                '/cutout.v1.CutoutService/RedeliverWebhook',
+                request_serializer=cutout_dot_v1_dot_cutout__service__pb2.RedeliverWebhookRequest.SerializeToString,
+                response_deserializer=cutout_dot_v1_dot_cutout__service__pb2.RedeliverWebhookResponse.FromString,
+                _registered_method=True)
 
 
 class CutoutServiceServicer:
@@ -207,6 +222,28 @@ class CutoutServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListWebhookDeliveries(self, request, context):
+        """Lists the webhook deliveries of the caller's jobs and batches, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetWebhookDelivery(self, request, context):
+        """Returns one webhook delivery.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RedeliverWebhook(self, request, context):
+        """Sends a webhook delivery again, now, with the same webhook-id, whatever its state
+        (a receiver that dedupes by webhook-id sees it once).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CutoutServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -274,6 +311,21 @@ def add_CutoutServiceServicer_to_server(servicer, server):
                     servicer.PurgeDeadLetters,
                     request_deserializer=cutout_dot_v1_dot_cutout__service__pb2.PurgeDeadLettersRequest.FromString,
                     response_serializer=cutout_dot_v1_dot_cutout__service__pb2.PurgeDeadLettersResponse.SerializeToString,
+            ),
+            'ListWebhookDeliveries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWebhookDeliveries,
+                    request_deserializer=cutout_dot_v1_dot_cutout__service__pb2.ListWebhookDeliveriesRequest.FromString,
+                    response_serializer=cutout_dot_v1_dot_cutout__service__pb2.ListWebhookDeliveriesResponse.SerializeToString,
+            ),
+            'GetWebhookDelivery': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetWebhookDelivery,
+                    request_deserializer=cutout_dot_v1_dot_cutout__service__pb2.GetWebhookDeliveryRequest.FromString,
+                    response_serializer=cutout_dot_v1_dot_cutout__service__pb2.GetWebhookDeliveryResponse.SerializeToString,
+            ),
+            'RedeliverWebhook': grpc.unary_unary_rpc_method_handler(
+                    servicer.RedeliverWebhook,
+                    request_deserializer=cutout_dot_v1_dot_cutout__service__pb2.RedeliverWebhookRequest.FromString,
+                    response_serializer=cutout_dot_v1_dot_cutout__service__pb2.RedeliverWebhookResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -632,6 +684,87 @@ class CutoutService:
             '/cutout.v1.CutoutService/PurgeDeadLetters',
             cutout_dot_v1_dot_cutout__service__pb2.PurgeDeadLettersRequest.SerializeToString,
             cutout_dot_v1_dot_cutout__service__pb2.PurgeDeadLettersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWebhookDeliveries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cutout.v1.CutoutService/ListWebhookDeliveries',
+            cutout_dot_v1_dot_cutout__service__pb2.ListWebhookDeliveriesRequest.SerializeToString,
+            cutout_dot_v1_dot_cutout__service__pb2.ListWebhookDeliveriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetWebhookDelivery(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cutout.v1.CutoutService/GetWebhookDelivery',
+            cutout_dot_v1_dot_cutout__service__pb2.GetWebhookDeliveryRequest.SerializeToString,
+            cutout_dot_v1_dot_cutout__service__pb2.GetWebhookDeliveryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RedeliverWebhook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cutout.v1.CutoutService/RedeliverWebhook',
+            cutout_dot_v1_dot_cutout__service__pb2.RedeliverWebhookRequest.SerializeToString,
+            cutout_dot_v1_dot_cutout__service__pb2.RedeliverWebhookResponse.FromString,
             options,
             channel_credentials,
             insecure,

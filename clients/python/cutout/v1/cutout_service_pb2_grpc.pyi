@@ -68,6 +68,14 @@ class CutoutServiceStub:
     """Puts a dead-lettered job back in its queue with fresh retries."""
     PurgeDeadLetters: _grpc.UnaryUnaryMultiCallable[_cutout_service_pb2.PurgeDeadLettersRequest, _cutout_service_pb2.PurgeDeadLettersResponse]
     """Drops dead-lettered jobs for good (their inputs are deleted; the jobs stay FAILED)."""
+    ListWebhookDeliveries: _grpc.UnaryUnaryMultiCallable[_cutout_service_pb2.ListWebhookDeliveriesRequest, _cutout_service_pb2.ListWebhookDeliveriesResponse]
+    """Lists the webhook deliveries of the caller's jobs and batches, newest first."""
+    GetWebhookDelivery: _grpc.UnaryUnaryMultiCallable[_cutout_service_pb2.GetWebhookDeliveryRequest, _cutout_service_pb2.GetWebhookDeliveryResponse]
+    """Returns one webhook delivery."""
+    RedeliverWebhook: _grpc.UnaryUnaryMultiCallable[_cutout_service_pb2.RedeliverWebhookRequest, _cutout_service_pb2.RedeliverWebhookResponse]
+    """Sends a webhook delivery again, now, with the same webhook-id, whatever its state
+    (a receiver that dedupes by webhook-id sees it once).
+    """
 
 @_typing.type_check_only
 class CutoutServiceAsyncStub(CutoutServiceStub):
@@ -109,6 +117,14 @@ class CutoutServiceAsyncStub(CutoutServiceStub):
     """Puts a dead-lettered job back in its queue with fresh retries."""
     PurgeDeadLetters: _aio.UnaryUnaryMultiCallable[_cutout_service_pb2.PurgeDeadLettersRequest, _cutout_service_pb2.PurgeDeadLettersResponse]  # type: ignore[assignment]
     """Drops dead-lettered jobs for good (their inputs are deleted; the jobs stay FAILED)."""
+    ListWebhookDeliveries: _aio.UnaryUnaryMultiCallable[_cutout_service_pb2.ListWebhookDeliveriesRequest, _cutout_service_pb2.ListWebhookDeliveriesResponse]  # type: ignore[assignment]
+    """Lists the webhook deliveries of the caller's jobs and batches, newest first."""
+    GetWebhookDelivery: _aio.UnaryUnaryMultiCallable[_cutout_service_pb2.GetWebhookDeliveryRequest, _cutout_service_pb2.GetWebhookDeliveryResponse]  # type: ignore[assignment]
+    """Returns one webhook delivery."""
+    RedeliverWebhook: _aio.UnaryUnaryMultiCallable[_cutout_service_pb2.RedeliverWebhookRequest, _cutout_service_pb2.RedeliverWebhookResponse]  # type: ignore[assignment]
+    """Sends a webhook delivery again, now, with the same webhook-id, whatever its state
+    (a receiver that dedupes by webhook-id sees it once).
+    """
 
 class CutoutServiceServicer(metaclass=_abc_1.ABCMeta):
     """The public API. Clients call it on the gateway, which authenticates the
@@ -225,5 +241,31 @@ class CutoutServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_cutout_service_pb2.PurgeDeadLettersResponse, _abc.Awaitable[_cutout_service_pb2.PurgeDeadLettersResponse]]:
         """Drops dead-lettered jobs for good (their inputs are deleted; the jobs stay FAILED)."""
+
+    @_abc_1.abstractmethod
+    def ListWebhookDeliveries(
+        self,
+        request: _cutout_service_pb2.ListWebhookDeliveriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cutout_service_pb2.ListWebhookDeliveriesResponse, _abc.Awaitable[_cutout_service_pb2.ListWebhookDeliveriesResponse]]:
+        """Lists the webhook deliveries of the caller's jobs and batches, newest first."""
+
+    @_abc_1.abstractmethod
+    def GetWebhookDelivery(
+        self,
+        request: _cutout_service_pb2.GetWebhookDeliveryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cutout_service_pb2.GetWebhookDeliveryResponse, _abc.Awaitable[_cutout_service_pb2.GetWebhookDeliveryResponse]]:
+        """Returns one webhook delivery."""
+
+    @_abc_1.abstractmethod
+    def RedeliverWebhook(
+        self,
+        request: _cutout_service_pb2.RedeliverWebhookRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cutout_service_pb2.RedeliverWebhookResponse, _abc.Awaitable[_cutout_service_pb2.RedeliverWebhookResponse]]:
+        """Sends a webhook delivery again, now, with the same webhook-id, whatever its state
+        (a receiver that dedupes by webhook-id sees it once).
+        """
 
 def add_CutoutServiceServicer_to_server(servicer: CutoutServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -493,11 +493,16 @@ class JobSubmission(_message.Message):
     PRIORITY_FIELD_NUMBER: _builtins.int
     CLIENT_KEY_FIELD_NUMBER: _builtins.int
     RECORD_FIELD_NUMBER: _builtins.int
+    WEBHOOK_URL_FIELD_NUMBER: _builtins.int
     priority: _builtins.int
     """0 (default) to 9; higher runs first within the vendor's own queue."""
     client_key: _builtins.str
     """Optional idempotency key, at most 128 printable ASCII characters: a
     second submission with the same key returns the first job.
+    """
+    webhook_url: _builtins.str
+    """Optional https URL to notify when the job finishes, instead of the vendor's
+    registered webhook endpoint; checked like image URLs (no private addresses).
     """
     @_builtins.property
     def image(self) -> Global___ImageSource:
@@ -519,10 +524,11 @@ class JobSubmission(_message.Message):
         priority: _builtins.int = ...,
         client_key: _builtins.str = ...,
         record: Global___RecordRef | None = ...,
+        webhook_url: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "operation", b"operation", "record", b"record"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_key", b"client_key", "image", b"image", "operation", b"operation", "priority", b"priority", "record", b"record"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_key", b"client_key", "image", b"image", "operation", b"operation", "priority", b"priority", "record", b"record", "webhook_url", b"webhook_url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

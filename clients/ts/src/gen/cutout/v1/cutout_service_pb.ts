@@ -6,6 +6,8 @@ import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegen
 import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { BatchProgress, Job, JobEvent, JobState, JobSubmission, QueueStats, Result } from "./jobs_pb.js";
 import { file_cutout_v1_jobs } from "./jobs_pb.js";
+import type { WebhookDelivery } from "./webhooks_pb.js";
+import { file_cutout_v1_webhooks } from "./webhooks_pb.js";
 import type { Status } from "../../google/rpc/status_pb.js";
 import { file_google_rpc_status } from "../../google/rpc/status_pb.js";
 import type { Message } from "@bufbuild/protobuf";
@@ -14,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file cutout/v1/cutout_service.proto.
  */
 export const file_cutout_v1_cutout_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch5jdXRvdXQvdjEvY3V0b3V0X3NlcnZpY2UucHJvdG8SCWN1dG91dC52MSJAChBTdWJtaXRKb2JSZXF1ZXN0EiwKCnN1Ym1pc3Npb24YASABKAsyGC5jdXRvdXQudjEuSm9iU3VibWlzc2lvbiJGChFTdWJtaXRKb2JSZXNwb25zZRIbCgNqb2IYASABKAsyDi5jdXRvdXQudjEuSm9iEhQKDGRlZHVwbGljYXRlZBgCIAEoCCJDChJTdWJtaXRCYXRjaFJlcXVlc3QSLQoLc3VibWlzc2lvbnMYASADKAsyGC5jdXRvdXQudjEuSm9iU3VibWlzc2lvbiJwChBCYXRjaEl0ZW1PdXRjb21lEg0KBWluZGV4GAEgASgFEh0KA2pvYhgCIAEoCzIOLmN1dG91dC52MS5Kb2JIABIjCgVlcnJvchgDIAEoCzISLmdvb2dsZS5ycGMuU3RhdHVzSABCCQoHb3V0Y29tZSJTChNTdWJtaXRCYXRjaFJlc3BvbnNlEg0KBWJhdGNoGAEgASgJEi0KCG91dGNvbWVzGAIgAygLMhsuY3V0b3V0LnYxLkJhdGNoSXRlbU91dGNvbWUiIQoRV2F0Y2hCYXRjaFJlcXVlc3QSDAoEbmFtZRgBIAEoCSI9ChJXYXRjaEJhdGNoUmVzcG9uc2USJwoFYmF0Y2gYASABKAsyGC5jdXRvdXQudjEuQmF0Y2hQcm9ncmVzcyIiChJDYW5jZWxCYXRjaFJlcXVlc3QSDAoEbmFtZRgBIAEoCSJRChNDYW5jZWxCYXRjaFJlc3BvbnNlEhEKCWNhbmNlbGxlZBgBIAEoBRInCgViYXRjaBgCIAEoCzIYLmN1dG91dC52MS5CYXRjaFByb2dyZXNzIh0KDUdldEpvYlJlcXVlc3QSDAoEbmFtZRgBIAEoCSItCg5HZXRKb2JSZXNwb25zZRIbCgNqb2IYASABKAsyDi5jdXRvdXQudjEuSm9iIh8KD1dhdGNoSm9iUmVxdWVzdBIMCgRuYW1lGAEgASgJIjYKEFdhdGNoSm9iUmVzcG9uc2USIgoFZXZlbnQYASABKAsyEy5jdXRvdXQudjEuSm9iRXZlbnQiXAoPTGlzdEpvYnNSZXF1ZXN0EiIKBXN0YXRlGAEgASgOMhMuY3V0b3V0LnYxLkpvYlN0YXRlEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJIkkKEExpc3RKb2JzUmVzcG9uc2USHAoEam9icxgBIAMoCzIOLmN1dG91dC52MS5Kb2ISFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIiAKEENhbmNlbEpvYlJlcXVlc3QSDAoEbmFtZRgBIAEoCSIwChFDYW5jZWxKb2JSZXNwb25zZRIbCgNqb2IYASABKAsyDi5jdXRvdXQudjEuSm9iIiAKEEdldFJlc3VsdFJlcXVlc3QSDAoEbmFtZRgBIAEoCSJFChFHZXRSZXN1bHRSZXNwb25zZRIhCgZyZXN1bHQYASABKAsyES5jdXRvdXQudjEuUmVzdWx0Eg0KBWNodW5rGAIgASgMIhYKFEdldFF1ZXVlU3RhdHNSZXF1ZXN0Ij0KFUdldFF1ZXVlU3RhdHNSZXNwb25zZRIkCgVzdGF0cxgBIAEoCzIVLmN1dG91dC52MS5RdWV1ZVN0YXRzIj8KFkxpc3REZWFkTGV0dGVyc1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgFEhIKCnBhZ2VfdG9rZW4YAiABKAkiUAoXTGlzdERlYWRMZXR0ZXJzUmVzcG9uc2USHAoEam9icxgBIAMoCzIOLmN1dG91dC52MS5Kb2ISFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIigKGFJlcXVldWVEZWFkTGV0dGVyUmVxdWVzdBIMCgRuYW1lGAEgASgJIjgKGVJlcXVldWVEZWFkTGV0dGVyUmVzcG9uc2USGwoDam9iGAEgASgLMg4uY3V0b3V0LnYxLkpvYiI1ChdQdXJnZURlYWRMZXR0ZXJzUmVxdWVzdBINCgVuYW1lcxgBIAMoCRILCgNhbGwYAiABKAgiMAoYUHVyZ2VEZWFkTGV0dGVyc1Jlc3BvbnNlEhQKDHB1cmdlZF9jb3VudBgBIAEoBTKrCAoNQ3V0b3V0U2VydmljZRJGCglTdWJtaXRKb2ISGy5jdXRvdXQudjEuU3VibWl0Sm9iUmVxdWVzdBocLmN1dG91dC52MS5TdWJtaXRKb2JSZXNwb25zZRJMCgtTdWJtaXRCYXRjaBIdLmN1dG91dC52MS5TdWJtaXRCYXRjaFJlcXVlc3QaHi5jdXRvdXQudjEuU3VibWl0QmF0Y2hSZXNwb25zZRJQCgpXYXRjaEJhdGNoEhwuY3V0b3V0LnYxLldhdGNoQmF0Y2hSZXF1ZXN0Gh0uY3V0b3V0LnYxLldhdGNoQmF0Y2hSZXNwb25zZSIDkAIBMAESTAoLQ2FuY2VsQmF0Y2gSHS5jdXRvdXQudjEuQ2FuY2VsQmF0Y2hSZXF1ZXN0Gh4uY3V0b3V0LnYxLkNhbmNlbEJhdGNoUmVzcG9uc2USQgoGR2V0Sm9iEhguY3V0b3V0LnYxLkdldEpvYlJlcXVlc3QaGS5jdXRvdXQudjEuR2V0Sm9iUmVzcG9uc2UiA5ACARJKCghXYXRjaEpvYhIaLmN1dG91dC52MS5XYXRjaEpvYlJlcXVlc3QaGy5jdXRvdXQudjEuV2F0Y2hKb2JSZXNwb25zZSIDkAIBMAESSAoITGlzdEpvYnMSGi5jdXRvdXQudjEuTGlzdEpvYnNSZXF1ZXN0GhsuY3V0b3V0LnYxLkxpc3RKb2JzUmVzcG9uc2UiA5ACARJGCglDYW5jZWxKb2ISGy5jdXRvdXQudjEuQ2FuY2VsSm9iUmVxdWVzdBocLmN1dG91dC52MS5DYW5jZWxKb2JSZXNwb25zZRJNCglHZXRSZXN1bHQSGy5jdXRvdXQudjEuR2V0UmVzdWx0UmVxdWVzdBocLmN1dG91dC52MS5HZXRSZXN1bHRSZXNwb25zZSIDkAIBMAESVwoNR2V0UXVldWVTdGF0cxIfLmN1dG91dC52MS5HZXRRdWV1ZVN0YXRzUmVxdWVzdBogLmN1dG91dC52MS5HZXRRdWV1ZVN0YXRzUmVzcG9uc2UiA5ACARJdCg9MaXN0RGVhZExldHRlcnMSIS5jdXRvdXQudjEuTGlzdERlYWRMZXR0ZXJzUmVxdWVzdBoiLmN1dG91dC52MS5MaXN0RGVhZExldHRlcnNSZXNwb25zZSIDkAIBEl4KEVJlcXVldWVEZWFkTGV0dGVyEiMuY3V0b3V0LnYxLlJlcXVldWVEZWFkTGV0dGVyUmVxdWVzdBokLmN1dG91dC52MS5SZXF1ZXVlRGVhZExldHRlclJlc3BvbnNlElsKEFB1cmdlRGVhZExldHRlcnMSIi5jdXRvdXQudjEuUHVyZ2VEZWFkTGV0dGVyc1JlcXVlc3QaIy5jdXRvdXQudjEuUHVyZ2VEZWFkTGV0dGVyc1Jlc3BvbnNlYgZwcm90bzM", [file_cutout_v1_jobs, file_google_rpc_status]);
+  fileDesc("Ch5jdXRvdXQvdjEvY3V0b3V0X3NlcnZpY2UucHJvdG8SCWN1dG91dC52MSJAChBTdWJtaXRKb2JSZXF1ZXN0EiwKCnN1Ym1pc3Npb24YASABKAsyGC5jdXRvdXQudjEuSm9iU3VibWlzc2lvbiJGChFTdWJtaXRKb2JSZXNwb25zZRIbCgNqb2IYASABKAsyDi5jdXRvdXQudjEuSm9iEhQKDGRlZHVwbGljYXRlZBgCIAEoCCJYChJTdWJtaXRCYXRjaFJlcXVlc3QSLQoLc3VibWlzc2lvbnMYASADKAsyGC5jdXRvdXQudjEuSm9iU3VibWlzc2lvbhITCgt3ZWJob29rX3VybBgCIAEoCSJwChBCYXRjaEl0ZW1PdXRjb21lEg0KBWluZGV4GAEgASgFEh0KA2pvYhgCIAEoCzIOLmN1dG91dC52MS5Kb2JIABIjCgVlcnJvchgDIAEoCzISLmdvb2dsZS5ycGMuU3RhdHVzSABCCQoHb3V0Y29tZSJTChNTdWJtaXRCYXRjaFJlc3BvbnNlEg0KBWJhdGNoGAEgASgJEi0KCG91dGNvbWVzGAIgAygLMhsuY3V0b3V0LnYxLkJhdGNoSXRlbU91dGNvbWUiIQoRV2F0Y2hCYXRjaFJlcXVlc3QSDAoEbmFtZRgBIAEoCSI9ChJXYXRjaEJhdGNoUmVzcG9uc2USJwoFYmF0Y2gYASABKAsyGC5jdXRvdXQudjEuQmF0Y2hQcm9ncmVzcyIiChJDYW5jZWxCYXRjaFJlcXVlc3QSDAoEbmFtZRgBIAEoCSJRChNDYW5jZWxCYXRjaFJlc3BvbnNlEhEKCWNhbmNlbGxlZBgBIAEoBRInCgViYXRjaBgCIAEoCzIYLmN1dG91dC52MS5CYXRjaFByb2dyZXNzIh0KDUdldEpvYlJlcXVlc3QSDAoEbmFtZRgBIAEoCSItCg5HZXRKb2JSZXNwb25zZRIbCgNqb2IYASABKAsyDi5jdXRvdXQudjEuSm9iIh8KD1dhdGNoSm9iUmVxdWVzdBIMCgRuYW1lGAEgASgJIjYKEFdhdGNoSm9iUmVzcG9uc2USIgoFZXZlbnQYASABKAsyEy5jdXRvdXQudjEuSm9iRXZlbnQiXAoPTGlzdEpvYnNSZXF1ZXN0EiIKBXN0YXRlGAEgASgOMhMuY3V0b3V0LnYxLkpvYlN0YXRlEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJIkkKEExpc3RKb2JzUmVzcG9uc2USHAoEam9icxgBIAMoCzIOLmN1dG91dC52MS5Kb2ISFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIiAKEENhbmNlbEpvYlJlcXVlc3QSDAoEbmFtZRgBIAEoCSIwChFDYW5jZWxKb2JSZXNwb25zZRIbCgNqb2IYASABKAsyDi5jdXRvdXQudjEuSm9iIiAKEEdldFJlc3VsdFJlcXVlc3QSDAoEbmFtZRgBIAEoCSJFChFHZXRSZXN1bHRSZXNwb25zZRIhCgZyZXN1bHQYASABKAsyES5jdXRvdXQudjEuUmVzdWx0Eg0KBWNodW5rGAIgASgMIhYKFEdldFF1ZXVlU3RhdHNSZXF1ZXN0Ij0KFUdldFF1ZXVlU3RhdHNSZXNwb25zZRIkCgVzdGF0cxgBIAEoCzIVLmN1dG91dC52MS5RdWV1ZVN0YXRzIj8KFkxpc3REZWFkTGV0dGVyc1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgFEhIKCnBhZ2VfdG9rZW4YAiABKAkiUAoXTGlzdERlYWRMZXR0ZXJzUmVzcG9uc2USHAoEam9icxgBIAMoCzIOLmN1dG91dC52MS5Kb2ISFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIigKGFJlcXVldWVEZWFkTGV0dGVyUmVxdWVzdBIMCgRuYW1lGAEgASgJIjgKGVJlcXVldWVEZWFkTGV0dGVyUmVzcG9uc2USGwoDam9iGAEgASgLMg4uY3V0b3V0LnYxLkpvYiI1ChdQdXJnZURlYWRMZXR0ZXJzUmVxdWVzdBINCgVuYW1lcxgBIAMoCRILCgNhbGwYAiABKAgiMAoYUHVyZ2VEZWFkTGV0dGVyc1Jlc3BvbnNlEhQKDHB1cmdlZF9jb3VudBgBIAEoBSJFChxMaXN0V2ViaG9va0RlbGl2ZXJpZXNSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoBRISCgpwYWdlX3Rva2VuGAIgASgJImgKHUxpc3RXZWJob29rRGVsaXZlcmllc1Jlc3BvbnNlEi4KCmRlbGl2ZXJpZXMYASADKAsyGi5jdXRvdXQudjEuV2ViaG9va0RlbGl2ZXJ5EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIpChlHZXRXZWJob29rRGVsaXZlcnlSZXF1ZXN0EgwKBG5hbWUYASABKAkiSgoaR2V0V2ViaG9va0RlbGl2ZXJ5UmVzcG9uc2USLAoIZGVsaXZlcnkYASABKAsyGi5jdXRvdXQudjEuV2ViaG9va0RlbGl2ZXJ5IicKF1JlZGVsaXZlcldlYmhvb2tSZXF1ZXN0EgwKBG5hbWUYASABKAkiSAoYUmVkZWxpdmVyV2ViaG9va1Jlc3BvbnNlEiwKCGRlbGl2ZXJ5GAEgASgLMhouY3V0b3V0LnYxLldlYmhvb2tEZWxpdmVyeTLhCgoNQ3V0b3V0U2VydmljZRJGCglTdWJtaXRKb2ISGy5jdXRvdXQudjEuU3VibWl0Sm9iUmVxdWVzdBocLmN1dG91dC52MS5TdWJtaXRKb2JSZXNwb25zZRJMCgtTdWJtaXRCYXRjaBIdLmN1dG91dC52MS5TdWJtaXRCYXRjaFJlcXVlc3QaHi5jdXRvdXQudjEuU3VibWl0QmF0Y2hSZXNwb25zZRJQCgpXYXRjaEJhdGNoEhwuY3V0b3V0LnYxLldhdGNoQmF0Y2hSZXF1ZXN0Gh0uY3V0b3V0LnYxLldhdGNoQmF0Y2hSZXNwb25zZSIDkAIBMAESTAoLQ2FuY2VsQmF0Y2gSHS5jdXRvdXQudjEuQ2FuY2VsQmF0Y2hSZXF1ZXN0Gh4uY3V0b3V0LnYxLkNhbmNlbEJhdGNoUmVzcG9uc2USQgoGR2V0Sm9iEhguY3V0b3V0LnYxLkdldEpvYlJlcXVlc3QaGS5jdXRvdXQudjEuR2V0Sm9iUmVzcG9uc2UiA5ACARJKCghXYXRjaEpvYhIaLmN1dG91dC52MS5XYXRjaEpvYlJlcXVlc3QaGy5jdXRvdXQudjEuV2F0Y2hKb2JSZXNwb25zZSIDkAIBMAESSAoITGlzdEpvYnMSGi5jdXRvdXQudjEuTGlzdEpvYnNSZXF1ZXN0GhsuY3V0b3V0LnYxLkxpc3RKb2JzUmVzcG9uc2UiA5ACARJGCglDYW5jZWxKb2ISGy5jdXRvdXQudjEuQ2FuY2VsSm9iUmVxdWVzdBocLmN1dG91dC52MS5DYW5jZWxKb2JSZXNwb25zZRJNCglHZXRSZXN1bHQSGy5jdXRvdXQudjEuR2V0UmVzdWx0UmVxdWVzdBocLmN1dG91dC52MS5HZXRSZXN1bHRSZXNwb25zZSIDkAIBMAESVwoNR2V0UXVldWVTdGF0cxIfLmN1dG91dC52MS5HZXRRdWV1ZVN0YXRzUmVxdWVzdBogLmN1dG91dC52MS5HZXRRdWV1ZVN0YXRzUmVzcG9uc2UiA5ACARJdCg9MaXN0RGVhZExldHRlcnMSIS5jdXRvdXQudjEuTGlzdERlYWRMZXR0ZXJzUmVxdWVzdBoiLmN1dG91dC52MS5MaXN0RGVhZExldHRlcnNSZXNwb25zZSIDkAIBEl4KEVJlcXVldWVEZWFkTGV0dGVyEiMuY3V0b3V0LnYxLlJlcXVldWVEZWFkTGV0dGVyUmVxdWVzdBokLmN1dG91dC52MS5SZXF1ZXVlRGVhZExldHRlclJlc3BvbnNlElsKEFB1cmdlRGVhZExldHRlcnMSIi5jdXRvdXQudjEuUHVyZ2VEZWFkTGV0dGVyc1JlcXVlc3QaIy5jdXRvdXQudjEuUHVyZ2VEZWFkTGV0dGVyc1Jlc3BvbnNlEm8KFUxpc3RXZWJob29rRGVsaXZlcmllcxInLmN1dG91dC52MS5MaXN0V2ViaG9va0RlbGl2ZXJpZXNSZXF1ZXN0GiguY3V0b3V0LnYxLkxpc3RXZWJob29rRGVsaXZlcmllc1Jlc3BvbnNlIgOQAgESZgoSR2V0V2ViaG9va0RlbGl2ZXJ5EiQuY3V0b3V0LnYxLkdldFdlYmhvb2tEZWxpdmVyeVJlcXVlc3QaJS5jdXRvdXQudjEuR2V0V2ViaG9va0RlbGl2ZXJ5UmVzcG9uc2UiA5ACARJbChBSZWRlbGl2ZXJXZWJob29rEiIuY3V0b3V0LnYxLlJlZGVsaXZlcldlYmhvb2tSZXF1ZXN0GiMuY3V0b3V0LnYxLlJlZGVsaXZlcldlYmhvb2tSZXNwb25zZWIGcHJvdG8z", [file_cutout_v1_jobs, file_cutout_v1_webhooks, file_google_rpc_status]);
 
 /**
  * Request for SubmitJob.
@@ -78,6 +80,14 @@ export type SubmitBatchRequest = Message<"cutout.v1.SubmitBatchRequest"> & {
    * @generated from field: repeated cutout.v1.JobSubmission submissions = 1;
    */
   submissions: JobSubmission[];
+
+  /**
+   * Optional https URL for the batch.completed webhook and for every item that
+   * names no webhook_url of its own, instead of the vendor's registered endpoint.
+   *
+   * @generated from field: string webhook_url = 2;
+   */
+  webhookUrl: string;
 };
 
 /**
@@ -672,6 +682,146 @@ export const PurgeDeadLettersResponseSchema: GenMessage<PurgeDeadLettersResponse
   messageDesc(file_cutout_v1_cutout_service, 26);
 
 /**
+ * Request for ListWebhookDeliveries.
+ *
+ * @generated from message cutout.v1.ListWebhookDeliveriesRequest
+ */
+export type ListWebhookDeliveriesRequest = Message<"cutout.v1.ListWebhookDeliveriesRequest"> & {
+  /**
+   * 1-500 deliveries per page; 50 when 0.
+   *
+   * @generated from field: int32 page_size = 1;
+   */
+  pageSize: number;
+
+  /**
+   * next_page_token from the previous page, or empty for the first page.
+   *
+   * @generated from field: string page_token = 2;
+   */
+  pageToken: string;
+};
+
+/**
+ * Describes the message cutout.v1.ListWebhookDeliveriesRequest.
+ * Use `create(ListWebhookDeliveriesRequestSchema)` to create a new message.
+ */
+export const ListWebhookDeliveriesRequestSchema: GenMessage<ListWebhookDeliveriesRequest> = /*@__PURE__*/
+  messageDesc(file_cutout_v1_cutout_service, 27);
+
+/**
+ * Response for ListWebhookDeliveries.
+ *
+ * @generated from message cutout.v1.ListWebhookDeliveriesResponse
+ */
+export type ListWebhookDeliveriesResponse = Message<"cutout.v1.ListWebhookDeliveriesResponse"> & {
+  /**
+   * The page of deliveries, newest first.
+   *
+   * @generated from field: repeated cutout.v1.WebhookDelivery deliveries = 1;
+   */
+  deliveries: WebhookDelivery[];
+
+  /**
+   * Token for the next page; empty on the last page.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message cutout.v1.ListWebhookDeliveriesResponse.
+ * Use `create(ListWebhookDeliveriesResponseSchema)` to create a new message.
+ */
+export const ListWebhookDeliveriesResponseSchema: GenMessage<ListWebhookDeliveriesResponse> = /*@__PURE__*/
+  messageDesc(file_cutout_v1_cutout_service, 28);
+
+/**
+ * Request for GetWebhookDelivery.
+ *
+ * @generated from message cutout.v1.GetWebhookDeliveryRequest
+ */
+export type GetWebhookDeliveryRequest = Message<"cutout.v1.GetWebhookDeliveryRequest"> & {
+  /**
+   * "webhookDeliveries/{id}" (a bare id is accepted too).
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+};
+
+/**
+ * Describes the message cutout.v1.GetWebhookDeliveryRequest.
+ * Use `create(GetWebhookDeliveryRequestSchema)` to create a new message.
+ */
+export const GetWebhookDeliveryRequestSchema: GenMessage<GetWebhookDeliveryRequest> = /*@__PURE__*/
+  messageDesc(file_cutout_v1_cutout_service, 29);
+
+/**
+ * Response for GetWebhookDelivery.
+ *
+ * @generated from message cutout.v1.GetWebhookDeliveryResponse
+ */
+export type GetWebhookDeliveryResponse = Message<"cutout.v1.GetWebhookDeliveryResponse"> & {
+  /**
+   * The delivery.
+   *
+   * @generated from field: cutout.v1.WebhookDelivery delivery = 1;
+   */
+  delivery?: WebhookDelivery | undefined;
+};
+
+/**
+ * Describes the message cutout.v1.GetWebhookDeliveryResponse.
+ * Use `create(GetWebhookDeliveryResponseSchema)` to create a new message.
+ */
+export const GetWebhookDeliveryResponseSchema: GenMessage<GetWebhookDeliveryResponse> = /*@__PURE__*/
+  messageDesc(file_cutout_v1_cutout_service, 30);
+
+/**
+ * Request for RedeliverWebhook.
+ *
+ * @generated from message cutout.v1.RedeliverWebhookRequest
+ */
+export type RedeliverWebhookRequest = Message<"cutout.v1.RedeliverWebhookRequest"> & {
+  /**
+   * "webhookDeliveries/{id}" (a bare id is accepted too).
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+};
+
+/**
+ * Describes the message cutout.v1.RedeliverWebhookRequest.
+ * Use `create(RedeliverWebhookRequestSchema)` to create a new message.
+ */
+export const RedeliverWebhookRequestSchema: GenMessage<RedeliverWebhookRequest> = /*@__PURE__*/
+  messageDesc(file_cutout_v1_cutout_service, 31);
+
+/**
+ * Response for RedeliverWebhook.
+ *
+ * @generated from message cutout.v1.RedeliverWebhookResponse
+ */
+export type RedeliverWebhookResponse = Message<"cutout.v1.RedeliverWebhookResponse"> & {
+  /**
+   * The delivery, PENDING and due now.
+   *
+   * @generated from field: cutout.v1.WebhookDelivery delivery = 1;
+   */
+  delivery?: WebhookDelivery | undefined;
+};
+
+/**
+ * Describes the message cutout.v1.RedeliverWebhookResponse.
+ * Use `create(RedeliverWebhookResponseSchema)` to create a new message.
+ */
+export const RedeliverWebhookResponseSchema: GenMessage<RedeliverWebhookResponse> = /*@__PURE__*/
+  messageDesc(file_cutout_v1_cutout_service, 32);
+
+/**
  * The public API. Clients call it on the gateway, which authenticates the
  * vendor, takes its quotas, and serves SubmitJob and SubmitBatch itself; the
  * scheduler serves every other method, relayed by the gateway unchanged. Every
@@ -812,6 +962,37 @@ export const CutoutService: GenService<{
     methodKind: "unary";
     input: typeof PurgeDeadLettersRequestSchema;
     output: typeof PurgeDeadLettersResponseSchema;
+  },
+  /**
+   * Lists the webhook deliveries of the caller's jobs and batches, newest first.
+   *
+   * @generated from rpc cutout.v1.CutoutService.ListWebhookDeliveries
+   */
+  listWebhookDeliveries: {
+    methodKind: "unary";
+    input: typeof ListWebhookDeliveriesRequestSchema;
+    output: typeof ListWebhookDeliveriesResponseSchema;
+  },
+  /**
+   * Returns one webhook delivery.
+   *
+   * @generated from rpc cutout.v1.CutoutService.GetWebhookDelivery
+   */
+  getWebhookDelivery: {
+    methodKind: "unary";
+    input: typeof GetWebhookDeliveryRequestSchema;
+    output: typeof GetWebhookDeliveryResponseSchema;
+  },
+  /**
+   * Sends a webhook delivery again, now, with the same webhook-id, whatever its state
+   * (a receiver that dedupes by webhook-id sees it once).
+   *
+   * @generated from rpc cutout.v1.CutoutService.RedeliverWebhook
+   */
+  redeliverWebhook: {
+    methodKind: "unary";
+    input: typeof RedeliverWebhookRequestSchema;
+    output: typeof RedeliverWebhookResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_cutout_v1_cutout_service, 0);

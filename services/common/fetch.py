@@ -178,7 +178,7 @@ async def system_resolve(host: str, port: int) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
-class _Pinned(AbstractResolver):
+class Pinned(AbstractResolver):
     """Hands aiohttp the addresses already checked, and nothing else."""
 
     def __init__(self, host: str, addresses: list[IPAddress]) -> None:
@@ -265,7 +265,7 @@ class Fetcher:
         self._resolve = resolve
         self.slots = FetchSlots(policy.fetches_per_vendor, policy.fetches)
 
-    def _refuse(self, field_path: str, url: str, why: str) -> CutoutError:
+    def refuse(self, field_path: str, url: str, why: str) -> CutoutError:
         description = f"cannot fetch {url!r}: {why}"
         return CutoutError(
             f"{field_path}: {description}",
@@ -279,29 +279,29 @@ class Fetcher:
             parts = urlsplit(url)
             port = parts.port
         except ValueError as exc:
-            raise self._refuse(field_path, url, f"not a valid URL ({exc})") from None
+            raise self.refuse(field_path, url, f"not a valid URL ({exc})") from None
         schemes = ("https", "http") if self.policy.allow_http else ("https",)
         if parts.scheme not in schemes:
-            raise self._refuse(field_path, url, f"only {' and '.join(schemes)} URLs are fetched")
+            raise self.refuse(field_path, url, f"only {' and '.join(schemes)} URLs are fetched")
         if parts.username is not None or parts.password is not None:
-            raise self._refuse(field_path, url, "credentials in URLs are not accepted")
+            raise self.refuse(field_path, url, "credentials in URLs are not accepted")
         host = parts.hostname
         if not host:
-            raise self._refuse(field_path, url, "the URL has no host")
+            raise self.refuse(field_path, url, "the URL has no host")
         port = port or (443 if parts.scheme == "https" else 80)
         try:
             found = await self._resolve(host, port)
         except (OSError, UnicodeError) as exc:
-            raise self._refuse(field_path, url, f"host {host!r} does not resolve ({exc})") from None
+            raise self.refuse(field_path, url, f"host {host!r} does not resolve ({exc})") from None
         addresses = [ipaddress.ip_address(a.split("%")[0]) for a in found]
         if not addresses:
-            raise self._refuse(field_path, url, f"host {host!r} has no address")
+            raise self.refuse(field_path, url, f"host {host!r} has no address")
         if not self.policy.allowed(parts.scheme, _normal_host(host), port):
             for ip in addresses:
                 why = forbidden(ip)
                 if why:
                     why = f"host {host!r} resolves to {why}; refused"
-                    raise self._refuse(field_path, url, why + self._allowed_only(host))
+                    raise self.refuse(field_path, url, why + self._allowed_only(host))
         return host, port, addresses
 
     def _allowed_only(self, host: str) -> str:
@@ -316,7 +316,7 @@ class Fetcher:
         try:
             return await asyncio.wait_for(self._fetch(url, field_path), limit)
         except TimeoutError:
-            raise self._refuse(
+            raise self.refuse(
                 field_path, url, f"no complete answer within {self.policy.timeout_s:g} s"
             ) from None
 
@@ -324,7 +324,7 @@ class Fetcher:
         for _ in range(self.policy.max_redirects + 1):
             host, _port, addresses = await self.check(url, field_path)
             connector = aiohttp.TCPConnector(
-                resolver=_Pinned(host, addresses), use_dns_cache=False, force_close=True
+                resolver=Pinned(host, addresses), use_dns_cache=False, force_close=True
             )
             async with aiohttp.ClientSession(connector=connector, trust_env=False) as session:
                 try:
@@ -334,26 +334,26 @@ class Fetcher:
                         if response.status in REDIRECTS:
                             location = response.headers.get("location", "")
                             if not location:
-                                raise self._refuse(field_path, url, "redirect without a location")
+                                raise self.refuse(field_path, url, "redirect without a location")
                             url = urljoin(url, location)
                             continue
                         if response.status != 200:
-                            raise self._refuse(
+                            raise self.refuse(
                                 field_path, url, f"the server answered HTTP {response.status}"
                             )
                         return await self._read(response, url, field_path)
                 except aiohttp.ClientError as exc:
-                    raise self._refuse(field_path, url, f"connection failed ({exc})") from None
-        raise self._refuse(field_path, url, f"more than {self.policy.max_redirects} redirects")
+                    raise self.refuse(field_path, url, f"connection failed ({exc})") from None
+        raise self.refuse(field_path, url, f"more than {self.policy.max_redirects} redirects")
 
     async def _read(self, response: aiohttp.ClientResponse, url: str, field_path: str) -> bytes:
         limit = self.policy.max_bytes
         declared = response.content_length
         if declared is not None and declared > limit:
-            raise self._refuse(field_path, url, f"body is {declared} bytes; the limit is {limit}")
+            raise self.refuse(field_path, url, f"body is {declared} bytes; the limit is {limit}")
         body = bytearray()
         async for chunk in response.content.iter_chunked(64 * 1024):
             body += chunk
             if len(body) > limit:
-                raise self._refuse(field_path, url, f"body exceeds the limit of {limit} bytes")
+                raise self.refuse(field_path, url, f"body exceeds the limit of {limit} bytes")
         return bytes(body)
