@@ -334,9 +334,7 @@ async def arq_jobs(redis_url: str, image: bytes, n: int, rate: float | None = No
             await asyncio.sleep(0.05)
         infos = [await job.result_info() for job in jobs if job is not None]
         # arq records the enqueue time itself (this process's clock, in milliseconds).
-        return [
-            _checked(info.enqueue_time.timestamp(), info.result) for info in infos if info
-        ]
+        return [_checked(info.enqueue_time.timestamp(), info.result) for info in infos if info]
     finally:
         await pool.aclose()
 
