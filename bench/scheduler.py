@@ -393,6 +393,7 @@ def summarise(
         "dispatch_only_jobs_per_s": round(ceiling, 1),
         "rounds": {s: [round(float(r["jobs_per_s"]), 1) for r in runs[s]] for s in SYSTEMS}  # type: ignore[arg-type]
         | {"work_limit": [round(x["jobs_per_s"], 1) for x in limits]},
+        "cpu_ms_per_job_rounds": {s: [r["cpu_ms_per_job"] for r in runs[s]] for s in SYSTEMS},
         "served_in_fairness_window": [r["served_in_window"] for r in runs["cutout"]],
         "jobs": args.jobs,
         "latency_jobs": args.latency_jobs,
