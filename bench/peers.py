@@ -301,8 +301,8 @@ async def _pace(i: int, begin: float, rate: float | None) -> None:
         await asyncio.sleep(max(0.0, begin + i / rate - time.monotonic()))
 
 
-def _checked(enqueued: float, result: object) -> tuple[float, float, float]:
-    started, ended, png = result  # type: ignore[misc]
+def _checked(enqueued: float, result: tuple[float, float, bytes]) -> tuple[float, float, float]:
+    started, ended, png = result
     if not bytes(png).startswith(PNG_MAGIC):
         raise AssertionError("a peer returned something that is not a PNG")
     return enqueued, float(started), float(ended)

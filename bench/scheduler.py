@@ -62,6 +62,7 @@ from cutout import AsyncClient  # noqa: E402
 from cutout.client import build_submission  # noqa: E402
 from cutout.v1 import jobs_pb2  # noqa: E402
 from services.gateway.auth import new_key  # noqa: E402
+from services.inference.models import ModelCatalog  # noqa: E402
 from services.local.cluster import ClusterConfig, LocalCluster  # noqa: E402
 from services.scheduler.keys import Keys  # noqa: E402
 from services.scheduler.store import Store  # noqa: E402
@@ -222,7 +223,7 @@ def cpu_info() -> dict[str, str]:
     return info
 
 
-def work_limit(catalog: peers.ModelCatalog, image: bytes, jobs: int = 200) -> dict[str, float]:
+def work_limit(catalog: ModelCatalog, image: bytes, jobs: int = 200) -> dict[str, float]:
     """cores / CPU seconds of one job's work, run here (time.process_time)."""
     peers.work(catalog, image)  # warm
     started = time.process_time()
@@ -288,8 +289,9 @@ async def rounds(
     for i in range(args.rounds):
         limits.append(work_limit(catalog, small_jpeg()))
         for system in rotated(i):
+            run: dict[str, object]
             if system == "cutout":
-                run = await throughput(cluster, keys, args.jobs)
+                run = dict(await throughput(cluster, keys, args.jobs))
             else:
                 run = await peer_run(cluster, system, work, args, args.jobs)
             runs[system].append(run)
@@ -343,7 +345,9 @@ async def main() -> None:
     try:
         runs, limits = await rounds(cluster, keys, work, args)
         rate = {s: max(1.0, median(runs[s], "jobs_per_s") / 2) for s in SYSTEMS}
-        lat = {"cutout": await latency(cluster, keys["v1"], args.latency_jobs, rate["cutout"])}
+        lat: dict[str, dict[str, object]] = {
+            "cutout": dict(await latency(cluster, keys["v1"], args.latency_jobs, rate["cutout"]))
+        }
         for kind in ("arq", "celery"):
             lat[kind] = await peer_run(cluster, kind, work, args, args.latency_jobs, rate[kind])
         ceiling = await dispatch_ceiling(cluster.redis_url, 4000)
