@@ -67,7 +67,9 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def drive(port: int, shape: str, calls: int, concurrency: int) -> tuple[float, list[float]]:
+async def drive(
+    port: int, shape: str, calls: int, concurrency: int, warmup: int = 200
+) -> tuple[float, list[float]]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         if shape == "unary":
             call = channel.unary_unary(f"/{SERVICE}/Unary", _identity, _identity)
@@ -84,7 +86,7 @@ async def drive(port: int, shape: str, calls: int, concurrency: int) -> tuple[fl
                 async for _ in streaming(payload):
                     pass
 
-        for _ in range(200):  # warm-up
+        for _ in range(warmup):
             await one()
         left = calls
         latencies: list[float] = []
@@ -102,6 +104,20 @@ async def drive(port: int, shape: str, calls: int, concurrency: int) -> tuple[fl
         return time.perf_counter() - start, latencies
 
 
+def start_server() -> tuple[subprocess.Popen[bytes], int]:
+    """The echo server in its own process; returns it and its port (bench/gateway.py uses it)."""
+    port_file = Path(f"/tmp/cutout-rpc-floor-{os.getpid()}-{time.monotonic_ns()}.port")
+    server = subprocess.Popen([sys.executable, __file__, "--serve", str(port_file)])
+    try:
+        while not (port_file.exists() and port_file.read_text()):
+            if server.poll() is not None:
+                raise SystemExit("the echo server did not start")
+            time.sleep(0.1)
+        return server, int(port_file.read_text())
+    finally:
+        port_file.unlink(missing_ok=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -114,14 +130,8 @@ def main() -> None:
     if args.serve:
         asyncio.run(serve(args.serve))
         return
-    port_file = Path(f"/tmp/cutout-rpc-floor-{os.getpid()}.port")
-    server = subprocess.Popen([sys.executable, __file__, "--serve", str(port_file)])
+    server, port = start_server()
     try:
-        while not (port_file.exists() and port_file.read_text()):
-            if server.poll() is not None:
-                raise SystemExit("the echo server did not start")
-            time.sleep(0.1)
-        port = int(port_file.read_text())
         rows = {}
         for shape in ("unary", "stream"):
             s0, c0 = cpu_s(server.pid), time.process_time()
@@ -139,7 +149,6 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(10)
-        port_file.unlink(missing_ok=True)
     print(
         f"{'shape':8} {'calls/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
         f"{'server CPU ms/call':>19} {'client CPU ms/call':>19}"

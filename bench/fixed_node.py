@@ -1,0 +1,169 @@
+"""A fixed-service-time inference node: a load generator for benchmarks, never a real node.
+
+    CUTOUT_INTERNAL_TOKEN=... CUTOUT_NODE_CAPACITY=4 CUTOUT_FIXED_SERVICE_MS=50 \\
+        python -m bench.fixed_node
+
+It serves the internal InferenceService (cutout.internal.v1) exactly as far as
+the scheduler uses it, and nothing of the model: every job holds one of its
+slots for CUTOUT_FIXED_SERVICE_MS (an asyncio.sleep, no CPU) and returns the
+same 1x1 PNG. GetLoad advertises CUTOUT_NODE_CAPACITY slots and the jobs in
+them, as a real node does, so the scheduler dispatches to it unchanged; a job
+offered to a full node is refused with RESOURCE_EXHAUSTED, as a real node
+refuses it. It takes no light jobs (light capacity 0).
+
+What it is for: measuring the scheduler's own ceiling with many nodes on a
+box without GPUs (bench/scale.py), where real nodes would spend the CPU the
+scheduler needs. It lives in bench/ and nothing in services/ starts it.
+
+Settings, read like a real node's: CUTOUT_NODE_LISTEN (host:port, port 0 picks
+one), CUTOUT_READY_FILE, CUTOUT_INTERNAL_TOKEN, CUTOUT_NODE_CAPACITY,
+CUTOUT_NODE_ID, CUTOUT_MODELS (the model names it claims to serve);
+CUTOUT_FIXED_SERVICE_MS (default 50) is its own. On SIGTERM it writes its
+counters (jobs, most slots ever in use) as JSON to CUTOUT_FIXED_STATS when set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [p for p in (str(ROOT), str(ROOT / "clients" / "python")) if p not in sys.path]
+
+from services.common import serving  # noqa: E402
+from services.common.errors import CutoutError, abort  # noqa: E402
+from services.common.interceptors import ErrorMapping  # noqa: E402
+from services.common.internal_auth import InternalAuth, InternalToken  # noqa: E402
+from services.internal.v1 import inference_service_pb2 as pb  # noqa: E402
+from services.internal.v1 import inference_service_pb2_grpc as pb_grpc  # noqa: E402
+
+SERVICE_NAME = "cutout.internal.v1.InferenceService"
+Context = grpc.aio.ServicerContext[object, object]
+
+
+def tiny_png() -> bytes:
+    """A valid 1x1 transparent PNG: every job's result."""
+    buf = io.BytesIO()
+    Image.new("RGBA", (1, 1)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+class FixedServiceNode(pb_grpc.InferenceServiceServicer):
+    """Holds a slot for `service_s` per job; counts what it did."""
+
+    def __init__(self, slots: int, service_s: float, node_id: str, models: list[str]) -> None:
+        self.slots = slots
+        self.service_s = service_s
+        self.node_id = node_id
+        self.models = models
+        self.in_flight = 0
+        self.max_in_flight = 0  # the most slots ever in use at once: never above `slots`
+        self.completed = 0
+        self.refused = 0
+        self.png = tiny_png()
+        self.sha256 = hashlib.sha256(self.png).hexdigest()
+
+    async def Process(
+        self, request: pb.ProcessRequest, context: Context
+    ) -> AsyncIterator[pb.ProcessResponse]:
+        if self.in_flight >= self.slots:
+            self.refused += 1
+            await abort(
+                context,
+                CutoutError(
+                    f"node is full ({self.slots} heavy jobs)", grpc.StatusCode.RESOURCE_EXHAUSTED
+                ),
+            )
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(self.service_s)
+        finally:
+            # Released when the work ends, before the output is sent, as a real node does.
+            self.in_flight -= 1
+        self.completed += 1
+        yield pb.ProcessResponse(
+            output=pb.ProcessOutput(
+                content_type="image/png",
+                size_bytes=len(self.png),
+                width_px=1,
+                height_px=1,
+                sha256=self.sha256,
+                data=self.png,
+            )
+        )
+
+    async def GetLoad(self, request: pb.GetLoadRequest, context: Context) -> pb.GetLoadResponse:
+        return pb.GetLoadResponse(
+            node_id=self.node_id,
+            capacity=self.slots,
+            in_flight=self.in_flight,
+            light_capacity=0,
+            models=[
+                pb.ModelInfo(name=m, runtime="fixed", device="none", precision="none")
+                for m in self.models
+            ],
+        )
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "slots": self.slots,
+            "completed": self.completed,
+            "refused": self.refused,
+            "max_in_flight": self.max_in_flight,
+        }
+
+
+async def create_server(
+    node: FixedServiceNode, listen: str, token: InternalToken
+) -> tuple[grpc.aio.Server, int]:
+    """The node's gRPC server (internal token checked, health served), started; its port."""
+    server = grpc.aio.server(
+        options=serving.server_options(32 * serving.MiB),
+        interceptors=[ErrorMapping(), InternalAuth(token)],
+    )
+    health = serving.add_health_and_reflection(server, [SERVICE_NAME])
+    pb_grpc.add_InferenceServiceServicer_to_server(node, server)
+    port = serving.bind(server, listen)
+    await server.start()
+    await serving.set_serving(health, [SERVICE_NAME], True)
+    return server, port
+
+
+async def serve() -> None:
+    env = os.environ
+    node = FixedServiceNode(
+        slots=int(env.get("CUTOUT_NODE_CAPACITY", "4")),
+        service_s=float(env.get("CUTOUT_FIXED_SERVICE_MS", "50")) / 1000,
+        node_id=env.get("CUTOUT_NODE_ID", f"fixed-{os.getpid()}"),
+        models=[m for m in env.get("CUTOUT_MODELS", "tiny").split(",") if m],
+    )
+    server: grpc.aio.Server | None = None
+
+    async def start() -> None:
+        nonlocal server
+        server, port = await create_server(
+            node, env.get("CUTOUT_NODE_LISTEN", "127.0.0.1:0"), InternalToken.from_env()
+        )
+        serving.write_ready_file(env.get("CUTOUT_READY_FILE", ""), port)
+
+    async def stop() -> None:
+        if server is not None:
+            await server.stop(grace=2.0)
+        if env.get("CUTOUT_FIXED_STATS"):
+            Path(env["CUTOUT_FIXED_STATS"]).write_text(json.dumps(node.stats()))
+
+    await serving.run_until_signalled(start, stop)
+
+
+if __name__ == "__main__":
+    asyncio.run(serve())
