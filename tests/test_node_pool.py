@@ -92,3 +92,23 @@ async def test_a_fenced_off_attempt_is_reported_once_known() -> None:
     assert not await throttle.report(3, 10)
     assert not await throttle.report(3, 20)
     await throttle.close()
+
+
+def test_a_slot_we_free_is_free_at_once_and_other_schedulers_jobs_still_count() -> None:
+    """The slot accounting between polls: our own attempts as they start and end, other
+    schedulers' as the node last reported them."""
+    from services.scheduler.nodes import Node
+
+    node = Node("10.0.0.1:7", None, None, None, healthy=True, capacity=4)  # type: ignore[arg-type]
+    for _ in range(3):
+        node.started(light=False)
+    # A poll answers while our 3 run and another scheduler runs 1 there: full.
+    node.reported_in_flight, node.local_at_report = 4, node.local_in_flight
+    assert node.free == 0
+    node.finished(light=False)  # one of ours ends: its slot is free before the next poll
+    assert node.free == 1 and node.in_flight == 3
+    for _ in range(2):
+        node.finished(light=False)
+    assert node.free == 3  # the other scheduler's job still holds its slot
+    node.refused(light=False)  # the node said it is full (more of theirs since): believe it
+    assert node.free == 0

@@ -30,11 +30,18 @@ class Node:
     healthy: bool = False
     draining: bool = False
     capacity: int = 0
+    # The node's own count at its last GetLoad, and ours when that answer came: the
+    # difference is what other schedulers run there. Our own attempts count from
+    # local_in_flight as they start and end, so a slot we free is free at once, not
+    # at the next poll (a report taken while we filled the node once kept it "full"
+    # for a whole poll interval: half of a fixed-time fleet's slots sat idle).
     reported_in_flight: int = 0
+    local_at_report: int = 0
     local_in_flight: int = 0
     # Light jobs (transforms, ID/square crops) have their own slots on each node.
     light_capacity: int = 0
     reported_light_in_flight: int = 0
+    local_light_at_report: int = 0
     local_light_in_flight: int = 0
     models: dict[str, str] = field(default_factory=dict)  # name -> execution provider
     # name -> (runtime, device, precision), as the node reported in GetLoad.
@@ -52,8 +59,9 @@ class Node:
 
     @property
     def in_flight(self) -> int:
-        # Other schedulers' jobs show up only in the node's own report.
-        return max(self.local_in_flight, self.reported_in_flight)
+        # Ours as they are now, plus other schedulers' as of the last report.
+        others = max(0, self.reported_in_flight - self.local_at_report)
+        return self.local_in_flight + others
 
     @property
     def free(self) -> int:
@@ -69,8 +77,8 @@ class Node:
     def light_free(self) -> int:
         if not self.healthy or self.draining:
             return 0
-        used = max(self.local_light_in_flight, self.reported_light_in_flight)
-        return max(0, self.light_capacity - used)
+        others = max(0, self.reported_light_in_flight - self.local_light_at_report)
+        return max(0, self.light_capacity - self.local_light_in_flight - others)
 
     def started(self, light: bool) -> None:
         if light:
@@ -87,9 +95,9 @@ class Node:
     def refused(self, light: bool) -> None:
         """It said it was full: treat it as full until the next poll."""
         if light:
-            self.reported_light_in_flight = self.light_capacity
+            self.reported_light_in_flight, self.local_light_at_report = self.light_capacity, 0
         else:
-            self.reported_in_flight = self.capacity
+            self.reported_in_flight, self.local_at_report = self.capacity, 0
 
 
 def most_light_room(nodes: list[Node], rng: random.Random) -> Node | None:
@@ -267,9 +275,10 @@ class NodePool:
         node.healthy = serving
         node.draining = load.draining
         node.capacity = load.capacity
-        node.reported_in_flight = load.in_flight
+        node.reported_in_flight, node.local_at_report = load.in_flight, node.local_in_flight
         node.light_capacity = load.light_capacity
         node.reported_light_in_flight = load.light_in_flight
+        node.local_light_at_report = node.local_light_in_flight
         node.models = {m.name: m.execution_provider for m in load.models}
         node.runtimes = {m.name: (m.runtime, m.device, m.precision) for m in load.models}
         if node.free + node.light_free > was_free:
