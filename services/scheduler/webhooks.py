@@ -26,13 +26,13 @@ the lease ends, with the same webhook-id.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
 from datetime import UTC, datetime
 
 import aiohttp
-import orjson
 import redis.asyncio as aioredis
 from google.protobuf import json_format
 
@@ -149,13 +149,12 @@ class WebhookSender:
                     # dead letter of it was requeued): its own end queues it again.
                     raise Dropped
                 data = {"batch": json_format.MessageToDict(batch)}
-        return orjson.dumps(
-            {
-                "type": message.event_type,
-                "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
-                "data": data,
-            }
-        )
+        payload = {
+            "type": message.event_type,
+            "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+            "data": data,
+        }
+        return json.dumps(payload, separators=(",", ":")).encode()
 
     async def _post(self, message: Message, body: bytes) -> tuple[int, str]:
         """(HTTP status, error); status 0 when there was no HTTP answer."""
