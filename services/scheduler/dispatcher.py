@@ -94,12 +94,14 @@ class Dispatcher:
         results: ResultStores,
         policy: DispatchPolicy,
         on_delivery: Callable[[], None] = lambda: None,
+        on_finished: Callable[[], None] = lambda: None,
     ) -> None:
         self.store = store
         self.pool = pool
         self.results = results
         self.policy = policy
         self.on_delivery = on_delivery  # wakes the delivery loop
+        self.on_finished = on_finished  # a job ended here: wakes the webhook sender
         self._kicks = {HEAVY_LANE: asyncio.Event(), LIGHT_LANE: asyncio.Event()}
         self._attempts: dict[str, asyncio.Task[None]] = {}
         self._nodes: dict[str, Node] = {}  # job id -> the node its attempt runs on
@@ -422,6 +424,7 @@ class Dispatcher:
         )
         if done:
             metrics.JOBS_FINISHED.labels("succeeded").inc()
+            self.on_finished()
             if claim.created_ms:
                 metrics.END_TO_END.observe(max(0.0, time.time() - claim.created_ms / 1000))
             if deliver:
@@ -481,6 +484,7 @@ class Dispatcher:
             error = status_from_code(code, details)
             if await self._patiently("fail", lambda: self.store.attempts.fail(claim, error)):
                 metrics.JOBS_FINISHED.labels("failed").inc()
+                self.on_finished()
             return
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             # Full or draining: it refused before starting. Our view of its load
@@ -521,6 +525,7 @@ class Dispatcher:
         if outcome == Retried.DEAD_LETTERED:
             metrics.DEAD_LETTERS.inc()
             metrics.JOBS_FINISHED.labels("failed").inc()
+            self.on_finished()
             log.warning(
                 "job dead-lettered after its last retry",
                 extra={"job_id": claim.job_id, "vendor": claim.vendor, "error": message},

@@ -124,6 +124,7 @@ class SchedulerServer:
                 progress_interval_s=settings.progress_interval_ms / 1000,
             ),
             on_delivery=self.deliverer.wake.set,
+            on_finished=self.webhooks.wake.set,
         )
         self.server = grpc.aio.server(
             options=serving.server_options(settings.max_message_bytes),

@@ -1,7 +1,8 @@
 """Sends webhook deliveries: signed HTTPS POSTs of finished jobs and batches.
 
-Each scheduler replica leases due deliveries (store/webhooks.py) and makes up to
-`concurrency` attempts at once. An attempt:
+Each scheduler replica leases due deliveries (store/webhooks.py) and keeps up to
+`concurrency` attempts going, claiming more as each ends (a slow endpoint holds one
+slot for its timeout, not the sender). An attempt:
 
 1. waits (without counting) while the subject's previous delivery is still pending
    (order per job) or a succeeded job's upload is still due (so the webhook carries
@@ -83,44 +84,63 @@ class WebhookSender:
         self.policy = policy
         self.batch = batch
         self.ssl = policy.ssl_context()
-        self.slots = asyncio.Semaphore(policy.concurrency)
+        self._running: set[asyncio.Task[None]] = set()
         self.wake = asyncio.Event()
         # A lease outlives one attempt (and its connect), so only a sender that died
         # mid-attempt leaves a delivery to wait for it; then it waits no longer.
         store.webhooks.lease_ms = int((2 * policy.timeout_s + 5) * 1000)
 
-    async def run_forever(self, idle_s: float = 0.5) -> None:
+    async def run_forever(self, idle_s: float = 0.25) -> None:
+        """Keep up to `concurrency` attempts going: claim as slots free up, so one slow
+        endpoint holds one slot for its timeout, never the others' deliveries. Between
+        claims, sleep until woken (a job ended on this replica's dispatcher, a slot freed)
+        or idle_s (a cancel, another replica's job, a retry falling due)."""
         while True:
+            self.wake.clear()
             try:
-                if await self.send_once():
+                if await self.fill():
                     continue
             except aioredis.RedisError as exc:
                 log.warning("webhook sender cannot reach redis", extra={"error": str(exc)})
-            self.wake.clear()
             try:
                 await asyncio.wait_for(self.wake.wait(), idle_s)
             except TimeoutError:
                 pass
 
-    async def send_once(self) -> int:
-        """Lease one group of due deliveries and attempt each; how many were due."""
-        due = await self.store.webhooks.claim(self.batch)
-        if due:
-            await asyncio.gather(*(self._attempt(m) for m in due))
+    async def fill(self) -> int:
+        """Lease due deliveries for the free slots and start an attempt on each; how many."""
+        free = self.policy.concurrency - len(self._running)
+        if free <= 0:
+            return 0
+        due = await self.store.webhooks.claim(min(free, self.batch))
+        for message in due:
+            task = asyncio.create_task(self._attempt(message))
+            self._running.add(task)
+            task.add_done_callback(self._finished)
         metrics.WEBHOOKS_PENDING.set(await self.store.webhooks.pending())
         return len(due)
 
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("webhook attempt crashed", exc_info=task.exception())
+        self.wake.set()  # a slot is free
+
+    async def drain(self) -> None:
+        """Wait for the attempts in flight (tests, shutdown)."""
+        while self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+
     async def _attempt(self, message: Message) -> None:
-        async with self.slots:
-            try:
-                body = await self._body(message)
-            except NotReady:
-                await self.store.webhooks.postpone(message.id, _now_ms() + int(WAIT_S * 1000))
-                return
-            except Dropped:
-                await self.store.webhooks.drop(message.id)
-                return
-            status, error = await self._post(message, body)
+        try:
+            body = await self._body(message)
+        except NotReady:
+            await self.store.webhooks.postpone(message.id, _now_ms() + int(WAIT_S * 1000))
+            return
+        except Dropped:
+            await self.store.webhooks.drop(message.id)
+            return
+        status, error = await self._post(message, body)
         await self._record(message, status, error)
 
     async def _body(self, message: Message) -> bytes:
