@@ -39,6 +39,7 @@ from services.scheduler.nodes import Node, NodePool
 from services.scheduler.progress import ProgressThrottle
 from services.scheduler.storage import ResultStores, StorageError
 from services.scheduler.store import Charge, Claim, Retried, Store
+from services.scheduler.work_link import LinkAttempt, NodeError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -273,7 +274,7 @@ class Dispatcher:
         started = time.perf_counter()
         renewer = asyncio.create_task(self._renew(claim))
         try:
-            await self._run_on_node(claim, node)
+            await self._run_on_node(claim, node, light)
         except asyncio.CancelledError:
             abandoned = self._abandoned.pop(claim.job_id, None)
             if abandoned is None:
@@ -287,6 +288,8 @@ class Dispatcher:
                 await self._retry(claim, grpc.StatusCode.UNAVAILABLE, why, charge, patient)
         except grpc.aio.AioRpcError as exc:
             await self._on_node_error(claim, node, light, exc.code(), exc.details() or "", extra)
+        except NodeError as exc:  # the same statuses, from an attempt on a Work stream
+            await self._on_node_error(claim, node, light, exc.code, exc.details, extra)
         except (ProtocolError, aioredis.RedisError, OSError) as exc:
             log.exception("attempt failed", extra=extra)
             # Redis or the result store failing under us is the cluster's fault, not the job's.
@@ -325,7 +328,7 @@ class Dispatcher:
             await asyncio.sleep(pause)
             pause = min(1.0, pause * 2)
 
-    async def _run_on_node(self, claim: Claim, node: Node) -> None:
+    async def _run_on_node(self, claim: Claim, node: Node, light: bool) -> None:
         if claim.image is None:
             return  # no input: cancelled as it was claimed
         request = inference_pb2.ProcessRequest(
@@ -335,11 +338,15 @@ class Dispatcher:
             image=claim.image,
             vendor_id=claim.vendor,
         )
-        call = node.stub.Process(
-            request,
-            timeout=self.policy.deadline_s(claim.lane_run_ms),
-            metadata=self.pool.metadata,
+        timeout_s = self.policy.deadline_s(claim.lane_run_ms)
+        call: (
+            LinkAttempt
+            | grpc.aio.UnaryStreamCall[inference_pb2.ProcessRequest, inference_pb2.ProcessResponse]
         )
+        if node.work is not None and node.streams:
+            call = node.work.start_attempt(request, light, timeout_s)
+        else:
+            call = node.stub.Process(request, timeout=timeout_s, metadata=self.pool.metadata)
         output: inference_pb2.ProcessOutput | None = None
         chunks: list[bytes] = []
 
