@@ -72,6 +72,7 @@ class FixedServiceNode(pb_grpc.InferenceServiceServicer):
         self.max_in_flight = 0  # the most slots ever in use at once: never above `slots`
         self.completed = 0
         self.refused = 0
+        self.process_calls = 0  # jobs that came as a Process call, not on a Work stream
         self.sessions: list[WorkSession] = []  # every Work stream opened here
         self.png = tiny_png()
         self.sha256 = hashlib.sha256(self.png).hexdigest()
@@ -79,6 +80,7 @@ class FixedServiceNode(pb_grpc.InferenceServiceServicer):
     async def Process(
         self, request: pb.ProcessRequest, context: Context
     ) -> AsyncIterator[pb.ProcessResponse]:
+        self.process_calls += 1
         try:
             async for response in self._process(request, None):
                 yield response
@@ -143,6 +145,7 @@ class FixedServiceNode(pb_grpc.InferenceServiceServicer):
             "completed": self.completed,
             "refused": self.refused,
             "max_in_flight": self.max_in_flight,
+            "process_calls": self.process_calls,
             "work_streams": len(self.sessions),
             "overdrawn": sum(s.overdrawn for s in self.sessions),
             "most_outstanding": max((s.most_outstanding[False] for s in self.sessions), default=0),
