@@ -35,10 +35,11 @@ from services.common.errors import NON_RETRYABLE, status_from_code, store_unavai
 from services.common.operations import HEAVY_LANE, LIGHT_LANE
 from services.internal.v1 import inference_service_pb2 as inference_pb2
 from services.scheduler import metrics
+from services.scheduler.completions import CompletionBatcher
 from services.scheduler.nodes import Node, NodePool
 from services.scheduler.progress import ProgressThrottle
 from services.scheduler.storage import ResultStores, StorageError
-from services.scheduler.store import Charge, Claim, Retried, Store
+from services.scheduler.store import Charge, Claim, Completion, Retried, Store
 from services.scheduler.work_link import LinkAttempt, NodeError
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,8 @@ class Dispatcher:
         # job id -> why its attempt task was cancelled on purpose, and how to charge it
         self._abandoned: dict[str, tuple[str, Charge]] = {}
         self._stopping = False
+        # Successes that come together go to Redis in one round trip.
+        self._completions = CompletionBatcher(store.attempts.complete_many)
 
     # --- loops ------------------------------------------------------------------
 
@@ -421,12 +424,8 @@ class Dispatcher:
             result.subject_box.CopyFrom(output.subject_box)
         # Stages not written yet, the output's retention and SUCCEEDED: one round trip.
         updates = progress.take()
-        done = await self._patiently(
-            "complete",
-            lambda: self.store.attempts.complete(
-                claim, result, deliver, updates=updates, lease_ms=self.policy.lease_ms
-            ),
-        )
+        completion = Completion(claim, result, deliver, updates, self.policy.lease_ms)
+        done = await self._patiently("complete", lambda: self._completions.complete(completion))
         if done:
             metrics.JOBS_FINISHED.labels("succeeded").inc()
             if claim.created_ms:
