@@ -147,7 +147,8 @@ class Dispatcher:
                 await self._wait(kick, 1.0)
                 continue
             node.started(light)
-            task = asyncio.create_task(self._attempt(claim, node, light))
+            ticket = node.work.reserve(light) if node.work is not None and node.streams else None
+            task = asyncio.create_task(self._attempt(claim, node, light, ticket))
             self._attempts[claim.job_id] = task
             self._nodes[claim.job_id] = node
 
@@ -263,7 +264,10 @@ class Dispatcher:
 
     # --- one attempt -------------------------------------------------------------
 
-    async def _attempt(self, claim: Claim, node: Node, light: bool = False) -> None:
+    async def _attempt(
+        self, claim: Claim, node: Node, light: bool = False, ticket: int | None = None
+    ) -> None:
+        """One attempt; ticket: the Work stream credit reserved for it (None: Process)."""
         extra = {
             "job_id": claim.job_id,
             "vendor": claim.vendor,
@@ -277,7 +281,7 @@ class Dispatcher:
         started = time.perf_counter()
         renewer = asyncio.create_task(self._renew(claim))
         try:
-            await self._run_on_node(claim, node, light)
+            await self._run_on_node(claim, node, light, ticket)
         except asyncio.CancelledError:
             abandoned = self._abandoned.pop(claim.job_id, None)
             if abandoned is None:
@@ -331,8 +335,11 @@ class Dispatcher:
             await asyncio.sleep(pause)
             pause = min(1.0, pause * 2)
 
-    async def _run_on_node(self, claim: Claim, node: Node, light: bool) -> None:
+    async def _run_on_node(self, claim: Claim, node: Node, light: bool, ticket: int | None) -> None:
+        streams = node.work is not None and node.streams
         if claim.image is None:
+            if node.work is not None:
+                node.work.unreserve(light, ticket)
             return  # no input: cancelled as it was claimed
         request = inference_pb2.ProcessRequest(
             name=job_name(claim.job_id),
@@ -346,8 +353,8 @@ class Dispatcher:
             LinkAttempt
             | grpc.aio.UnaryStreamCall[inference_pb2.ProcessRequest, inference_pb2.ProcessResponse]
         )
-        if node.work is not None and node.streams:
-            call = node.work.start_attempt(request, light, timeout_s)
+        if node.work is not None and streams:
+            call = node.work.start_attempt(request, ticket, timeout_s)
         else:
             call = node.stub.Process(request, timeout=timeout_s, metadata=self.pool.metadata)
         output: inference_pb2.ProcessOutput | None = None

@@ -72,7 +72,10 @@ class LinkAttempt:
             raise StopAsyncIteration
         message = await self._queue.get()
         if isinstance(message, NodeError):
-            self._finish()
+            if message.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                self.cancel()  # the node stops it, as a Process call's deadline stopped it
+            else:
+                self._finish()
             raise message
         if message.WhichOneof("payload") == "end":
             self._finish()
@@ -116,6 +119,7 @@ class WorkLink:
         self._send: asyncio.Queue[pb.WorkRequest] | None = None  # None while down
         self._attempts: dict[tuple[str, int], LinkAttempt] = {}
         self._task: asyncio.Task[None] | None = None
+        self._generation = 0  # one more each time a stream is lost: its credits with it
 
     @property
     def up(self) -> bool:
@@ -133,18 +137,35 @@ class WorkLink:
     def room(self, light: bool) -> int:
         return self.credit[light] if self.up else 0
 
-    def start_attempt(
-        self, request: pb.ProcessRequest, light: bool, timeout_s: float
-    ) -> LinkAttempt:
-        """Send the job; raises NodeError(RESOURCE_EXHAUSTED) without a credit for it."""
+    def reserve(self, light: bool) -> int | None:
+        """Take a credit for a job just claimed; the ticket names the stream it is on.
+
+        Taken as the job is claimed, not as its attempt task starts: the claim
+        loop may claim again before that task runs, and must see the credit gone.
+        """
         if self._send is None or self.credit[light] <= 0:
-            # The stream broke (or the node took its room back) between pick and claim:
-            # nothing reached the node, so the job goes back free.
+            return None
+        self.credit[light] -= 1
+        return self._generation
+
+    def unreserve(self, light: bool, ticket: int | None) -> None:
+        """Give back a credit reserve() took for a job that was never sent."""
+        if ticket is not None and ticket == self._generation and self._send is not None:
+            self.credit[light] += 1
+            self._on_credit()
+
+    def start_attempt(
+        self, request: pb.ProcessRequest, ticket: int | None, timeout_s: float
+    ) -> LinkAttempt:
+        """Send the job on the credit `ticket` reserved; raises NodeError(RESOURCE_EXHAUSTED)
+        when it has none on the stream now open."""
+        if self._send is None or ticket is None or ticket != self._generation:
+            # No credit, or the stream broke (and perhaps reopened with a fresh grant)
+            # since the claim: nothing reached the node, so the job goes back free.
             raise NodeError(grpc.StatusCode.RESOURCE_EXHAUSTED, "no credit on the work stream")
         key = (request.name, request.attempt)
         attempt = LinkAttempt(self, key, timeout_s)
         self._attempts[key] = attempt
-        self.credit[light] -= 1
         self._send.put_nowait(pb.WorkRequest(job=request))
         return attempt
 
@@ -200,6 +221,7 @@ class WorkLink:
         """Every attempt on the broken stream is over: the node will not answer it."""
         was_up = self._send is not None
         self._send = None
+        self._generation += 1
         self.credit = {False: 0, True: 0}
         lost, self._attempts = self._attempts, {}
         for attempt in lost.values():
