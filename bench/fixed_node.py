@@ -19,7 +19,8 @@ scheduler needs. It lives in bench/ and nothing in services/ starts it.
 Settings, read like a real node's: CUTOUT_NODE_LISTEN (host:port, port 0 picks
 one), CUTOUT_READY_FILE, CUTOUT_INTERNAL_TOKEN, CUTOUT_NODE_CAPACITY,
 CUTOUT_NODE_ID, CUTOUT_MODELS (the model names it claims to serve);
-CUTOUT_FIXED_SERVICE_MS (default 50) is its own. On SIGTERM it writes its
+CUTOUT_FIXED_SERVICE_MS (default 50) and CUTOUT_FIXED_WORK (default 1; 0: do
+not offer Work, like a node from before it) are its own. On SIGTERM it writes its
 counters (jobs, most slots ever in use, jobs a Work stream sent beyond its
 credit, which must be 0) as JSON to CUTOUT_FIXED_STATS when set.
 """
@@ -63,8 +64,11 @@ def tiny_png() -> bytes:
 class FixedServiceNode(pb_grpc.InferenceServiceServicer):
     """Holds a slot for `service_s` per job; counts what it did."""
 
-    def __init__(self, slots: int, service_s: float, node_id: str, models: list[str]) -> None:
+    def __init__(
+        self, slots: int, service_s: float, node_id: str, models: list[str], work: bool = True
+    ) -> None:
         self.slots = slots
+        self.work = work  # False: GetLoad does not offer Work, as a node from before it
         self.service_s = service_s
         self.node_id = node_id
         self.models = models
@@ -132,7 +136,7 @@ class FixedServiceNode(pb_grpc.InferenceServiceServicer):
             capacity=self.slots,
             in_flight=self.in_flight,
             light_capacity=0,
-            work_stream=True,
+            work_stream=self.work,
             models=[
                 pb.ModelInfo(name=m, runtime="fixed", device="none", precision="none")
                 for m in self.models
@@ -175,6 +179,7 @@ async def serve() -> None:
         service_s=float(env.get("CUTOUT_FIXED_SERVICE_MS", "50")) / 1000,
         node_id=env.get("CUTOUT_NODE_ID", f"fixed-{os.getpid()}"),
         models=[m for m in env.get("CUTOUT_MODELS", "tiny").split(",") if m],
+        work=env.get("CUTOUT_FIXED_WORK", "1") == "1",
     )
     server: grpc.aio.Server | None = None
 

@@ -35,7 +35,7 @@ A = KEYS["vendor-a"]
 
 
 def fixed_cluster(
-    tmp_path: Path, model_dir: Path, nodes: int, slots: int, service_ms: int
+    tmp_path: Path, model_dir: Path, nodes: int, slots: int, service_ms: int, work: bool = True
 ) -> FixedNodeCluster:
     (tmp_path / "stats").mkdir()
     return FixedNodeCluster(
@@ -45,7 +45,11 @@ def fixed_cluster(
             workdir=tmp_path / "cluster",
             model_dir=model_dir,
             api_keys=dict(KEYS),
-            extra_env={"CUTOUT_NODE_POLL_S": "0.2", "CUTOUT_NODE_CAPACITY": str(slots)},
+            extra_env={
+                "CUTOUT_NODE_POLL_S": "0.2",
+                "CUTOUT_NODE_CAPACITY": str(slots),
+                "CUTOUT_FIXED_WORK": "1" if work else "0",
+            },
         ),
         service_ms=service_ms,
         stats_dir=tmp_path / "stats",
@@ -124,6 +128,26 @@ async def test_scheduler_never_sends_beyond_the_credit_a_node_granted(
         assert s["most_outstanding"] <= 2  # the credit granted: its 2 slots
         assert s["refused"] == 0
         assert s["process_calls"] == 0
+
+
+async def test_a_node_that_does_not_offer_work_gets_process_calls(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    cluster = fixed_cluster(tmp_path, tiny_model_dir, nodes=1, slots=2, service_ms=20, work=False)
+    cluster.start()
+    try:
+        async with AsyncClient(cluster.gateway_address, A) as client:
+            image = peers.small_jpeg()
+            reply = await client.submit_batch([build_submission(image) for _ in range(6)])
+            for outcome in reply.outcomes:
+                done = await asyncio.wait_for(final(client, outcome.job.name), 60)
+                assert done.state == jobs_pb2.JOB_STATE_SUCCEEDED, done.error.message
+        cluster.terminate(cluster.nodes[0])
+        seen = counters(cluster, 0)
+    finally:
+        cluster.stop()
+    assert seen["completed"] == seen["process_calls"] == 6
+    assert seen["work_streams"] == 0
 
 
 async def test_node_refuses_and_counts_a_job_sent_without_credit() -> None:

@@ -44,6 +44,7 @@ from services.scheduler.work_link import LinkAttempt, NodeError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+ProcessCall = grpc.aio.UnaryStreamCall[inference_pb2.ProcessRequest, inference_pb2.ProcessResponse]
 
 EXTENSIONS = {"image/png": "png", "image/webp": "webp", "image/jpeg": "jpg"}
 # How long an attempt whose node has answered waits for Redis to come back to record
@@ -335,28 +336,37 @@ class Dispatcher:
             await asyncio.sleep(pause)
             pause = min(1.0, pause * 2)
 
-    async def _run_on_node(self, claim: Claim, node: Node, light: bool, ticket: int | None) -> None:
-        streams = node.work is not None and node.streams
-        if claim.image is None:
-            if node.work is not None:
-                node.work.unreserve(light, ticket)
-            return  # no input: cancelled as it was claimed
-        request = inference_pb2.ProcessRequest(
-            name=job_name(claim.job_id),
-            attempt=claim.attempt,
-            operation=jobs_pb2.Operation.FromString(claim.operation),
-            image=claim.image,
-            vendor_id=claim.vendor,
-        )
-        timeout_s = self.policy.deadline_s(claim.lane_run_ms)
-        call: (
-            LinkAttempt
-            | grpc.aio.UnaryStreamCall[inference_pb2.ProcessRequest, inference_pb2.ProcessResponse]
-        )
-        if node.work is not None and streams:
+    def _send(
+        self, claim: Claim, node: Node, light: bool, ticket: int | None
+    ) -> LinkAttempt | ProcessCall | None:
+        """Send the attempt: on the node's Work stream with the credit `ticket` reserved,
+        or as a Process call to a node without one. None: there is nothing to send
+        (the job was cancelled as it was claimed). A credit not used goes back."""
+        sent = False
+        try:
+            if claim.image is None:
+                return None
+            request = inference_pb2.ProcessRequest(
+                name=job_name(claim.job_id),
+                attempt=claim.attempt,
+                operation=jobs_pb2.Operation.FromString(claim.operation),
+                image=claim.image,
+                vendor_id=claim.vendor,
+            )
+            timeout_s = self.policy.deadline_s(claim.lane_run_ms)
+            if node.work is None or not node.streams:
+                return node.stub.Process(request, timeout=timeout_s, metadata=self.pool.metadata)
             call = node.work.start_attempt(request, ticket, timeout_s)
-        else:
-            call = node.stub.Process(request, timeout=timeout_s, metadata=self.pool.metadata)
+            sent = True
+            return call
+        finally:
+            if not sent and node.work is not None:
+                node.work.unreserve(light, ticket)
+
+    async def _run_on_node(self, claim: Claim, node: Node, light: bool, ticket: int | None) -> None:
+        call = self._send(claim, node, light, ticket)
+        if call is None:
+            return  # no input: cancelled as it was claimed
         output: inference_pb2.ProcessOutput | None = None
         chunks: list[bytes] = []
 
