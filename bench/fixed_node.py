@@ -4,10 +4,11 @@
         python -m bench.fixed_node
 
 It serves the internal InferenceService (cutout.internal.v1) exactly as far as
-the scheduler uses it, and nothing of the model: every job holds one of its
-slots for CUTOUT_FIXED_SERVICE_MS (an asyncio.sleep, no CPU) and returns the
-same 1x1 PNG. GetLoad advertises CUTOUT_NODE_CAPACITY slots and the jobs in
-them, as a real node does, so the scheduler dispatches to it unchanged; a job
+the scheduler uses it (Work, and Process for schedulers that do not use
+Work), and nothing of the model: every job holds one of its slots for
+CUTOUT_FIXED_SERVICE_MS (an asyncio.sleep, no CPU) and returns the same 1x1
+PNG. GetLoad advertises CUTOUT_NODE_CAPACITY slots and the jobs in them, as
+a real node does, so the scheduler dispatches to it unchanged; a job
 offered to a full node is refused with RESOURCE_EXHAUSTED, as a real node
 refuses it. It takes no light jobs (light capacity 0).
 
@@ -18,8 +19,10 @@ scheduler needs. It lives in bench/ and nothing in services/ starts it.
 Settings, read like a real node's: CUTOUT_NODE_LISTEN (host:port, port 0 picks
 one), CUTOUT_READY_FILE, CUTOUT_INTERNAL_TOKEN, CUTOUT_NODE_CAPACITY,
 CUTOUT_NODE_ID, CUTOUT_MODELS (the model names it claims to serve);
-CUTOUT_FIXED_SERVICE_MS (default 50) is its own. On SIGTERM it writes its
-counters (jobs, most slots ever in use) as JSON to CUTOUT_FIXED_STATS when set.
+CUTOUT_FIXED_SERVICE_MS (default 50) and CUTOUT_FIXED_WORK (default 1; 0: do
+not offer Work, like a node from before it) are its own. On SIGTERM it writes its
+counters (jobs, most slots ever in use, jobs a Work stream sent beyond its
+credit, which must be 0) as JSON to CUTOUT_FIXED_STATS when set.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from services.common import serving  # noqa: E402
 from services.common.errors import CutoutError, abort  # noqa: E402
 from services.common.interceptors import ErrorMapping  # noqa: E402
 from services.common.internal_auth import InternalAuth, InternalToken  # noqa: E402
+from services.inference.work_stream import Slot, WorkSession  # noqa: E402
 from services.internal.v1 import inference_service_pb2 as pb  # noqa: E402
 from services.internal.v1 import inference_service_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -60,8 +64,11 @@ def tiny_png() -> bytes:
 class FixedServiceNode(pb_grpc.InferenceServiceServicer):
     """Holds a slot for `service_s` per job; counts what it did."""
 
-    def __init__(self, slots: int, service_s: float, node_id: str, models: list[str]) -> None:
+    def __init__(
+        self, slots: int, service_s: float, node_id: str, models: list[str], work: bool = True
+    ) -> None:
         self.slots = slots
+        self.work = work  # False: GetLoad does not offer Work, as a node from before it
         self.service_s = service_s
         self.node_id = node_id
         self.models = models
@@ -69,20 +76,39 @@ class FixedServiceNode(pb_grpc.InferenceServiceServicer):
         self.max_in_flight = 0  # the most slots ever in use at once: never above `slots`
         self.completed = 0
         self.refused = 0
+        self.process_calls = 0  # jobs that came as a Process call, not on a Work stream
+        self.sessions: list[WorkSession] = []  # every Work stream opened here
         self.png = tiny_png()
         self.sha256 = hashlib.sha256(self.png).hexdigest()
 
     async def Process(
         self, request: pb.ProcessRequest, context: Context
     ) -> AsyncIterator[pb.ProcessResponse]:
+        self.process_calls += 1
+        try:
+            async for response in self._process(request, None):
+                yield response
+        except CutoutError as exc:
+            await abort(context, exc)
+
+    async def Work(
+        self, request_iterator: AsyncIterator[pb.WorkRequest], context: Context
+    ) -> AsyncIterator[pb.WorkResponse]:
+        session = WorkSession(self._process, self.slots, 0)
+        self.sessions.append(session)
+        async for response in session.serve(request_iterator, context):
+            yield response
+
+    async def _process(
+        self, request: pb.ProcessRequest, slot: Slot | None
+    ) -> AsyncIterator[pb.ProcessResponse]:
         if self.in_flight >= self.slots:
             self.refused += 1
-            await abort(
-                context,
-                CutoutError(
-                    f"node is full ({self.slots} heavy jobs)", grpc.StatusCode.RESOURCE_EXHAUSTED
-                ),
+            raise CutoutError(
+                f"node is full ({self.slots} heavy jobs)", grpc.StatusCode.RESOURCE_EXHAUSTED
             )
+        if slot is not None:
+            slot.hold()  # given back below, when the slot time is over
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -90,6 +116,8 @@ class FixedServiceNode(pb_grpc.InferenceServiceServicer):
         finally:
             # Released when the work ends, before the output is sent, as a real node does.
             self.in_flight -= 1
+            if slot is not None:
+                slot.release()
         self.completed += 1
         yield pb.ProcessResponse(
             output=pb.ProcessOutput(
@@ -108,6 +136,7 @@ class FixedServiceNode(pb_grpc.InferenceServiceServicer):
             capacity=self.slots,
             in_flight=self.in_flight,
             light_capacity=0,
+            work_stream=self.work,
             models=[
                 pb.ModelInfo(name=m, runtime="fixed", device="none", precision="none")
                 for m in self.models
@@ -120,6 +149,10 @@ class FixedServiceNode(pb_grpc.InferenceServiceServicer):
             "completed": self.completed,
             "refused": self.refused,
             "max_in_flight": self.max_in_flight,
+            "process_calls": self.process_calls,
+            "work_streams": len(self.sessions),
+            "overdrawn": sum(s.overdrawn for s in self.sessions),
+            "most_outstanding": max((s.most_outstanding[False] for s in self.sessions), default=0),
         }
 
 
@@ -146,6 +179,7 @@ async def serve() -> None:
         service_s=float(env.get("CUTOUT_FIXED_SERVICE_MS", "50")) / 1000,
         node_id=env.get("CUTOUT_NODE_ID", f"fixed-{os.getpid()}"),
         models=[m for m in env.get("CUTOUT_MODELS", "tiny").split(",") if m],
+        work=env.get("CUTOUT_FIXED_WORK", "1") == "1",
     )
     server: grpc.aio.Server | None = None
 

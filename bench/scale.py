@@ -51,9 +51,12 @@ from tests.tinymodel import build_tiny_model  # noqa: E402
 class FixedNodeCluster(LocalCluster):
     """A local cluster whose nodes are bench/fixed_node.py processes instead of real ones."""
 
-    def __init__(self, config: ClusterConfig, service_ms: int) -> None:
+    def __init__(
+        self, config: ClusterConfig, service_ms: int, stats_dir: Path | None = None
+    ) -> None:
         super().__init__(config)
         self.service_ms = service_ms
+        self.stats_dir = stats_dir  # each node's counters, as fixed-N.json, on SIGTERM
 
     def start_node(self, index: int, wait: bool = True, timeout_s: float = 180.0) -> Service:
         env = self._base_env()
@@ -65,6 +68,8 @@ class FixedNodeCluster(LocalCluster):
                 "CUTOUT_FIXED_SERVICE_MS": str(self.service_ms),
             }
         )
+        if self.stats_dir is not None:
+            env["CUTOUT_FIXED_STATS"] = str(self.stats_dir / f"fixed-{index + 1}.json")
         node = self._service(f"fixed-{index + 1}", "bench.fixed_node", env)
         self.nodes.append(node)
         self._spawn(node)

@@ -3,8 +3,10 @@
 grpc.aio interceptors see a method handler before the call runs; to act
 around the call itself (catch what the handler raises, set who is calling)
 they return a new handler whose behaviour wraps the old one. `around` does
-that for the two shapes Cutout serves, unary and server streaming; other
-shapes (the reflection service's bidirectional stream) pass unchanged.
+that for the three shapes Cutout serves: unary, server streaming, and the
+bidirectional Work stream between a scheduler and a node (which the
+internal token must guard as much as Process). Client streaming, which
+Cutout does not serve, passes unchanged.
 """
 
 from __future__ import annotations
@@ -57,6 +59,17 @@ def around(handler: Handler, before: Before) -> Handler:
         return grpc.unary_stream_rpc_method_handler(
             stream, handler.request_deserializer, handler.response_serializer
         )
+    if handler.stream_stream is not None:
+        inner_ss: Any = handler.stream_stream
+
+        async def bidi(requests: Any, context: Context) -> AsyncIterator[Any]:
+            await before(context)
+            async for item in inner_ss(requests, context):
+                yield item
+
+        return grpc.stream_stream_rpc_method_handler(
+            bidi, handler.request_deserializer, handler.response_serializer
+        )
     return handler
 
 
@@ -106,7 +119,27 @@ def mapping_errors(handler: Handler) -> Handler:
         return grpc.unary_stream_rpc_method_handler(
             stream, handler.request_deserializer, handler.response_serializer
         )
+    if handler.stream_stream is not None:
+        return _mapping_bidi_errors(handler)
     return handler
+
+
+def _mapping_bidi_errors(handler: Handler) -> Handler:
+    inner: Any = handler.stream_stream
+
+    async def bidi(requests: Any, context: Context) -> AsyncIterator[Any]:
+        try:
+            async for item in inner(requests, context):
+                yield item
+        except Exception as exc:
+            err = as_status(exc)
+            if err is None:
+                raise
+            await abort(context, err)
+
+    return grpc.stream_stream_rpc_method_handler(
+        bidi, handler.request_deserializer, handler.response_serializer
+    )
 
 
 class HandlerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]

@@ -25,6 +25,7 @@ from services.inference import metrics, pipeline
 from services.inference.models import ModelCatalog
 from services.inference.progress_relay import ProgressRelay
 from services.inference.recycling import RecyclePolicy, give_memory_back, rss_bytes
+from services.inference.work_stream import Slot, WorkSession
 from services.internal.v1 import inference_service_pb2 as pb
 from services.internal.v1 import inference_service_pb2_grpc as pb_grpc
 
@@ -137,32 +138,44 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     # --- Process -----------------------------------------------------------------
 
-    async def _admit(self, lane: Lane, context: Context) -> None:
+    def _admit(self, lane: Lane) -> None:
         if self.draining:
-            await abort(
-                context, CutoutError("node is draining", grpc.StatusCode.RESOURCE_EXHAUSTED)
-            )
+            raise CutoutError("node is draining", grpc.StatusCode.RESOURCE_EXHAUSTED)
         if lane is self.heavy and self.recycling is not None:
-            await abort(
-                context,
-                CutoutError(
-                    "node is recycling its model sessions", grpc.StatusCode.RESOURCE_EXHAUSTED
-                ),
+            raise CutoutError(
+                "node is recycling its model sessions", grpc.StatusCode.RESOURCE_EXHAUSTED
             )
         if lane.in_flight >= lane.capacity:
-            await abort(
-                context,
-                CutoutError(
-                    f"node is full ({lane.capacity} {lane.name} jobs)",
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                ),
+            raise CutoutError(
+                f"node is full ({lane.capacity} {lane.name} jobs)",
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
             )
 
     async def Process(
         self, request: pb.ProcessRequest, context: Context
     ) -> AsyncIterator[pb.ProcessResponse]:
+        try:
+            async for response in self._process(request, None):
+                yield response
+        except CutoutError as exc:
+            await abort(context, exc)
+
+    async def Work(
+        self, request_iterator: AsyncIterator[pb.WorkRequest], context: Context
+    ) -> AsyncIterator[pb.WorkResponse]:
+        session = WorkSession(self._process, self.heavy.capacity, self.light.capacity)
+        async for response in session.serve(request_iterator, context):
+            yield response
+
+    async def _process(
+        self, request: pb.ProcessRequest, slot: Slot | None
+    ) -> AsyncIterator[pb.ProcessResponse]:
+        """One attempt's messages, for Process or a Work stream; raises CutoutError.
+
+        A Work stream's slot (its credit) is given back when the work ends.
+        """
         lane = self.light if operations.is_light(request.operation) else self.heavy
-        await self._admit(lane, context)
+        self._admit(lane)
         extra = {
             "job_id": request.name.removeprefix("jobs/"),
             "vendor": request.vendor_id,
@@ -188,6 +201,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         )
         work.add_done_callback(lambda _: self._release(lane))
         work.add_done_callback(lambda f: _count(f, operation, started))
+        if slot is not None:
+            slot.hold()
+            work.add_done_callback(lambda _: slot.release())
         # Scheduled after the worker's last report, so every report comes first.
         work.add_done_callback(lambda _: relay.finish())
         log.info("processing", extra=extra)
@@ -201,7 +217,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             code = grpc.StatusCode.INVALID_ARGUMENT
             if isinstance(exc, pipeline.Unsupported):
                 code = grpc.StatusCode.FAILED_PRECONDITION
-            await abort(context, CutoutError(str(exc), code))
+            raise CutoutError(str(exc), code) from exc
         header = pb.ProcessOutput(
             content_type=output.content_type,
             size_bytes=len(output.data),
@@ -235,6 +251,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             draining=self.draining,
             rss_bytes=rss_bytes(),
             recycles=self.recycle.recycles,
+            work_stream=True,
             models=[
                 pb.ModelInfo(
                     name=m.name,

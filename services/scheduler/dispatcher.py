@@ -35,13 +35,16 @@ from services.common.errors import NON_RETRYABLE, status_from_code, store_unavai
 from services.common.operations import HEAVY_LANE, LIGHT_LANE
 from services.internal.v1 import inference_service_pb2 as inference_pb2
 from services.scheduler import metrics
+from services.scheduler.completions import CompletionBatcher
 from services.scheduler.nodes import Node, NodePool
 from services.scheduler.progress import ProgressThrottle
 from services.scheduler.storage import ResultStores, StorageError
-from services.scheduler.store import Charge, Claim, Retried, Store
+from services.scheduler.store import Charge, Claim, Completion, Retried, Store
+from services.scheduler.work_link import LinkAttempt, NodeError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+ProcessCall = grpc.aio.UnaryStreamCall[inference_pb2.ProcessRequest, inference_pb2.ProcessResponse]
 
 EXTENSIONS = {"image/png": "png", "image/webp": "webp", "image/jpeg": "jpg"}
 # How long an attempt whose node has answered waits for Redis to come back to record
@@ -108,6 +111,8 @@ class Dispatcher:
         # job id -> why its attempt task was cancelled on purpose, and how to charge it
         self._abandoned: dict[str, tuple[str, Charge]] = {}
         self._stopping = False
+        # Successes that come together go to Redis in one round trip.
+        self._completions = CompletionBatcher(store.attempts.complete_many)
 
     # --- loops ------------------------------------------------------------------
 
@@ -145,7 +150,8 @@ class Dispatcher:
                 await self._wait(kick, 1.0)
                 continue
             node.started(light)
-            task = asyncio.create_task(self._attempt(claim, node, light))
+            ticket = node.work.reserve(light) if node.work is not None and node.streams else None
+            task = asyncio.create_task(self._attempt(claim, node, light, ticket))
             self._attempts[claim.job_id] = task
             self._nodes[claim.job_id] = node
 
@@ -261,7 +267,10 @@ class Dispatcher:
 
     # --- one attempt -------------------------------------------------------------
 
-    async def _attempt(self, claim: Claim, node: Node, light: bool = False) -> None:
+    async def _attempt(
+        self, claim: Claim, node: Node, light: bool = False, ticket: int | None = None
+    ) -> None:
+        """One attempt; ticket: the Work stream credit reserved for it (None: Process)."""
         extra = {
             "job_id": claim.job_id,
             "vendor": claim.vendor,
@@ -275,7 +284,7 @@ class Dispatcher:
         started = time.perf_counter()
         renewer = asyncio.create_task(self._renew(claim))
         try:
-            await self._run_on_node(claim, node)
+            await self._run_on_node(claim, node, light, ticket)
         except asyncio.CancelledError:
             abandoned = self._abandoned.pop(claim.job_id, None)
             if abandoned is None:
@@ -289,6 +298,8 @@ class Dispatcher:
                 await self._retry(claim, grpc.StatusCode.UNAVAILABLE, why, charge, patient)
         except grpc.aio.AioRpcError as exc:
             await self._on_node_error(claim, node, light, exc.code(), exc.details() or "", extra)
+        except NodeError as exc:  # the same statuses, from an attempt on a Work stream
+            await self._on_node_error(claim, node, light, exc.code, exc.details, extra)
         except (ProtocolError, aioredis.RedisError, OSError) as exc:
             log.exception("attempt failed", extra=extra)
             # Redis or the result store failing under us is the cluster's fault, not the job's.
@@ -327,21 +338,37 @@ class Dispatcher:
             await asyncio.sleep(pause)
             pause = min(1.0, pause * 2)
 
-    async def _run_on_node(self, claim: Claim, node: Node) -> None:
-        if claim.image is None:
+    def _send(
+        self, claim: Claim, node: Node, light: bool, ticket: int | None
+    ) -> LinkAttempt | ProcessCall | None:
+        """Send the attempt: on the node's Work stream with the credit `ticket` reserved,
+        or as a Process call to a node without one. None: there is nothing to send
+        (the job was cancelled as it was claimed). A credit not used goes back."""
+        sent = False
+        try:
+            if claim.image is None:
+                return None
+            request = inference_pb2.ProcessRequest(
+                name=job_name(claim.job_id),
+                attempt=claim.attempt,
+                operation=jobs_pb2.Operation.FromString(claim.operation),
+                image=claim.image,
+                vendor_id=claim.vendor,
+            )
+            timeout_s = self.policy.deadline_s(claim.lane_run_ms)
+            if node.work is None or not node.streams:
+                return node.stub.Process(request, timeout=timeout_s, metadata=self.pool.metadata)
+            call = node.work.start_attempt(request, ticket, timeout_s)
+            sent = True
+            return call
+        finally:
+            if not sent and node.work is not None:
+                node.work.unreserve(light, ticket)
+
+    async def _run_on_node(self, claim: Claim, node: Node, light: bool, ticket: int | None) -> None:
+        call = self._send(claim, node, light, ticket)
+        if call is None:
             return  # no input: cancelled as it was claimed
-        request = inference_pb2.ProcessRequest(
-            name=job_name(claim.job_id),
-            attempt=claim.attempt,
-            operation=jobs_pb2.Operation.FromString(claim.operation),
-            image=claim.image,
-            vendor_id=claim.vendor,
-        )
-        call = node.stub.Process(
-            request,
-            timeout=self.policy.deadline_s(claim.lane_run_ms),
-            metadata=self.pool.metadata,
-        )
         output: inference_pb2.ProcessOutput | None = None
         chunks: list[bytes] = []
 
@@ -416,12 +443,8 @@ class Dispatcher:
             result.subject_box.CopyFrom(output.subject_box)
         # Stages not written yet, the output's retention and SUCCEEDED: one round trip.
         updates = progress.take()
-        done = await self._patiently(
-            "complete",
-            lambda: self.store.attempts.complete(
-                claim, result, deliver, updates=updates, lease_ms=self.policy.lease_ms
-            ),
-        )
+        completion = Completion(claim, result, deliver, updates, self.policy.lease_ms)
+        done = await self._patiently("complete", lambda: self._completions.complete(completion))
         if done:
             metrics.JOBS_FINISHED.labels("succeeded").inc()
             self.on_finished()

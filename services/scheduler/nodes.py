@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.common.internal_auth import InternalToken
 from services.internal.v1 import inference_service_pb2 as inference_pb2
 from services.internal.v1 import inference_service_pb2_grpc as inference_grpc
+from services.scheduler.work_link import WorkLink
 
 log = logging.getLogger(__name__)
 INFERENCE_SERVICE = "cutout.internal.v1.InferenceService"
@@ -51,6 +52,14 @@ class Node:
     # partitioned one does not). Counted from polls that were made, so a scheduler that
     # was itself too busy to poll never takes its nodes for silent.
     failing_since: float | None = None
+    # The node's Work stream, once its GetLoad said it serves one; then its credit
+    # bounds the room we see, and attempts go over it instead of a Process call each.
+    work: WorkLink | None = None
+
+    @property
+    def streams(self) -> bool:
+        """Attempts go over the Work stream (else a Process call each)."""
+        return self.work is not None and not self.work.unsupported
 
     @property
     def silent_s(self) -> float:
@@ -67,7 +76,10 @@ class Node:
     def free(self) -> int:
         if not self.healthy or self.draining:
             return 0
-        return max(0, self.capacity - self.in_flight)
+        room = self.capacity - self.in_flight
+        if self.work is not None and self.streams:
+            room = min(room, self.work.room(False))
+        return max(0, room)
 
     @property
     def load(self) -> float:
@@ -78,7 +90,10 @@ class Node:
         if not self.healthy or self.draining:
             return 0
         others = max(0, self.reported_light_in_flight - self.local_light_at_report)
-        return max(0, self.light_capacity - self.local_light_in_flight - others)
+        room = self.light_capacity - self.local_light_in_flight - others
+        if self.work is not None and self.streams:
+            room = min(room, self.work.room(True))
+        return max(0, room)
 
     def started(self, light: bool) -> None:
         if light:
@@ -235,6 +250,8 @@ class NodePool:
             if node.local_in_flight > 0 or node.local_light_in_flight > 0:
                 still.append(node)
             else:
+                if node.work is not None:
+                    await node.work.close()
                 await node.channel.close(None)
         self._retired = still
 
@@ -281,6 +298,9 @@ class NodePool:
         node.local_light_at_report = node.local_light_in_flight
         node.models = {m.name: m.execution_provider for m in load.models}
         node.runtimes = {m.name: (m.runtime, m.device, m.precision) for m in load.models}
+        if load.work_stream and node.work is None:
+            node.work = WorkLink(node.address, node.stub, self.metadata, self.changed.set)
+            node.work.start()
         if node.free + node.light_free > was_free:
             self.changed.set()
 
@@ -313,4 +333,6 @@ class NodePool:
         return counts
 
     async def close(self) -> None:
+        links = [n.work for n in self.nodes + self._retired if n.work is not None]
+        await asyncio.gather(*(link.close() for link in links))
         await asyncio.gather(*(n.channel.close(None) for n in self.nodes + self._retired))

@@ -8,6 +8,7 @@ from cutout.v1 import jobs_pb2 as _jobs_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.rpc import status_pb2 as _status_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -268,6 +269,7 @@ class GetLoadResponse(_message.Message):
     LIGHT_IN_FLIGHT_FIELD_NUMBER: _builtins.int
     RSS_BYTES_FIELD_NUMBER: _builtins.int
     RECYCLES_FIELD_NUMBER: _builtins.int
+    WORK_STREAM_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """Stable identifier of the node, for logs."""
     capacity: _builtins.int
@@ -284,6 +286,8 @@ class GetLoadResponse(_message.Message):
     """Resident memory of the node process, bytes."""
     recycles: _builtins.int
     """Times the node rebuilt its model sessions to give memory back."""
+    work_stream: _builtins.bool
+    """True when the node serves Work; the scheduler then uses it instead of Process."""
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelInfo]:
         """Loaded models."""
@@ -300,11 +304,144 @@ class GetLoadResponse(_message.Message):
         light_in_flight: _builtins.int = ...,
         rss_bytes: _builtins.int = ...,
         recycles: _builtins.int = ...,
+        work_stream: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "draining", b"draining", "in_flight", b"in_flight", "light_capacity", b"light_capacity", "light_in_flight", b"light_in_flight", "models", b"models", "node_id", b"node_id", "recycles", b"recycles", "rss_bytes", b"rss_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "draining", b"draining", "in_flight", b"in_flight", "light_capacity", b"light_capacity", "light_in_flight", b"light_in_flight", "models", b"models", "node_id", b"node_id", "recycles", b"recycles", "rss_bytes", b"rss_bytes", "work_stream", b"work_stream"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetLoadResponse: _TypeAlias = GetLoadResponse  # noqa: Y015
+
+@_typing.final
+class WorkRequest(_message.Message):
+    """A message from the scheduler on the Work stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    CANCEL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job(self) -> Global___ProcessRequest:
+        """Run this attempt; uses one credit of its lane (light or inference)."""
+
+    @_builtins.property
+    def cancel(self) -> Global___WorkCancel:
+        """Stop this attempt; its end follows (CANCELLED, or its result if it was done)."""
+
+    def __init__(
+        self,
+        *,
+        job: Global___ProcessRequest | None = ...,
+        cancel: Global___WorkCancel | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "job", b"job", "payload", b"payload"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "job", b"job", "payload", b"payload"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["job", "cancel"]  # noqa: Y015
+    _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
+
+Global___WorkRequest: _TypeAlias = WorkRequest  # noqa: Y015
+
+@_typing.final
+class WorkCancel(_message.Message):
+    """Stops one attempt on the Work stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"jobs/{job_id}" of the attempt."""
+    attempt: _builtins.int
+    """Its 1-based attempt number: an older or newer attempt of the job is not touched."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkCancel: _TypeAlias = WorkCancel  # noqa: Y015
+
+@_typing.final
+class WorkCredit(_message.Message):
+    """More jobs the scheduler may send on this stream; credits add up."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOBS_FIELD_NUMBER: _builtins.int
+    LIGHT_JOBS_FIELD_NUMBER: _builtins.int
+    jobs: _builtins.int
+    """More inference jobs, 0 or more."""
+    light_jobs: _builtins.int
+    """More light jobs (transforms), 0 or more."""
+    def __init__(
+        self,
+        *,
+        jobs: _builtins.int = ...,
+        light_jobs: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs", "light_jobs", b"light_jobs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkCredit: _TypeAlias = WorkCredit  # noqa: Y015
+
+@_typing.final
+class WorkResponse(_message.Message):
+    """A message from the node on the Work stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    CREDIT_FIELD_NUMBER: _builtins.int
+    UPDATE_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"jobs/{job_id}" of the attempt the message is about; empty for credit."""
+    attempt: _builtins.int
+    """Its 1-based attempt number; 0 for credit."""
+    @_builtins.property
+    def credit(self) -> Global___WorkCredit:
+        """Slots granted: at the start of the stream, then one as each job's work ends."""
+
+    @_builtins.property
+    def update(self) -> Global___ProcessResponse:
+        """Progress, the output header or an output chunk, as Process sends them."""
+
+    @_builtins.property
+    def end(self) -> _status_pb2.Status:
+        """The attempt is over: code 0 after its whole output, otherwise the status
+        Process would have ended with (same codes, same meaning).
+        """
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        credit: Global___WorkCredit | None = ...,
+        update: Global___ProcessResponse | None = ...,
+        end: _status_pb2.Status | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["credit", b"credit", "end", b"end", "payload", b"payload", "update", b"update"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "credit", b"credit", "end", b"end", "name", b"name", "payload", b"payload", "update", b"update"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["credit", "update", "end"]  # noqa: Y015
+    _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
+
+Global___WorkResponse: _TypeAlias = WorkResponse  # noqa: Y015

@@ -46,6 +46,11 @@ class InferenceServiceStub:
                 request_serializer=cutout_dot_internal_dot_v1_dot_inference__service__pb2.GetLoadRequest.SerializeToString,
                 response_deserializer=cutout_dot_internal_dot_v1_dot_inference__service__pb2.GetLoadResponse.FromString,
                 _registered_method=True)
+        self.Work = channel.stream_stream(
+                '/cutout.internal.v1.InferenceService/Work',
+                request_serializer=cutout_dot_internal_dot_v1_dot_inference__service__pb2.WorkRequest.SerializeToString,
+                response_deserializer=cutout_dot_internal_dot_v1_dot_inference__service__pb2.WorkResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -70,6 +75,20 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Work(self, request_iterator, context):
+        """One long-lived stream per scheduler and node, carrying many attempts: the
+        node grants slots with credits, the scheduler sends jobs (never more than
+        granted) and cancellations, the node sends each attempt's progress,
+        output and end, tagged with its job name and attempt. Replaces one
+        Process call per attempt (a scheduler spent its CPU setting those up).
+        When the stream breaks, every attempt on it is lost: the node stops
+        them, the scheduler retries them elsewhere. Nodes that serve it say so
+        in GetLoadResponse.work_stream; Process stays for those that do not.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -82,6 +101,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.GetLoad,
                     request_deserializer=cutout_dot_internal_dot_v1_dot_inference__service__pb2.GetLoadRequest.FromString,
                     response_serializer=cutout_dot_internal_dot_v1_dot_inference__service__pb2.GetLoadResponse.SerializeToString,
+            ),
+            'Work': grpc.stream_stream_rpc_method_handler(
+                    servicer.Work,
+                    request_deserializer=cutout_dot_internal_dot_v1_dot_inference__service__pb2.WorkRequest.FromString,
+                    response_serializer=cutout_dot_internal_dot_v1_dot_inference__service__pb2.WorkResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -140,6 +164,33 @@ class InferenceService:
             '/cutout.internal.v1.InferenceService/GetLoad',
             cutout_dot_internal_dot_v1_dot_inference__service__pb2.GetLoadRequest.SerializeToString,
             cutout_dot_internal_dot_v1_dot_inference__service__pb2.GetLoadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Work(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/cutout.internal.v1.InferenceService/Work',
+            cutout_dot_internal_dot_v1_dot_inference__service__pb2.WorkRequest.SerializeToString,
+            cutout_dot_internal_dot_v1_dot_inference__service__pb2.WorkResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,16 @@ class InferenceServiceStub:
     """
     GetLoad: _grpc.UnaryUnaryMultiCallable[_inference_service_pb2.GetLoadRequest, _inference_service_pb2.GetLoadResponse]
     """Reports what the node can take right now."""
+    Work: _grpc.StreamStreamMultiCallable[_inference_service_pb2.WorkRequest, _inference_service_pb2.WorkResponse]
+    """One long-lived stream per scheduler and node, carrying many attempts: the
+    node grants slots with credits, the scheduler sends jobs (never more than
+    granted) and cancellations, the node sends each attempt's progress,
+    output and end, tagged with its job name and attempt. Replaces one
+    Process call per attempt (a scheduler spent its CPU setting those up).
+    When the stream breaks, every attempt on it is lost: the node stops
+    them, the scheduler retries them elsewhere. Nodes that serve it say so
+    in GetLoadResponse.work_stream; Process stays for those that do not.
+    """
 
 @_typing.type_check_only
 class InferenceServiceAsyncStub(InferenceServiceStub):
@@ -59,6 +69,16 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     """
     GetLoad: _aio.UnaryUnaryMultiCallable[_inference_service_pb2.GetLoadRequest, _inference_service_pb2.GetLoadResponse]  # type: ignore[assignment]
     """Reports what the node can take right now."""
+    Work: _aio.StreamStreamMultiCallable[_inference_service_pb2.WorkRequest, _inference_service_pb2.WorkResponse]  # type: ignore[assignment]
+    """One long-lived stream per scheduler and node, carrying many attempts: the
+    node grants slots with credits, the scheduler sends jobs (never more than
+    granted) and cancellations, the node sends each attempt's progress,
+    output and end, tagged with its job name and attempt. Replaces one
+    Process call per attempt (a scheduler spent its CPU setting those up).
+    When the stream breaks, every attempt on it is lost: the node stops
+    them, the scheduler retries them elsewhere. Nodes that serve it say so
+    in GetLoadResponse.work_stream; Process stays for those that do not.
+    """
 
 class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     """Internal: served by every inference node. The scheduler is its only caller;
@@ -84,5 +104,21 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_inference_service_pb2.GetLoadResponse, _abc.Awaitable[_inference_service_pb2.GetLoadResponse]]:
         """Reports what the node can take right now."""
+
+    @_abc_1.abstractmethod
+    def Work(
+        self,
+        request_iterator: _MaybeAsyncIterator[_inference_service_pb2.WorkRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_inference_service_pb2.WorkResponse], _abc.AsyncIterator[_inference_service_pb2.WorkResponse]]:
+        """One long-lived stream per scheduler and node, carrying many attempts: the
+        node grants slots with credits, the scheduler sends jobs (never more than
+        granted) and cancellations, the node sends each attempt's progress,
+        output and end, tagged with its job name and attempt. Replaces one
+        Process call per attempt (a scheduler spent its CPU setting those up).
+        When the stream breaks, every attempt on it is lost: the node stops
+        them, the scheduler retries them elsewhere. Nodes that serve it say so
+        in GetLoadResponse.work_stream; Process stays for those that do not.
+        """
 
 def add_InferenceServiceServicer_to_server(servicer: InferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

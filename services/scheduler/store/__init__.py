@@ -33,6 +33,7 @@ from services.scheduler.store.jobs import Jobs
 from services.scheduler.store.model import (
     Admission,
     Claim,
+    Completion,
     Fairness,
     FleetCapacity,
     NewJob,
@@ -70,6 +71,7 @@ __all__ = [
     "Charge",
     "Claim",
     "Claims",
+    "Completion",
     "DeadLetters",
     "Delivery",
     "Enqueued",

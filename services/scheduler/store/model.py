@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -97,6 +98,18 @@ class Claim:
     record: bytes = b""  # serialized jobs_pb2.RecordRef, empty when the job names none
     created_ms: int = 0  # when the job was submitted (ms since the epoch)
     lane_run_ms: float | None = None  # its lane's average attempt run time; None: none yet
+
+
+@dataclass(frozen=True)
+class Completion:
+    """An attempt's success, to record: its result, whether a delivery is still to
+    make, and the progress (stage, percent) pairs not written yet."""
+
+    claim: Claim
+    result: jobs_pb2.Result
+    deliver: bool = False
+    updates: Sequence[tuple[int, int]] = ()
+    lease_ms: int = 0
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,160 @@
+"""The node's end of a Work stream: many attempts over one call, paced by credits.
+
+A scheduler that opened one Process call per attempt spent most of its CPU
+setting calls up (bench/scale.py: ~2 ms of scheduler CPU per 50 ms job).
+Here one stream carries every attempt between a scheduler and a node. The
+node grants credits (a slot each, per lane) when the stream opens and one
+more as each job's work ends, so a scheduler never has more jobs here than
+it was granted; a job sent without credit is refused (RESOURCE_EXHAUSTED)
+and counted in `overdrawn`, which must stay 0.
+
+When the stream ends (the scheduler stopped, died or lost the network),
+every attempt it carried is stopped, as a cancelled Process call's is: the
+scheduler side retries them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any, cast
+
+import grpc
+from google.rpc import status_pb2
+
+from cutout.v1 import jobs_pb2
+from services.common import operations
+from services.common.errors import CutoutError
+from services.internal.v1 import inference_service_pb2 as pb
+
+log = logging.getLogger(__name__)
+Context = grpc.aio.ServicerContext[Any, Any]
+OK = status_pb2.Status(code=grpc.StatusCode.OK.value[0])
+
+
+class Slot:
+    """One credit held by one job; given back once, when the job's work is over.
+
+    The work decides when (`hold` then the work's end releases it): a
+    cancelled job whose thread still runs keeps its slot until the thread is
+    free, as with Process. A job refused before its work started gives it
+    back as it ends.
+    """
+
+    def __init__(self, give_back: Callable[[], None]) -> None:
+        self._give_back = give_back
+        self.held_by_work = False
+        self._released = False
+
+    def hold(self) -> None:
+        self.held_by_work = True
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._give_back()
+
+
+# (request, slot) -> the attempt's messages, as Process sends them; raises CutoutError.
+Run = Callable[[pb.ProcessRequest, Slot], AsyncIterator[pb.ProcessResponse]]
+
+
+def is_light(operation: jobs_pb2.Operation) -> bool:
+    return operations.is_light(operation)
+
+
+class WorkSession:
+    """One Work stream on the node side."""
+
+    def __init__(self, run: Run, jobs: int, light_jobs: int) -> None:
+        self._run = run
+        self._initial = (jobs, light_jobs)
+        self._out: asyncio.Queue[pb.WorkResponse | None] = asyncio.Queue()
+        self._jobs: dict[tuple[str, int], asyncio.Task[None]] = {}
+        self.credit = {False: jobs, True: light_jobs}  # light? -> jobs it may still send
+        self.overdrawn = 0  # jobs sent without credit: a scheduler bug if ever above 0
+        self.most_outstanding = {False: 0, True: 0}  # the most jobs at once, per lane
+        self._outstanding = {False: 0, True: 0}
+
+    async def serve(
+        self, requests: AsyncIterator[pb.WorkRequest], context: Context
+    ) -> AsyncIterator[pb.WorkResponse]:
+        # The stream's end stops its jobs, whichever way it ends: a generator left
+        # suspended at `yield` by a caller that hung up runs no `finally` until collected.
+        # (grpc-stubs types the callback as a class of its own; any callable works.)
+        cast("Any", context).add_done_callback(lambda _: self.stop())
+        reader = asyncio.create_task(self._read(requests))
+        jobs, light_jobs = self._initial
+        yield pb.WorkResponse(credit=pb.WorkCredit(jobs=jobs, light_jobs=light_jobs))
+        try:
+            while (message := await self._out.get()) is not None:
+                yield message
+        finally:
+            reader.cancel()
+            self.stop()
+
+    def stop(self) -> None:
+        for task in self._jobs.values():
+            task.cancel()
+
+    async def _read(self, requests: AsyncIterator[pb.WorkRequest]) -> None:
+        try:
+            async for request in requests:
+                kind = request.WhichOneof("payload")
+                if kind == "job":
+                    self._start(request.job)
+                elif kind == "cancel":
+                    task = self._jobs.get((request.cancel.name, request.cancel.attempt))
+                    if task is not None:
+                        task.cancel()
+        except (grpc.aio.AioRpcError, asyncio.CancelledError):
+            pass
+        finally:
+            self._out.put_nowait(None)  # the scheduler closed its side: end the stream
+
+    def _start(self, job: pb.ProcessRequest) -> None:
+        light = is_light(job.operation)
+        key = (job.name, job.attempt)
+        if self.credit[light] <= 0 or key in self._jobs:
+            self.overdrawn += self.credit[light] <= 0
+            log.error("job sent without credit", extra={"job": job.name, "attempt": job.attempt})
+            self._end(
+                key, CutoutError("no credit for this job", grpc.StatusCode.RESOURCE_EXHAUSTED)
+            )
+            return
+        self.credit[light] -= 1
+        self._outstanding[light] += 1
+        self.most_outstanding[light] = max(self.most_outstanding[light], self._outstanding[light])
+        slot = Slot(lambda: self._give_back(light))
+        self._jobs[key] = asyncio.create_task(self._attempt(key, job, slot))
+
+    def _give_back(self, light: bool) -> None:
+        self.credit[light] += 1
+        self._outstanding[light] -= 1
+        grant = pb.WorkCredit(light_jobs=1) if light else pb.WorkCredit(jobs=1)
+        self._out.put_nowait(pb.WorkResponse(credit=grant))
+
+    async def _attempt(self, key: tuple[str, int], job: pb.ProcessRequest, slot: Slot) -> None:
+        name, attempt = key
+        ended: CutoutError | None = None
+        try:
+            async for update in self._run(job, slot):
+                self._out.put_nowait(pb.WorkResponse(name=name, attempt=attempt, update=update))
+        except CutoutError as exc:
+            ended = exc
+        except asyncio.CancelledError:
+            ended = CutoutError("attempt cancelled", grpc.StatusCode.CANCELLED)
+        except Exception as exc:
+            log.exception("attempt failed", extra={"job": name, "attempt": attempt})
+            ended = CutoutError(f"{type(exc).__name__}: {exc}", grpc.StatusCode.UNKNOWN)
+        finally:
+            self._jobs.pop(key, None)
+            if not slot.held_by_work:
+                slot.release()
+        self._end(key, ended)
+
+    def _end(self, key: tuple[str, int], error: CutoutError | None) -> None:
+        name, attempt = key
+        status = OK if error is None else error.to_status()
+        self._out.put_nowait(pb.WorkResponse(name=name, attempt=attempt, end=status))

@@ -1,0 +1,234 @@
+"""The scheduler's end of a node's Work stream: one call per node, not one per attempt.
+
+bench/scale.py put the scheduler at ~2 ms of CPU per 50 ms job, most of it
+setting up a Process call per attempt; one long-lived stream per node
+carries every attempt instead. The node grants credits (slots, per lane);
+`credit` is what may still be sent, and the dispatcher's view of the node's
+room (Node.free) never exceeds it, so the node never gets a job it did not
+grant a slot for. A job is tagged with its job name and attempt number, and
+so is every message about it, so an answer reaches only its own attempt.
+
+When the stream breaks, every attempt on it ends with UNAVAILABLE (the node
+crashed or went away, as a broken Process call ended), and the link opens a
+new stream with backoff; credits start again from the node's new grant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from services.internal.v1 import inference_service_pb2 as pb
+from services.internal.v1 import inference_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+CODES = {code.value[0]: code for code in grpc.StatusCode}
+BACKOFF_S = (0.05, 2.0)  # first and longest wait before opening a broken stream again
+
+
+class NodeError(Exception):
+    """An attempt on a Work stream ended with a status, as a failed Process call does."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+class LinkAttempt:
+    """One attempt on a Work stream: its messages in order, like a Process call's.
+
+    Iterating yields the node's ProcessResponse messages and ends after the
+    attempt's output; a failed attempt raises NodeError. `cancel` stops it on
+    the node (unless it already ended).
+    """
+
+    def __init__(self, link: WorkLink, key: tuple[str, int], timeout_s: float) -> None:
+        self._link = link
+        self._key = key
+        self._queue: asyncio.Queue[pb.WorkResponse | NodeError] = asyncio.Queue()
+        self._ended = False
+        self._send = link._send
+        loop = asyncio.get_running_loop()
+        # A timer, not asyncio.timeout around the iteration: the caller awaits Redis
+        # between messages, and a deadline must not cancel that.
+        self._deadline = loop.call_later(
+            timeout_s,
+            self._queue.put_nowait,
+            NodeError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no result within {timeout_s:.1f} s"),
+        )
+
+    def deliver(self, message: pb.WorkResponse | NodeError) -> None:
+        self._queue.put_nowait(message)
+
+    def __aiter__(self) -> LinkAttempt:
+        return self
+
+    async def __anext__(self) -> pb.ProcessResponse:
+        if self._ended:
+            raise StopAsyncIteration
+        message = await self._queue.get()
+        if isinstance(message, NodeError):
+            if message.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                self.cancel()  # the node stops it, as a Process call's deadline stopped it
+            else:
+                self._finish()
+            raise message
+        if message.WhichOneof("payload") == "end":
+            self._finish()
+            code = CODES.get(message.end.code, grpc.StatusCode.UNKNOWN)
+            if code != grpc.StatusCode.OK:
+                raise NodeError(code, message.end.message)
+            raise StopAsyncIteration
+        return message.update
+
+    def _finish(self) -> None:
+        self._ended = True
+        self._deadline.cancel()
+        self._link._forget(self._key, self)
+
+    def cancel(self) -> None:
+        """Stop the attempt on the node, if it is still running there."""
+        if self._ended:
+            return
+        self._finish()
+        if self._send is not None and self._send is self._link._send:
+            name, attempt = self._key
+            self._send.put_nowait(pb.WorkRequest(cancel=pb.WorkCancel(name=name, attempt=attempt)))
+
+
+class WorkLink:
+    """One node's Work stream, opened again whenever it breaks."""
+
+    def __init__(
+        self,
+        address: str,
+        stub: pb_grpc.InferenceServiceAsyncStub,
+        metadata: tuple[tuple[str, str], ...],
+        on_credit: Callable[[], None],
+    ) -> None:
+        self.address = address
+        self._stub = stub
+        self._metadata = metadata
+        self._on_credit = on_credit
+        self.credit = {False: 0, True: 0}  # light? -> jobs we may still send
+        self.unsupported = False  # the node answered UNIMPLEMENTED: use Process
+        self._send: asyncio.Queue[pb.WorkRequest] | None = None  # None while down
+        self._attempts: dict[tuple[str, int], LinkAttempt] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._generation = 0  # one more each time a stream is lost: its credits with it
+
+    @property
+    def up(self) -> bool:
+        return self._send is not None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def room(self, light: bool) -> int:
+        return self.credit[light] if self.up else 0
+
+    def reserve(self, light: bool) -> int | None:
+        """Take a credit for a job just claimed; the ticket names the stream it is on.
+
+        Taken as the job is claimed, not as its attempt task starts: the claim
+        loop may claim again before that task runs, and must see the credit gone.
+        """
+        if self._send is None or self.credit[light] <= 0:
+            return None
+        self.credit[light] -= 1
+        return self._generation
+
+    def unreserve(self, light: bool, ticket: int | None) -> None:
+        """Give back a credit reserve() took for a job that was never sent."""
+        if ticket is not None and ticket == self._generation and self._send is not None:
+            self.credit[light] += 1
+            self._on_credit()
+
+    def start_attempt(
+        self, request: pb.ProcessRequest, ticket: int | None, timeout_s: float
+    ) -> LinkAttempt:
+        """Send the job on the credit `ticket` reserved; raises NodeError(RESOURCE_EXHAUSTED)
+        when it has none on the stream now open."""
+        if self._send is None or ticket is None or ticket != self._generation:
+            # No credit, or the stream broke (and perhaps reopened with a fresh grant)
+            # since the claim: nothing reached the node, so the job goes back free.
+            raise NodeError(grpc.StatusCode.RESOURCE_EXHAUSTED, "no credit on the work stream")
+        key = (request.name, request.attempt)
+        attempt = LinkAttempt(self, key, timeout_s)
+        self._attempts[key] = attempt
+        self._send.put_nowait(pb.WorkRequest(job=request))
+        return attempt
+
+    def _forget(self, key: tuple[str, int], attempt: LinkAttempt) -> None:
+        if self._attempts.get(key) is attempt:
+            del self._attempts[key]
+
+    async def _run(self) -> None:
+        wait = BACKOFF_S[0]
+        while True:
+            send: asyncio.Queue[pb.WorkRequest] = asyncio.Queue()
+            try:
+                if await self._session(send):
+                    wait = BACKOFF_S[0]
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    log.info("no Work on the node; using Process", extra={"node": self.address})
+                    self.unsupported = True
+                    self._on_credit()
+                    return
+                log.debug("work stream broke", extra={"node": self.address, "error": str(exc)})
+            finally:
+                self._lost()
+            await asyncio.sleep(wait)
+            wait = min(BACKOFF_S[1], wait * 2)
+
+    async def _session(self, send: asyncio.Queue[pb.WorkRequest]) -> bool:
+        """Run one stream until it ends; True when the node granted credit on it."""
+
+        async def requests() -> AsyncIterator[pb.WorkRequest]:
+            while True:
+                yield await send.get()
+
+        call = self._stub.Work(requests(), metadata=self._metadata)
+        try:
+            async for message in call:
+                kind = message.WhichOneof("payload")
+                if kind == "credit":
+                    if self._send is None:
+                        self._send = send
+                        log.info("work stream open", extra={"node": self.address})
+                    self.credit[False] += message.credit.jobs
+                    self.credit[True] += message.credit.light_jobs
+                    self._on_credit()
+                elif (attempt := self._attempts.get((message.name, message.attempt))) is not None:
+                    attempt.deliver(message)
+                # else: the answer of an attempt that ended here already (cancelled, timed out)
+        finally:
+            call.cancel()
+        return self._send is send
+
+    def _lost(self) -> None:
+        """Every attempt on the broken stream is over: the node will not answer it."""
+        was_up = self._send is not None
+        self._send = None
+        self._generation += 1
+        self.credit = {False: 0, True: 0}
+        lost, self._attempts = self._attempts, {}
+        for attempt in lost.values():
+            attempt.deliver(
+                NodeError(grpc.StatusCode.UNAVAILABLE, f"work stream to {self.address} broke")
+            )
+        if was_up:
+            log.warning(
+                "work stream broke", extra={"node": self.address, "attempts_lost": len(lost)}
+            )

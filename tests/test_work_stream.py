@@ -1,0 +1,188 @@
+"""One Work stream per node (issue 20): credits, a stream broken mid-job, no Process calls.
+
+The nodes are bench/fixed_node.py processes (a fixed slot time, no model), so
+a job's timing is known; they count from their side what the scheduler sent
+on each stream, and write it on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+
+from cutout import AsyncClient
+from cutout.client import build_submission
+from cutout.v1 import jobs_pb2
+from services.common.internal_auth import InternalToken, new_token
+from services.internal.v1 import inference_service_pb2 as pb
+from services.internal.v1 import inference_service_pb2_grpc as pb_grpc
+from services.local.cluster import ClusterConfig
+from tests.conftest import KEYS
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import peers  # noqa: E402
+from bench.fixed_node import FixedServiceNode, create_server  # noqa: E402
+from bench.scale import FixedNodeCluster  # noqa: E402
+
+A = KEYS["vendor-a"]
+
+
+def fixed_cluster(
+    tmp_path: Path, model_dir: Path, nodes: int, slots: int, service_ms: int, work: bool = True
+) -> FixedNodeCluster:
+    (tmp_path / "stats").mkdir()
+    return FixedNodeCluster(
+        ClusterConfig(
+            nodes=nodes,
+            gateway_port=0,
+            workdir=tmp_path / "cluster",
+            model_dir=model_dir,
+            api_keys=dict(KEYS),
+            extra_env={
+                "CUTOUT_NODE_POLL_S": "0.2",
+                "CUTOUT_NODE_CAPACITY": str(slots),
+                "CUTOUT_FIXED_WORK": "1" if work else "0",
+            },
+        ),
+        service_ms=service_ms,
+        stats_dir=tmp_path / "stats",
+    )
+
+
+def counters(cluster: FixedNodeCluster, index: int) -> dict[str, int]:
+    assert cluster.stats_dir is not None
+    return dict(json.loads((cluster.stats_dir / f"fixed-{index + 1}.json").read_text()))
+
+
+async def final(client: AsyncClient, name: str) -> jobs_pb2.Job:
+    job = jobs_pb2.Job()
+    async for event in client.watch(name):
+        job = event.job
+        if job.done:
+            break
+    return job
+
+
+async def test_work_stream_killed_mid_job_job_finishes_on_another_node(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    cluster = fixed_cluster(tmp_path, tiny_model_dir, nodes=2, slots=1, service_ms=3000)
+    cluster.start()
+    try:
+        async with AsyncClient(cluster.gateway_address, A) as client:
+            await asyncio.sleep(1.0)  # both nodes polled and their streams open
+            job = await client.submit(peers.small_jpeg())
+            async for event in client.watch(job.name):
+                if event.job.state == jobs_pb2.JOB_STATE_RUNNING and event.job.node:
+                    running = event.job
+                    break
+            await asyncio.sleep(0.5)  # on the node, well inside its 3 s slot
+            victim = next(n for n in cluster.nodes if n.address == running.node)
+            cluster.kill(victim)  # SIGKILL: the stream breaks with the job on it
+            done = await asyncio.wait_for(final(client, job.name), 60)
+            assert done.state == jobs_pb2.JOB_STATE_SUCCEEDED, done.error.message
+            assert done.node != victim.address
+            assert done.attempt == 2
+        survivor = next(n for n in cluster.nodes if n is not victim)
+        index = cluster.nodes.index(survivor)
+        cluster.terminate(survivor)
+        seen = counters(cluster, index)
+    finally:
+        cluster.stop()
+    assert seen["completed"] == 1
+    assert seen["process_calls"] == 0  # it came on the Work stream
+    assert seen["work_streams"] >= 1
+    assert seen["overdrawn"] == 0
+
+
+async def test_scheduler_never_sends_beyond_the_credit_a_node_granted(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    cluster = fixed_cluster(tmp_path, tiny_model_dir, nodes=2, slots=2, service_ms=30)
+    cluster.start()
+    try:
+        async with AsyncClient(cluster.gateway_address, A) as client:
+            await asyncio.sleep(1.0)
+            image = peers.small_jpeg()
+            reply = await client.submit_batch([build_submission(image) for _ in range(60)])
+            names = [o.job.name for o in reply.outcomes if o.HasField("job")]
+            assert len(set(names)) == 60
+            for name in names:
+                done = await asyncio.wait_for(final(client, name), 60)
+                assert done.state == jobs_pb2.JOB_STATE_SUCCEEDED, done.error.message
+        for node in list(cluster.nodes):
+            cluster.terminate(node)
+        seen = [counters(cluster, i) for i in range(2)]
+    finally:
+        cluster.stop()
+    assert sum(s["completed"] for s in seen) == 60
+    for s in seen:
+        assert s["overdrawn"] == 0  # never a job beyond the stream's credit
+        assert s["most_outstanding"] <= 2  # the credit granted: its 2 slots
+        assert s["refused"] == 0
+        assert s["process_calls"] == 0
+
+
+async def test_a_node_that_does_not_offer_work_gets_process_calls(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    cluster = fixed_cluster(tmp_path, tiny_model_dir, nodes=1, slots=2, service_ms=20, work=False)
+    cluster.start()
+    try:
+        async with AsyncClient(cluster.gateway_address, A) as client:
+            image = peers.small_jpeg()
+            reply = await client.submit_batch([build_submission(image) for _ in range(6)])
+            for outcome in reply.outcomes:
+                done = await asyncio.wait_for(final(client, outcome.job.name), 60)
+                assert done.state == jobs_pb2.JOB_STATE_SUCCEEDED, done.error.message
+        cluster.terminate(cluster.nodes[0])
+        seen = counters(cluster, 0)
+    finally:
+        cluster.stop()
+    assert seen["completed"] == seen["process_calls"] == 6
+    assert seen["work_streams"] == 0
+
+
+async def test_node_refuses_and_counts_a_job_sent_without_credit() -> None:
+    """The node-side check the tests above rely on does catch an overdraft."""
+    token = InternalToken(new_token())
+    node = FixedServiceNode(slots=2, service_s=0.5, node_id="n", models=["tiny"])
+    server, port = await create_server(node, "127.0.0.1:0", token)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.InferenceServiceStub(channel)
+            unsigned = stub.Work()  # the internal token guards Work as it does Process
+            with pytest.raises(grpc.aio.AioRpcError) as refused_call:
+                await unsigned.read()
+            assert refused_call.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            call = stub.Work(metadata=token.metadata())
+            first = await call.read()
+            assert first.credit.jobs == 2
+            for attempt in (1, 2, 3):
+                job = pb.ProcessRequest(name=f"jobs/j{attempt}", attempt=attempt, image=b"x")
+                await call.write(pb.WorkRequest(job=job))
+            refused = await call.read()
+            assert (refused.name, refused.attempt) == ("jobs/j3", 3)
+            assert refused.end.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+            await call.write(pb.WorkRequest(cancel=pb.WorkCancel(name="jobs/j2", attempt=2)))
+            ends: dict[str, int] = {}
+            credits = 0
+            while len(ends) < 2 or credits < 2:
+                message = await asyncio.wait_for(call.read(), 5)
+                if message.HasField("credit"):
+                    credits += message.credit.jobs
+                elif message.HasField("end"):
+                    ends[message.name] = message.end.code
+            assert ends == {"jobs/j1": 0, "jobs/j2": grpc.StatusCode.CANCELLED.value[0]}
+            await call.done_writing()
+    finally:
+        await server.stop(None)
+    assert node.sessions[0].overdrawn == 1
+    assert node.completed == 1
