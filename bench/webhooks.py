@@ -21,10 +21,8 @@ import asyncio
 import io
 import json
 import platform
-import ssl
 import sys
 import tempfile
-import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -41,8 +39,7 @@ from cutout import AsyncClient  # noqa: E402
 from services.common import webhook_registry  # noqa: E402
 from services.local.cluster import ClusterConfig, LocalCluster  # noqa: E402
 from tests.conftest import KEYS  # noqa: E402
-from tests.test_tls import make_ca, make_server_cert  # noqa: E402
-from tests.test_webhooks import Receiver, _serve  # noqa: E402
+from tests.test_webhooks import make_tls, start_receiver  # noqa: E402
 from tests.tinymodel import build_tiny_model  # noqa: E402
 
 
@@ -61,14 +58,7 @@ def cpu_info() -> dict[str, str]:
 
 
 async def run(args: argparse.Namespace, work: Path) -> dict[str, object]:
-    ca_key, ca = make_ca(work, "ca")
-    make_server_cert(work, ca_key, ca)
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(work / "gateway.pem", work / "gateway.key")
-    receiver = Receiver()
-    ready = threading.Event()
-    threading.Thread(target=_serve, args=(receiver, context, ready), daemon=True).start()
-    assert ready.wait(10)
+    receiver = start_receiver(make_tls(work))
     model_dir = work / "models"
     model_dir.mkdir()
     build_tiny_model(model_dir / "tiny.onnx")

@@ -94,16 +94,15 @@ def _serve(receiver: Receiver, context: ssl.SSLContext, ready: threading.Event) 
     loop.run_forever()
 
 
-@pytest.fixture(scope="module")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("webhook-tls")
+def make_tls(folder: Path) -> Path:
+    """A CA (folder/ca.pem) and a server certificate for 127.0.0.1 signed by it."""
     ca_key, ca = make_ca(folder, "ca")
     make_server_cert(folder, ca_key, ca)
     return folder
 
 
-@pytest.fixture(scope="module")
-def receiver(tls: Path) -> Receiver:
+def start_receiver(tls: Path) -> Receiver:
+    """The receiver on a free loopback port, serving HTTPS with tls's certificate."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(tls / "gateway.pem", tls / "gateway.key")
     found = Receiver()
@@ -111,6 +110,16 @@ def receiver(tls: Path) -> Receiver:
     threading.Thread(target=_serve, args=(found, context, ready), daemon=True).start()
     assert ready.wait(10)
     return found
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tls(tmp_path_factory.mktemp("webhook-tls"))
+
+
+@pytest.fixture(scope="module")
+def receiver(tls: Path) -> Receiver:
+    return start_receiver(tls)
 
 
 def webhook_env(receiver: Receiver, tls: Path) -> dict[str, str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from services.common.config import SettingsError, env_float, env_int, env_list, env_str
 from services.common.fetch import AllowedHost, Fetcher, FetchPolicy, IPAddress
@@ -58,8 +59,9 @@ class WebhookPolicy:
             concurrency=env_int("CUTOUT_WEBHOOK_CONCURRENCY", 16, minimum=1),
         )
 
+    @cached_property
     def fetcher(self) -> Fetcher:
-        """The URL guard (check only: webhooks are POSTed by services/scheduler/webhooks.py)."""
+        """The URL guard, made once (check only: services/scheduler/webhooks.py POSTs)."""
         return Fetcher(
             FetchPolicy(timeout_s=self.timeout_s, max_redirects=0, allow_hosts=self.allow_hosts)
         )
@@ -73,6 +75,6 @@ class WebhookPolicy:
     async def check(self, url: str, field_path: str = FIELD) -> tuple[str, int, list[IPAddress]]:
         """(host, port, pinned addresses), or INVALID_ARGUMENT saying why the URL is refused."""
         if len(url) > MAX_URL:
-            fetcher = self.fetcher()
-            raise fetcher.refuse(field_path, url[:64] + "...", f"longer than {MAX_URL} characters")
-        return await self.fetcher().check(url, field_path)
+            why = f"longer than {MAX_URL} characters"
+            raise self.fetcher.refuse(field_path, url[:64] + "...", why)
+        return await self.fetcher.check(url, field_path)

@@ -126,11 +126,6 @@ class WebhookSender:
             log.error("webhook attempt crashed", exc_info=task.exception())
         self.wake.set()  # a slot is free
 
-    async def drain(self) -> None:
-        """Wait for the attempts in flight (tests, shutdown)."""
-        while self._running:
-            await asyncio.gather(*self._running, return_exceptions=True)
-
     async def _attempt(self, message: Message) -> None:
         try:
             body = await self._body(message)
