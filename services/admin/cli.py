@@ -1,7 +1,7 @@
 """`cutout-admin`: what operators run beside the services, never part of the client.
 
 - `up`: a whole local cluster on embedded defaults until Ctrl-C, Envoy in front of two gateways.
-- `vendors ...`: the vendor registry in Redis (keys, limits, weights, caps).
+- `vendors ...`: the vendor registry in Redis (keys, limits, weights, caps, webhooks).
 - `key VENDOR`: a static API key and its CUTOUT_API_KEYS entry.
 - `token`: a fresh internal token (CUTOUT_INTERNAL_TOKEN) for the services.
 """
@@ -69,9 +69,9 @@ def _local_redis_url() -> str:
 def _vendors_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     v = sub.add_parser(
         "vendors",
-        help="manage vendors and their API keys (talks to Redis directly)",
+        help="manage vendors, their API keys and webhooks (talks to Redis directly)",
         description="The vendor registry every gateway reads: keys (stored hashed), status, "
-        "rate limits, fairness weight and cap on waiting jobs.",
+        "rate limits, fairness weight, cap on waiting jobs, webhook endpoint and signing secrets.",
     )
     v.add_argument(
         "--redis",
