@@ -19,10 +19,12 @@ scheduler needs. It lives in bench/ and nothing in services/ starts it.
 Settings, read like a real node's: CUTOUT_NODE_LISTEN (host:port, port 0 picks
 one), CUTOUT_READY_FILE, CUTOUT_INTERNAL_TOKEN, CUTOUT_NODE_CAPACITY,
 CUTOUT_NODE_ID, CUTOUT_MODELS (the model names it claims to serve);
-CUTOUT_FIXED_SERVICE_MS (default 50) and CUTOUT_FIXED_WORK (default 1; 0: do
-not offer Work, like a node from before it) are its own. On SIGTERM it writes its
-counters (jobs, most slots ever in use, jobs a Work stream sent beyond its
-credit, which must be 0) as JSON to CUTOUT_FIXED_STATS when set.
+CUTOUT_FIXED_SERVICE_MS (default 50), CUTOUT_FIXED_WORK (default 1; 0: do
+not offer Work, like a node from before it) and CUTOUT_FIXED_BATCHES (default 1;
+0: do not offer batched Work messages, like a node from before them) are its
+own. On SIGTERM it writes its counters (jobs, most slots ever in use, jobs a
+Work stream sent beyond its credit, which must be 0, messages and writes each
+way) as JSON to CUTOUT_FIXED_STATS when set.
 """
 
 from __future__ import annotations
@@ -65,10 +67,18 @@ class FixedServiceNode(pb_grpc.InferenceServiceServicer):
     """Holds a slot for `service_s` per job; counts what it did."""
 
     def __init__(
-        self, slots: int, service_s: float, node_id: str, models: list[str], work: bool = True
+        self,
+        slots: int,
+        service_s: float,
+        node_id: str,
+        models: list[str],
+        work: bool = True,
+        batches: bool = True,
     ) -> None:
         self.slots = slots
         self.work = work  # False: GetLoad does not offer Work, as a node from before it
+        # False: GetLoad does not offer batched Work messages, as a node from before them
+        self.batches = batches
         self.service_s = service_s
         self.node_id = node_id
         self.models = models
@@ -137,6 +147,7 @@ class FixedServiceNode(pb_grpc.InferenceServiceServicer):
             in_flight=self.in_flight,
             light_capacity=0,
             work_stream=self.work,
+            work_batches=self.work and self.batches,
             models=[
                 pb.ModelInfo(name=m, runtime="fixed", device="none", precision="none")
                 for m in self.models
@@ -153,6 +164,10 @@ class FixedServiceNode(pb_grpc.InferenceServiceServicer):
             "work_streams": len(self.sessions),
             "overdrawn": sum(s.overdrawn for s in self.sessions),
             "most_outstanding": max((s.most_outstanding[False] for s in self.sessions), default=0),
+            "work_reads": sum(s.reads for s in self.sessions),
+            "work_jobs_read": sum(s.jobs_read for s in self.sessions),
+            "work_writes": sum(s.writes for s in self.sessions),
+            "work_messages_written": sum(s.messages_written for s in self.sessions),
         }
 
 
@@ -180,6 +195,7 @@ async def serve() -> None:
         node_id=env.get("CUTOUT_NODE_ID", f"fixed-{os.getpid()}"),
         models=[m for m in env.get("CUTOUT_MODELS", "tiny").split(",") if m],
         work=env.get("CUTOUT_FIXED_WORK", "1") == "1",
+        batches=env.get("CUTOUT_FIXED_BATCHES", "1") == "1",
     )
     server: grpc.aio.Server | None = None
 

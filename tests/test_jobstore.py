@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import grpc
 import pytest
@@ -12,8 +13,13 @@ import redis.asyncio as aioredis
 
 from cutout.v1 import jobs_pb2
 from services.common.errors import CutoutError, status_from_code
+from services.common.internal_auth import InternalToken, new_token
+from services.internal.v1 import inference_service_pb2 as pb
 from services.local.redis import RedisServer
+from services.scheduler.dispatcher import Dispatcher, DispatchPolicy
 from services.scheduler.keys import Keys
+from services.scheduler.nodes import NodePool
+from services.scheduler.storage import LocalResultStore, ResultStores
 from services.scheduler.store import (
     Admission,
     Charge,
@@ -26,6 +32,7 @@ from services.scheduler.store import (
     Store,
     estimate_wait_ms,
 )
+from services.scheduler.work_link import WorkLink
 
 
 @pytest.fixture
@@ -407,3 +414,85 @@ async def test_jobs_enqueued_together_keep_their_own_outcomes(store: Store) -> N
     assert other[1] is False and other[0].queue_position == 1 and other[0].priority == 3
     # a's two jobs and b's are queued; the capped one left nothing behind.
     assert len(await drain(store)) == 3
+
+
+async def test_claiming_several_at_once_serves_vendors_as_claiming_one_by_one(
+    redis_server: Callable[..., RedisServer],
+) -> None:
+    """A node with free slots claims up to 16 jobs in one round trip (issue 20): the
+    fair order must be exactly the one-by-one order, each job leased once."""
+    client = aioredis.from_url(redis_server().url)
+    one, many = (
+        Store(client, Keys(prefix), Retention(), RetryPolicy()) for prefix in ("one:", "many:")
+    )
+    try:
+        for store in (one, many):
+            for i in range(30):  # a floods with large photos, b and c trickle in
+                await enqueue(store, "a", pixels=3_000_000)
+                if i % 3 == 0:
+                    await enqueue(store, "b", pixels=500_000)
+                if i % 5 == 0:
+                    await enqueue(store, "c", priority=5, pixels=1_000_000)
+        singly = [(c.vendor, c.attempt) for c in await drain(one)]
+        together: list[Claim] = []
+        while got := await many.claims.claim_many("node", 10_000, "", 7):
+            assert len(got) <= 7
+            together += got
+        assert [(c.vendor, c.attempt) for c in together] == singly
+        assert len(together) == 30 + 10 + 6
+        assert len({c.job_id for c in together}) == len(together)  # none leased twice
+        assert all(c.image == b"image-bytes" for c in together)
+        last = together[-1]
+        job = await many.jobs.get(last.vendor, last.job_id)
+        assert job.state == jobs_pb2.JOB_STATE_RUNNING
+        assert await many.claims.claim_many("node", 10_000, "", 7) == []
+    finally:
+        await client.aclose()
+
+
+async def test_an_attempt_cancelled_before_it_ran_gives_its_slot_and_credit_back(
+    store: Store, tmp_path: Path
+) -> None:
+    """A drain or a silent node can cancel an attempt's task before its first step; its
+    body (and so its cleanup) then never runs. The node's slot and the Work stream's
+    credit must still come back, and the job go back to its queue at once, uncounted."""
+    pool = NodePool(["127.0.0.1:9"], 0.1, 1 << 20, InternalToken(new_token()))
+    node = pool.nodes[0]
+    node.healthy, node.capacity = True, 4
+    link = WorkLink(node.address, node.stub, (), lambda: None)
+    # The node's first message opens the stream: 4 slots (as WorkLink reads it, no network).
+    link._received(pb.WorkResponse(credit=pb.WorkCredit(jobs=4)), asyncio.Queue())
+    node.work = link
+    dispatcher = Dispatcher(store, pool, ResultStores(LocalResultStore(tmp_path)), DispatchPolicy())
+    job_id = await enqueue(store, "a")
+    (claim,) = await store.claims.claim_many(node.address, 10_000, "", 4)
+    dispatcher._start(claim, node, light=False)
+    assert (node.free, link.room(False)) == (3, 3)
+    dispatcher._abandon(job_id, "the scheduler running it stopped", Charge.FREE)
+    await dispatcher.drain(grace_s=1.0)
+    assert (node.local_in_flight, node.free, link.room(False)) == (0, 4, 4)
+    job = await store.jobs.get("a", job_id)
+    assert job.state == jobs_pb2.JOB_STATE_QUEUED
+    assert job.attempt == 0  # not counted: the node never saw it
+    await pool.close()
+
+
+async def test_one_call_renews_every_held_lease_and_names_the_attempts_that_lost_theirs(
+    store: Store,
+) -> None:
+    """A scheduler renews all its leases together (issue 20); a renewal must never
+    revive a cancelled job's lease, nor an older attempt's."""
+    kept, cancelled, stale = [await enqueue(store, "a") for _ in range(3)]
+    claims = {c.job_id: c for c in await store.claims.claim_many("node", 200, "", 3)}
+    await store.cancellation.cancel("a", cancelled)
+    assert await store.attempts.reap() == []
+    await asyncio.sleep(0.25)  # past every lease: the next reap would take all three
+    old = claims[stale]
+    assert await store.attempts.retry(old, status_from_code(grpc.StatusCode.UNAVAILABLE, "x"))
+    newer = await claim_after_backoff(store, lease_ms=200)
+    assert newer is not None and (newer.job_id, newer.attempt) == (stale, 2)
+    lost = await store.attempts.renew_many(list(claims.values()) + [newer], 10_000)
+    assert sorted(lost) == sorted([cancelled, stale])  # the stale one: its attempt 1
+    assert await store.attempts.reap() == []  # kept's and the newer attempt's leases renewed
+    job = await store.jobs.get("a", kept)
+    assert job.state == jobs_pb2.JOB_STATE_RUNNING and job.attempt == 1

@@ -35,7 +35,13 @@ A = KEYS["vendor-a"]
 
 
 def fixed_cluster(
-    tmp_path: Path, model_dir: Path, nodes: int, slots: int, service_ms: int, work: bool = True
+    tmp_path: Path,
+    model_dir: Path,
+    nodes: int,
+    slots: int,
+    service_ms: int,
+    work: bool = True,
+    batches: bool = True,
 ) -> FixedNodeCluster:
     (tmp_path / "stats").mkdir()
     return FixedNodeCluster(
@@ -49,6 +55,7 @@ def fixed_cluster(
                 "CUTOUT_NODE_POLL_S": "0.2",
                 "CUTOUT_NODE_CAPACITY": str(slots),
                 "CUTOUT_FIXED_WORK": "1" if work else "0",
+                "CUTOUT_FIXED_BATCHES": "1" if batches else "0",
             },
         ),
         service_ms=service_ms,
@@ -128,6 +135,42 @@ async def test_scheduler_never_sends_beyond_the_credit_a_node_granted(
         assert s["most_outstanding"] <= 2  # the credit granted: its 2 slots
         assert s["refused"] == 0
         assert s["process_calls"] == 0
+
+
+@pytest.mark.parametrize("batches", [True, False], ids=["batched", "node-without-batches"])
+async def test_jobs_claimed_together_travel_together_when_the_node_offers_batches(
+    tiny_model_dir: Path, tmp_path: Path, batches: bool
+) -> None:
+    """Several jobs in one Work write, and the node's replies likewise (issue 20);
+    a node from before batches (GetLoad without work_batches) gets one per write."""
+    cluster = fixed_cluster(
+        tmp_path, tiny_model_dir, nodes=1, slots=8, service_ms=30, batches=batches
+    )
+    cluster.start()
+    try:
+        async with AsyncClient(cluster.gateway_address, A) as client:
+            await asyncio.sleep(1.0)  # the node polled and its stream open
+            image = peers.small_jpeg()
+            reply = await client.submit_batch([build_submission(image) for _ in range(80)])
+            names = [o.job.name for o in reply.outcomes if o.HasField("job")]
+            for name in names:
+                done = await asyncio.wait_for(final(client, name), 60)
+                assert done.state == jobs_pb2.JOB_STATE_SUCCEEDED, done.error.message
+        cluster.terminate(cluster.nodes[0])
+        seen = counters(cluster, 0)
+    finally:
+        cluster.stop()
+    assert len(names) == 80
+    assert seen["completed"] == seen["work_jobs_read"] == 80
+    assert seen["overdrawn"] == seen["refused"] == seen["process_calls"] == 0
+    assert seen["most_outstanding"] <= 8
+    if batches:
+        # 80 jobs over 8 slots: freed slots are refilled several at a time.
+        assert seen["work_reads"] < 80
+        assert seen["work_writes"] < seen["work_messages_written"]
+    else:
+        assert seen["work_reads"] == 80
+        assert seen["work_writes"] == seen["work_messages_written"]
 
 
 async def test_a_node_that_does_not_offer_work_gets_process_calls(

@@ -252,6 +252,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             rss_bytes=rss_bytes(),
             recycles=self.recycle.recycles,
             work_stream=True,
+            work_batches=True,
             models=[
                 pb.ModelInfo(
                     name=m.name,

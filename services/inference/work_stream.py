@@ -26,6 +26,7 @@ from google.rpc import status_pb2
 from cutout.v1 import jobs_pb2
 from services.common import operations
 from services.common.errors import CutoutError
+from services.common.work_batches import BATCHES_METADATA, take_ready
 from services.internal.v1 import inference_service_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,22 @@ def is_light(operation: jobs_pb2.Operation) -> bool:
     return operations.is_light(operation)
 
 
+def response_bytes(message: pb.WorkResponse | None) -> int:
+    if message is None:
+        return 0
+    return len(message.update.output.data) + len(message.update.chunk)
+
+
+def merge_credits(messages: list[pb.WorkResponse]) -> list[pb.WorkResponse]:
+    """The messages in order, their credits added up into one at the end."""
+    kept = [m for m in messages if m.WhichOneof("payload") != "credit"]
+    if len(kept) >= len(messages) - 1:
+        return messages
+    jobs = sum(m.credit.jobs for m in messages)
+    light = sum(m.credit.light_jobs for m in messages)
+    return [*kept, pb.WorkResponse(credit=pb.WorkCredit(jobs=jobs, light_jobs=light))]
+
+
 class WorkSession:
     """One Work stream on the node side."""
 
@@ -76,6 +93,8 @@ class WorkSession:
         self.overdrawn = 0  # jobs sent without credit: a scheduler bug if ever above 0
         self.most_outstanding = {False: 0, True: 0}  # the most jobs at once, per lane
         self._outstanding = {False: 0, True: 0}
+        # Messages read and written (a batch is one), and what they carried.
+        self.reads = self.jobs_read = self.writes = self.messages_written = 0
 
     async def serve(
         self, requests: AsyncIterator[pb.WorkRequest], context: Context
@@ -84,12 +103,27 @@ class WorkSession:
         # suspended at `yield` by a caller that hung up runs no `finally` until collected.
         # (grpc-stubs types the callback as a class of its own; any callable works.)
         cast("Any", context).add_done_callback(lambda _: self.stop())
+        batches = BATCHES_METADATA in tuple(context.invocation_metadata() or ())
         reader = asyncio.create_task(self._read(requests))
         jobs, light_jobs = self._initial
         yield pb.WorkResponse(credit=pb.WorkCredit(jobs=jobs, light_jobs=light_jobs))
+        left: list[pb.WorkResponse | None] = []  # taken, but past the last batch's size
         try:
-            while (message := await self._out.get()) is not None:
-                yield message
+            while True:
+                message = left.pop() if left else await self._out.get()
+                if message is None:
+                    break
+                self.writes += 1
+                if not batches:
+                    self.messages_written += 1
+                    yield message
+                    continue
+                ready, left = take_ready(message, self._out, response_bytes)
+                if None in ready:  # the stream's end: what came before it still goes
+                    ready, left = ready[: ready.index(None)], [None]
+                batch = merge_credits([m for m in ready if m is not None])
+                self.messages_written += len(batch)
+                yield batch[0] if len(batch) == 1 else pb.WorkResponse(more=batch)
         finally:
             reader.cancel()
             self.stop()
@@ -100,18 +134,26 @@ class WorkSession:
 
     async def _read(self, requests: AsyncIterator[pb.WorkRequest]) -> None:
         try:
-            async for request in requests:
-                kind = request.WhichOneof("payload")
-                if kind == "job":
-                    self._start(request.job)
-                elif kind == "cancel":
-                    task = self._jobs.get((request.cancel.name, request.cancel.attempt))
-                    if task is not None:
-                        task.cancel()
+            async for batch in requests:
+                self.reads += 1
+                self._received(batch)
+                for request in batch.more:
+                    self._received(request)
         except (grpc.aio.AioRpcError, asyncio.CancelledError):
             pass
         finally:
             self._out.put_nowait(None)  # the scheduler closed its side: end the stream
+
+    def _received(self, request: pb.WorkRequest) -> None:
+        kind = request.WhichOneof("payload")
+        if kind == "job":
+            self.jobs_read += 1
+            self._start(request.job)
+        elif kind == "cancel":
+            task = self._jobs.get((request.cancel.name, request.cancel.attempt))
+            if task is not None:
+                task.cancel()
+        # else: the empty head of a batch
 
     def _start(self, job: pb.ProcessRequest) -> None:
         light = is_light(job.operation)

@@ -50,6 +50,8 @@ EXTENSIONS = {"image/png": "png", "image/webp": "webp", "image/jpeg": "jpg"}
 # How long an attempt whose node has answered waits for Redis to come back to record
 # the outcome; past it the lease runs out and the reaper retries the job, free.
 STORE_PATIENCE_S = 30.0
+# The most jobs one claim takes for one node (one Redis round trip, one stream write).
+CLAIM_BATCH = 16
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,10 @@ class Dispatcher:
         self._nodes: dict[str, Node] = {}  # job id -> the node its attempt runs on
         # job id -> why its attempt task was cancelled on purpose, and how to charge it
         self._abandoned: dict[str, tuple[str, Charge]] = {}
+        self._claims: dict[str, Claim] = {}  # job id -> the claim its attempt runs
+        self._sent: set[str] = set()  # job ids whose attempt used its credit (was sent)
+        self._ran: set[str] = set()  # job ids whose attempt task took its first step
+        self._retries: set[asyncio.Task[None]] = set()  # retries of attempts that never ran
         self._stopping = False
         # Successes that come together go to Redis in one round trip.
         self._completions = CompletionBatcher(store.attempts.complete_many)
@@ -131,7 +137,12 @@ class Dispatcher:
             await asyncio.gather(*loops, return_exceptions=True)
 
     async def _claim_loop(self, lane: str) -> None:
-        """One lane: inference work to the least-loaded node, light jobs to any with room."""
+        """One lane: inference work to the least-loaded node, light jobs to any with room.
+
+        A node with several free slots gets up to CLAIM_BATCH jobs from one claim
+        (one Redis round trip, fair as if claimed one by one), which then reach
+        its Work stream in one write.
+        """
         light = lane == LIGHT_LANE
         kick = self._kicks[lane]
         while not self._stopping:
@@ -139,21 +150,66 @@ class Dispatcher:
             if node is None:
                 await self._wait(kick, self.pool.poll_interval_s)
                 continue
+            room = node.light_free if light else node.free
             try:
-                claim = await self.store.claims.claim(node.address, self.policy.lease_ms, lane)
+                claims = await self.store.claims.claim_many(
+                    node.address, self.policy.lease_ms, lane, max(1, min(room, CLAIM_BATCH))
+                )
             except aioredis.RedisError as exc:
                 # Redis restarting or unreachable: jobs are safe in it; retry.
                 log.warning("cannot claim: redis unavailable", extra={"error": str(exc)})
                 await asyncio.sleep(1.0)
                 continue
-            if claim is None:
+            if not claims:
                 await self._wait(kick, 1.0)
                 continue
-            node.started(light)
-            ticket = node.work.reserve(light) if node.work is not None and node.streams else None
-            task = asyncio.create_task(self._attempt(claim, node, light, ticket))
-            self._attempts[claim.job_id] = task
-            self._nodes[claim.job_id] = node
+            for claim in claims:
+                self._start(claim, node, light)
+
+    def _start(self, claim: Claim, node: Node, light: bool) -> None:
+        """Start the claimed attempt's task; its slot and credit come back when it ends
+        (_ended), even if it is cancelled before it ever runs."""
+        node.started(light)
+        ticket = node.work.reserve(light) if node.work is not None and node.streams else None
+        task = asyncio.create_task(self._attempt(claim, node, light, ticket))
+        self._attempts[claim.job_id] = task
+        self._nodes[claim.job_id] = node
+        self._claims[claim.job_id] = claim
+        task.add_done_callback(lambda t: self._ended(t, claim, node, light, ticket))
+
+    def _ended(
+        self,
+        task: asyncio.Task[None],
+        claim: Claim,
+        node: Node,
+        light: bool,
+        ticket: int | None,
+    ) -> None:
+        """An attempt's task is over, however it ended: its slot, credit and records."""
+        node.finished(light)
+        job_id = claim.job_id
+        if self._attempts.get(job_id) is task:
+            del self._attempts[job_id]
+            self._nodes.pop(job_id, None)
+            self._claims.pop(job_id, None)
+        if job_id not in self._sent and node.work is not None:
+            node.work.unreserve(light, ticket)  # never sent: the credit is still ours
+        self._sent.discard(job_id)
+        abandoned = self._abandoned.pop(job_id, None)
+        if abandoned is not None and job_id not in self._ran:
+            # Cancelled before its first step (drain, a silent node): nothing reached
+            # the node, so the attempt does not count; the job goes back now instead
+            # of when its lease runs out.
+            why, _ = abandoned
+            retry = asyncio.create_task(
+                self._retry(
+                    claim, grpc.StatusCode.UNAVAILABLE, why, Charge.REFUNDED, not self._stopping
+                )
+            )
+            self._retries.add(retry)
+            retry.add_done_callback(self._retries.discard)
+        self._ran.discard(job_id)
+        self._kicks[LIGHT_LANE if light else HEAVY_LANE].set()
 
     async def _watch_nodes(self) -> None:
         """Abandon the attempts of nodes that stopped answering polls.
@@ -233,6 +289,8 @@ class Dispatcher:
                     # Not the job's fault: back to its queue without using up a retry.
                     self._abandon(job_id, "the scheduler running it stopped", Charge.FREE)
             await asyncio.gather(*still, return_exceptions=True)
+        # Attempts cancelled before they ran put their jobs back in tasks of their own.
+        await asyncio.gather(*list(self._retries), return_exceptions=True)
 
     def _kick(self) -> None:
         for event in self._kicks.values():
@@ -271,6 +329,7 @@ class Dispatcher:
         self, claim: Claim, node: Node, light: bool = False, ticket: int | None = None
     ) -> None:
         """One attempt; ticket: the Work stream credit reserved for it (None: Process)."""
+        self._ran.add(claim.job_id)
         extra = {
             "job_id": claim.job_id,
             "vendor": claim.vendor,
@@ -282,7 +341,6 @@ class Dispatcher:
         if claim.attempt == 1 and claim.created_ms:
             metrics.QUEUE_WAIT.observe(max(0.0, time.time() - claim.created_ms / 1000))
         started = time.perf_counter()
-        renewer = asyncio.create_task(self._renew(claim))
         try:
             await self._run_on_node(claim, node, light, ticket)
         except asyncio.CancelledError:
@@ -312,12 +370,7 @@ class Dispatcher:
             )
         finally:
             metrics.RUN.observe(time.perf_counter() - started)
-            renewer.cancel()
-            node.finished(light)
-            self._attempts.pop(claim.job_id, None)
-            self._nodes.pop(claim.job_id, None)
-            self._abandoned.pop(claim.job_id, None)
-            self._kicks[LIGHT_LANE if light else HEAVY_LANE].set()
+            # Its slot, credit and records: in _ended, which runs however the task ended.
 
     async def _patiently(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         """A store call retried while Redis is out of reach, for up to STORE_PATIENCE_S.
@@ -339,34 +392,30 @@ class Dispatcher:
             pause = min(1.0, pause * 2)
 
     def _send(
-        self, claim: Claim, node: Node, light: bool, ticket: int | None
+        self, claim: Claim, node: Node, ticket: int | None
     ) -> LinkAttempt | ProcessCall | None:
         """Send the attempt: on the node's Work stream with the credit `ticket` reserved,
         or as a Process call to a node without one. None: there is nothing to send
-        (the job was cancelled as it was claimed). A credit not used goes back."""
-        sent = False
-        try:
-            if claim.image is None:
-                return None
-            request = inference_pb2.ProcessRequest(
-                name=job_name(claim.job_id),
-                attempt=claim.attempt,
-                operation=jobs_pb2.Operation.FromString(claim.operation),
-                image=claim.image,
-                vendor_id=claim.vendor,
-            )
-            timeout_s = self.policy.deadline_s(claim.lane_run_ms)
-            if node.work is None or not node.streams:
-                return node.stub.Process(request, timeout=timeout_s, metadata=self.pool.metadata)
-            call = node.work.start_attempt(request, ticket, timeout_s)
-            sent = True
-            return call
-        finally:
-            if not sent and node.work is not None:
-                node.work.unreserve(light, ticket)
+        (the job was cancelled as it was claimed). A credit not used goes back as the
+        attempt ends (_ended)."""
+        if claim.image is None:
+            return None
+        request = inference_pb2.ProcessRequest(
+            name=job_name(claim.job_id),
+            attempt=claim.attempt,
+            operation=jobs_pb2.Operation.FromString(claim.operation),
+            image=claim.image,
+            vendor_id=claim.vendor,
+        )
+        timeout_s = self.policy.deadline_s(claim.lane_run_ms)
+        if node.work is None or not node.streams:
+            return node.stub.Process(request, timeout=timeout_s, metadata=self.pool.metadata)
+        call = node.work.start_attempt(request, ticket, timeout_s)
+        self._sent.add(claim.job_id)
+        return call
 
     async def _run_on_node(self, claim: Claim, node: Node, light: bool, ticket: int | None) -> None:
-        call = self._send(claim, node, light, ticket)
+        call = self._send(claim, node, ticket)
         if call is None:
             return  # no input: cancelled as it was claimed
         output: inference_pb2.ProcessOutput | None = None
@@ -554,28 +603,39 @@ class Dispatcher:
                 extra={"job_id": claim.job_id, "vendor": claim.vendor, "error": message},
             )
 
-    async def _renew(self, claim: Claim) -> None:
-        """Keep the lease while the node works silently (the model runs long).
+    async def keep_leases_forever(self) -> None:
+        """Keep the leases of every attempt running here, in one round trip per period.
 
-        A renewal that cannot reach Redis is tried again sooner: a restart must
-        not cost the attempt its lease (the lease is 3 periods long).
+        The node may work silently for long (the model runs for seconds). Every
+        lease_ms / 3 all of them are renewed together (one task and one script
+        call per scheduler, not per attempt); an attempt that lost its job
+        (cancelled, or re-leased elsewhere) is stopped. A renewal that cannot
+        reach Redis is tried again sooner: a restart must not cost the attempts
+        their leases (a lease is 3 periods long). Runs until cancelled, through
+        a drain: the attempts still finishing keep their leases.
         """
         period = self.policy.lease_ms / 3000
         wait = period
         while True:
             await asyncio.sleep(wait)
+            held = dict(self._claims)
+            if not held:
+                wait = period
+                continue
             try:
-                held = await self.store.attempts.renew(claim, self.policy.lease_ms)
+                lost = await self.store.attempts.renew_many(
+                    list(held.values()), self.policy.lease_ms
+                )
             except aioredis.RedisError as exc:
                 log.warning(
-                    "cannot renew a lease: redis unavailable",
-                    extra={"job_id": claim.job_id, "error": str(exc)},
+                    "cannot renew leases: redis unavailable",
+                    extra={"attempts": len(held), "error": str(exc)},
                 )
                 wait = min(period, 0.5)
                 continue
             wait = period
-            if not held:
-                task = self._attempts.get(claim.job_id)
-                if task is not None:
+            for job_id in lost:
+                task = self._attempts.get(job_id)
+                # Only the attempt that was renewed: a newer one of the job may run here now.
+                if task is not None and self._claims.get(job_id) is held[job_id]:
                     task.cancel()
-                return

@@ -20,6 +20,11 @@ from services.scheduler.work_link import WorkLink
 
 log = logging.getLogger(__name__)
 INFERENCE_SERVICE = "cutout.internal.v1.InferenceService"
+# A node whose Work stream is open is polled at most this often: its credits already
+# say when it has room, so the poll only refreshes health, draining and other
+# schedulers' load (two unary calls per node per poll were 6 % of a scheduler's CPU
+# at 8 nodes polled every 0.2 s). Still well inside CUTOUT_NODE_SILENT_S's default 5 s.
+STREAMING_POLL_S = 1.0
 
 
 @dataclass
@@ -55,6 +60,12 @@ class Node:
     # The node's Work stream, once its GetLoad said it serves one; then its credit
     # bounds the room we see, and attempts go over it instead of a Process call each.
     work: WorkLink | None = None
+    next_poll: float = 0.0  # time.monotonic() of the next health/load poll
+
+    @property
+    def poll_every_s(self) -> float | None:
+        """STREAMING_POLL_S while the Work stream is up; None: every round."""
+        return STREAMING_POLL_S if self.work is not None and self.work.up else None
 
     @property
     def streams(self) -> bool:
@@ -267,7 +278,16 @@ class NodePool:
         node.healthy = False
 
     async def poll_once(self) -> None:
-        await asyncio.gather(*(self._poll(node) for node in self.nodes))
+        """Poll every node that is due (all of them, but those with an open Work stream
+        only every STREAMING_POLL_S)."""
+        now = time.monotonic()
+        due = [n for n in self.nodes if n.next_poll <= now]
+        for node in due:
+            every = node.poll_every_s
+            node.next_poll = (
+                now + every if every is not None and every > self.poll_interval_s else 0.0
+            )
+        await asyncio.gather(*(self._poll(node) for node in due))
 
     async def _poll(self, node: Node) -> None:
         was_free = node.free + node.light_free
@@ -301,6 +321,8 @@ class NodePool:
         if load.work_stream and node.work is None:
             node.work = WorkLink(node.address, node.stub, self.metadata, self.changed.set)
             node.work.start()
+        if node.work is not None:
+            node.work.batches = load.work_batches  # from the next stream it opens
         if node.free + node.light_free > was_free:
             self.changed.set()
 

@@ -160,6 +160,7 @@ class SchedulerServer:
             asyncio.create_task(self.pool.run()),
             asyncio.create_task(self.dispatcher.run()),
             asyncio.create_task(self.dispatcher.reap_forever()),
+            asyncio.create_task(self.dispatcher.keep_leases_forever()),
             asyncio.create_task(
                 self.dispatcher.sweep_forever(min(30.0, max(0.5, self.settings.retention_s / 4)))
             ),

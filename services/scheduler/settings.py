@@ -71,7 +71,8 @@ class SchedulerSettings:
             node, or dns:///name:port for every A/AAAA record of a name (a Kubernetes
             headless service), re-resolved every CUTOUT_NODE_DNS_S seconds.
         node_dns_s: CUTOUT_NODE_DNS_S, seconds between DNS lookups of dns:/// entries.
-        node_poll_s: CUTOUT_NODE_POLL_S, seconds between health/load polls.
+        node_poll_s: CUTOUT_NODE_POLL_S, seconds between health/load polls (a node whose
+            Work stream is open: every 1 s at most, nodes.STREAMING_POLL_S).
         storage_dir: CUTOUT_STORAGE_DIR, where the local result store writes (and where
             outputs wait whose remote upload failed). Shared by all scheduler replicas.
         storage: CUTOUT_STORAGE, the default result backend: local or cloudinary.

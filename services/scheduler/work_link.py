@@ -21,12 +21,17 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
+from services.common.work_batches import BATCHES_METADATA, take_ready
 from services.internal.v1 import inference_service_pb2 as pb
 from services.internal.v1 import inference_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 CODES = {code.value[0]: code for code in grpc.StatusCode}
 BACKOFF_S = (0.05, 2.0)  # first and longest wait before opening a broken stream again
+
+
+def request_bytes(message: pb.WorkRequest) -> int:
+    return len(message.job.image)
 
 
 class NodeError(Exception):
@@ -116,6 +121,9 @@ class WorkLink:
         self._on_credit = on_credit
         self.credit = {False: 0, True: 0}  # light? -> jobs we may still send
         self.unsupported = False  # the node answered UNIMPLEMENTED: use Process
+        # The node reads WorkRequest.more and answers in batches (GetLoad's work_batches):
+        # jobs claimed together then go out in one write, and its replies come likewise.
+        self.batches = False
         self._send: asyncio.Queue[pb.WorkRequest] | None = None  # None while down
         self._attempts: dict[tuple[str, int], LinkAttempt] = {}
         self._task: asyncio.Task[None] | None = None
@@ -195,27 +203,46 @@ class WorkLink:
     async def _session(self, send: asyncio.Queue[pb.WorkRequest]) -> bool:
         """Run one stream until it ends; True when the node granted credit on it."""
 
-        async def requests() -> AsyncIterator[pb.WorkRequest]:
-            while True:
-                yield await send.get()
+        batches = self.batches  # as the node said when this stream opened
 
-        call = self._stub.Work(requests(), metadata=self._metadata)
+        async def requests() -> AsyncIterator[pb.WorkRequest]:
+            left: list[pb.WorkRequest] = []  # taken, but past the last batch's size
+            while True:
+                first = left.pop() if left else await send.get()
+                if not batches:
+                    yield first
+                    continue
+                ready, left = take_ready(first, send, request_bytes)
+                # Several at once: one write instead of one each.
+                yield ready[0] if len(ready) == 1 else pb.WorkRequest(more=ready)
+
+        metadata = (*self._metadata, BATCHES_METADATA) if batches else self._metadata
+        call = self._stub.Work(requests(), metadata=metadata)
         try:
-            async for message in call:
-                kind = message.WhichOneof("payload")
-                if kind == "credit":
-                    if self._send is None:
-                        self._send = send
-                        log.info("work stream open", extra={"node": self.address})
-                    self.credit[False] += message.credit.jobs
-                    self.credit[True] += message.credit.light_jobs
-                    self._on_credit()
-                elif (attempt := self._attempts.get((message.name, message.attempt))) is not None:
-                    attempt.deliver(message)
-                # else: the answer of an attempt that ended here already (cancelled, timed out)
+            async for batch in call:
+                self._received(batch, send)
+                for message in batch.more:
+                    self._received(message, send)
         finally:
             call.cancel()
         return self._send is send
+
+    def _received(self, message: pb.WorkResponse, send: asyncio.Queue[pb.WorkRequest]) -> None:
+        kind = message.WhichOneof("payload")
+        if kind == "credit":
+            if self._send is None:
+                self._send = send
+                log.info("work stream open", extra={"node": self.address})
+            self.credit[False] += message.credit.jobs
+            self.credit[True] += message.credit.light_jobs
+            self._on_credit()
+        elif (
+            kind is not None
+            and (attempt := self._attempts.get((message.name, message.attempt))) is not None
+        ):
+            attempt.deliver(message)
+        # else: an empty head of a batch, or the answer of an attempt that ended
+        # here already (cancelled, timed out)
 
     def _lost(self) -> None:
         """Every attempt on the broken stream is over: the node will not answer it."""

@@ -270,6 +270,7 @@ class GetLoadResponse(_message.Message):
     RSS_BYTES_FIELD_NUMBER: _builtins.int
     RECYCLES_FIELD_NUMBER: _builtins.int
     WORK_STREAM_FIELD_NUMBER: _builtins.int
+    WORK_BATCHES_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """Stable identifier of the node, for logs."""
     capacity: _builtins.int
@@ -288,6 +289,10 @@ class GetLoadResponse(_message.Message):
     """Times the node rebuilt its model sessions to give memory back."""
     work_stream: _builtins.bool
     """True when the node serves Work; the scheduler then uses it instead of Process."""
+    work_batches: _builtins.bool
+    """True when the node reads WorkRequest.more, and sends WorkResponse.more to a
+    scheduler that opens Work with the metadata "x-cutout-work-batches: 1".
+    """
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelInfo]:
         """Loaded models."""
@@ -305,10 +310,11 @@ class GetLoadResponse(_message.Message):
         rss_bytes: _builtins.int = ...,
         recycles: _builtins.int = ...,
         work_stream: _builtins.bool = ...,
+        work_batches: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "draining", b"draining", "in_flight", b"in_flight", "light_capacity", b"light_capacity", "light_in_flight", b"light_in_flight", "models", b"models", "node_id", b"node_id", "recycles", b"recycles", "rss_bytes", b"rss_bytes", "work_stream", b"work_stream"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "draining", b"draining", "in_flight", b"in_flight", "light_capacity", b"light_capacity", "light_in_flight", b"light_in_flight", "models", b"models", "node_id", b"node_id", "recycles", b"recycles", "rss_bytes", b"rss_bytes", "work_batches", b"work_batches", "work_stream", b"work_stream"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -322,6 +328,7 @@ class WorkRequest(_message.Message):
 
     JOB_FIELD_NUMBER: _builtins.int
     CANCEL_FIELD_NUMBER: _builtins.int
+    MORE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def job(self) -> Global___ProcessRequest:
         """Run this attempt; uses one credit of its lane (light or inference)."""
@@ -330,15 +337,23 @@ class WorkRequest(_message.Message):
     def cancel(self) -> Global___WorkCancel:
         """Stop this attempt; its end follows (CANCELLED, or its result if it was done)."""
 
+    @_builtins.property
+    def more(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkRequest]:
+        """Further messages sent in this one, handled in order after its own payload
+        (which may then be empty); their own `more` is empty. Several jobs claimed
+        together go out in one write. Only to a node whose GetLoad says work_batches.
+        """
+
     def __init__(
         self,
         *,
         job: Global___ProcessRequest | None = ...,
         cancel: Global___WorkCancel | None = ...,
+        more: _abc.Iterable[Global___WorkRequest] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "job", b"job", "payload", b"payload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "job", b"job", "payload", b"payload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "job", b"job", "more", b"more", "payload", b"payload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["job", "cancel"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
@@ -409,6 +424,7 @@ class WorkResponse(_message.Message):
     CREDIT_FIELD_NUMBER: _builtins.int
     UPDATE_FIELD_NUMBER: _builtins.int
     END_FIELD_NUMBER: _builtins.int
+    MORE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """"jobs/{job_id}" of the attempt the message is about; empty for credit."""
     attempt: _builtins.int
@@ -427,6 +443,14 @@ class WorkResponse(_message.Message):
         Process would have ended with (same codes, same meaning).
         """
 
+    @_builtins.property
+    def more(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkResponse]:
+        """Further messages sent in this one, handled in order after its own payload
+        (which may then be empty); their own `more` is empty. What the node has
+        ready at once (outputs, ends, credits) goes out in one write. Only to a
+        scheduler that opened the stream with "x-cutout-work-batches: 1".
+        """
+
     def __init__(
         self,
         *,
@@ -435,10 +459,11 @@ class WorkResponse(_message.Message):
         credit: Global___WorkCredit | None = ...,
         update: Global___ProcessResponse | None = ...,
         end: _status_pb2.Status | None = ...,
+        more: _abc.Iterable[Global___WorkResponse] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["credit", b"credit", "end", b"end", "payload", b"payload", "update", b"update"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "credit", b"credit", "end", b"end", "name", b"name", "payload", b"payload", "update", b"update"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "credit", b"credit", "end", b"end", "more", b"more", "name", b"name", "payload", b"payload", "update", b"update"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["credit", "update", "end"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015

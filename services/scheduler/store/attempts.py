@@ -91,6 +91,23 @@ end
 return FENCE_HELD
 """
 
+# ARGV: prefix, lease_ms, then (id, attempt) pairs: every attempt a scheduler runs.
+# Each lease that attempt still holds is renewed; returns the ids whose fence is lost
+# (cancelled, or re-leased elsewhere), whose attempts should stop.
+RENEW_MANY = r"""
+local expires = now_ms() + tonumber(ARGV[2])
+local lost = {}
+for i = 3, #ARGV - 1, 2 do
+  local id = ARGV[i]
+  if fenced(id, ARGV[i + 1]) then
+    redis.call('ZADD', key.leases(), 'XX', expires, id)
+  else
+    lost[#lost + 1] = id
+  end
+end
+return lost
+"""
+
 # ARGV: prefix, id, attempt, result, retention_s, deliver
 # SUCCEEDED with the result, input freed. deliver=1: the job still has a delivery
 # to make (a pending upload, a record update); only the attempt that holds the
@@ -216,6 +233,7 @@ class Attempts:
         self._retry = lua.load(redis, _HELPERS, RETRY)
         self._reap = lua.load(redis, _HELPERS, REAP)
         self._promote = lua.load(redis, PROMOTE)
+        self._renew_many = lua.load(redis, _HELPERS, RENEW_MANY)
 
     async def progress(
         self, claim: Claim, updates: Sequence[tuple[int, int]], lease_ms: int
@@ -237,6 +255,15 @@ class Attempts:
 
     async def renew(self, claim: Claim, lease_ms: int) -> bool:
         return await self.progress(claim, (), lease_ms)
+
+    async def renew_many(self, claims: Sequence[Claim], lease_ms: int) -> list[str]:
+        """Renew the leases of all these attempts in one round trip; the job ids of
+        those that no longer hold their job (cancelled, or re-leased elsewhere)."""
+        args: list[EncodableT] = [self.keys.prefix, lease_ms]
+        for claim in claims:
+            args += [claim.job_id, claim.attempt]
+        lost = await self._renew_many(args=args)
+        return [job_id.decode() for job_id in lost or []]
 
     async def complete(
         self,

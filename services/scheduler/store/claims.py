@@ -15,7 +15,7 @@ from services.scheduler.keys import Keys
 from services.scheduler.store import lua
 from services.scheduler.store.model import Claim, Fairness
 
-# ARGV: prefix, node, lease_ms, quantum, default_weight, lane ('' or 'light:')
+# ARGV: prefix, node, lease_ms, quantum, default_weight, lane ('' or 'light:'), count
 # Weighted deficit round robin over vendors, cost in milli-megapixels: the
 # vendor at the head of the ring starts its turn with quantum * weight more
 # credit, takes its best jobs while the credit covers their cost, then moves to
@@ -23,14 +23,18 @@ from services.scheduler.store.model import Claim, Fairness
 # it. Work-conserving: if no vendor can afford its next job within a bounded
 # scan, the first vendor scanned gets it anyway. The job becomes RUNNING on the
 # next attempt, leased to node for lease_ms.
-# Returns nil when no job waits, else {id, attempt, vendor, operation (serialised),
-# input bytes or false when gone, record (serialised, '' for none), create_ms,
-# the lane's average run time in ms (attempts.COMPLETE keeps it) or false}.
+# Up to `count` jobs are claimed in one call, each chosen as if claimed alone.
+# Returns a list (empty when no job waits) of {id, attempt, vendor, operation
+# (serialised), input bytes or false when gone, record (serialised, '' for none),
+# create_ms, the lane's average run time in ms (attempts.COMPLETE keeps it) or false}.
 CLAIM = r"""
 local node, lease_ms = ARGV[2], tonumber(ARGV[3])
 local quantum, default_weight = tonumber(ARGV[4]), tonumber(ARGV[5])
 local lane = ARGV[6]
 local ring, deficit, turn = key.ring(lane), key.deficit(lane), key.turn(lane)
+local run_ms = redis.call('HGET', key.eta(), lane .. 'run_ms')
+
+local function claim_one()
 local chosen, fallback = nil, nil
 for _ = 1, 64 * math.max(1, redis.call('LLEN', ring)) do
   local vendor = redis.call('LINDEX', ring, 0)
@@ -80,7 +84,16 @@ event(id, 'state', STATE_RUNNING, 'stage', STAGE_DECODING, 'progress', 0, 'node'
 -- The attempt needs the input and the operation: hand them over in the same round trip.
 return {id, attempt, vendor, redis.call('HGET', jk, 'operation') or '',
   redis.call('GET', key.input(id)) or false, redis.call('HGET', jk, 'record') or '',
-  redis.call('HGET', jk, 'create_ms') or '0', redis.call('HGET', key.eta(), lane .. 'run_ms')}
+  redis.call('HGET', jk, 'create_ms') or '0', run_ms}
+end
+
+local claimed = {}
+for _ = 1, math.max(1, tonumber(ARGV[7]) or 1) do
+  local one = claim_one()
+  if not one then break end
+  claimed[#claimed + 1] = one
+end
+return claimed
 """
 
 
@@ -93,6 +106,16 @@ class Claims:
 
     async def claim(self, node: str, lease_ms: int, lane: str = "") -> Claim | None:
         """Lease the next job of the lane ('' inference, 'light:' light jobs) to node."""
+        got = await self.claim_many(node, lease_ms, lane, 1)
+        return got[0] if got else None
+
+    async def claim_many(self, node: str, lease_ms: int, lane: str, count: int) -> list[Claim]:
+        """Lease up to `count` jobs of the lane to node in one round trip, each chosen
+        fairly as if claimed alone; fewer (or none) when fewer wait.
+
+        A node with several free slots used to cost one round trip per slot, and its
+        jobs then reached its Work stream one write at a time.
+        """
         got = await self._claim(
             args=[
                 self.keys.prefix,
@@ -101,20 +124,22 @@ class Claims:
                 self.fairness.quantum_milli,
                 self.fairness.default_weight,
                 lane,
+                count,
             ]
         )
-        if not got:
-            return None
-        return Claim(
-            job_id=got[0].decode(),
-            attempt=int(got[1]),
-            vendor=got[2].decode(),
-            operation=got[3],
-            image=got[4],
-            record=got[5],
-            created_ms=int(got[6]),
-            lane_run_ms=float(got[7]) if len(got) > 7 and got[7] is not None else None,
-        )
+        return [
+            Claim(
+                job_id=one[0].decode(),
+                attempt=int(one[1]),
+                vendor=one[2].decode(),
+                operation=one[3],
+                image=one[4],
+                record=one[5],
+                created_ms=int(one[6]),
+                lane_run_ms=float(one[7]) if len(one) > 7 and one[7] is not None else None,
+            )
+            for one in got or []
+        ]
 
     async def publish_weights(self) -> None:
         """Store the configured vendor weights where the claim script reads them."""
