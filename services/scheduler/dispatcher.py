@@ -35,7 +35,7 @@ from services.common.errors import NON_RETRYABLE, status_from_code, store_unavai
 from services.common.operations import HEAVY_LANE, LIGHT_LANE
 from services.internal.v1 import inference_service_pb2 as inference_pb2
 from services.scheduler import metrics
-from services.scheduler.completions import CompletionBatcher
+from services.scheduler.group_commit import GroupCommit
 from services.scheduler.nodes import Node, NodePool
 from services.scheduler.progress import ProgressThrottle
 from services.scheduler.storage import ResultStores, StorageError
@@ -118,7 +118,7 @@ class Dispatcher:
         self._retries: set[asyncio.Task[None]] = set()  # retries of attempts that never ran
         self._stopping = False
         # Successes that come together go to Redis in one round trip.
-        self._completions = CompletionBatcher(store.attempts.complete_many)
+        self._completions: GroupCommit[Completion, bool] = GroupCommit(store.attempts.complete_many)
 
     # --- loops ------------------------------------------------------------------
 
@@ -493,7 +493,7 @@ class Dispatcher:
         # Stages not written yet, the output's retention and SUCCEEDED: one round trip.
         updates = progress.take()
         completion = Completion(claim, result, deliver, updates, self.policy.lease_ms)
-        done = await self._patiently("complete", lambda: self._completions.complete(completion))
+        done = await self._patiently("complete", lambda: self._completions.commit(completion))
         if done:
             metrics.JOBS_FINISHED.labels("succeeded").inc()
             self.on_finished()
