@@ -24,6 +24,7 @@ from services.scheduler.store import (
     Admission,
     Charge,
     Claim,
+    Completion,
     Fairness,
     NewJob,
     Retention,
@@ -491,8 +492,35 @@ async def test_one_call_renews_every_held_lease_and_names_the_attempts_that_lost
     assert await store.attempts.retry(old, status_from_code(grpc.StatusCode.UNAVAILABLE, "x"))
     newer = await claim_after_backoff(store, lease_ms=200)
     assert newer is not None and (newer.job_id, newer.attempt) == (stale, 2)
-    lost = await store.attempts.renew_many(list(claims.values()) + [newer], 10_000)
+    lost = await store.attempts.renew_many([*claims.values(), newer], 10_000)
     assert sorted(lost) == sorted([cancelled, stale])  # the stale one: its attempt 1
     assert await store.attempts.reap() == []  # kept's and the newer attempt's leases renewed
     job = await store.jobs.get("a", kept)
     assert job.state == jobs_pb2.JOB_STATE_RUNNING and job.attempt == 1
+
+
+async def test_completions_skip_script_exists_and_survive_redis_losing_its_scripts(
+    store: Store,
+) -> None:
+    """complete_many sends its scripts by hash with no SCRIPT EXISTS round trip first;
+    after Redis lost them (a restart, SCRIPT FLUSH), it loads them and still records."""
+
+    async def script_exists_calls() -> int:
+        stats = await store.redis.info("commandstats")
+        return int(stats.get("cmdstat_script|exists", {}).get("calls", 0))
+
+    ids = [await enqueue(store, "a") for _ in range(3)]
+    claims = await store.claims.claim_many("node", 10_000, "", 3)
+    result = jobs_pb2.Result(content_type="image/png", uri="local:a/x.png")
+    before = await script_exists_calls()
+    done = [Completion(claims[0], result, False, [(jobs_pb2.STAGE_ENCODING, 90)], 10_000)]
+    assert await store.attempts.complete_many(done) == [True]
+    assert await script_exists_calls() == before
+    await store.redis.script_flush()
+    rest = [
+        Completion(c, result, False, [(jobs_pb2.STAGE_ENCODING, 90)], 10_000) for c in claims[1:]
+    ]
+    assert await store.attempts.complete_many(rest) == [True, True]
+    for job_id in ids:
+        job = await store.jobs.get("a", job_id)
+        assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED and job.result.uri == "local:a/x.png"

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import grpc
 import redis.asyncio as aioredis
 from google.rpc import status_pb2
+from redis.asyncio.client import Pipeline
 from redis.typing import EncodableT
 
 from cutout.v1 import jobs_pb2
@@ -289,7 +290,9 @@ class Attempts:
         was a good part of its CPU per job (bench/scale.py).
         """
         ends: list[int] = []  # where each completion's COMPLETE reply is
-        async with self.redis.pipeline(transaction=False) as pipe:
+
+        async def build(pipe: Pipeline) -> None:
+            ends.clear()
             for c in completions:
                 if c.updates:
                     await self._progress(
@@ -310,7 +313,10 @@ class Attempts:
                     client=pipe,
                 )
                 ends.append(len(pipe) - 1)
-            replies = await pipe.execute()
+
+        # Safe to run twice: COMPLETE is fenced, register is a ZADD, and a progress
+        # update written again changes nothing (at most a repeated event for watchers).
+        replies = await lua.execute_loaded(self.redis, build, [self._progress, self._complete])
         return [Fence(int(replies[i])) == Fence.HELD for i in ends]
 
     async def fail(self, claim: Claim, error: status_pb2.Status) -> bool:

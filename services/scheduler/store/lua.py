@@ -21,10 +21,14 @@ from __future__ import annotations
 
 import re
 import string
+from collections.abc import Awaitable, Callable, Sequence
 from enum import IntEnum
+from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from cutout.v1 import jobs_pb2, webhooks_pb2
 from services.common import operations, vendor_policy
@@ -186,3 +190,27 @@ PRELUDE = "\n".join(["local P = ARGV[1]", *constants(), *key_builders(), _HELPER
 def load(redis: aioredis.Redis, *body: str) -> AsyncScript:
     """A script of the prelude followed by body (helper fragments, then the script's own)."""
     return redis.register_script("\n".join([PRELUDE, *body]))
+
+
+async def execute_loaded(
+    redis: aioredis.Redis,
+    build: Callable[[Pipeline], Awaitable[None]],
+    scripts: Sequence[AsyncScript],
+) -> list[Any]:
+    """Run the pipeline `build` fills (transaction=False) without redis-py's SCRIPT EXISTS
+    round trip, which it pays before every pipeline that holds a script (a second round
+    trip per group of completions). The scripts are taken as loaded; when Redis lost
+    them (it restarted), they are loaded and the pipeline is run once more, so what
+    `build` adds must be safe to run twice (fenced scripts, idempotent writes)."""
+    for tries_left in (1, 0):
+        async with redis.pipeline(transaction=False) as pipe:
+            await build(pipe)
+            pipe.scripts.clear()  # evalsha as they are: no SCRIPT EXISTS first
+            try:
+                return await pipe.execute()
+            except NoScriptError:
+                if not tries_left:
+                    raise
+        for script in scripts:
+            script.sha = await redis.script_load(script.script)
+    raise AssertionError("unreachable")
