@@ -18,7 +18,7 @@ scheduler needs. It lives in bench/ and nothing in services/ starts it.
 
 Settings, read like a real node's: CUTOUT_NODE_LISTEN (host:port, port 0 picks
 one), CUTOUT_READY_FILE, CUTOUT_INTERNAL_TOKEN, CUTOUT_NODE_CAPACITY,
-CUTOUT_NODE_ID, CUTOUT_MODELS (the model names it claims to serve);
+CUTOUT_NODE_ID, CUTOUT_NODE_PREFETCH, CUTOUT_MODELS (the model names it claims to serve);
 CUTOUT_FIXED_SERVICE_MS (default 50), CUTOUT_FIXED_WORK (default 1; 0: do
 not offer Work, like a node from before it) and CUTOUT_FIXED_BATCHES (default 1;
 0: do not offer batched Work messages, like a node from before them) are its
@@ -48,6 +48,7 @@ from services.common import serving  # noqa: E402
 from services.common.errors import CutoutError, abort  # noqa: E402
 from services.common.interceptors import ErrorMapping  # noqa: E402
 from services.common.internal_auth import InternalAuth, InternalToken  # noqa: E402
+from services.inference.slots import Full, Slots  # noqa: E402
 from services.inference.work_stream import Slot, WorkSession  # noqa: E402
 from services.internal.v1 import inference_service_pb2 as pb  # noqa: E402
 from services.internal.v1 import inference_service_pb2_grpc as pb_grpc  # noqa: E402
@@ -74,15 +75,19 @@ class FixedServiceNode(pb_grpc.InferenceServiceServicer):
         models: list[str],
         work: bool = True,
         batches: bool = True,
+        prefetch: int = 0,
     ) -> None:
         self.slots = slots
+        # Jobs a Work stream may have waiting here for a slot, as a real node's
+        # CUTOUT_NODE_PREFETCH (services/inference/slots.py).
+        self.prefetch = prefetch
+        self._slots = Slots(slots, prefetch)
         self.work = work  # False: GetLoad does not offer Work, as a node from before it
         # False: GetLoad does not offer batched Work messages, as a node from before them
         self.batches = batches
         self.service_s = service_s
         self.node_id = node_id
         self.models = models
-        self.in_flight = 0
         self.max_in_flight = 0  # the most slots ever in use at once: never above `slots`
         self.completed = 0
         self.refused = 0
@@ -104,7 +109,7 @@ class FixedServiceNode(pb_grpc.InferenceServiceServicer):
     async def Work(
         self, request_iterator: AsyncIterator[pb.WorkRequest], context: Context
     ) -> AsyncIterator[pb.WorkResponse]:
-        session = WorkSession(self._process, self.slots, 0)
+        session = WorkSession(self._process, self.slots + self.prefetch, 0)
         self.sessions.append(session)
         async for response in session.serve(request_iterator, context):
             yield response
@@ -112,20 +117,25 @@ class FixedServiceNode(pb_grpc.InferenceServiceServicer):
     async def _process(
         self, request: pb.ProcessRequest, slot: Slot | None
     ) -> AsyncIterator[pb.ProcessResponse]:
-        if self.in_flight >= self.slots:
+        try:
+            # A Work stream's job may wait for a slot (prefetch); a Process call never does.
+            if slot is not None:
+                await self._slots.take()
+            else:
+                self._slots.take_now()
+        except Full:
             self.refused += 1
             raise CutoutError(
                 f"node is full ({self.slots} heavy jobs)", grpc.StatusCode.RESOURCE_EXHAUSTED
-            )
+            ) from None
         if slot is not None:
             slot.hold()  # given back below, when the slot time is over
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        self.max_in_flight = max(self.max_in_flight, self._slots.in_flight)
         try:
             await asyncio.sleep(self.service_s)
         finally:
             # Released when the work ends, before the output is sent, as a real node does.
-            self.in_flight -= 1
+            self._slots.give_back()
             if slot is not None:
                 slot.release()
         self.completed += 1
@@ -144,7 +154,9 @@ class FixedServiceNode(pb_grpc.InferenceServiceServicer):
         return pb.GetLoadResponse(
             node_id=self.node_id,
             capacity=self.slots,
-            in_flight=self.in_flight,
+            in_flight=self._slots.in_flight,
+            prefetch=self.prefetch,
+            waiting=self._slots.waiting,
             light_capacity=0,
             work_stream=self.work,
             work_batches=self.work and self.batches,
@@ -196,6 +208,7 @@ async def serve() -> None:
         models=[m for m in env.get("CUTOUT_MODELS", "tiny").split(",") if m],
         work=env.get("CUTOUT_FIXED_WORK", "1") == "1",
         batches=env.get("CUTOUT_FIXED_BATCHES", "1") == "1",
+        prefetch=int(env.get("CUTOUT_NODE_PREFETCH", env.get("CUTOUT_NODE_CAPACITY", "4"))),
     )
     server: grpc.aio.Server | None = None
 

@@ -112,3 +112,35 @@ def test_a_slot_we_free_is_free_at_once_and_other_schedulers_jobs_still_count() 
     assert node.free == 3  # the other scheduler's job still holds its slot
     node.refused(light=False)  # the node said it is full (more of theirs since): believe it
     assert node.free == 0
+
+
+def test_a_streaming_node_gets_jobs_ahead_at_once_for_an_idle_slot_and_in_halves_after() -> None:
+    """With a waiting room (prefetch), a node is claimed for as soon as a slot of it
+    would sit idle; the waiting room itself is refilled once half of it is free, so
+    jobs travel several to a claim instead of one per freed slot."""
+    from services.internal.v1 import inference_service_pb2 as pb
+    from services.scheduler.nodes import Node
+    from services.scheduler.work_link import WorkLink
+
+    node = Node("10.0.0.1:7", None, None, None, healthy=True, capacity=4)  # type: ignore[arg-type]
+    node.prefetch = 4
+    node.work = WorkLink(node.address, None, (), lambda: None)  # type: ignore[arg-type]
+    node.work._received(pb.WorkResponse(credit=pb.WorkCredit(jobs=8)), asyncio.Queue())
+    assert node.free == 8 and node.claimable(light=False)  # idle slots: claim now
+    for _ in range(8):  # 4 running, 4 waiting there
+        node.started(light=False)
+        assert node.work.reserve(False) is not None
+    assert node.free == 0 and not node.claimable(light=False)
+    node.finished(light=False)  # a job ends; its credit comes back
+    node.work._received(pb.WorkResponse(credit=pb.WorkCredit(jobs=1)), asyncio.Queue())
+    # One waiting place free; a waiting job took the freed slot: no claim yet.
+    assert node.free == 1 and not node.claimable(light=False)
+    node.finished(light=False)
+    node.work._received(pb.WorkResponse(credit=pb.WorkCredit(jobs=1)), asyncio.Queue())
+    assert node.free == 2 and node.claimable(light=False)  # half the room: one claim for 2
+    for _ in range(6):  # every job ends: slots idle, a claim at once whatever the room
+        node.finished(light=False)
+    assert node.free_slots == 4 and node.claimable(light=False)
+    plain = Node("10.0.0.2:7", None, None, None, healthy=True, capacity=4)  # type: ignore[arg-type]
+    plain.started(light=False)
+    assert plain.free == 3 and plain.claimable(light=False)  # no waiting room: any free slot

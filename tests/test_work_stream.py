@@ -42,6 +42,7 @@ def fixed_cluster(
     service_ms: int,
     work: bool = True,
     batches: bool = True,
+    prefetch: int = 1,
 ) -> FixedNodeCluster:
     (tmp_path / "stats").mkdir()
     return FixedNodeCluster(
@@ -56,6 +57,7 @@ def fixed_cluster(
                 "CUTOUT_NODE_CAPACITY": str(slots),
                 "CUTOUT_FIXED_WORK": "1" if work else "0",
                 "CUTOUT_FIXED_BATCHES": "1" if batches else "0",
+                "CUTOUT_NODE_PREFETCH": str(prefetch),
             },
         ),
         service_ms=service_ms,
@@ -132,7 +134,9 @@ async def test_scheduler_never_sends_beyond_the_credit_a_node_granted(
     assert sum(s["completed"] for s in seen) == 60
     for s in seen:
         assert s["overdrawn"] == 0  # never a job beyond the stream's credit
-        assert s["most_outstanding"] <= 2  # the credit granted: its 2 slots
+        # The credit granted: its 2 slots and 1 job waiting for one (prefetch)...
+        assert s["most_outstanding"] <= 3
+        assert s["max_in_flight"] <= 2  # ...but never more running than its slots
         assert s["refused"] == 0
         assert s["process_calls"] == 0
 
@@ -163,7 +167,8 @@ async def test_jobs_claimed_together_travel_together_when_the_node_offers_batche
     assert len(names) == 80
     assert seen["completed"] == seen["work_jobs_read"] == 80
     assert seen["overdrawn"] == seen["refused"] == seen["process_calls"] == 0
-    assert seen["most_outstanding"] <= 8
+    assert seen["most_outstanding"] <= 8 + 1  # slots + prefetch
+    assert seen["max_in_flight"] <= 8
     if batches:
         # 80 jobs over 8 slots: freed slots are refilled several at a time.
         assert seen["work_reads"] < 80
@@ -229,3 +234,36 @@ async def test_node_refuses_and_counts_a_job_sent_without_credit() -> None:
         await server.stop(None)
     assert node.sessions[0].overdrawn == 1
     assert node.completed == 1
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+async def test_jobs_sent_ahead_wait_on_the_node_and_never_run_beyond_its_slots(
+    tiny_model_dir: Path, tmp_path: Path, prefetch: int
+) -> None:
+    """With CUTOUT_NODE_PREFETCH, a Work stream may have that many jobs waiting on the
+    node for a slot (a freed slot starts one at once); none is refused, none runs
+    beyond the slots, and with 0 nothing is ever sent ahead."""
+    cluster = fixed_cluster(
+        tmp_path, tiny_model_dir, nodes=2, slots=2, service_ms=40, prefetch=prefetch
+    )
+    cluster.start()
+    try:
+        async with AsyncClient(cluster.gateway_address, A) as client:
+            await asyncio.sleep(1.0)
+            image = peers.small_jpeg()
+            reply = await client.submit_batch([build_submission(image) for _ in range(60)])
+            for outcome in reply.outcomes:
+                done = await asyncio.wait_for(final(client, outcome.job.name), 60)
+                assert done.state == jobs_pb2.JOB_STATE_SUCCEEDED, done.error.message
+        for node in list(cluster.nodes):
+            cluster.terminate(node)
+        seen = [counters(cluster, i) for i in range(2)]
+    finally:
+        cluster.stop()
+    assert sum(s["completed"] for s in seen) == 60
+    for s in seen:
+        assert s["refused"] == s["overdrawn"] == s["process_calls"] == 0
+        assert s["max_in_flight"] <= 2
+        assert s["most_outstanding"] <= 2 + prefetch
+    # A 60-job backlog on 2 x 2 slots keeps every stream's waiting room in use.
+    assert max(s["most_outstanding"] for s in seen) == 2 + prefetch

@@ -100,6 +100,7 @@ class NodeServer:
             s.capacity,
             s.max_pixels,
             light_capacity=s.light_capacity,
+            prefetch=s.prefetch,
             recycle=RecyclePolicy(s.max_rss_mb * 2**20),
             # The selector remembers each model's runtime: a reload does not time them again.
             reload=lambda: ModelCatalog.load(

@@ -25,6 +25,7 @@ from services.inference import metrics, pipeline
 from services.inference.models import ModelCatalog
 from services.inference.progress_relay import ProgressRelay
 from services.inference.recycling import RecyclePolicy, give_memory_back, rss_bytes
+from services.inference.slots import Full, Slots
 from services.inference.work_stream import Slot, WorkSession
 from services.internal.v1 import inference_service_pb2 as pb
 from services.internal.v1 import inference_service_pb2_grpc as pb_grpc
@@ -53,16 +54,23 @@ def _progress(stage: int, percent: int) -> pb.ProcessProgress:
 
 @dataclass
 class Lane:
-    """One executor and the count of jobs in it."""
+    """One executor, its slots and the jobs waiting for one."""
 
     name: str
-    capacity: int
+    slots: Slots
     executor: ThreadPoolExecutor
-    in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
         self.idle.set()
+
+    @property
+    def capacity(self) -> int:
+        return self.slots.capacity
+
+    @property
+    def in_flight(self) -> int:
+        return self.slots.in_flight
 
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
@@ -73,6 +81,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         capacity: int,
         max_pixels: int,
         light_capacity: int = 2,
+        prefetch: int = 0,
         recycle: RecyclePolicy | None = None,
         reload: Callable[[], ModelCatalog] | None = None,
         progress_hold_s: float = 0.05,
@@ -83,8 +92,11 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self.max_pixels = max_pixels
         self.draining = False
         # Onnxruntime, OpenCV and Pillow release the GIL for the heavy parts.
-        self.heavy = Lane("heavy", capacity, ThreadPoolExecutor(capacity, "job"))
-        self.light = Lane("light", light_capacity, ThreadPoolExecutor(light_capacity, "light"))
+        self.prefetch = prefetch
+        self.heavy = Lane("heavy", Slots(capacity, prefetch), ThreadPoolExecutor(capacity, "job"))
+        self.light = Lane(
+            "light", Slots(light_capacity, prefetch), ThreadPoolExecutor(light_capacity, "light")
+        )
         self.recycle = recycle or RecyclePolicy(0)
         self.reload = reload
         self.recycling: asyncio.Task[None] | None = None
@@ -110,15 +122,16 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     def _release(self, lane: Lane) -> None:
         # Called when the work itself ends, not when the stream does: a
         # cancelled call keeps its slot until its thread is really free.
-        lane.in_flight -= 1
+        # Reading RSS costs a /proc read: only when recycling is on and not already under way.
+        if self.reload and self.recycle.limit_bytes and self.recycling is None:
+            if self.recycle.due(rss_bytes()):
+                self.heavy.slots.paused = True  # no waiting job takes the slot meanwhile
+                self.recycling = asyncio.get_running_loop().create_task(self._recycle())
+        lane.slots.give_back()  # to the first job waiting for it, if any
         if lane is self.heavy:
             metrics.IN_FLIGHT.set(lane.in_flight)
         if lane.in_flight == 0:
             lane.idle.set()
-        # Reading RSS costs a /proc read: only when recycling is on and not already under way.
-        if self.reload and self.recycle.limit_bytes and self.recycling is None:
-            if self.recycle.due(rss_bytes()):
-                self.recycling = asyncio.get_running_loop().create_task(self._recycle())
 
     async def _recycle(self) -> None:
         """Take no inference work, wait for the running jobs, rebuild the sessions."""
@@ -135,21 +148,34 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             log.exception("recycling the model sessions failed; keeping the old ones")
         finally:
             self.recycling = None
+            self.heavy.slots.paused = False
+            self.heavy.slots.hand_out()  # jobs that waited through it start now
+            if self.heavy.in_flight:
+                self.heavy.idle.clear()
 
     # --- Process -----------------------------------------------------------------
 
-    def _admit(self, lane: Lane) -> None:
+    async def _admit(self, lane: Lane, wait: bool) -> None:
+        """Take a slot of the lane: a Process call only if one is free now; a job on a
+        Work stream may wait for one, if fewer than `prefetch` jobs wait already."""
         if self.draining:
             raise CutoutError("node is draining", grpc.StatusCode.RESOURCE_EXHAUSTED)
-        if lane is self.heavy and self.recycling is not None:
+        if lane is self.heavy and self.recycling is not None and not wait:
             raise CutoutError(
                 "node is recycling its model sessions", grpc.StatusCode.RESOURCE_EXHAUSTED
             )
-        if lane.in_flight >= lane.capacity:
+        try:
+            if wait:
+                await lane.slots.take()
+            else:
+                lane.slots.take_now()
+        except Full:
             raise CutoutError(
-                f"node is full ({lane.capacity} {lane.name} jobs)",
+                f"node is full ({lane.capacity} {lane.name} jobs"
+                + (f", {lane.slots.waiting} waiting)" if wait else ")"),
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-            )
+            ) from None
+        lane.idle.clear()
 
     async def Process(
         self, request: pb.ProcessRequest, context: Context
@@ -163,7 +189,11 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def Work(
         self, request_iterator: AsyncIterator[pb.WorkRequest], context: Context
     ) -> AsyncIterator[pb.WorkResponse]:
-        session = WorkSession(self._process, self.heavy.capacity, self.light.capacity)
+        session = WorkSession(
+            self._process,
+            self.heavy.capacity + self.prefetch,
+            self.light.capacity + self.prefetch,
+        )
         async for response in session.serve(request_iterator, context):
             yield response
 
@@ -175,7 +205,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         A Work stream's slot (its credit) is given back when the work ends.
         """
         lane = self.light if operations.is_light(request.operation) else self.heavy
-        self._admit(lane)
+        await self._admit(lane, wait=slot is not None)
         extra = {
             "job_id": request.name.removeprefix("jobs/"),
             "vendor": request.vendor_id,
@@ -184,10 +214,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         }
         loop = asyncio.get_running_loop()
         relay = ProgressRelay(loop, self.progress_hold_s)
-        lane.in_flight += 1
         if lane is self.heavy:
             metrics.IN_FLIGHT.set(lane.in_flight)
-        lane.idle.clear()
         operation = operations.name(request.operation)
         started = time.perf_counter()
         work = loop.run_in_executor(
@@ -253,6 +281,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             recycles=self.recycle.recycles,
             work_stream=True,
             work_batches=True,
+            prefetch=self.prefetch,
+            waiting=self.heavy.slots.waiting,
+            light_waiting=self.light.slots.waiting,
             models=[
                 pb.ModelInfo(
                     name=m.name,

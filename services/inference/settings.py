@@ -40,6 +40,10 @@ class NodeSettings:
         capacity: CUTOUT_NODE_CAPACITY, inference jobs processed at once.
         light_capacity: CUTOUT_LIGHT_CAPACITY, light jobs (transforms, ID-card and square
             face crops) processed at once beside them, in their own threads.
+        prefetch: CUTOUT_NODE_PREFETCH, jobs per lane that may wait on the node for a slot
+            (sent ahead on a Work stream), so a freed slot starts the next job at once
+            instead of after a round trip to the scheduler; the scheduler refills them in
+            halves. Default: the capacity (0 = none).
         max_rss_mb: CUTOUT_MAX_RSS_MB, resident memory past which the node rebuilds its
             model sessions (0 = never).
         session_runs: CUTOUT_SESSION_RUNS, session runs at once per model (0 = one when
@@ -73,6 +77,7 @@ class NodeSettings:
     trt_cache_dir: Path
     capacity: int
     light_capacity: int
+    prefetch: int
     max_rss_mb: int
     session_runs: int
     ort_threads: int
@@ -87,6 +92,7 @@ class NodeSettings:
 
     @classmethod
     def from_env(cls) -> NodeSettings:
+        capacity = env_int("CUTOUT_NODE_CAPACITY", 2, minimum=1)
         return cls(
             listen=env_str("CUTOUT_NODE_LISTEN", "127.0.0.1:50061"),
             node_id=env_str("CUTOUT_NODE_ID", f"{socket.gethostname()}:{os.getpid()}"),
@@ -98,8 +104,9 @@ class NodeSettings:
             precision=env_choice("CUTOUT_PRECISION", "auto", ("auto", *PRECISIONS)),
             runtime_probe_s=env_float("CUTOUT_RUNTIME_PROBE_S", 60.0),
             trt_cache_dir=Path(env_str("CUTOUT_TRT_CACHE_DIR", "/tmp/cutout-trt-cache")),
-            capacity=env_int("CUTOUT_NODE_CAPACITY", 2, minimum=1),
+            capacity=capacity,
             light_capacity=env_int("CUTOUT_LIGHT_CAPACITY", 2, minimum=1),
+            prefetch=env_int("CUTOUT_NODE_PREFETCH", capacity, minimum=0),
             max_rss_mb=env_int("CUTOUT_MAX_RSS_MB", 6144, minimum=0),
             session_runs=env_int("CUTOUT_SESSION_RUNS", 0, minimum=0),
             ort_threads=env_int("CUTOUT_ORT_THREADS", 0, minimum=0),

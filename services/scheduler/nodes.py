@@ -49,6 +49,9 @@ class Node:
     reported_light_in_flight: int = 0
     local_light_at_report: int = 0
     local_light_in_flight: int = 0
+    # Jobs per lane the node lets a Work stream have waiting there for a slot (GetLoad's
+    # prefetch): sent ahead, so a freed slot starts the next job without a round trip here.
+    prefetch: int = 0
     models: dict[str, str] = field(default_factory=dict)  # name -> execution provider
     # name -> (runtime, device, precision), as the node reported in GetLoad.
     runtimes: dict[str, tuple[str, str, str]] = field(default_factory=dict)
@@ -85,12 +88,35 @@ class Node:
 
     @property
     def free(self) -> int:
+        """Jobs we may send now: free slots, and while the Work stream is up, the
+        node's waiting room too (never beyond the stream's credit)."""
         if not self.healthy or self.draining:
             return 0
         room = self.capacity - self.in_flight
         if self.work is not None and self.streams:
-            room = min(room, self.work.room(False))
+            room = min(room + self.prefetch, self.work.room(False))
         return max(0, room)
+
+    def claimable(self, light: bool) -> bool:
+        """Worth a claim now: a slot would sit idle otherwise, or half of the node's
+        waiting room is free. A waiting room refilled one job per freed slot cost a claim
+        and a stream write per job (bench/scale.py: +50 % scheduler CPU per job); in
+        halves, the jobs still waiting there cover the refill's round trip."""
+        free = self.light_free if light else self.free
+        if free <= 0:
+            return False
+        idle_slot = (self.light_free_slots if light else self.free_slots) > 0
+        return idle_slot or free >= max(1, (self.prefetch + 1) // 2)
+
+    @property
+    def free_slots(self) -> int:
+        """Slots with no job of ours or another scheduler's (running or waiting)."""
+        return max(0, self.capacity - self.in_flight)
+
+    @property
+    def light_free_slots(self) -> int:
+        others = max(0, self.reported_light_in_flight - self.local_light_at_report)
+        return max(0, self.light_capacity - self.local_light_in_flight - others)
 
     @property
     def load(self) -> float:
@@ -103,7 +129,7 @@ class Node:
         others = max(0, self.reported_light_in_flight - self.local_light_at_report)
         room = self.light_capacity - self.local_light_in_flight - others
         if self.work is not None and self.streams:
-            room = min(room, self.work.room(True))
+            room = min(room + self.prefetch, self.work.room(True))
         return max(0, room)
 
     def started(self, light: bool) -> None:
@@ -120,15 +146,17 @@ class Node:
 
     def refused(self, light: bool) -> None:
         """It said it was full: treat it as full until the next poll."""
+        full = self.prefetch if self.work is not None and self.streams else 0
         if light:
-            self.reported_light_in_flight, self.local_light_at_report = self.light_capacity, 0
+            self.reported_light_in_flight = self.light_capacity + full
+            self.local_light_at_report = 0
         else:
-            self.reported_in_flight, self.local_at_report = self.capacity, 0
+            self.reported_in_flight, self.local_at_report = self.capacity + full, 0
 
 
 def most_light_room(nodes: list[Node], rng: random.Random) -> Node | None:
     """For a light job: any node with a free light slot, the roomiest of two random picks."""
-    candidates = [n for n in nodes if n.light_free > 0]
+    candidates = [n for n in nodes if n.claimable(True)]
     if not candidates:
         return None
     pair = rng.sample(candidates, min(2, len(candidates)))
@@ -142,7 +170,7 @@ def least_loaded(nodes: list[Node], rng: random.Random) -> Node | None:
     spreads schedulers that see the same loads across nodes instead of all
     piling onto the first.
     """
-    candidates = [n for n in nodes if n.free > 0]
+    candidates = [n for n in nodes if n.claimable(False)]
     if not candidates:
         return None
     best = min(n.load for n in candidates)
@@ -312,9 +340,12 @@ class NodePool:
         node.healthy = serving
         node.draining = load.draining
         node.capacity = load.capacity
-        node.reported_in_flight, node.local_at_report = load.in_flight, node.local_in_flight
+        # Waiting jobs are ours or other schedulers' as running ones are.
+        node.reported_in_flight = load.in_flight + load.waiting
+        node.local_at_report = node.local_in_flight
         node.light_capacity = load.light_capacity
-        node.reported_light_in_flight = load.light_in_flight
+        node.reported_light_in_flight = load.light_in_flight + load.light_waiting
+        node.prefetch = load.prefetch
         node.local_light_at_report = node.local_light_in_flight
         node.models = {m.name: m.execution_provider for m in load.models}
         node.runtimes = {m.name: (m.runtime, m.device, m.precision) for m in load.models}

@@ -271,6 +271,9 @@ class GetLoadResponse(_message.Message):
     RECYCLES_FIELD_NUMBER: _builtins.int
     WORK_STREAM_FIELD_NUMBER: _builtins.int
     WORK_BATCHES_FIELD_NUMBER: _builtins.int
+    PREFETCH_FIELD_NUMBER: _builtins.int
+    WAITING_FIELD_NUMBER: _builtins.int
+    LIGHT_WAITING_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """Stable identifier of the node, for logs."""
     capacity: _builtins.int
@@ -293,6 +296,14 @@ class GetLoadResponse(_message.Message):
     """True when the node reads WorkRequest.more, and sends WorkResponse.more to a
     scheduler that opens Work with the metadata "x-cutout-work-batches: 1".
     """
+    prefetch: _builtins.int
+    """Jobs per lane a Work stream may have waiting here for a slot, beyond capacity
+    (each stream's credit includes them): a freed slot starts the next job at once.
+    """
+    waiting: _builtins.int
+    """Inference jobs waiting here for a slot now (in_flight counts only running ones)."""
+    light_waiting: _builtins.int
+    """Light jobs waiting here for a slot now."""
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelInfo]:
         """Loaded models."""
@@ -311,10 +322,13 @@ class GetLoadResponse(_message.Message):
         recycles: _builtins.int = ...,
         work_stream: _builtins.bool = ...,
         work_batches: _builtins.bool = ...,
+        prefetch: _builtins.int = ...,
+        waiting: _builtins.int = ...,
+        light_waiting: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "draining", b"draining", "in_flight", b"in_flight", "light_capacity", b"light_capacity", "light_in_flight", b"light_in_flight", "models", b"models", "node_id", b"node_id", "recycles", b"recycles", "rss_bytes", b"rss_bytes", "work_batches", b"work_batches", "work_stream", b"work_stream"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "draining", b"draining", "in_flight", b"in_flight", "light_capacity", b"light_capacity", "light_in_flight", b"light_in_flight", "light_waiting", b"light_waiting", "models", b"models", "node_id", b"node_id", "prefetch", b"prefetch", "recycles", b"recycles", "rss_bytes", b"rss_bytes", "waiting", b"waiting", "work_batches", b"work_batches", "work_stream", b"work_stream"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
