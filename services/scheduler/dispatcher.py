@@ -108,6 +108,7 @@ class Dispatcher:
         self.on_delivery = on_delivery  # wakes the delivery loop
         self.on_finished = on_finished  # a job ended here: wakes the webhook sender
         self._kicks = {HEAVY_LANE: asyncio.Event(), LIGHT_LANE: asyncio.Event()}
+        pool.on_change = self._kick  # a node's room changed: both lanes look again
         self._attempts: dict[str, asyncio.Task[None]] = {}
         self._nodes: dict[str, Node] = {}  # job id -> the node its attempt runs on
         # job id -> why its attempt task was cancelled on purpose, and how to charge it
@@ -146,6 +147,7 @@ class Dispatcher:
         light = lane == LIGHT_LANE
         kick = self._kicks[lane]
         while not self._stopping:
+            kick.clear()  # a kick from here on wakes the next wait: none is lost
             node = self.pool.pick(light)
             if node is None:
                 await self._wait(kick, self.pool.poll_interval_s)
@@ -296,16 +298,18 @@ class Dispatcher:
         for event in self._kicks.values():
             event.set()
 
-    async def _wait(self, kick: asyncio.Event, timeout: float) -> None:
-        kick.clear()
-        waiters = [
-            asyncio.create_task(kick.wait()),
-            asyncio.create_task(self.pool.changed.wait()),
-        ]
-        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        for w in waiters:
-            w.cancel()
-        self.pool.changed.clear()
+    @staticmethod
+    async def _wait(kick: asyncio.Event, timeout: float) -> None:
+        """Until the lane is kicked (new work, a node's room changed) or timeout.
+
+        No task per wait: a node's every returned credit wakes the claim loop, and
+        two tasks each time were a visible part of the scheduler's CPU per job.
+        """
+        try:
+            async with asyncio.timeout(timeout):
+                await kick.wait()
+        except TimeoutError:
+            pass
 
     async def _listen(self) -> None:
         """Wake on new work; cancel attempts whose job a vendor cancelled.

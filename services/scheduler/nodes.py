@@ -243,7 +243,8 @@ class NodePool:
         self.dns_interval_s = dns_interval_s
         self._resolve = resolve
         self._next_lookup = 0.0
-        self.changed = asyncio.Event()
+        # Called when a node may have more room (a poll, credit on its Work stream).
+        self.on_change: Callable[[], None] = lambda: None
         self._rng = random.Random()
 
     def _connect(self, address: str) -> Node:
@@ -305,6 +306,9 @@ class NodePool:
             log.warning("node marked unhealthy", extra={"node": node.address})
         node.healthy = False
 
+    def _changed(self) -> None:
+        self.on_change()  # looked up each time: the dispatcher sets it after the pool exists
+
     async def poll_once(self) -> None:
         """Poll every node that is due (all of them, but those with an open Work stream
         only every STREAMING_POLL_S)."""
@@ -350,12 +354,12 @@ class NodePool:
         node.models = {m.name: m.execution_provider for m in load.models}
         node.runtimes = {m.name: (m.runtime, m.device, m.precision) for m in load.models}
         if load.work_stream and node.work is None:
-            node.work = WorkLink(node.address, node.stub, self.metadata, self.changed.set)
+            node.work = WorkLink(node.address, node.stub, self.metadata, self._changed)
             node.work.start()
         if node.work is not None:
             node.work.batches = load.work_batches  # from the next stream it opens
         if node.free + node.light_free > was_free:
-            self.changed.set()
+            self.on_change()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
