@@ -398,6 +398,9 @@ def summarise(
         "rounds": {s: [round(float(r["jobs_per_s"]), 1) for r in runs[s]] for s in SYSTEMS}  # type: ignore[arg-type]
         | {"work_limit": [round(x["jobs_per_s"], 1) for x in limits]},
         "cpu_ms_per_job_rounds": {s: [r["cpu_ms_per_job"] for r in runs[s]] for s in SYSTEMS},
+        # Per round: Jain's index and the jobs each vendor finished in its fairness window.
+        "jain_rounds": [r["jain_index"] for r in runs["cutout"]],
+        "served_in_window_rounds": [r["served_in_window"] for r in runs["cutout"]],
         "served_in_fairness_window": [r["served_in_window"] for r in runs["cutout"]],
         "jobs": args.jobs,
         "latency_jobs": args.latency_jobs,
