@@ -79,6 +79,26 @@ async def final(client: AsyncClient, name: str) -> jobs_pb2.Job:
     return job
 
 
+async def backlog(cluster: FixedNodeCluster, jobs: int) -> list[dict[str, int]]:
+    """Submit `jobs` at once, wait until every one succeeded, stop the nodes; what
+    each node counted."""
+    try:
+        async with AsyncClient(cluster.gateway_address, A) as client:
+            await asyncio.sleep(1.0)  # the nodes polled and their streams open
+            image = peers.small_jpeg()
+            reply = await client.submit_batch([build_submission(image) for _ in range(jobs)])
+            names = [o.job.name for o in reply.outcomes if o.HasField("job")]
+            assert len(set(names)) == jobs
+            for name in names:
+                done = await asyncio.wait_for(final(client, name), 60)
+                assert done.state == jobs_pb2.JOB_STATE_SUCCEEDED, done.error.message
+        for node in list(cluster.nodes):
+            cluster.terminate(node)
+        return [counters(cluster, i) for i in range(len(cluster.nodes))]
+    finally:
+        cluster.stop()
+
+
 async def test_work_stream_killed_mid_job_job_finishes_on_another_node(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -116,21 +136,7 @@ async def test_scheduler_never_sends_beyond_the_credit_a_node_granted(
 ) -> None:
     cluster = fixed_cluster(tmp_path, tiny_model_dir, nodes=2, slots=2, service_ms=30)
     cluster.start()
-    try:
-        async with AsyncClient(cluster.gateway_address, A) as client:
-            await asyncio.sleep(1.0)
-            image = peers.small_jpeg()
-            reply = await client.submit_batch([build_submission(image) for _ in range(60)])
-            names = [o.job.name for o in reply.outcomes if o.HasField("job")]
-            assert len(set(names)) == 60
-            for name in names:
-                done = await asyncio.wait_for(final(client, name), 60)
-                assert done.state == jobs_pb2.JOB_STATE_SUCCEEDED, done.error.message
-        for node in list(cluster.nodes):
-            cluster.terminate(node)
-        seen = [counters(cluster, i) for i in range(2)]
-    finally:
-        cluster.stop()
+    seen = await backlog(cluster, 60)
     assert sum(s["completed"] for s in seen) == 60
     for s in seen:
         assert s["overdrawn"] == 0  # never a job beyond the stream's credit
@@ -151,20 +157,7 @@ async def test_jobs_claimed_together_travel_together_when_the_node_offers_batche
         tmp_path, tiny_model_dir, nodes=1, slots=8, service_ms=30, batches=batches
     )
     cluster.start()
-    try:
-        async with AsyncClient(cluster.gateway_address, A) as client:
-            await asyncio.sleep(1.0)  # the node polled and its stream open
-            image = peers.small_jpeg()
-            reply = await client.submit_batch([build_submission(image) for _ in range(80)])
-            names = [o.job.name for o in reply.outcomes if o.HasField("job")]
-            for name in names:
-                done = await asyncio.wait_for(final(client, name), 60)
-                assert done.state == jobs_pb2.JOB_STATE_SUCCEEDED, done.error.message
-        cluster.terminate(cluster.nodes[0])
-        seen = counters(cluster, 0)
-    finally:
-        cluster.stop()
-    assert len(names) == 80
+    (seen,) = await backlog(cluster, 80)
     assert seen["completed"] == seen["work_jobs_read"] == 80
     assert seen["overdrawn"] == seen["refused"] == seen["process_calls"] == 0
     assert seen["most_outstanding"] <= 8 + 1  # slots + prefetch
@@ -247,19 +240,7 @@ async def test_jobs_sent_ahead_wait_on_the_node_and_never_run_beyond_its_slots(
         tmp_path, tiny_model_dir, nodes=2, slots=2, service_ms=40, prefetch=prefetch
     )
     cluster.start()
-    try:
-        async with AsyncClient(cluster.gateway_address, A) as client:
-            await asyncio.sleep(1.0)
-            image = peers.small_jpeg()
-            reply = await client.submit_batch([build_submission(image) for _ in range(60)])
-            for outcome in reply.outcomes:
-                done = await asyncio.wait_for(final(client, outcome.job.name), 60)
-                assert done.state == jobs_pb2.JOB_STATE_SUCCEEDED, done.error.message
-        for node in list(cluster.nodes):
-            cluster.terminate(node)
-        seen = [counters(cluster, i) for i in range(2)]
-    finally:
-        cluster.stop()
+    seen = await backlog(cluster, 60)
     assert sum(s["completed"] for s in seen) == 60
     for s in seen:
         assert s["refused"] == s["overdrawn"] == s["process_calls"] == 0

@@ -114,8 +114,10 @@ class Dispatcher:
         # job id -> why its attempt task was cancelled on purpose, and how to charge it
         self._abandoned: dict[str, tuple[str, Charge]] = {}
         self._claims: dict[str, Claim] = {}  # job id -> the claim its attempt runs
-        self._sent: set[str] = set()  # job ids whose attempt used its credit (was sent)
-        self._ran: set[str] = set()  # job ids whose attempt task took its first step
+        # (job id, attempt) of attempts that were sent (used their credit), and of those
+        # whose task took its first step.
+        self._sent: set[tuple[str, int]] = set()
+        self._ran: set[tuple[str, int]] = set()
         self._retries: set[asyncio.Task[None]] = set()  # retries of attempts that never ran
         self._stopping = False
         # Successes that come together go to Redis in one round trip.
@@ -194,11 +196,12 @@ class Dispatcher:
             del self._attempts[job_id]
             self._nodes.pop(job_id, None)
             self._claims.pop(job_id, None)
-        if job_id not in self._sent and node.work is not None:
+        key = (job_id, claim.attempt)
+        if key not in self._sent and node.work is not None:
             node.work.unreserve(light, ticket)  # never sent: the credit is still ours
-        self._sent.discard(job_id)
+        self._sent.discard(key)
         abandoned = self._abandoned.pop(job_id, None)
-        if abandoned is not None and job_id not in self._ran:
+        if abandoned is not None and key not in self._ran:
             # Cancelled before its first step (drain, a silent node): nothing reached
             # the node, so the attempt does not count; the job goes back now instead
             # of when its lease runs out.
@@ -210,7 +213,7 @@ class Dispatcher:
             )
             self._retries.add(retry)
             retry.add_done_callback(self._retries.discard)
-        self._ran.discard(job_id)
+        self._ran.discard(key)
         self._kicks[LIGHT_LANE if light else HEAVY_LANE].set()
 
     async def _watch_nodes(self) -> None:
@@ -333,7 +336,7 @@ class Dispatcher:
         self, claim: Claim, node: Node, light: bool = False, ticket: int | None = None
     ) -> None:
         """One attempt; ticket: the Work stream credit reserved for it (None: Process)."""
-        self._ran.add(claim.job_id)
+        self._ran.add((claim.job_id, claim.attempt))
         extra = {
             "job_id": claim.job_id,
             "vendor": claim.vendor,
@@ -346,7 +349,7 @@ class Dispatcher:
             metrics.QUEUE_WAIT.observe(max(0.0, time.time() - claim.created_ms / 1000))
         started = time.perf_counter()
         try:
-            await self._run_on_node(claim, node, light, ticket)
+            await self._run_on_node(claim, node, ticket)
         except asyncio.CancelledError:
             abandoned = self._abandoned.pop(claim.job_id, None)
             if abandoned is None:
@@ -415,10 +418,10 @@ class Dispatcher:
         if node.work is None or not node.streams:
             return node.stub.Process(request, timeout=timeout_s, metadata=self.pool.metadata)
         call = node.work.start_attempt(request, ticket, timeout_s)
-        self._sent.add(claim.job_id)
+        self._sent.add((claim.job_id, claim.attempt))
         return call
 
-    async def _run_on_node(self, claim: Claim, node: Node, light: bool, ticket: int | None) -> None:
+    async def _run_on_node(self, claim: Claim, node: Node, ticket: int | None) -> None:
         call = self._send(claim, node, ticket)
         if call is None:
             return  # no input: cancelled as it was claimed

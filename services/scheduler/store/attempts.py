@@ -254,9 +254,6 @@ class Attempts:
             args += [stage, percent]
         return args
 
-    async def renew(self, claim: Claim, lease_ms: int) -> bool:
-        return await self.progress(claim, (), lease_ms)
-
     async def renew_many(self, claims: Sequence[Claim], lease_ms: int) -> list[str]:
         """Renew the leases of all these attempts in one round trip; the job ids of
         those that no longer hold their job (cancelled, or re-leased elsewhere)."""
