@@ -140,7 +140,7 @@ def test_a_streaming_node_gets_jobs_ahead_at_once_for_an_idle_slot_and_in_halves
     assert node.free == 2 and node.claimable(light=False)  # half the room: one claim for 2
     for _ in range(6):  # every job ends: slots idle, a claim at once whatever the room
         node.finished(light=False)
-    assert node.free_slots == 4 and node.claimable(light=False)
+    assert node.idle_slots(light=False) == 4 and node.claimable(light=False)
     plain = Node("10.0.0.2:7", None, None, None, healthy=True, capacity=4)  # type: ignore[arg-type]
     plain.started(light=False)
     assert plain.free == 3 and plain.claimable(light=False)  # no waiting room: any free slot

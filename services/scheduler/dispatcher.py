@@ -154,7 +154,7 @@ class Dispatcher:
             if node is None:
                 await self._wait(kick, self.pool.poll_interval_s)
                 continue
-            room = node.light_free if light else node.free
+            room = node.room(light)
             try:
                 claims = await self.store.claims.claim_many(
                     node.address, self.policy.lease_ms, lane, max(1, min(room, CLAIM_BATCH))

@@ -87,50 +87,48 @@ class Node:
         return self.local_in_flight + others
 
     @property
-    def free(self) -> int:
+    def light_in_flight(self) -> int:
+        others = max(0, self.reported_light_in_flight - self.local_light_at_report)
+        return self.local_light_in_flight + others
+
+    def idle_slots(self, light: bool) -> int:
+        """Slots with no job of ours or another scheduler's (running or waiting) on them."""
+        if light:
+            return max(0, self.light_capacity - self.light_in_flight)
+        return max(0, self.capacity - self.in_flight)
+
+    def room(self, light: bool) -> int:
         """Jobs we may send now: free slots, and while the Work stream is up, the
         node's waiting room too (never beyond the stream's credit)."""
         if not self.healthy or self.draining:
             return 0
-        room = self.capacity - self.in_flight
+        if light:
+            room = self.light_capacity - self.light_in_flight
+        else:
+            room = self.capacity - self.in_flight
         if self.work is not None and self.streams:
-            room = min(room + self.prefetch, self.work.room(False))
+            room = min(room + self.prefetch, self.work.room(light))
         return max(0, room)
+
+    @property
+    def free(self) -> int:
+        return self.room(False)
+
+    @property
+    def light_free(self) -> int:
+        return self.room(True)
 
     def claimable(self, light: bool) -> bool:
         """Worth a claim now: a slot would sit idle otherwise, or half of the node's
         waiting room is free. A waiting room refilled one job per freed slot cost a claim
         and a stream write per job (bench/scale.py: +50 % scheduler CPU per job); in
         halves, the jobs still waiting there cover the refill's round trip."""
-        free = self.light_free if light else self.free
-        if free <= 0:
-            return False
-        idle_slot = (self.light_free_slots if light else self.free_slots) > 0
-        return idle_slot or free >= max(1, (self.prefetch + 1) // 2)
-
-    @property
-    def free_slots(self) -> int:
-        """Slots with no job of ours or another scheduler's (running or waiting)."""
-        return max(0, self.capacity - self.in_flight)
-
-    @property
-    def light_free_slots(self) -> int:
-        others = max(0, self.reported_light_in_flight - self.local_light_at_report)
-        return max(0, self.light_capacity - self.local_light_in_flight - others)
+        room = self.room(light)
+        return room > 0 and (self.idle_slots(light) > 0 or room >= (self.prefetch + 1) // 2)
 
     @property
     def load(self) -> float:
         return self.in_flight / self.capacity if self.capacity else 1.0
-
-    @property
-    def light_free(self) -> int:
-        if not self.healthy or self.draining:
-            return 0
-        others = max(0, self.reported_light_in_flight - self.local_light_at_report)
-        room = self.light_capacity - self.local_light_in_flight - others
-        if self.work is not None and self.streams:
-            room = min(room + self.prefetch, self.work.room(True))
-        return max(0, room)
 
     def started(self, light: bool) -> None:
         if light:
