@@ -3,23 +3,42 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint typecheck protos ts api-baseline up migrate clean
+.PHONY: install lock demo test lint typecheck protos ts api-baseline up migrate clean
 
-# Everything, into .venv: the client (cutout-client, clients/python), the services
-# on CPU (cutout-server, the root), and the dev tools.
-$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
-	@echo "== installing Cutout into $(VENV) (the first time takes a few minutes)"
-	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	@# The client was once part of a distribution named "cutout" (a PyPI name that is not ours).
-	$(BIN)/pip uninstall -q -y cutout 2>/dev/null || true
-	$(BIN)/pip install --progress-bar off -e ./clients/python -e '.[dev]'
+# Everything, into .venv, at exactly the versions requirements/dev.lock names (with
+# their sha256 hashes): the client (cutout-client, clients/python), the services on
+# CPU (cutout-server, the root) and the dev tools. uv, itself pinned and hashed in
+# requirements/uv.lock, syncs the venv to the lock: anything not in it is removed,
+# and nothing else (no machine-wide pip config, no newer release) picks a version.
+# `make lock` changes the lock on purpose (docs/dependencies.md).
+UV := $(BIN)/uv
+$(VENV)/.installed: requirements/dev.lock requirements/uv.lock pyproject.toml clients/python/pyproject.toml
+	@echo "== installing Cutout into $(VENV) from requirements/dev.lock"
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --isolated --disable-pip-version-check --no-deps \
+		--require-hashes -r requirements/uv.lock
+	$(UV) pip sync -q --python $(BIN)/python --require-hashes requirements/dev.lock
+	@# Our own two distributions, editable; every dependency is already there.
+	$(UV) pip install -q --python $(BIN)/python --no-deps --no-build-isolation \
+		-e ./clients/python -e .
+	$(UV) pip check --python $(BIN)/python
 	@# rembg imports pymatting, whose numba kernels compile on first import
 	@# (a minute or more on 2 cores) and are then cached: pay it once, here.
 	@echo "== compiling rembg's numba kernels once (a minute or two)"
 	$(BIN)/python -c "import rembg.bg"
 	@echo "== installed: source $(VENV)/bin/activate puts cutout and cutout-admin on PATH"
 	touch $@
+
+# Resolve the dependencies again, newest versions within pyproject's ranges, into
+# requirements/*.lock (dev: this venv and CI; cpu, gpu: the images, held to dev's
+# versions). Review the diff of the locks as the upgrade it is, then `make install`.
+LOCK_FLAGS := --universal --python-version 3.11 --generate-hashes -q \
+	--no-emit-package cutout-server --no-emit-package cutout-client
+lock: $(VENV)/.installed
+	$(UV) pip compile requirements/uv.in $(LOCK_FLAGS) --upgrade -o requirements/uv.lock
+	$(UV) pip compile requirements/dev.in $(LOCK_FLAGS) --upgrade -o requirements/dev.lock
+	$(UV) pip compile requirements/cpu.in $(LOCK_FLAGS) -c requirements/dev.lock -o requirements/cpu.lock
+	$(UV) pip compile requirements/gpu.in $(LOCK_FLAGS) -c requirements/dev.lock -o requirements/gpu.lock
 
 # The TypeScript client's dependencies and tools (clients/ts), exactly as its
 # package-lock.json pins them; again only when the lock file changes.

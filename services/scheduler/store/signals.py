@@ -37,4 +37,4 @@ class Signals:
                 else:
                     yield Signal()
         finally:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await pubsub.aclose()
