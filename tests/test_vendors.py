@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -195,3 +196,28 @@ async def test_a_registry_from_before_vendor_policy_keeps_its_weights_and_caps(
     served = [c.vendor for c in [await store.claims.claim("node", 10_000) for _ in range(4)] if c]
     assert served == ["gold", "gold", "gold", "basic"]
     await redis.aclose()
+
+
+async def test_vendors_finds_the_redis_that_up_started_from_any_directory(
+    tmp_path: Path, redis_server: Callable[..., RedisServer]
+) -> None:
+    """`up --workdir W` writes W/redis.url; `vendors --workdir W` reads it there, whatever the
+    current directory (it once read ./var/redis.url and silently used another Redis)."""
+    server = redis_server()
+    workdir = tmp_path / "cluster"
+    workdir.mkdir()
+    (workdir / "redis.url").write_text(server.url + "\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "services.admin", "vendors", "--workdir", str(workdir),
+         "add", "acme"],
+        capture_output=True, text=True, timeout=60, cwd=elsewhere,
+        env={k: v for k, v in os.environ.items() if k != "CUTOUT_REDIS_URL"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    registry = aioredis.from_url(server.url)
+    try:
+        assert [k async for k in registry.scan_iter(match="*acme*")], "not in up's Redis"
+    finally:
+        await registry.aclose()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from services.common.config import PROJECT_ROOT
 from services.common.internal_auth import new_token
 from services.gateway.auth import hash_key, new_key
 
@@ -36,8 +37,15 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+# Where `cutout-admin up` keeps its data (and redis.url) unless given --workdir.
+DEFAULT_WORKDIR = PROJECT_ROOT / "var"
+
+
 def cmd_vendors(args: argparse.Namespace) -> int:
     from services.admin import vendors
+
+    if not args.redis:
+        args.redis = local_redis_url(Path(args.workdir) if args.workdir else DEFAULT_WORKDIR)
 
     return asyncio.run(vendors.run(args))
 
@@ -60,9 +68,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     )
 
 
-def _local_redis_url() -> str:
-    """The URL `cutout-admin up` wrote for its embedded Redis, if one is running from here."""
-    path = Path("var") / "redis.url"
+def local_redis_url(workdir: Path) -> str:
+    """The URL `cutout-admin up --workdir WORKDIR` wrote for its embedded Redis, else the
+    default Redis on this machine."""
+    path = workdir / "redis.url"
     return path.read_text().strip() if path.is_file() else "redis://127.0.0.1:6379/0"
 
 
@@ -75,8 +84,14 @@ def _vendors_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     v.add_argument(
         "--redis",
-        default=os.environ.get("CUTOUT_REDIS_URL") or _local_redis_url(),
-        help="the cluster's Redis (env CUTOUT_REDIS_URL; default: the one `up` started)",
+        default=os.environ.get("CUTOUT_REDIS_URL", ""),
+        help="the cluster's Redis (env CUTOUT_REDIS_URL; default: the one `up` started, "
+        "found in WORKDIR/redis.url, else redis://127.0.0.1:6379/0)",
+    )
+    v.add_argument(
+        "--workdir",
+        default="",
+        help=f"the workdir `up` was given (default {DEFAULT_WORKDIR}, as for `up`)",
     )
     v.add_argument(
         "--prefix",
@@ -173,7 +188,9 @@ def parser() -> argparse.ArgumentParser:
         default=9901,
         help="Envoy's admin API and /stats/prometheus (default 9901; 0 picks a free port)",
     )
-    up.add_argument("--workdir", default="", help="data, results and logs (default ./var)")
+    up.add_argument(
+        "--workdir", default="", help=f"data, results and logs (default {DEFAULT_WORKDIR})"
+    )
     up.add_argument(
         "--appendfsync",
         choices=["everysec", "always"],
