@@ -404,3 +404,32 @@ def test_blocking_client_does_what_the_async_one_does(
         with pytest.raises(CutoutError) as err:
             client.get("jobs/" + "0" * 32)
         assert err.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_one_blocking_client_serves_many_threads_and_stops_streams_left_early(
+    tiny: LocalCluster, photos: dict[str, bytes]
+) -> None:
+    """Client runs every call on its own loop: threads share it, a watch abandoned after its
+    first event cancels its call, and close() leaves no thread behind."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cutout import Client
+
+    before = {t.name for t in threading.enumerate()}
+    with Client(tiny.gateway_address, A) as client:
+        with ThreadPoolExecutor(8) as pool:
+            jobs = list(pool.map(lambda _: client.submit(photos["chelsea"]), range(8)))
+            assert len({j.name for j in jobs}) == 8
+            got = list(pool.map(lambda j: client.get(j.name).name, jobs))
+        assert got == [j.name for j in jobs]
+        for job in jobs:
+            for event in client.watch(job.name):
+                assert event.job.name == job.name
+                break  # leaving early closes the stream
+        for job in jobs:
+            assert [e.job.state for e in client.watch(job.name)][-1] == jobs_pb2.JOB_STATE_SUCCEEDED
+    assert "cutout-client" not in {t.name for t in threading.enumerate()} - before
+    with pytest.raises(CutoutError) as err:
+        Client("127.0.0.1:1", api_key="")
+    assert err.value.code == grpc.StatusCode.UNAUTHENTICATED

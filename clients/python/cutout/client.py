@@ -1,4 +1,4 @@
-"""Python client for the Cutout API, blocking (`Client`) and asyncio (`AsyncClient`).
+"""Python client for the Cutout API, asyncio (`AsyncClient`) and blocking (`Client`).
 
     from cutout import Client
     with Client("127.0.0.1:50051", api_key="ck_...") as c:
@@ -10,18 +10,24 @@
 Retries of UNAVAILABLE live in the channel's service config, not in loops;
 submissions always carry a client_key (a random one if you give none), so a
 retried submit returns the same job instead of creating a second one.
+
+Every call is written once, in `AsyncClient`. `Client` runs an `AsyncClient` on an
+event loop of its own, in a background thread, and waits for each call: a new RPC
+is one method here and one line in `Client`, and one `Client` may be used from
+many threads at once (calls from threads run concurrently on its loop).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
-import time
+import threading
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import grpc
 
@@ -31,6 +37,7 @@ from cutout.v1 import cutout_service_pb2_grpc as pb_grpc
 from cutout.v1 import jobs_pb2, webhooks_pb2
 
 DEFAULT_ADDR = "127.0.0.1:50051"
+_Reply = TypeVar("_Reply")
 MAX_MESSAGE = 64 * 1024 * 1024
 SERVICE_CONFIG = json.dumps(
     {
@@ -239,21 +246,36 @@ class AsyncClient:
     async def close(self) -> None:
         await self._channel.close(None)
 
+    async def _call(self, method: Callable[..., Awaitable[_Reply]], request: object) -> _Reply:
+        """One unary call with this client's key and deadline; errors as CutoutError."""
+        try:
+            return await method(request, metadata=self._md, timeout=self.timeout_s)
+        except grpc.RpcError as exc:
+            raise CutoutError.from_rpc_error(exc) from None
+
+    async def _stream(self, call: Any) -> AsyncIterator[Any]:
+        """The replies of a server-streaming call; errors as CutoutError; cancelled when
+        the caller stops early."""
+        try:
+            async for reply in call:
+                yield reply
+        except grpc.RpcError as exc:
+            raise CutoutError.from_rpc_error(exc) from None
+        finally:
+            call.cancel()
+
     async def submit_submission(self, submission: jobs_pb2.JobSubmission) -> pb.SubmitJobResponse:
         """Submit; when rate limited, wait as the server says (up to rate_limit_wait_s)."""
+        request = pb.SubmitJobRequest(submission=submission)
         waited = 0.0
         while True:
             try:
-                return await self._stub.SubmitJob(
-                    pb.SubmitJobRequest(submission=submission),
-                    metadata=self._md,
-                    timeout=self.timeout_s,
-                )
-            except grpc.RpcError as exc:
-                err = CutoutError.from_rpc_error(exc)
+                reply: pb.SubmitJobResponse = await self._call(self._stub.SubmitJob, request)
+                return reply
+            except CutoutError as err:
                 delay = _rate_limit_delay(err, waited, self.rate_limit_wait_s)
                 if delay is None:
-                    raise err from None
+                    raise
             await asyncio.sleep(delay)
             waited += delay
 
@@ -266,72 +288,42 @@ class AsyncClient:
     ) -> pb.SubmitBatchResponse:
         """webhook_url: notified when the batch completes, and when each item without a
         webhook_url of its own finishes (instead of your registered endpoint)."""
-        try:
-            return await self._stub.SubmitBatch(
-                pb.SubmitBatchRequest(submissions=submissions, webhook_url=webhook_url),
-                metadata=self._md,
-                timeout=self.timeout_s,
-            )
-        except grpc.RpcError as exc:
-            raise CutoutError.from_rpc_error(exc) from None
+        request = pb.SubmitBatchRequest(submissions=submissions, webhook_url=webhook_url)
+        reply: pb.SubmitBatchResponse = await self._call(self._stub.SubmitBatch, request)
+        return reply
 
     async def get(self, name: str) -> jobs_pb2.Job:
-        try:
-            reply = await self._stub.GetJob(
-                pb.GetJobRequest(name=name), metadata=self._md, timeout=self.timeout_s
-            )
-        except grpc.RpcError as exc:
-            raise CutoutError.from_rpc_error(exc) from None
+        reply: pb.GetJobResponse = await self._call(self._stub.GetJob, pb.GetJobRequest(name=name))
         return reply.job
 
     async def watch(self, name: str) -> AsyncIterator[jobs_pb2.JobEvent]:
         """Every change to the job until it is done; the first event is its state now."""
         call = self._stub.WatchJob(pb.WatchJobRequest(name=name), metadata=self._md)
-        try:
-            async for reply in call:
-                yield reply.event
-        except grpc.RpcError as exc:
-            raise CutoutError.from_rpc_error(exc) from None
-        finally:
-            call.cancel()
+        async for reply in self._stream(call):
+            yield reply.event
 
     async def list_jobs(
         self, state: int = jobs_pb2.JOB_STATE_UNSPECIFIED, page_size: int = 50, page_token: str = ""
     ) -> pb.ListJobsResponse:
         request = pb.ListJobsRequest(state=state, page_size=page_size, page_token=page_token)  # type: ignore[arg-type]
-        try:
-            return await self._stub.ListJobs(request, metadata=self._md, timeout=self.timeout_s)
-        except grpc.RpcError as exc:
-            raise CutoutError.from_rpc_error(exc) from None
+        reply: pb.ListJobsResponse = await self._call(self._stub.ListJobs, request)
+        return reply
 
     async def watch_batch(self, name: str) -> AsyncIterator[jobs_pb2.BatchProgress]:
         """The batch's counts and mean progress, on every change, until all its jobs finish."""
         call = self._stub.WatchBatch(pb.WatchBatchRequest(name=name), metadata=self._md)
-        try:
-            async for reply in call:
-                yield reply.batch
-        except grpc.RpcError as exc:
-            raise CutoutError.from_rpc_error(exc) from None
-        finally:
-            call.cancel()
+        async for reply in self._stream(call):
+            yield reply.batch
 
     async def cancel_batch(self, name: str) -> pb.CancelBatchResponse:
         """Cancel every unfinished job of the batch; says how many it cancelled."""
-        try:
-            reply: pb.CancelBatchResponse = await self._stub.CancelBatch(
-                pb.CancelBatchRequest(name=name), metadata=self._md, timeout=self.timeout_s
-            )
-        except grpc.RpcError as exc:
-            raise CutoutError.from_rpc_error(exc) from None
+        request = pb.CancelBatchRequest(name=name)
+        reply: pb.CancelBatchResponse = await self._call(self._stub.CancelBatch, request)
         return reply
 
     async def cancel(self, name: str) -> jobs_pb2.Job:
-        try:
-            reply = await self._stub.CancelJob(
-                pb.CancelJobRequest(name=name), metadata=self._md, timeout=self.timeout_s
-            )
-        except grpc.RpcError as exc:
-            raise CutoutError.from_rpc_error(exc) from None
+        request = pb.CancelJobRequest(name=name)
+        reply: pb.CancelJobResponse = await self._call(self._stub.CancelJob, request)
         return reply.job
 
     async def result(self, name: str) -> tuple[jobs_pb2.Result, bytes]:
@@ -341,13 +333,10 @@ class AsyncClient:
         call = self._stub.GetResult(
             pb.GetResultRequest(name=name), metadata=self._md, timeout=self.timeout_s
         )
-        try:
-            async for reply in call:
-                if reply.HasField("result"):
-                    result.CopyFrom(reply.result)
-                chunks.append(reply.chunk)
-        except grpc.RpcError as exc:
-            raise CutoutError.from_rpc_error(exc) from None
+        async for reply in self._stream(call):
+            if reply.HasField("result"):
+                result.CopyFrom(reply.result)
+            chunks.append(reply.chunk)
         return result, b"".join(chunks)
 
     async def save_result(self, name: str, path: str | os.PathLike[str]) -> jobs_pb2.Result:
@@ -356,12 +345,8 @@ class AsyncClient:
         return result
 
     async def stats(self) -> jobs_pb2.QueueStats:
-        try:
-            reply = await self._stub.GetQueueStats(
-                pb.GetQueueStatsRequest(), metadata=self._md, timeout=self.timeout_s
-            )
-        except grpc.RpcError as exc:
-            raise CutoutError.from_rpc_error(exc) from None
+        request = pb.GetQueueStatsRequest()
+        reply: pb.GetQueueStatsResponse = await self._call(self._stub.GetQueueStats, request)
         return reply.stats
 
     async def dead_letters(
@@ -369,32 +354,20 @@ class AsyncClient:
     ) -> pb.ListDeadLettersResponse:
         """Jobs that failed after all their retries, most recent first."""
         request = pb.ListDeadLettersRequest(page_size=page_size, page_token=page_token)
-        try:
-            return await self._stub.ListDeadLetters(
-                request, metadata=self._md, timeout=self.timeout_s
-            )
-        except grpc.RpcError as exc:
-            raise CutoutError.from_rpc_error(exc) from None
+        reply: pb.ListDeadLettersResponse = await self._call(self._stub.ListDeadLetters, request)
+        return reply
 
     async def requeue_dead_letter(self, name: str) -> jobs_pb2.Job:
         request = pb.RequeueDeadLetterRequest(name=name)
-        try:
-            reply = await self._stub.RequeueDeadLetter(
-                request, metadata=self._md, timeout=self.timeout_s
-            )
-        except grpc.RpcError as exc:
-            raise CutoutError.from_rpc_error(exc) from None
+        reply: pb.RequeueDeadLetterResponse = await self._call(
+            self._stub.RequeueDeadLetter, request
+        )
         return reply.job
 
     async def purge_dead_letters(self, names: list[str] | None = None) -> int:
         """Purge the named dead letters, or every one of yours when names is None."""
         request = pb.PurgeDeadLettersRequest(names=names or [], all=names is None)
-        try:
-            reply = await self._stub.PurgeDeadLetters(
-                request, metadata=self._md, timeout=self.timeout_s
-            )
-        except grpc.RpcError as exc:
-            raise CutoutError.from_rpc_error(exc) from None
+        reply: pb.PurgeDeadLettersResponse = await self._call(self._stub.PurgeDeadLetters, request)
         return reply.purged_count
 
     async def webhook_deliveries(
@@ -402,37 +375,76 @@ class AsyncClient:
     ) -> pb.ListWebhookDeliveriesResponse:
         """Webhook deliveries of your jobs and batches, newest first."""
         request = pb.ListWebhookDeliveriesRequest(page_size=page_size, page_token=page_token)
-        try:
-            return await self._stub.ListWebhookDeliveries(
-                request, metadata=self._md, timeout=self.timeout_s
-            )
-        except grpc.RpcError as exc:
-            raise CutoutError.from_rpc_error(exc) from None
+        reply: pb.ListWebhookDeliveriesResponse = await self._call(
+            self._stub.ListWebhookDeliveries, request
+        )
+        return reply
 
     async def webhook_delivery(self, name: str) -> webhooks_pb2.WebhookDelivery:
         request = pb.GetWebhookDeliveryRequest(name=name)
-        try:
-            reply = await self._stub.GetWebhookDelivery(
-                request, metadata=self._md, timeout=self.timeout_s
-            )
-        except grpc.RpcError as exc:
-            raise CutoutError.from_rpc_error(exc) from None
+        reply: pb.GetWebhookDeliveryResponse = await self._call(
+            self._stub.GetWebhookDelivery, request
+        )
         return reply.delivery
 
     async def redeliver_webhook(self, name: str) -> webhooks_pb2.WebhookDelivery:
         """Send a delivery again now, with the same webhook-id."""
         request = pb.RedeliverWebhookRequest(name=name)
-        try:
-            reply = await self._stub.RedeliverWebhook(
-                request, metadata=self._md, timeout=self.timeout_s
-            )
-        except grpc.RpcError as exc:
-            raise CutoutError.from_rpc_error(exc) from None
+        reply: pb.RedeliverWebhookResponse = await self._call(self._stub.RedeliverWebhook, request)
         return reply.delivery
 
 
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def _blocking(
+    method: Callable[Concatenate[AsyncClient, _P], Coroutine[Any, Any, _T]],
+) -> Callable[Concatenate[Client, _P], _T]:
+    """AsyncClient's method as a blocking method of Client."""
+
+    def call(self: Client, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        return self._wait(method(self._async, *args, **kwargs))
+
+    call.__name__, call.__qualname__ = method.__name__, f"Client.{method.__name__}"
+    call.__doc__ = method.__doc__
+    return call
+
+
+def _blocking_iter(
+    method: Callable[Concatenate[AsyncClient, _P], AsyncIterator[_T]],
+) -> Callable[Concatenate[Client, _P], Iterator[_T]]:
+    """AsyncClient's streaming method as a blocking iterator of Client: each item is
+    fetched on the client's loop; leaving the loop early (break, an exception) closes
+    the stream, which cancels the call."""
+
+    def call(self: Client, /, *args: _P.args, **kwargs: _P.kwargs) -> Iterator[_T]:
+        stream = method(self._async, *args, **kwargs)
+
+        async def next_item() -> _T:
+            return await anext(stream)
+
+        async def close() -> None:
+            await stream.aclose()  # type: ignore[attr-defined]
+
+        try:
+            while True:
+                try:
+                    yield self._wait(next_item())
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._wait(close())
+
+    call.__name__, call.__qualname__ = method.__name__, f"Client.{method.__name__}"
+    call.__doc__ = method.__doc__
+    return call
+
+
 class Client:
-    """Blocking client; use as `with Client(...) as c:`."""
+    """Blocking client; use as `with Client(...) as c:`. The same methods as AsyncClient
+    (same arguments, same errors), each waiting for its answer; safe to share between
+    threads."""
 
     def __init__(
         self,
@@ -443,20 +455,42 @@ class Client:
         rate_limit_wait_s: float = 300.0,
         tls: bool | str | None = None,
     ) -> None:
-        """rate_limit_wait_s: how long a submit may wait in total for the server's
-        rate limit (it says when to retry); 0 raises the RESOURCE_EXHAUSTED at once.
-        tls: True for TLS with the system's roots, a path for a PEM CA bundle, False
-        for plaintext; None reads CUTOUT_TLS_CA (a path) or CUTOUT_TLS=1."""
-        self.address = address or os.environ.get("CUTOUT_ADDR", DEFAULT_ADDR)
-        self._md = _metadata(_key(api_key))
-        self.timeout_s = timeout_s
-        self.rate_limit_wait_s = rate_limit_wait_s
-        creds = tls_credentials(tls)
-        if creds is None:
-            self._channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
-        else:
-            self._channel = grpc.secure_channel(self.address, creds, options=CHANNEL_OPTIONS)
-        self._stub = pb_grpc.CutoutServiceStub(self._channel)
+        """Arguments as AsyncClient's."""
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="cutout-client", daemon=True
+        )
+        self._thread.start()
+
+        async def make() -> AsyncClient:
+            return AsyncClient(
+                address, api_key, timeout_s=timeout_s, rate_limit_wait_s=rate_limit_wait_s,
+                tls=tls,
+            )  # fmt: skip
+
+        try:
+            self._async = self._wait(make())
+        except BaseException:
+            self._stop_loop()
+            raise
+        self.address = self._async.address
+
+    def _wait(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        """Run coro on the client's loop and wait for it (cancelled if this thread is
+        interrupted while it waits)."""
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result()
+        except BaseException:
+            if not future.done():
+                future.cancel()
+                concurrent.futures.wait([future], timeout=5)
+            raise
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
 
     def __enter__(self) -> Client:
         return self
@@ -465,167 +499,32 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        self._channel.close()
+        if self._loop.is_closed():
+            return
+        try:
+            self._wait(self._async.close())
+        finally:
+            self._stop_loop()
 
-    def submit_submission(self, submission: jobs_pb2.JobSubmission) -> pb.SubmitJobResponse:
-        """Submit; when rate limited, wait as the server says (up to rate_limit_wait_s)."""
-        request = pb.SubmitJobRequest(submission=submission)
-        waited = 0.0
-        while True:
-            try:
-                return self._stub.SubmitJob(request, metadata=self._md, timeout=self.timeout_s)
-            except grpc.RpcError as exc:
-                err = CutoutError.from_rpc_error(exc)
-                delay = _rate_limit_delay(err, waited, self.rate_limit_wait_s)
-                if delay is None:
-                    raise err from None
-            time.sleep(delay)
-            waited += delay
+    submit_submission = _blocking(AsyncClient.submit_submission)
 
     def submit(self, image: bytes | str | os.PathLike[str], **options: Any) -> jobs_pb2.Job:
         """Submit one image; options as in build_submission. Returns the queued job."""
-        return self.submit_submission(build_submission(image, **options)).job
+        return self._wait(self._async.submit(image, **options))
 
-    def submit_batch(
-        self, submissions: list[jobs_pb2.JobSubmission], webhook_url: str = ""
-    ) -> pb.SubmitBatchResponse:
-        request = pb.SubmitBatchRequest(submissions=submissions, webhook_url=webhook_url)
-        try:
-            return self._stub.SubmitBatch(request, metadata=self._md, timeout=self.timeout_s)
-        except grpc.RpcError as exc:
-            raise CutoutError.from_rpc_error(exc) from None
-
-    def list_jobs(
-        self, state: int = jobs_pb2.JOB_STATE_UNSPECIFIED, page_size: int = 50, page_token: str = ""
-    ) -> pb.ListJobsResponse:
-        request = pb.ListJobsRequest(state=state, page_size=page_size, page_token=page_token)  # type: ignore[arg-type]
-        try:
-            return self._stub.ListJobs(request, metadata=self._md, timeout=self.timeout_s)
-        except grpc.RpcError as exc:
-            raise CutoutError.from_rpc_error(exc) from None
-
-    def get(self, name: str) -> jobs_pb2.Job:
-        try:
-            return self._stub.GetJob(
-                pb.GetJobRequest(name=name), metadata=self._md, timeout=self.timeout_s
-            ).job
-        except grpc.RpcError as exc:
-            raise CutoutError.from_rpc_error(exc) from None
-
-    def watch(self, name: str) -> Iterator[jobs_pb2.JobEvent]:
-        call = self._stub.WatchJob(pb.WatchJobRequest(name=name), metadata=self._md)
-        try:
-            for reply in call:
-                yield reply.event
-        except grpc.RpcError as exc:
-            raise CutoutError.from_rpc_error(exc) from None
-        finally:
-            call.cancel()  # type: ignore[no-untyped-call]
-
-    def watch_batch(self, name: str) -> Iterator[jobs_pb2.BatchProgress]:
-        call = self._stub.WatchBatch(pb.WatchBatchRequest(name=name), metadata=self._md)
-        try:
-            for reply in call:
-                yield reply.batch
-        except grpc.RpcError as exc:
-            raise CutoutError.from_rpc_error(exc) from None
-        finally:
-            call.cancel()  # type: ignore[no-untyped-call]
-
-    def cancel_batch(self, name: str) -> pb.CancelBatchResponse:
-        try:
-            reply: pb.CancelBatchResponse = self._stub.CancelBatch(
-                pb.CancelBatchRequest(name=name), metadata=self._md, timeout=self.timeout_s
-            )
-        except grpc.RpcError as exc:
-            raise CutoutError.from_rpc_error(exc) from None
-        return reply
-
-    def cancel(self, name: str) -> jobs_pb2.Job:
-        try:
-            return self._stub.CancelJob(
-                pb.CancelJobRequest(name=name), metadata=self._md, timeout=self.timeout_s
-            ).job
-        except grpc.RpcError as exc:
-            raise CutoutError.from_rpc_error(exc) from None
-
-    def result(self, name: str) -> tuple[jobs_pb2.Result, bytes]:
-        result = jobs_pb2.Result()
-        chunks: list[bytes] = []
-        try:
-            for reply in self._stub.GetResult(
-                pb.GetResultRequest(name=name), metadata=self._md, timeout=self.timeout_s
-            ):
-                if reply.HasField("result"):
-                    result.CopyFrom(reply.result)
-                chunks.append(reply.chunk)
-        except grpc.RpcError as exc:
-            raise CutoutError.from_rpc_error(exc) from None
-        return result, b"".join(chunks)
-
-    def save_result(self, name: str, path: str | os.PathLike[str]) -> jobs_pb2.Result:
-        result, data = self.result(name)
-        Path(path).write_bytes(data)
-        return result
-
-    def stats(self) -> jobs_pb2.QueueStats:
-        try:
-            return self._stub.GetQueueStats(
-                pb.GetQueueStatsRequest(), metadata=self._md, timeout=self.timeout_s
-            ).stats
-        except grpc.RpcError as exc:
-            raise CutoutError.from_rpc_error(exc) from None
-
-    def dead_letters(self, page_size: int = 50, page_token: str = "") -> pb.ListDeadLettersResponse:
-        request = pb.ListDeadLettersRequest(page_size=page_size, page_token=page_token)
-        try:
-            return self._stub.ListDeadLetters(request, metadata=self._md, timeout=self.timeout_s)
-        except grpc.RpcError as exc:
-            raise CutoutError.from_rpc_error(exc) from None
-
-    def requeue_dead_letter(self, name: str) -> jobs_pb2.Job:
-        request = pb.RequeueDeadLetterRequest(name=name)
-        try:
-            return self._stub.RequeueDeadLetter(
-                request, metadata=self._md, timeout=self.timeout_s
-            ).job
-        except grpc.RpcError as exc:
-            raise CutoutError.from_rpc_error(exc) from None
-
-    def purge_dead_letters(self, names: list[str] | None = None) -> int:
-        request = pb.PurgeDeadLettersRequest(names=names or [], all=names is None)
-        try:
-            return self._stub.PurgeDeadLetters(
-                request, metadata=self._md, timeout=self.timeout_s
-            ).purged_count
-        except grpc.RpcError as exc:
-            raise CutoutError.from_rpc_error(exc) from None
-
-    def webhook_deliveries(
-        self, page_size: int = 50, page_token: str = ""
-    ) -> pb.ListWebhookDeliveriesResponse:
-        request = pb.ListWebhookDeliveriesRequest(page_size=page_size, page_token=page_token)
-        try:
-            return self._stub.ListWebhookDeliveries(
-                request, metadata=self._md, timeout=self.timeout_s
-            )
-        except grpc.RpcError as exc:
-            raise CutoutError.from_rpc_error(exc) from None
-
-    def webhook_delivery(self, name: str) -> webhooks_pb2.WebhookDelivery:
-        request = pb.GetWebhookDeliveryRequest(name=name)
-        try:
-            return self._stub.GetWebhookDelivery(
-                request, metadata=self._md, timeout=self.timeout_s
-            ).delivery
-        except grpc.RpcError as exc:
-            raise CutoutError.from_rpc_error(exc) from None
-
-    def redeliver_webhook(self, name: str) -> webhooks_pb2.WebhookDelivery:
-        request = pb.RedeliverWebhookRequest(name=name)
-        try:
-            return self._stub.RedeliverWebhook(
-                request, metadata=self._md, timeout=self.timeout_s
-            ).delivery
-        except grpc.RpcError as exc:
-            raise CutoutError.from_rpc_error(exc) from None
+    submit_batch = _blocking(AsyncClient.submit_batch)
+    get = _blocking(AsyncClient.get)
+    watch = _blocking_iter(AsyncClient.watch)
+    list_jobs = _blocking(AsyncClient.list_jobs)
+    watch_batch = _blocking_iter(AsyncClient.watch_batch)
+    cancel_batch = _blocking(AsyncClient.cancel_batch)
+    cancel = _blocking(AsyncClient.cancel)
+    result = _blocking(AsyncClient.result)
+    save_result = _blocking(AsyncClient.save_result)
+    stats = _blocking(AsyncClient.stats)
+    dead_letters = _blocking(AsyncClient.dead_letters)
+    requeue_dead_letter = _blocking(AsyncClient.requeue_dead_letter)
+    purge_dead_letters = _blocking(AsyncClient.purge_dead_letters)
+    webhook_deliveries = _blocking(AsyncClient.webhook_deliveries)
+    webhook_delivery = _blocking(AsyncClient.webhook_delivery)
+    redeliver_webhook = _blocking(AsyncClient.redeliver_webhook)
