@@ -311,8 +311,9 @@ class Attempts:
                 )
                 ends.append(len(pipe) - 1)
 
-        # Safe to run twice: COMPLETE is fenced, register is a ZADD, and a progress
-        # update written again changes nothing (at most a repeated event for watchers).
+        # A script Redis lacks (NOSCRIPT) is loaded and only the commands it refused run
+        # again: a progress update that ran must not run twice (its stages would be
+        # repeated in the job's events, after the ones that followed them).
         replies = await lua.execute_loaded(self.redis, build, [self._progress, self._complete])
         return [Fence(int(replies[i])) == Fence.HELD for i in ends]
 

@@ -199,18 +199,27 @@ async def execute_loaded(
 ) -> list[Any]:
     """Run the pipeline `build` fills (transaction=False) without redis-py's SCRIPT EXISTS
     round trip, which it pays before every pipeline that holds a script (a second round
-    trip per group of completions). The scripts are taken as loaded; when Redis lost
-    them (it restarted), they are loaded and the pipeline is run once more, so what
-    `build` adds must be safe to run twice (fenced scripts, idempotent writes)."""
-    for tries_left in (1, 0):
-        async with redis.pipeline(transaction=False) as pipe:
-            await build(pipe)
-            pipe.scripts.clear()  # evalsha as they are: no SCRIPT EXISTS first
-            try:
-                return await pipe.execute()
-            except NoScriptError:
-                if not tries_left:
-                    raise
-        for script in scripts:
-            script.sha = await redis.script_load(script.script)
-    raise AssertionError("unreachable")
+    trip per group of completions). The scripts are taken as loaded; when Redis lacks
+    some (a fresh Redis, or one that restarted), they are loaded and only the commands
+    it refused with NOSCRIPT are sent again, in their order. The others have run: in a
+    pipeline without a transaction each command takes effect alone, and running one a
+    second time would do its work twice (a progress update recorded twice is its
+    stages twice in the job's events, which watchers see as progress going back).
+    Raises the first error of any command, as Pipeline.execute does."""
+    async with redis.pipeline(transaction=False) as pipe:
+        await build(pipe)
+        pipe.scripts.clear()  # evalsha as they are: no SCRIPT EXISTS first
+        commands = list(pipe.command_stack)
+        replies = await pipe.execute(raise_on_error=False)
+        refused = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if refused:
+            for script in scripts:
+                # The same text hashes to the same sha: the refused commands stand as built.
+                script.sha = await redis.script_load(script.script)
+            async with redis.pipeline(transaction=False) as again:
+                again.command_stack.extend(commands[i] for i in refused)
+                retried = await again.execute(raise_on_error=False)
+            for i, reply in zip(refused, retried, strict=True):
+                replies[i] = reply
+        pipe.raise_first_error(commands, replies)
+    return list(replies)
