@@ -101,9 +101,33 @@ async def abort_status(
     raise AssertionError("abort returned")  # pragma: no cover
 
 
+# The trailer that carries a google.rpc.Status (its details: BadRequest, RetryInfo...).
+_STATUS_DETAILS = "grpc-status-details-bin"
+
+
 def unavailable(message: str, retry_after_s: float = 1.0) -> CutoutError:
     """A fault of the cluster, not of the call: the caller retries the same call."""
     return CutoutError(message, grpc.StatusCode.UNAVAILABLE, retry_after_s=retry_after_s)
+
+
+def unreachable(exc: grpc.aio.AioRpcError, service: str) -> CutoutError | None:
+    """What to answer for a call to another of our services (`service`: "scheduler") that
+    failed because it could not be reached, in our own words; None when the status is the
+    service's own answer, to be passed on as it is.
+
+    Unreachable: refused, down, restarting, or the connection lost mid-call (a killed
+    process). gRPC's text for these names internal addresses and its transport ("failed to
+    connect to all addresses; last error: UNKNOWN: ipv4:10.0.3.7:50052: ...", "Stream
+    removed (Socket closed)"), nothing a caller can use. It is an UNAVAILABLE without
+    rich details, which a service of ours never sends: its UNAVAILABLE comes from
+    `unavailable`, with RetryInfo. Still UNAVAILABLE here: the caller retries the call.
+    """
+    if exc.code() != grpc.StatusCode.UNAVAILABLE:
+        return None
+    trailers: Iterable[Any] = exc.trailing_metadata() or ()  # grpc.aio.Metadata: (key, value)
+    if any(key == _STATUS_DETAILS for key, _ in trailers):
+        return None
+    return unavailable(f"the {service} is unavailable, retry shortly")
 
 
 # Redis replies that mean "not now", not "never": a restart replaying its AOF

@@ -11,12 +11,16 @@ Cutout does not serve, passes unchanged.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias
 
 import grpc
 
 from services.common.errors import CutoutError, abort, store_unavailable, unavailable
+
+log = logging.getLogger(__name__)
+STORE_UNAVAILABLE = "the job store is unavailable, retry shortly"
 
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 Continuation: TypeAlias = Callable[[grpc.HandlerCallDetails], Awaitable[Handler]]
@@ -79,10 +83,10 @@ def as_status(exc: Exception) -> CutoutError | None:
         return exc
     if store_unavailable(exc):
         # Redis restarting, loading, failing over or out of reach: the caller can
-        # retry the same call (services/common/errors.py lists what counts).
-        return unavailable(
-            f"the job store is unavailable, retry shortly ({type(exc).__name__}: {exc})"
-        )
+        # retry the same call (services/common/errors.py lists what counts). What went
+        # wrong, with Redis's address, is for operators' logs, never for callers.
+        log.warning("job store unavailable", extra={"error": f"{type(exc).__name__}: {exc}"})
+        return unavailable(STORE_UNAVAILABLE)
     return None
 
 

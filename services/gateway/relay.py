@@ -6,7 +6,8 @@ parsing them: raw-bytes serializers on both sides, the vendor it
 authenticated and the internal token as metadata, the caller's deadline
 (else `default_timeout_s` for unary calls; streams such as WatchJob may stay
 open as long as the caller likes), cancellation when the caller goes away,
-and the scheduler's status, message, details and trailers back unchanged.
+and the scheduler's status, message, details and trailers back unchanged; a
+scheduler that cannot be reached is UNAVAILABLE in the gateway's own words.
 The method list comes from the service descriptor, so a method added to the
 public proto is relayed with no change here.
 """
@@ -14,11 +15,12 @@ public proto is relayed with no change here.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Collection
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 import grpc
 
 from cutout.v1 import cutout_service_pb2
+from services.common.errors import unreachable
 from services.common.identity import current_vendor
 from services.common.interceptors import Handler
 from services.common.internal_auth import InternalToken
@@ -31,6 +33,16 @@ _RESERVED = frozenset({"content-type", "grpc-status", "grpc-message", "date"})
 
 def _passed_on(metadata: Any) -> tuple[tuple[str, str | bytes], ...]:
     return tuple((k, v) for k, v in (metadata or ()) if k not in _RESERVED)
+
+
+async def _answer(context: Context, exc: grpc.aio.AioRpcError) -> NoReturn:
+    """End the call as the scheduler's did: with its own status, or, when it could not
+    be reached (down, restarting, killed mid-stream), UNAVAILABLE in our words, never
+    gRPC's text with the scheduler's address (ErrorMapping turns the CutoutError into it)."""
+    if (down := unreachable(exc, "scheduler")) is not None:
+        raise down
+    await context.abort(exc.code(), exc.details() or "", _passed_on(exc.trailing_metadata()))
+    raise AssertionError("abort returned")  # pragma: no cover
 
 
 class Relay:
@@ -74,9 +86,7 @@ class Relay:
             try:
                 reply = await call
             except grpc.aio.AioRpcError as exc:
-                await context.abort(
-                    exc.code(), exc.details() or "", _passed_on(exc.trailing_metadata())
-                )
+                await _answer(context, exc)
             context.set_trailing_metadata(_passed_on(await call.trailing_metadata()))
             return cast(bytes, reply)
 
@@ -100,9 +110,7 @@ class Relay:
                     yield cast(bytes, reply)
                 context.set_trailing_metadata(_passed_on(await call.trailing_metadata()))
             except grpc.aio.AioRpcError as exc:
-                await context.abort(
-                    exc.code(), exc.details() or "", _passed_on(exc.trailing_metadata())
-                )
+                await _answer(context, exc)
             finally:
                 call.cancel()
 

@@ -32,6 +32,7 @@ from services.common.errors import (
     invalid_argument,
     relayed_trailers,
     unavailable,
+    unreachable,
 )
 from services.common.fetch import Fetcher
 from services.common.identity import current_vendor
@@ -154,6 +155,8 @@ class SubmitServicer:
         except EnqueueRefused as refused:
             await abort_status(context, refused.status)
         except grpc.aio.AioRpcError as exc:
+            if (down := unreachable(exc, "scheduler")) is not None:
+                raise down from None  # in our words: gRPC's names the scheduler's address
             # The scheduler's status as it is: UNAVAILABLE stays retryable, details kept.
             await context.abort(
                 exc.code(), exc.details() or "", relayed_trailers(exc.trailing_metadata())
@@ -329,8 +332,11 @@ def _record(outcome: pb.BatchItemOutcome, reply: spb.EnqueuedJob | BaseException
     elif isinstance(reply, CutoutError):
         outcome.error.CopyFrom(reply.to_status())
     elif isinstance(reply, grpc.aio.AioRpcError):
-        outcome.error.code = reply.code().value[0]
-        outcome.error.message = reply.details() or ""
+        if (down := unreachable(reply, "scheduler")) is not None:
+            outcome.error.CopyFrom(down.to_status())
+        else:
+            outcome.error.code = reply.code().value[0]
+            outcome.error.message = reply.details() or ""
     else:
         outcome.error.code = grpc.StatusCode.INTERNAL.value[0]
         outcome.error.message = f"could not queue this item: {reply}"

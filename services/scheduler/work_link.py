@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import grpc
 
@@ -32,6 +32,26 @@ BACKOFF_S = (0.05, 2.0)  # first and longest wait before opening a broken stream
 
 def request_bytes(message: pb.WorkRequest) -> int:
     return len(message.job.image)
+
+
+async def _write(
+    call: grpc.aio.StreamStreamCall[pb.WorkRequest, pb.WorkResponse],
+    send: asyncio.Queue[pb.WorkRequest],
+    batches: bool,
+) -> None:
+    """Write what is queued on `send` to the stream until the call ends or this is cancelled."""
+    left: list[pb.WorkRequest] = []  # taken, but past the last batch's size
+    try:
+        while True:
+            first = left.pop() if left else await send.get()
+            if batches:
+                ready, left = take_ready(first, send, request_bytes)
+                # Several at once: one write instead of one each.
+                await call.write(ready[0] if len(ready) == 1 else pb.WorkRequest(more=ready))
+            else:
+                await call.write(first)
+    except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        return  # the call is over: the reading side sees how it ended
 
 
 class NodeError(Exception):
@@ -202,29 +222,27 @@ class WorkLink:
 
     async def _session(self, send: asyncio.Queue[pb.WorkRequest]) -> bool:
         """Run one stream until it ends; True when the node granted credit on it."""
-
         batches = self.batches  # as the node said when this stream opened
-
-        async def requests() -> AsyncIterator[pb.WorkRequest]:
-            left: list[pb.WorkRequest] = []  # taken, but past the last batch's size
-            while True:
-                first = left.pop() if left else await send.get()
-                if not batches:
-                    yield first
-                    continue
-                ready, left = take_ready(first, send, request_bytes)
-                # Several at once: one write instead of one each.
-                yield ready[0] if len(ready) == 1 else pb.WorkRequest(more=ready)
-
         metadata = (*self._metadata, BATCHES_METADATA) if batches else self._metadata
-        call = self._stub.Work(requests(), metadata=metadata)
+        # Written by a task of our own, not from a request iterator: grpc consumes an
+        # iterator in a task of its own that nothing ends when the call fails (a node
+        # killed, a node not there yet), so it waited on `send` for good, and the garbage
+        # collector destroyed it pending ("Task was destroyed but it is pending!",
+        # "aclose(): asynchronous generator is already running", at ERROR) on every loss.
+        call = self._stub.Work(None, metadata=metadata)
+        writer = asyncio.get_running_loop().create_task(_write(call, send, batches))
+        writer.add_done_callback(lambda _: call.cancel())  # a writer that failed ends it
         try:
             async for batch in call:
                 self._received(batch, send)
                 for message in batch.more:
                     self._received(message, send)
         finally:
+            writer.cancel()
             call.cancel()
+            await asyncio.wait([writer])  # over before the stream's queue is dropped
+            if not writer.cancelled() and (failed := writer.exception()) is not None:
+                raise failed  # not the call ending (the writer returns then): a fault of ours
         return self._send is send
 
     def _received(self, message: pb.WorkResponse, send: asyncio.Queue[pb.WorkRequest]) -> None:
