@@ -71,3 +71,20 @@ def test_a_folder_submit_lists_what_it_skips_and_why(
     assert f"skipped {folder / 'notes.txt'}: not an image file (.txt)" in run.stderr
     assert f"skipped {folder / 'old'}: a folder" in run.stderr
     assert "1 of 1 images accepted" in run.stdout
+
+
+def test_a_folder_goes_in_batches_that_fit_the_gateways_request_limit(
+    idle: LocalCluster, tmp_path: Path
+) -> None:
+    """A batch is one request, at most the image limit plus 1 MiB (20 + 1 MiB): three 8 MB
+    files (not images: each is refused on its own) go as two batches, never as one 24 MB
+    request the gateway would refuse whole."""
+    folder = tmp_path / "big"
+    folder.mkdir()
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        (folder / name).write_bytes(bytes(8 * 10**6))
+    run = cutout("submit", str(folder), addr=idle.gateway_address)
+    assert "RESOURCE_EXHAUSTED" not in run.stderr, run.stderr
+    batches = [" ".join(ln.split()[1:]) for ln in run.stdout.splitlines() if "accepted" in ln]
+    assert batches == ["0 of 2 images accepted", "0 of 1 images accepted"], run.stdout
+    assert run.returncode == 1  # the three were refused, each on its own: not images

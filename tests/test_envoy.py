@@ -33,13 +33,14 @@ import yaml
 from google.protobuf import descriptor_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
-from cutout import AsyncClient
+from cutout import AsyncClient, CutoutError
 from cutout.client import build_submission
 from cutout.v1 import cutout_service_pb2 as pb
 from cutout.v1 import cutout_service_pb2_grpc as pb_grpc
 from cutout.v1 import jobs_pb2
 from services.common.config import PROJECT_ROOT
 from services.common.internal_auth import new_token
+from services.common.serving import MiB
 from services.gateway.settings import GatewaySettings
 from services.local.cluster import LocalCluster, Service
 from services.local.envoy import CANONICAL, EnvoyProcess, TlsFiles, validate
@@ -250,6 +251,14 @@ def test_envoy_retries_exactly_the_methods_the_api_marks_free_of_side_effects() 
         assert route["timeout"] == "0s", method.name
 
 
+def default_gateway_settings(monkeypatch: pytest.MonkeyPatch) -> GatewaySettings:
+    """The gateway's settings with its request and image limits at their defaults."""
+    for name in ("CUTOUT_GATEWAY_MAX_MESSAGE_BYTES", "CUTOUT_MAX_IMAGE_BYTES"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CUTOUT_INTERNAL_TOKEN", new_token())
+    return GatewaySettings.from_env()
+
+
 def test_the_canonical_config_fronts_the_kubernetes_gateway_service(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -268,10 +277,16 @@ def test_the_canonical_config_fronts_the_kubernetes_gateway_service(
     assert listener["address"]["socket_address"]["port_value"] == 8080
     filters = listener["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
     (buffer,) = [f for f in filters if f["name"] == "envoy.filters.http.buffer"]
-    monkeypatch.delenv("CUTOUT_GATEWAY_MAX_MESSAGE_BYTES", raising=False)
-    monkeypatch.setenv("CUTOUT_INTERNAL_TOKEN", new_token())
-    gateway_limit = GatewaySettings.from_env().max_message_bytes
-    assert buffer["typed_config"]["max_request_bytes"] == gateway_limit + 5  # + frame header
+    gateway = default_gateway_settings(monkeypatch)
+    assert buffer["typed_config"]["max_request_bytes"] == gateway.max_message_bytes + 5  # + frame
+    # The refusal says what fits, in the same numbers.
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    (mapper,) = hcm["local_reply_config"]["mappers"]
+    headers = {h["header"]["key"]: h["header"]["value"] for h in mapper["headers_to_add"]}
+    assert headers["grpc-status"] == str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
+    message = headers["grpc-message"]
+    assert f"larger than the {gateway.max_message_bytes // MiB} MiB limit" in message
+    assert f"up to {gateway.max_image_bytes // MiB} MiB" in message
 
 
 # --- gRPC through Envoy --------------------------------------------------------------------
@@ -356,13 +371,16 @@ async def test_grpc_web_calls_with_trailers_errors_and_cors(
         assert "POST" in preflight.headers["access-control-allow-methods"]
 
 
-async def test_a_request_over_the_gateway_limit_is_refused_by_envoy(front: LocalCluster) -> None:
+async def test_a_request_over_the_gateway_limit_is_refused_by_envoy(
+    front: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Larger than CUTOUT_GATEWAY_MAX_MESSAGE_BYTES: RESOURCE_EXHAUSTED before any gateway reads it;
     exactly that size still reaches a gateway (which judges the image itself)."""
-    limit = 64 * 1024 * 1024
+    limit = default_gateway_settings(monkeypatch).max_message_bytes
     before = sum(rpc_count(g, "SubmitJob") for g in front.gateways)
     too_big = await grpc_web(front.public_address, "SubmitJob", b"", body=frame(bytes(limit + 1)))
     assert too_big.status == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], too_big.message
+    assert "larger than" in too_big.message  # what the web page matches (clients/web)
     assert sum(rpc_count(g, "SubmitJob") for g in front.gateways) == before
 
     request = pb.SubmitJobRequest(submission=build_submission(bytes(limit - 128)))
@@ -372,6 +390,44 @@ async def test_a_request_over_the_gateway_limit_is_refused_by_envoy(front: Local
     assert at_limit.status == grpc.StatusCode.INVALID_ARGUMENT.value[0], at_limit.message
     assert "the limit is" in at_limit.message  # the gateway's image-size check answered
     assert sum(rpc_count(g, "SubmitJob") for g in front.gateways) == before + 1
+
+
+async def test_concurrent_oversized_submits_are_cut_by_envoy_before_a_gateway_sees_them(
+    front: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Eight 60 MB submits over gRPC (HTTP/2) at once: each RESOURCE_EXHAUSTED with Envoy's
+    message, which says what fits; Envoy reads no more than the limit of each, and no gateway
+    sees one (the old 64 MiB limit had Envoy take all 480 MB and pass them on)."""
+    assert front.envoy is not None
+    limit = default_gateway_settings(monkeypatch).max_message_bytes
+    body, concurrent = 60 * 10**6, 8
+    before = sum(rpc_count(g, "SubmitJob") for g in front.gateways)
+    stats = front.envoy.stats()
+    async with AsyncClient(front.public_address, KEY) as client:
+
+        async def oversized() -> tuple[grpc.StatusCode, str, float | None]:
+            # Not pytest.raises: its traceback would keep the call, and with it the client's
+            # connection, open after the client closes (the next test counts connections).
+            try:
+                await client.submit(bytes(body))
+            except CutoutError as exc:
+                return exc.code, exc.message, exc.retry_after_s
+            raise AssertionError("a 60 MB submit was accepted")
+
+        errors = await asyncio.gather(*(oversized() for _ in range(concurrent)))
+    after = front.envoy.stats()
+    for code, message, retry_after_s in errors:
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (code, message)
+        assert f"larger than the {limit // MiB} MiB limit" in message, message
+        assert retry_after_s is None  # not a rate limit: retrying cannot help
+    assert sum(rpc_count(g, "SubmitJob") for g in front.gateways) == before
+    too_large = "http.public.downstream_rq_too_large"
+    assert after[too_large] - stats[too_large] == concurrent
+    received = "http.public.downstream_cx_rx_bytes_total"
+    read = after[received] - stats[received]
+    print(f"envoy read {read / 1e6:.0f} MB of the {concurrent * body / 1e6:.0f} MB sent")
+    # Each: the limit, what its 1 MiB stream window still had in flight, and HTTP/2 framing.
+    assert read < concurrent * (limit + 2 * MiB), read
 
 
 # --- long watches ----------------------------------------------------------------------------

@@ -42,6 +42,29 @@ def env_float(name: str, default: float, *, minimum: float = 0.0) -> float:
     return value
 
 
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+
+
+def env_bool(name: str, default: bool) -> bool:
+    """A switch: 1/true/yes/on or 0/false/no/off, in any case; unset or empty: `default`.
+
+    Anything else is a SettingsError naming the setting, never silently off.
+    """
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    word = raw.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise SettingsError(
+        f"{name}={raw!r} is not a switch: use {'/'.join(TRUE_WORDS)} to turn it on "
+        f"or {'/'.join(FALSE_WORDS)} to turn it off (any case)"
+    )
+
+
 def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
     value = os.environ.get(name) or default
     if value not in choices:

@@ -12,31 +12,32 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
-from grpc_reflection.v1alpha import reflection
 
 from services.common.config import SettingsError
+from services.common.reflection import enable_server_reflection
 
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 
 
-def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
+def server_options(max_message_bytes: int, max_send_bytes: int = 0) -> list[tuple[str, int]]:
+    """gRPC takes requests up to `max_message_bytes` and refuses a larger one on its 5-byte
+    length prefix (RESOURCE_EXHAUSTED), never holding it whole; it sends responses up to
+    `max_send_bytes` (0: the same)."""
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_send_bytes or max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
 
 
 def add_health_and_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> Any:
-    """Serve grpc.health.v1 (SERVING for each name and "") and reflection."""
+    """Serve grpc.health.v1 (SERVING for each name and "") and reflection (v1 and v1alpha)."""
     names = list(service_names)
     servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    reflection.enable_server_reflection(
-        [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-    )
+    enable_server_reflection(server, [*names, health.SERVICE_NAME])
     return servicer
 
 

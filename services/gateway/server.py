@@ -25,6 +25,15 @@ from services.internal.v1 import scheduler_service_pb2_grpc as spb_grpc
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = SERVICE.full_name
+# Responses and the link to the scheduler are not bounded by the request limit (which follows
+# the image limit); the scheduler bounds what it takes and sends itself (its
+# CUTOUT_MAX_MESSAGE_BYTES).
+INTERNAL_MESSAGE_BYTES = 64 * serving.MiB
+# Each client stream's receive window, fixed: gRPC refuses a request over the message limit on
+# its length prefix, but reads what the window let the client send meanwhile; with BDP probing
+# the window grows with the link (to tens of MiB on loopback), so a refused 60 MB body could
+# still be read in good part. 4 MiB in flight still uploads 40 MB/s at a 100 ms round trip.
+STREAM_WINDOW_BYTES = 4 * serving.MiB
 
 
 class GatewayServer:
@@ -34,8 +43,8 @@ class GatewayServer:
         self.channel = grpc.aio.insecure_channel(
             settings.scheduler,
             options=[
-                ("grpc.max_send_message_length", settings.max_message_bytes),
-                ("grpc.max_receive_message_length", settings.max_message_bytes),
+                ("grpc.max_send_message_length", INTERNAL_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", INTERNAL_MESSAGE_BYTES),
             ],
         )
         self.redis = aioredis.Redis(
@@ -74,7 +83,11 @@ class GatewayServer:
             settings.webhooks,
         )
         self.server = grpc.aio.server(
-            options=serving.server_options(settings.max_message_bytes),
+            options=[
+                *serving.server_options(settings.max_message_bytes, INTERNAL_MESSAGE_BYTES),
+                ("grpc.http2.bdp_probe", 0),
+                ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES),
+            ],
             # Outermost first: metrics see every outcome; ErrorMapping turns what
             # the handlers and VendorAuth raise into statuses.
             interceptors=[RpcMetrics(), ErrorMapping(), VendorAuth(keys)],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.common.config import SettingsError, env_float, env_int, env_list, env_str
+from services.common.config import SettingsError, env_bool, env_float, env_int, env_list, env_str
 from services.common.fetch import AllowedHost
 from services.common.internal_auth import InternalToken
 from services.common.serving import MiB
@@ -26,6 +26,11 @@ def _quotas(spec: str) -> dict[str, Quota]:
         raise SettingsError(f"CUTOUT_RATE_LIMITS: {exc}") from exc
 
 
+# What a request may carry besides its image bytes: the operation, URLs, client key, record
+# and protobuf framing take a few KiB (a 1000-item batch of long URLs under 5 MiB).
+REQUEST_ENVELOPE_BYTES = MiB
+
+
 @dataclass(frozen=True)
 class GatewaySettings:
     """
@@ -42,10 +47,12 @@ class GatewaySettings:
         max_image_bytes: CUTOUT_MAX_IMAGE_BYTES, largest inline image (default 20 MiB).
         max_pixels: CUTOUT_MAX_PIXELS, largest image by header dimensions (default 40 MP).
         max_batch: CUTOUT_MAX_BATCH, most items in one SubmitBatch.
-        max_message_bytes: CUTOUT_GATEWAY_MAX_MESSAGE_BYTES, gRPC limit for a request.
+        max_message_bytes: CUTOUT_GATEWAY_MAX_MESSAGE_BYTES, the largest request gRPC reads
+            (default max_image_bytes + REQUEST_ENVELOPE_BYTES); a larger one is refused with
+            RESOURCE_EXHAUSTED on its length prefix, before its body is read.
         scheduler_timeout_s: CUTOUT_SCHEDULER_TIMEOUT_S, deadline of unary calls to the scheduler.
-        url_allow_http: CUTOUT_URL_ALLOW_HTTP=1 also fetches http:// image URLs (https only
-            by default).
+        url_allow_http: CUTOUT_URL_ALLOW_HTTP, on (1/true/yes/on) also fetches http:// image
+            URLs (https only by default).
         url_allow_hosts: CUTOUT_URL_ALLOW_HOSTS, comma-separated `host:port` (or
             `scheme://host:port`) of internal image servers you trust: URLs to that host on
             that port skip the public-address check. An entry without a port allows only the
@@ -103,6 +110,7 @@ class GatewaySettings:
 
     @classmethod
     def from_env(cls) -> GatewaySettings:
+        max_image_bytes = env_int("CUTOUT_MAX_IMAGE_BYTES", 20 * MiB, minimum=1)
         return cls(
             listen=env_str("CUTOUT_GATEWAY_LISTEN", "127.0.0.1:50051"),
             scheduler=env_str("CUTOUT_SCHEDULER_ADDR", "127.0.0.1:50052"),
@@ -111,12 +119,16 @@ class GatewaySettings:
             tls_cert=env_str("CUTOUT_TLS_CERT", ""),
             tls_key=env_str("CUTOUT_TLS_KEY", ""),
             models=env_list("CUTOUT_MODELS", "isnet-general-use"),
-            max_image_bytes=env_int("CUTOUT_MAX_IMAGE_BYTES", 20 * MiB, minimum=1),
+            max_image_bytes=max_image_bytes,
             max_pixels=env_int("CUTOUT_MAX_PIXELS", 40_000_000, minimum=1),
             max_batch=env_int("CUTOUT_MAX_BATCH", 1000, minimum=1),
-            max_message_bytes=env_int("CUTOUT_GATEWAY_MAX_MESSAGE_BYTES", 64 * MiB, minimum=MiB),
+            max_message_bytes=env_int(
+                "CUTOUT_GATEWAY_MAX_MESSAGE_BYTES",
+                max_image_bytes + REQUEST_ENVELOPE_BYTES,
+                minimum=MiB,
+            ),
             scheduler_timeout_s=env_float("CUTOUT_SCHEDULER_TIMEOUT_S", 10.0, minimum=0.1),
-            url_allow_http=env_str("CUTOUT_URL_ALLOW_HTTP", "0") == "1",
+            url_allow_http=env_bool("CUTOUT_URL_ALLOW_HTTP", False),
             url_allow_hosts=_allowed_hosts(env_list("CUTOUT_URL_ALLOW_HOSTS")),
             url_timeout_s=env_float("CUTOUT_URL_TIMEOUT_S", 10.0, minimum=0.1),
             url_fetches_per_vendor=env_int("CUTOUT_URL_FETCHES_PER_VENDOR", 4, minimum=1),

@@ -93,7 +93,7 @@ class NodeServer:
         if s.require_gpu:
             on_cpu = [m.name for m in catalog.models.values() if m.runtime.device == "cpu"]
             if on_cpu:
-                raise ModelError(f"CUTOUT_REQUIRE_GPU=1 but {on_cpu} run on the CPU")
+                raise ModelError(f"CUTOUT_REQUIRE_GPU is on but {on_cpu} run on the CPU")
         self.servicer = InferenceServicer(
             catalog,
             s.node_id,

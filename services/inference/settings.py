@@ -9,6 +9,7 @@ from pathlib import Path
 
 from services.common.config import (
     default_model_dir,
+    env_bool,
     env_choice,
     env_float,
     env_int,
@@ -30,7 +31,8 @@ class NodeSettings:
         models: CUTOUT_MODELS, comma-separated model names to load; every *.onnx when empty.
             The first is the default model.
         providers: CUTOUT_PROVIDERS, "auto" (CUDA if available, else CPU) or a comma list.
-        require_gpu: CUTOUT_REQUIRE_GPU=1 refuses to start unless models run on CUDA.
+        require_gpu: CUTOUT_REQUIRE_GPU, on (1/true/yes/on) refuses to start unless models
+            run on CUDA.
         runtime: CUTOUT_RUNTIME, "auto" (the fastest this host has, timed at start) or one
             of onnxruntime, openvino, cuda, tensorrt (services/inference/runtimes.py).
         precision: CUTOUT_PRECISION, "auto" (each runtime's fastest) or fp32, bf16, fp16.
@@ -99,7 +101,7 @@ class NodeSettings:
             model_dir=default_model_dir(),
             models=env_list("CUTOUT_MODELS"),
             providers=env_str("CUTOUT_PROVIDERS", "auto"),
-            require_gpu=env_str("CUTOUT_REQUIRE_GPU", "0") == "1",
+            require_gpu=env_bool("CUTOUT_REQUIRE_GPU", False),
             runtime=env_choice("CUTOUT_RUNTIME", "auto", ("auto", *RUNTIMES)),
             precision=env_choice("CUTOUT_PRECISION", "auto", ("auto", *PRECISIONS)),
             runtime_probe_s=env_float("CUTOUT_RUNTIME_PROBE_S", 60.0),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -121,7 +122,9 @@ class LocalCluster:
         self.models = config.models or sorted(p.stem for p in config.model_dir.glob("*.onnx"))
         if not self.models:
             raise FileNotFoundError(f"no *.onnx model in {config.model_dir} (set CUTOUT_MODEL_DIR)")
-        self._ready_dir = Path(tempfile.mkdtemp(prefix="cutout-ready-"))
+        # Where the services write their ready files: made by the first spawn, removed
+        # by stop() (a cluster that never starts leaves nothing in the temporary folder).
+        self._ready_dir: Path | None = None
         self._node_ports: list[int] = []
 
     # --- environment -----------------------------------------------------------
@@ -151,8 +154,13 @@ class LocalCluster:
         env = {**env, "CUTOUT_METRICS_LISTEN": f"127.0.0.1:{metrics_port}"}
         return Service(name, module, env, logs / f"{name}.log", metrics_port=metrics_port)
 
+    def _ready_path(self, svc: Service) -> Path:
+        if self._ready_dir is None:
+            self._ready_dir = Path(tempfile.mkdtemp(prefix="cutout-ready-"))
+        return self._ready_dir / f"{svc.name}.port"
+
     def _spawn(self, svc: Service) -> None:
-        ready = self._ready_dir / f"{svc.name}.port"
+        ready = self._ready_path(svc)
         ready.unlink(missing_ok=True)
         svc.ready_file = ready
         env = {**svc.env, "CUTOUT_READY_FILE": str(ready)}
@@ -167,7 +175,8 @@ class LocalCluster:
             )
 
     def _wait_ready(self, svc: Service, timeout_s: float) -> None:
-        ready = self._ready_dir / f"{svc.name}.port"
+        ready = svc.ready_file
+        assert ready is not None, f"{svc.name} was never started"
         deadline = time.monotonic() + timeout_s
         while not ready.exists():
             assert svc.proc is not None
@@ -346,20 +355,26 @@ class LocalCluster:
         """Envoy and the gateways first (no new work), then scheduler, nodes, Redis.
 
         The supervisor stops first, so none of these stops is taken for a crash.
+        The folder of ready files goes last, whatever failed before.
         """
-        if self.supervisor is not None:
-            self.supervisor.stop()
-        if self.envoy:
-            self.envoy.stop()
-        for gateway in self.gateways:
-            self.terminate(gateway)
-        for scheduler in [self.scheduler, *self.extra_schedulers]:
-            if scheduler:
-                self.terminate(scheduler)
-        for node in self.nodes:
-            self.terminate(node)
-        if self.redis:
-            self.redis.stop()
+        try:
+            if self.supervisor is not None:
+                self.supervisor.stop()
+            if self.envoy:
+                self.envoy.stop()
+            for gateway in self.gateways:
+                self.terminate(gateway)
+            for scheduler in [self.scheduler, *self.extra_schedulers]:
+                if scheduler:
+                    self.terminate(scheduler)
+            for node in self.nodes:
+                self.terminate(node)
+            if self.redis:
+                self.redis.stop()
+        finally:
+            if self._ready_dir is not None:
+                shutil.rmtree(self._ready_dir, ignore_errors=True)
+                self._ready_dir = None
 
     @property
     def gateway(self) -> Service | None:

@@ -77,26 +77,28 @@ def run_up(
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     front = f"{gateways} gateway(s) behind Envoy" if envoy else "the gateway"
-    with console.status(
-        f"starting redis, scheduler, {nodes} node(s), {front} (models load first)..."
-    ):
-        cluster.start()
-    # Where `cutout-admin vendors` finds this cluster's registry when run from here.
-    (workdir / "redis.url").write_text(cluster.redis_url + "\n")
     page = None
-    if envoy and web_port >= 0:  # the page speaks gRPC-Web, which only Envoy serves
-        try:
-            page = WebPage(f"http://{cluster.public_address}", port=web_port).start()
-        except (FileNotFoundError, OSError) as exc:
-            console.print(f"no web page: {exc}", markup=False)
-    print_summary(cluster, key)
-    if page is not None:
-        console.print(f"  web page   {page.url}   (paste the API key above)")
-    stop.wait()
-    console.print("stopping...")
-    if page is not None:
-        page.stop()
-    cluster.stop()
+    try:  # whatever happens from here, the cluster stops (its processes, its ready folder)
+        with console.status(
+            f"starting redis, scheduler, {nodes} node(s), {front} (models load first)..."
+        ):
+            cluster.start()
+        # Where `cutout-admin vendors` finds this cluster's registry when run from here.
+        (workdir / "redis.url").write_text(cluster.redis_url + "\n")
+        if envoy and web_port >= 0:  # the page speaks gRPC-Web, which only Envoy serves
+            try:
+                page = WebPage(f"http://{cluster.public_address}", port=web_port).start()
+            except (FileNotFoundError, OSError) as exc:
+                console.print(f"no web page: {exc}", markup=False)
+        print_summary(cluster, key)
+        if page is not None:
+            console.print(f"  web page   {page.url}   (paste the API key above)")
+        stop.wait()
+        console.print("stopping...")
+    finally:
+        if page is not None:
+            page.stop()
+        cluster.stop()
     console.print("stopped")
     return 0
 

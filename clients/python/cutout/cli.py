@@ -172,6 +172,9 @@ async def cmd_submit(args: argparse.Namespace) -> int:
 
 
 MAX_BATCH = 1000
+# A batch is one request: the gateway takes at most its image limit (20 MiB by default) plus
+# 1 MiB for the rest, so a folder's inline images go in batches of at most this many bytes.
+MAX_BATCH_BYTES = 20 * 1024 * 1024
 
 
 def bars() -> Progress:
@@ -186,23 +189,15 @@ def bars() -> Progress:
 
 
 async def submit_as_batches(args: argparse.Namespace, inputs: list[str]) -> int:
-    """A folder: one SubmitBatch per 1,000 images, one progress bar per batch."""
+    """A folder: one SubmitBatch per 1,000 images or 20 MiB of them, one progress bar each."""
     if args.record:
         console.print("[red]--record[/red] takes exactly one image, not a folder")
         return 2
     failed = 0
     async with AsyncClient(args.addr, args.api_key, tls=tls_of(args)) as client:
-        for start in range(0, len(inputs), MAX_BATCH):
-            chunk, subs = [], []
-            for item in inputs[start : start + MAX_BATCH]:
-                try:
-                    subs.append(_submission(args, item))
-                    chunk.append(item)
-                except (OSError, ValueError) as exc:
-                    refused(item, exc)
-                    failed += 1
-            if not subs:
-                continue
+
+        async def send(chunk: list[str], subs: list[jobs_pb2.JobSubmission]) -> int:
+            lost = 0
             reply = await client.submit_batch(subs, webhook_url=args.webhook)
             jobs: list[tuple[str, jobs_pb2.Job]] = []
             for outcome in reply.outcomes:
@@ -210,11 +205,31 @@ async def submit_as_batches(args: argparse.Namespace, inputs: list[str]) -> int:
                 if outcome.HasField("job"):
                     jobs.append((item, outcome.job))
                 else:
-                    failed += 1
+                    lost += 1
                     refused(item, outcome.error.message)
             out.print(f"{reply.batch}\t{len(jobs)} of {len(chunk)} images accepted")
             if args.wait and jobs:
-                failed += await follow_batch(client, reply.batch, jobs, Path(args.out))
+                lost += await follow_batch(client, reply.batch, jobs, Path(args.out))
+            return lost
+
+        chunk: list[str] = []
+        subs: list[jobs_pb2.JobSubmission] = []
+        size = 0
+        for item in inputs:
+            try:
+                sub = _submission(args, item)
+            except (OSError, ValueError) as exc:
+                refused(item, exc)
+                failed += 1
+                continue
+            if subs and (len(subs) == MAX_BATCH or size + sub.ByteSize() > MAX_BATCH_BYTES):
+                failed += await send(chunk, subs)
+                chunk, subs, size = [], [], 0
+            chunk.append(item)
+            subs.append(sub)
+            size += sub.ByteSize()
+        if subs:
+            failed += await send(chunk, subs)
     return 1 if failed else 0
 
 
