@@ -1,56 +1,31 @@
 """The delivery outbox: succeeded jobs with something still to deliver.
 
-Owns `deliveries` and `delivery_tries`.
+Owns `deliveries` and `delivery_tries`: a LeasedOutbox (leased_outbox.py) of
+job ids with backoff by tries.
 
 COMPLETE queues a job here in the script that marks it SUCCEEDED. Deliverers
-(services/scheduler/delivery.py) lease due ones, load what they need, replace
-a job's result with its uploaded copy (SWITCH_RESULT), and mark them done or
-due again later. Deliverers touch Redis only through this class.
+(services/scheduler/delivery.py) lease due ones (claim: each lease lasts
+lease_ms, so another scheduler does not take it meanwhile and a crash only
+delays it by the lease), load what they need, replace a job's result with its
+uploaded copy (SWITCH_RESULT), and mark them done or due again later (each after
+its own backoff, capped at MAX_BACKOFF_MS). Deliverers touch Redis only through
+this class.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import cast
 
 import redis.asyncio as aioredis
 
 from cutout.v1 import jobs_pb2
 from services.scheduler.keys import Keys
 from services.scheduler.store import lua
+from services.scheduler.store.leased_outbox import LeasedOutbox
 from services.scheduler.store.model import Retention
 from services.scheduler.store.outcomes import Switched
 
 MAX_BACKOFF_MS = 5 * 60 * 1000
-
-# ARGV: prefix, limit, lease_ms
-# Leases up to `limit` due deliveries: each is pushed lease_ms into the future,
-# so another scheduler does not take it while this one works; a crash only
-# delays it by the lease. Returns the job ids.
-CLAIM_DELIVERIES = r"""
-local now = now_ms()
-local due = redis.call('ZRANGEBYSCORE', key.deliveries(), '-inf', now,
-  'LIMIT', 0, tonumber(ARGV[2]))
-for _, id in ipairs(due) do
-  redis.call('ZADD', key.deliveries(), now + tonumber(ARGV[3]), id)
-end
-return due
-"""
-
-# ARGV: prefix, base_ms, max_backoff_ms, id...
-# Each delivery still in the outbox is due again after base, 2*base, 4*base, ...
-# (its own tries) capped at max_backoff_ms; one another deliverer finished meanwhile
-# stays finished. Returns nothing.
-LATER = r"""
-local now, base, cap = now_ms(), tonumber(ARGV[2]), tonumber(ARGV[3])
-for i = 4, #ARGV do
-  local id = ARGV[i]
-  if redis.call('ZSCORE', key.deliveries(), id) then
-    local tries = redis.call('HINCRBY', key.delivery_tries(), id, 1)
-    redis.call('ZADD', key.deliveries(), now + math.min(cap, base * 2 ^ (tries - 1)), id)
-  end
-end
-"""
 
 # ARGV: prefix, id, result as read (serialised), new result (serialised), old uri, new uri,
 #       retention_s
@@ -101,22 +76,13 @@ class Delivery:
     done_ms: int  # when it succeeded (ms since the epoch)
 
 
-class Outbox:
+class Outbox(LeasedOutbox):
     def __init__(
         self, redis: aioredis.Redis, keys: Keys, retention: Retention, lease_ms: int = 60_000
     ) -> None:
-        self.redis = redis
-        self.keys = keys
+        super().__init__(redis, keys, "deliveries", "delivery_tries", lease_ms, MAX_BACKOFF_MS)
         self.retention = retention
-        self.lease_ms = lease_ms
-        self._claim = lua.load(redis, CLAIM_DELIVERIES)
-        self._later = lua.load(redis, LATER)
         self._switch = lua.load(redis, SWITCH_RESULT)
-
-    async def claim(self, limit: int) -> list[str]:
-        """Lease up to limit due deliveries for lease_ms; their job ids."""
-        got = await self._claim(args=[self.keys.prefix, limit, self.lease_ms])
-        return [g.decode() for g in cast(list[bytes], got)]
 
     async def load(self, job_ids: list[str]) -> tuple[list[Delivery], list[str]]:
         """The deliveries of job_ids, and the ids whose jobs have expired."""
@@ -161,19 +127,3 @@ class Outbox:
             delivery.stored_result = current
             delivery.result = jobs_pb2.Result.FromString(current)
         return outcome
-
-    async def done(self, job_ids: list[str]) -> None:
-        if job_ids:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.zrem(self.keys.deliveries, *job_ids)
-                pipe.hdel(self.keys.delivery_tries, *job_ids)
-                await pipe.execute()
-
-    async def later(self, job_ids: list[str], base_ms: int) -> None:
-        """Push each delivery back by its own backoff, in one script call."""
-        if job_ids:
-            await self._later(args=[self.keys.prefix, base_ms, MAX_BACKOFF_MS, *job_ids])
-
-    async def pending(self) -> int:
-        """Deliveries not made yet (due or leased)."""
-        return int(await self.redis.zcard(self.keys.deliveries))

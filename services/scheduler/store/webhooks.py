@@ -2,11 +2,12 @@
 services/scheduler/webhooks.py, listed and redelivered through the public API.
 
 Owns `webhook`, `webhooks_due` and `webhook_log`. A delivery is PENDING in
-`webhooks_due` (score: when it is next due) until the endpoint answers 2xx
-(DELIVERED), answers 410 (ENDPOINT_DISABLED), or the retry window ends (FAILED).
-Senders lease due ones like the result outbox does: a lease pushes the due time
-lease_ms ahead, so a sender that dies mid-attempt (SIGKILL) only delays the
-delivery by its lease; the next attempt carries the same webhook-id.
+`webhooks_due`, a LeasedOutbox (leased_outbox.py) like the result outbox's, until
+the endpoint answers 2xx (DELIVERED), answers 410 (ENDPOINT_DISABLED), or the retry
+window ends (FAILED). Senders lease due ones: a lease pushes the due time lease_ms
+ahead, so a sender that dies mid-attempt (SIGKILL) only delays the delivery by its
+lease; the next attempt carries the same webhook-id. Its attempts are counted in its
+`webhook` hash, and the sender chooses when it is due again (backoff with jitter).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from cutout.v1 import webhooks_pb2
 from services.common.errors import not_found
 from services.scheduler.keys import Keys
-from services.scheduler.store import lua
+from services.scheduler.store.leased_outbox import LeasedOutbox
 
 NAME_PREFIX = "webhookDeliveries/"
 PENDING = webhooks_pb2.WEBHOOK_DELIVERY_STATE_PENDING
@@ -28,18 +29,6 @@ DELIVERED = webhooks_pb2.WEBHOOK_DELIVERY_STATE_DELIVERED
 FAILED = webhooks_pb2.WEBHOOK_DELIVERY_STATE_FAILED
 ENDPOINT_DISABLED = webhooks_pb2.WEBHOOK_DELIVERY_STATE_ENDPOINT_DISABLED
 LOG_KEPT = 10_000  # per vendor, newest; older deliveries expire with WEBHOOK_KEPT_S anyway
-
-# ARGV: prefix, limit, lease_ms
-# Leases up to `limit` due deliveries (due time pushed lease_ms ahead). Returns ids.
-CLAIM = r"""
-local now = now_ms()
-local due = redis.call('ZRANGEBYSCORE', key.webhooks_due(), '-inf', now, 'LIMIT', 0,
-  tonumber(ARGV[2]))
-for _, id in ipairs(due) do
-  redis.call('ZADD', key.webhooks_due(), now + tonumber(ARGV[3]), id)
-end
-return due
-"""
 
 # ARGV: prefix, id, state, status_code, error, next_due_ms (PENDING only), kept_s
 # Records one attempt's outcome. A delivery no longer PENDING (redelivered meanwhile is
@@ -53,11 +42,11 @@ redis.call('HINCRBY', mk, 'attempts', 1)
 redis.call('HSET', mk, 'state', state, 'status', ARGV[4], 'error', ARGV[5], 'attempt_ms', now)
 if state == WEBHOOK_PENDING then
   redis.call('HSET', mk, 'next_ms', ARGV[6])
-  redis.call('ZADD', key.webhooks_due(), tonumber(ARGV[6]), id)
+  leased.add(id, tonumber(ARGV[6]))
 else
   if state == WEBHOOK_DELIVERED then redis.call('HSET', mk, 'delivered_ms', now) end
   redis.call('HDEL', mk, 'next_ms')
-  redis.call('ZREM', key.webhooks_due(), id)
+  leased.finish(id)
   redis.call('EXPIRE', mk, tonumber(ARGV[7]))
 end
 return 1
@@ -72,7 +61,7 @@ if redis.call('HGET', mk, 'vendor') ~= vendor then return 0 end
 local now = now_ms()
 redis.call('PERSIST', mk)
 redis.call('HSET', mk, 'state', WEBHOOK_PENDING, 'window_ms', now, 'next_ms', now)
-redis.call('ZADD', key.webhooks_due(), now, id)
+leased.add(id, now)
 return 1
 """
 
@@ -141,24 +130,31 @@ class Webhooks:
     ) -> None:
         self.redis = redis
         self.keys = keys
-        self.lease_ms = lease_ms
+        self.due = LeasedOutbox(redis, keys, "webhooks_due", lease_ms=lease_ms)
         self.kept_s = kept_s
-        self._claim = lua.load(redis, CLAIM)
-        self._record = lua.load(redis, RECORD)
-        self._redeliver = lua.load(redis, REDELIVER)
+        self._record = self.due.script(RECORD)
+        self._redeliver = self.due.script(REDELIVER)
+
+    @property
+    def lease_ms(self) -> int:
+        return self.due.lease_ms
+
+    @lease_ms.setter
+    def lease_ms(self, value: int) -> None:
+        self.due.lease_ms = value
 
     async def claim(self, limit: int) -> list[Message]:
         """Lease up to limit due deliveries; ones whose record is gone are dropped."""
-        got = cast(list[bytes], await self._claim(args=[self.keys.prefix, limit, self.lease_ms]))
-        ids = [g.decode() for g in got]
+        ids = await self.due.claim(limit)
         async with self.redis.pipeline(transaction=False) as pipe:
             for message_id in ids:
                 pipe.hgetall(self.keys.webhook(message_id))
             rows = cast(list[dict[bytes, bytes]], await pipe.execute())
         out: list[Message] = []
+        stale: list[str] = []
         for message_id, f in zip(ids, rows, strict=True):
             if not f or int(f.get(b"state", b"0")) != PENDING:
-                await self.redis.zrem(self.keys.webhooks_due, message_id)
+                stale.append(message_id)
                 continue
             out.append(
                 Message(
@@ -172,6 +168,7 @@ class Webhooks:
                     after=f.get(b"after", b"").decode(),
                 )
             )
+        await self.due.done(stale)
         return out
 
     async def state_of(self, message_id: str) -> int:
@@ -188,12 +185,12 @@ class Webhooks:
 
     async def postpone(self, message_id: str, due_ms: int) -> None:
         """Due again at due_ms without counting an attempt (it waits for another)."""
-        await self.redis.zadd(self.keys.webhooks_due, {message_id: due_ms}, xx=True)
+        await self.due.postpone(message_id, due_ms)
 
     async def drop(self, message_id: str) -> None:
         """Forget a delivery that must not be sent (a batch that was not done after all)."""
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.zrem(self.keys.webhooks_due, message_id)
+            self.due.finish_in(pipe, [message_id])
             pipe.delete(self.keys.webhook(message_id))
             await pipe.execute()
 
@@ -230,4 +227,4 @@ class Webhooks:
         return await self.get(vendor, message_id)
 
     async def pending(self) -> int:
-        return int(await self.redis.zcard(self.keys.webhooks_due))
+        return await self.due.pending()
