@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install lock demo test lint typecheck protos ts api-baseline up migrate clean
+.PHONY: install lock demo test test-fast lint typecheck protos ts api-baseline up migrate clean
 
 # Everything, into .venv, at exactly the versions requirements/dev.lock names (with
 # their sha256 hashes): the client (cutout-client, clients/python), the services on
@@ -55,7 +55,7 @@ clients/web/node_modules/.installed: clients/web/package-lock.json clients/ts/no
 clients/web/dist/index.html: clients/web/node_modules/.installed $(wildcard clients/web/*.* clients/web/src/* clients/ts/src/*.ts)
 	cd clients/web && npm run build
 
-# Debian's Chromium for tests/test_web_page.py (Playwright never downloads a browser);
+# Debian's Chromium for tests/cluster/test_web_page.py (Playwright never downloads a browser);
 # nothing to do when it is there.
 /usr/bin/chromium:
 	apt-get update
@@ -66,12 +66,22 @@ install: $(VENV)/.installed clients/ts/node_modules/.installed clients/web/dist/
 demo: install
 	$(BIN)/python -m services.local.demo --out out
 
-# Everything CI runs: lint, types, the pytest suite (services, Envoy, the TypeScript
-# client, the web page in Chromium), then the container images built and run as a
-# cluster (deploy/images/smoke.py).
+# Everything CI runs: lint, types, the pytest suite in its three tiers (tests/unit,
+# tests/store, tests/cluster: services, Envoy, the TypeScript client, the web page in
+# Chromium), then the container images built and run as a cluster (deploy/images/smoke.py).
+# pytest runs on TEST_WORKERS pytest-xdist workers (auto: one per CPU), each taking a whole
+# file at a time (--dist loadfile: a module's own cluster is started once); every port the
+# tests open is a free one, so files run side by side.
+TEST_WORKERS ?= auto
 test: install lint typecheck
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
 	$(MAKE) smoke
+
+# The quick loop while editing: the unit and store tiers (nothing but redis-server and
+# MariaDB is started), less the tests marked real_model (the real IS-Net model: minutes
+# of CPU), which `make test` runs. One tier or file: .venv/bin/pytest tests/unit (or a path).
+test-fast: install
+	$(BIN)/pytest -m "not real_model" tests/unit tests/store
 
 lint: install
 	$(BIN)/ruff check .
@@ -87,12 +97,12 @@ protos: install
 	$(BIN)/python protos/generate.py
 
 # Regenerate the TypeScript stubs clients/ts/src/gen from protos/cutout/v1 (buf.gen.ts.yaml;
-# tests/test_protos.py fails when they are stale).
+# tests/cluster/test_protos.py fails when they are stale).
 ts: install
 	cd clients/ts && npm run generate
 
 # Accept the API as it is now as the one later changes are checked against
-# (`buf breaking`, in tests/test_protos.py): run when a breaking change is released on purpose.
+# (`buf breaking`, in tests/cluster/test_protos.py): run when a breaking change is released on purpose.
 api-baseline:
 	tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -czf protos/api-baseline.tar.gz \
 		buf.yaml $$(find protos third_party -name '*.proto' | sort)

@@ -4,13 +4,12 @@
         python -m bench.fixed_node
 
 It serves the internal InferenceService (cutout.internal.v1) exactly as far as
-the scheduler uses it (Work, and Process for schedulers that do not use
-Work), and nothing of the model: every job holds one of its slots for
-CUTOUT_FIXED_SERVICE_MS (an asyncio.sleep, no CPU) and returns the same 1x1
-PNG. GetLoad advertises CUTOUT_NODE_CAPACITY slots and the jobs in them, as
-a real node does, so the scheduler dispatches to it unchanged; a job
-offered to a full node is refused with RESOURCE_EXHAUSTED, as a real node
-refuses it. It takes no light jobs (light capacity 0).
+the scheduler uses it (Work and GetLoad), and nothing of the model: every job
+holds one of its slots for CUTOUT_FIXED_SERVICE_MS (an asyncio.sleep, no CPU)
+and returns the same 1x1 PNG. GetLoad advertises CUTOUT_NODE_CAPACITY slots
+and the jobs in them, as a real node does, so the scheduler dispatches to it
+unchanged; a job offered to a full node is refused with RESOURCE_EXHAUSTED,
+as a real node refuses it. It takes no light jobs (light capacity 0).
 
 What it is for: measuring the scheduler's own ceiling with many nodes on a
 box without GPUs (bench/scale.py), where real nodes would spend the CPU the
@@ -20,11 +19,12 @@ Settings, read like a real node's: CUTOUT_NODE_LISTEN (host:port, port 0 picks
 one), CUTOUT_READY_FILE, CUTOUT_INTERNAL_TOKEN, CUTOUT_NODE_CAPACITY,
 CUTOUT_NODE_ID, CUTOUT_NODE_PREFETCH, CUTOUT_MODELS (the model names it claims to serve);
 CUTOUT_FIXED_SERVICE_MS (default 50), CUTOUT_FIXED_WORK (default 1; 0: do
-not offer Work, like a node from before it) and CUTOUT_FIXED_BATCHES (default 1;
-0: do not offer batched Work messages, like a node from before them) are its
-own. On SIGTERM it writes its counters (jobs, most slots ever in use, jobs a
-Work stream sent beyond its credit, which must be 0, messages and writes each
-way) as JSON to CUTOUT_FIXED_STATS when set.
+not serve Work, answering UNIMPLEMENTED like a node from before it) and
+CUTOUT_FIXED_BATCHES (default 1; 0: do not offer batched Work messages, like
+a node from before them) are its own. On SIGTERM it writes its counters
+(jobs, most slots ever in use, jobs a Work stream sent beyond its credit,
+which must be 0, messages and writes each way) as JSON to CUTOUT_FIXED_STATS
+when set.
 """
 
 from __future__ import annotations
@@ -45,9 +45,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [p for p in (str(ROOT), str(ROOT / "clients" / "python")) if p not in sys.path]
 
 from services.common import serving  # noqa: E402
-from services.common.errors import CutoutError, abort  # noqa: E402
+from services.common.errors import CutoutError  # noqa: E402
 from services.common.interceptors import ErrorMapping  # noqa: E402
 from services.common.internal_auth import InternalAuth, InternalToken  # noqa: E402
+from services.common.operations import Lane  # noqa: E402
 from services.inference.slots import Full, Slots  # noqa: E402
 from services.inference.work_stream import Slot, WorkSession  # noqa: E402
 from services.internal.v1 import inference_service_pb2 as pb  # noqa: E402
@@ -91,56 +92,39 @@ class FixedServiceNode(pb_grpc.InferenceServiceServicer):
         self.max_in_flight = 0  # the most slots ever in use at once: never above `slots`
         self.completed = 0
         self.refused = 0
-        self.process_calls = 0  # jobs that came as a Process call, not on a Work stream
         self.sessions: list[WorkSession] = []  # every Work stream opened here
         self.png = tiny_png()
         self.sha256 = hashlib.sha256(self.png).hexdigest()
 
-    async def Process(
-        self, request: pb.ProcessRequest, context: Context
-    ) -> AsyncIterator[pb.ProcessResponse]:
-        self.process_calls += 1
-        try:
-            async for response in self._process(request, None):
-                yield response
-        except CutoutError as exc:
-            await abort(context, exc)
-
     async def Work(
         self, request_iterator: AsyncIterator[pb.WorkRequest], context: Context
     ) -> AsyncIterator[pb.WorkResponse]:
+        if not self.work:  # as a node from before Work answers
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
         session = WorkSession(self._process, self.slots + self.prefetch, 0)
         self.sessions.append(session)
         async for response in session.serve(request_iterator, context):
             yield response
 
-    async def _process(
-        self, request: pb.ProcessRequest, slot: Slot | None
-    ) -> AsyncIterator[pb.ProcessResponse]:
+    async def _process(self, request: pb.WorkJob, slot: Slot) -> AsyncIterator[pb.WorkUpdate]:
         try:
-            # A Work stream's job may wait for a slot (prefetch); a Process call never does.
-            if slot is not None:
-                await self._slots.take()
-            else:
-                self._slots.take_now()
+            await self._slots.take()  # may wait for a slot (prefetch)
         except Full:
             self.refused += 1
             raise CutoutError(
                 f"node is full ({self.slots} heavy jobs)", grpc.StatusCode.RESOURCE_EXHAUSTED
             ) from None
-        if slot is not None:
-            slot.hold()  # given back below, when the slot time is over
+        slot.hold()  # given back below, when the slot time is over
         self.max_in_flight = max(self.max_in_flight, self._slots.in_flight)
         try:
             await asyncio.sleep(self.service_s)
         finally:
             # Released when the work ends, before the output is sent, as a real node does.
             self._slots.give_back()
-            if slot is not None:
-                slot.release()
+            slot.release()
         self.completed += 1
-        yield pb.ProcessResponse(
-            output=pb.ProcessOutput(
+        yield pb.WorkUpdate(
+            output=pb.WorkOutput(
                 content_type="image/png",
                 size_bytes=len(self.png),
                 width_px=1,
@@ -172,10 +156,11 @@ class FixedServiceNode(pb_grpc.InferenceServiceServicer):
             "completed": self.completed,
             "refused": self.refused,
             "max_in_flight": self.max_in_flight,
-            "process_calls": self.process_calls,
             "work_streams": len(self.sessions),
             "overdrawn": sum(s.overdrawn for s in self.sessions),
-            "most_outstanding": max((s.most_outstanding[False] for s in self.sessions), default=0),
+            "most_outstanding": max(
+                (s.most_outstanding[Lane.HEAVY] for s in self.sessions), default=0
+            ),
             "work_reads": sum(s.reads for s in self.sessions),
             "work_jobs_read": sum(s.jobs_read for s in self.sessions),
             "work_writes": sum(s.writes for s in self.sessions),

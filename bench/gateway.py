@@ -64,7 +64,7 @@ from cutout import AsyncClient  # noqa: E402
 from cutout.client import build_submission  # noqa: E402
 from services.gateway.auth import new_key  # noqa: E402
 from services.local.cluster import ClusterConfig, LocalCluster  # noqa: E402
-from tests.tinymodel import build_tiny_model  # noqa: E402
+from tests.support.tinymodel import build_tiny_model  # noqa: E402
 
 
 def jpeg_100kb() -> bytes:

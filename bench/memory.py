@@ -3,12 +3,12 @@
     python bench/memory.py [--jobs 10000] [--concurrency 2]
 
 Starts one node (python -m services.inference) with the tiny ONNX model the
-tests build, drives InferenceService.Process over gRPC with JPEGs of varied
-sizes (64 px to 1600 px sides, so buffers of every size come and go) and a few
-operations (cutout, mask, WebP, crop to subject, transforms), and samples the
-node's RSS from /proc every 500 jobs. Prints a table and writes
-bench/results/memory.json (`rss_mb` per sample, `growth_mb` from the first
-sample after warm-up to the last).
+tests build, drives it over its Work stream (through the scheduler's own
+WorkLink) with JPEGs of varied sizes (64 px to 1600 px sides, so buffers of
+every size come and go) and a few operations (cutout, mask, WebP, crop to
+subject, transforms), and samples the node's RSS from /proc every 500 jobs.
+Prints a table and writes bench/results/memory.json (`rss_mb` per sample,
+`growth_mb` from the first sample after warm-up to the last).
 """
 
 from __future__ import annotations
@@ -31,12 +31,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "clients" / "python"))
 
-import grpc  # noqa: E402
-
 from cutout.v1 import jobs_pb2  # noqa: E402
 from services.internal.v1 import inference_service_pb2 as pb  # noqa: E402
-from services.internal.v1 import inference_service_pb2_grpc as pb_grpc  # noqa: E402
-from tests.tinymodel import build_tiny_model  # noqa: E402
+from tests.support.node_link import NodeLink  # noqa: E402
+from tests.support.tinymodel import build_tiny_model  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 from nodeproc import METADATA, start_node  # noqa: E402
@@ -96,20 +94,16 @@ async def drive(
     samples: list[tuple[int, float]] = []
     started = time.perf_counter()
     done = 0
-    async with grpc.aio.insecure_channel(
-        address, options=[("grpc.max_receive_message_length", 64 * 2**20)]
-    ) as channel:
-        stub = pb_grpc.InferenceServiceStub(channel)
+    async with NodeLink(address, METADATA) as node:
 
         async def one(i: int) -> None:
-            request = pb.ProcessRequest(
+            job = pb.WorkJob(
                 name=f"jobs/{uuid.uuid4().hex}",
                 attempt=1,
                 operation=OPERATIONS[i % len(OPERATIONS)],
                 image=pictures[(i // len(OPERATIONS)) % len(pictures)],
             )
-            async for _ in stub.Process(request, timeout=120, metadata=METADATA):
-                pass
+            await node.run(job, timeout_s=120)
 
         async def worker(start: int) -> None:
             nonlocal done

@@ -17,8 +17,8 @@ astronaut, chelsea and coffee, cycled) with the same model file
                 /api/remove from --concurrency concurrent clients;
   node          a Cutout inference node (python -m services.inference) with its
                 default runtime (CUTOUT_RUNTIME=auto: the fastest here, chosen at
-                start), driven over gRPC (InferenceService.Process) by --concurrency
-                concurrent callers.
+                start), driven over its Work stream (the scheduler's own WorkLink)
+                by --concurrency concurrent callers.
 
 All parts are started first and then timed in rounds, taking turns (each
 round runs --concurrency images through every part, in a rotating order), so
@@ -73,12 +73,14 @@ import onnxruntime as ort  # noqa: E402
 from cutout.v1 import jobs_pb2  # noqa: E402
 from services.common.config import default_model_dir  # noqa: E402
 from services.inference import pipeline  # noqa: E402
+from services.inference.backends import BACKENDS  # noqa: E402
 from services.inference.masking import KNOWN, MaskSession  # noqa: E402
 from services.inference.models import LoadedModel, ModelCatalog  # noqa: E402
-from services.inference.runtimes import BACKENDS, Host, LoadConfig, Runtime, RuntimeInfo  # noqa: E402
+from services.inference.runtimes import Host, LoadConfig, Runtime, RuntimeInfo  # noqa: E402
 from services.inference.selection import available  # noqa: E402
 from services.internal.v1 import inference_service_pb2 as pb  # noqa: E402
 from services.internal.v1 import inference_service_pb2_grpc as pb_grpc  # noqa: E402
+from tests.support.node_link import BlockingNodeLink, output_of  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 from nodeproc import METADATA, start_node  # noqa: E402
@@ -273,23 +275,17 @@ def cutout_node(
     model_dir: Path, images: list[bytes], concurrency: int, capacity: int, logs: Path
 ) -> Iterator[Part]:
     proc, address = start_node(model_dir, MODEL, capacity, logs)
-    channel = grpc.insecure_channel(
-        address, options=[("grpc.max_receive_message_length", 64 * 2**20)]
-    )
+    channel = grpc.insecure_channel(address)
     stub = pb_grpc.InferenceServiceStub(channel)
+    node = BlockingNodeLink(address, METADATA)
     op = jobs_pb2.Operation(remove_background=jobs_pb2.RemoveBackground(model=MODEL))
 
     def one(i: int) -> None:
-        request = pb.ProcessRequest(
+        job = pb.WorkJob(
             name=f"jobs/{uuid.uuid4().hex}", attempt=1, operation=op, image=images[i % len(images)]
         )
-        size, got = 0, 0
-        for reply in stub.Process(request, timeout=600, metadata=METADATA):
-            if reply.HasField("output"):
-                size = reply.output.size_bytes
-                got += len(reply.output.data)  # inline when small
-            got += len(reply.chunk)
-        if not size or got != size:
+        header, data = output_of(node.run(job, timeout_s=600))
+        if not header.size_bytes or len(data) != header.size_bytes:
             raise SystemExit("the node's output is incomplete")
 
     try:
@@ -305,6 +301,7 @@ def cutout_node(
         }
         yield Part("node", name, one, concurrency, extra=extra)
     finally:
+        node.close()
         channel.close()
         proc.terminate()
         proc.wait(60)

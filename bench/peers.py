@@ -1,7 +1,7 @@
 """The peers bench/scheduler.py compares Cutout with: the same job through arq and Celery.
 
 Every system does the same per-job work (`work()`): decode the bench's 64x64
-JPEG, run the tiny ONNX model (tests/tinymodel.py) through
+JPEG, run the tiny ONNX model (tests/support/tinymodel.py) through
 services.inference.pipeline.run, encode the PNG. Only how the job reaches a
 worker and how its result comes back differs.
 

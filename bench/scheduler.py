@@ -66,7 +66,7 @@ from services.inference.models import ModelCatalog  # noqa: E402
 from services.local.cluster import ClusterConfig, LocalCluster  # noqa: E402
 from services.scheduler.keys import Keys  # noqa: E402
 from services.scheduler.store import Store  # noqa: E402
-from tests.tinymodel import build_tiny_model  # noqa: E402
+from tests.support.tinymodel import build_tiny_model  # noqa: E402
 
 VENDORS = ["v0", "v1", "v2", "v3"]
 

@@ -48,7 +48,7 @@ from cutout.v1 import cutout_service_pb2_grpc as pb_grpc  # noqa: E402
 from services.gateway.auth import new_key  # noqa: E402
 from services.local.cluster import ClusterConfig, LocalCluster  # noqa: E402
 from services.scheduler.server import CLIENT_NAME  # noqa: E402
-from tests.tinymodel import build_tiny_model  # noqa: E402
+from tests.support.tinymodel import build_tiny_model  # noqa: E402
 
 STREAMS_PER_CHANNEL = 500  # HTTP/2 streams one client channel carries
 

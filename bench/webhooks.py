@@ -4,14 +4,15 @@
 
 A local cluster (its own redis-server, scheduler, one node with the tiny model
 the tests build, gateway) and an HTTPS receiver on loopback with its own CA
-(tests/test_webhooks.py's), reached through CUTOUT_WEBHOOK_ALLOW_HOSTS. Jobs
-are submitted `--concurrency` at a time; for each, the delay from the job's
-end (its `update_time` when it became SUCCEEDED, in the webhook's own body) to
-the receiver's clock when the POST arrived, both read from the same machine's
-wall clock. Also the receiver's deliveries/s over the run, and the
-signature check of every delivery with PyPI's `standardwebhooks`. Prints a
-table and writes bench/results/webhooks.json. No target: the issue sets none;
-the figure says what a receiver can expect.
+(tests/support/webhook_receiver.py, as in tests/cluster/test_webhooks.py),
+reached through CUTOUT_WEBHOOK_ALLOW_HOSTS. Jobs are submitted `--concurrency`
+at a time; for each, the delay from the job's end (its `update_time` when it
+became SUCCEEDED, in the webhook's own body) to the receiver's clock when the
+POST arrived, both read from the same machine's wall clock. Also the receiver's
+deliveries/s over the run, and the signature check of every delivery with
+PyPI's `standardwebhooks`. Prints a table and writes
+bench/results/webhooks.json. No target: the issue sets none; the figure says
+what a receiver can expect.
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ from standardwebhooks.webhooks import Webhook  # noqa: E402
 from cutout import AsyncClient  # noqa: E402
 from services.common import webhook_registry  # noqa: E402
 from services.local.cluster import ClusterConfig, LocalCluster  # noqa: E402
-from tests.conftest import KEYS  # noqa: E402
-from tests.test_webhooks import make_tls, start_receiver  # noqa: E402
-from tests.tinymodel import build_tiny_model  # noqa: E402
+from tests.support.cluster import KEYS  # noqa: E402
+from tests.support.tinymodel import build_tiny_model  # noqa: E402
+from tests.support.tls import make_tls  # noqa: E402
+from tests.support.webhook_receiver import start_receiver  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -16,7 +16,7 @@ so the wire names (`cutout.internal.v1.SchedulerService`), are left as they are.
 
 The output is reproducible: the same grpcio-tools and mypy-protobuf versions
 (pinned in pyproject.toml) always give the same bytes, which is what
-tests/test_protos.py checks to catch stale generated code.
+tests/cluster/test_protos.py checks to catch stale generated code.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ INTERNAL_OUT = Path("services/internal/v1")
 SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
 # Import statements of the internal package and the module names recorded in
 # the code (`'cutout.internal.v1.inference_service_pb2'`); never the proto
-# names (`'/cutout.internal.v1.InferenceService/Process'`), which are the wire's.
+# names (`'/cutout.internal.v1.InferenceService/Work'`), which are the wire's.
 _INTERNAL_MODULE = re.compile(r"(?<=[\s'])cutout\.internal\.v1(?=( import |\.\w+_pb2))")
 
 

@@ -1,45 +1,36 @@
-"""Fixtures that start real things and clean them up.
+"""Fixtures that tests of more than one tier use (docs/architecture.md, "Where to put a new
+test"). Each tier's own are in tests/unit, tests/store and tests/cluster/conftest.py; plain
+helpers are modules in tests/support.
 
-- redis_server(): a private redis-server on a free port, with AOF, killable.
 - tiny_model_dir: a folder with a tiny ONNX model the tests build (fast pipeline tests).
-- real_model_dir: the real IS-Net model (CUTOUT_MODEL_DIR, default ../shared/models).
-- cluster(...): redis + scheduler + nodes + gateway as real processes; with envoy=True,
-  Envoy (deploy/envoy/envoy.yaml) in front of `gateways` gateway replicas.
+- real_model_dir: the real IS-Net model (CUTOUT_MODEL_DIR, default ../shared/models). Every
+  test that uses it is marked `real_model` (minutes of CPU in all): `make test-fast` leaves
+  those to `make test`.
+- photos: real photos from scikit-image, as JPEG bytes.
+- redis_server(): a private redis-server on a free port, with AOF, killable.
+- standin: the local Cloudinary stand-in (tests/support/cloudinary_standin.py), in a thread.
+- image_server: an HTTP server in this process for URL intake: images, redirects, a big body.
 """
 
 from __future__ import annotations
 
-import io
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+from aiohttp import web
 
 from services.common.config import default_model_dir
-from services.gateway.auth import new_key
-from services.gateway.ratelimit import GENEROUS
-from services.local.cluster import ClusterConfig, LocalCluster
 from services.local.redis import RedisServer
-from tests.tinymodel import build_tiny_model
+from tests.support.cloudinary_standin import CloudinaryStandIn
+from tests.support.images import sample_photos
+from tests.support.tinymodel import build_tiny_model
 
-KEYS = {"vendor-a": new_key(), "vendor-b": new_key(), "vendor-c": new_key()}
 
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
-    started: list[RedisServer] = []
-
-    def make(appendfsync: str = "everysec") -> RedisServer:
-        server = RedisServer(tmp_path / f"redis-{len(started)}", appendfsync=appendfsync)
-        server.start()
-        started.append(server)
-        return server
-
-    yield make
-    for server in started:
-        server.stop()
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "real_model_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.real_model)
 
 
 @pytest.fixture(scope="session")
@@ -59,88 +50,78 @@ def real_model_dir() -> Path:
     return folder
 
 
-def start_cluster(
-    workdir: Path,
-    model_dir: Path,
-    start_nodes: bool = True,
-    gateways: int = 1,
-    envoy: bool = False,
-    **extra_env: str,
-) -> LocalCluster:
-    """One node and a gateway on free ports, for module-scoped fixtures (stop it yourself)."""
-    cluster = LocalCluster(
-        ClusterConfig(
-            nodes=1,
-            gateway_port=0,
-            gateways=gateways,
-            envoy=envoy,
-            workdir=workdir,
-            model_dir=model_dir,
-            api_keys=dict(KEYS),
-            extra_env={"CUTOUT_NODE_POLL_S": "0.2", **extra_env},
-        )
-    )
-    cluster.start(start_nodes=start_nodes)
-    return cluster
-
-
-@pytest.fixture
-def make_cluster(tmp_path: Path) -> Iterator[Callable[..., LocalCluster]]:
-    clusters: list[LocalCluster] = []
-
-    def make(
-        model_dir: Path,
-        nodes: int = 1,
-        start: bool = True,
-        dns_nodes: bool = False,
-        appendfsync: str = "everysec",
-        rate_limits: str = GENEROUS,
-        gateways: int = 1,
-        envoy: bool = False,
-        **extra_env: str,
-    ) -> LocalCluster:
-        config = ClusterConfig(
-            gateways=gateways,
-            envoy=envoy,
-            rate_limits=rate_limits,
-            dns_nodes=dns_nodes,
-            appendfsync=appendfsync,
-            nodes=nodes,
-            gateway_port=0,
-            workdir=tmp_path / f"cluster-{len(clusters)}",
-            model_dir=model_dir,
-            api_keys=dict(KEYS),
-            extra_env={"CUTOUT_NODE_POLL_S": "0.2", "CUTOUT_LOG_LEVEL": "INFO", **extra_env},
-        )
-        cluster = LocalCluster(config)
-        clusters.append(cluster)
-        if start:
-            cluster.start()
-        return cluster
-
-    yield make
-    for cluster in clusters:
-        cluster.stop()
-
-
-def jpeg(array: np.ndarray, quality: int = 92) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="session")
 def photos() -> dict[str, bytes]:
     """Real photos that ship with scikit-image, as JPEG bytes."""
-    import skimage.data
+    return sample_photos()
 
-    return {
-        "astronaut": jpeg(skimage.data.astronaut()),
-        "chelsea": jpeg(skimage.data.chelsea()),
-        "coffee": jpeg(skimage.data.coffee()),
-        # 150x100: for runs of hundreds of jobs where the pixels do not matter.
-        "coffee_small": jpeg(skimage.data.coffee()[::4, ::4]),
-    }
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
+    started: list[RedisServer] = []
+
+    def make(appendfsync: str = "everysec") -> RedisServer:
+        server = RedisServer(tmp_path / f"redis-{len(started)}", appendfsync=appendfsync)
+        server.start()
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def standin() -> Iterator[CloudinaryStandIn]:
+    server = CloudinaryStandIn().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def image_server(photos: dict[str, bytes]) -> AsyncIterator[str]:
+    """A loopback HTTP server: images, redirects (one to a private address), a big body."""
+    app = web.Application()
+
+    async def photo(request: web.Request) -> web.Response:
+        return web.Response(body=photos["coffee"], content_type="image/jpeg")
+
+    async def to_private(request: web.Request) -> web.Response:
+        raise web.HTTPFound("http://10.0.0.1/internal.jpg")
+
+    async def to_photo(request: web.Request) -> web.Response:
+        raise web.HTTPFound("/coffee.jpg")
+
+    async def loop(request: web.Request) -> web.Response:
+        raise web.HTTPFound("/loop")
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPFound(request.query["to"])  # an open redirect, as attackers find them
+
+    async def huge(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        for _ in range(64):  # 4 MiB, no Content-Length: the cap must cut it
+            await response.write(b"\0" * 65536)
+        return response
+
+    app.add_routes(
+        [
+            web.get("/coffee.jpg", photo),
+            web.get("/to-private", to_private),
+            web.get("/to-photo", to_photo),
+            web.get("/loop", loop),
+            web.get("/redirect", redirect),
+            web.get("/huge", huge),
+        ]
+    )
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield f"http://127.0.0.1:{port}"
+    await runner.cleanup()
 
 
 @pytest.fixture(autouse=True)

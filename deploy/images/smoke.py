@@ -9,13 +9,13 @@ scheduler and the gateway, all from the cutout image, the model copied into a
 folder by the cutout-models image's own command.
 
 Parity with Kubernetes: every container runs as the rendered `dev` overlay
-(deploy/k8s, through tests/k8s_env.py) would run it: its command and args, its
+(deploy/k8s, through tests/support/k8s_env.py) would run it: its command and args, its
 environment as Kubernetes builds it (ConfigMaps, the Secrets cutout-redis and
 cutout-internal given real values, $(VAR) expansion), its user, a read-only
 root filesystem with /tmp as the manifests' emptyDir, all capabilities
 dropped, no privilege escalation. What differs is named in HOST_NETWORK and
 SMOKE_ONLY below (addresses, because here there are no pods or Service DNS
-names) and checked by tests/test_deploy.py, which fails when the smoke test
+names) and checked by tests/cluster/test_deploy.py, which fails when the smoke test
 would override anything else. The vendor is registered as docs/deploy.md says,
 with `cutout-admin vendors add` run inside the scheduler's container. Redis runs
 with the StatefulSet's arguments, from the cutout image's redis-server (the
@@ -28,7 +28,7 @@ cluster's redis:7 image is not reachable from CI). Checked from the host:
 3. `cutout submit astronaut.jpg --wait` with the CLI; the cutout's alpha against
    rembg.remove run here with the same model file: mean |difference| <= 1/255 and
    mask IoU >= 0.99 (measured 0.60/255: the node rounds the mask where rembg
-   truncates it, see services/inference/masking.py; tests/test_e2e_real_model.py
+   truncates it, see services/inference/masking.py; tests/cluster/test_e2e_real_model.py
    allows 2/255 across three photos);
 4. a job (the photo at 3072x3072, so that it runs for seconds) whose node is
    killed (`podman kill`) while it runs still succeeds, on the other node, in a
@@ -69,8 +69,8 @@ from cutout import AsyncClient
 from cutout.v1 import jobs_pb2
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))  # tests/k8s_env.py: the manifests as Kubernetes reads them
-from tests import k8s_env  # noqa: E402
+sys.path.insert(0, str(ROOT))  # tests/support/k8s_env.py: the manifests as Kubernetes reads them
+from tests.support import k8s_env  # noqa: E402
 
 HERE = ROOT / "deploy" / "images"
 MODEL = "isnet-general-use"
@@ -85,7 +85,7 @@ SERVICES = ("node-1", "node-2", "scheduler", "gateway")
 OVERLAY = "dev"  # the overlay whose containers the smoke test runs (local storage, no MySQL)
 
 # What the smoke test sets differently from the environment the manifests give
-# (tests/test_deploy.py fails when it would override anything else). Here every
+# (tests/cluster/test_deploy.py fails when it would override anything else). Here every
 # container shares the host's network: no pods, no Service DNS names.
 HOST_NETWORK = {
     "CUTOUT_GATEWAY_LISTEN": "port 0 on loopback instead of the pod's 0.0.0.0:50051",

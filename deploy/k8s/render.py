@@ -8,7 +8,7 @@
     python deploy/k8s/render.py          write both
     python deploy/k8s/render.py --check  exit 1 naming each file that is stale
 
-tests/test_deploy.py runs the check, so a changed source without a re-render fails.
+tests/cluster/test_deploy.py runs the check, so a changed source without a re-render fails.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from services.common import vendor_policy, webhook_registry
 from services.common.errors import CutoutError
 from services.common.webhook_policy import WebhookPolicy
 from services.gateway.auth import hash_key
-from services.gateway.vendors import RegistryError, Vendor, VendorRegistry
+from services.gateway.vendors import Vendor, VendorRegistry
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -45,10 +45,7 @@ def _show_secret(vendor: str, secret: str) -> None:
 
 async def _check_webhook(url: str) -> None:
     """The SSRF guard of image URLs (CUTOUT_WEBHOOK_ALLOW_HOSTS as the scheduler has it)."""
-    try:
-        await WebhookPolicy.from_env().check(url, "--webhook")
-    except CutoutError as exc:
-        raise RegistryError(exc.message) from None
+    await WebhookPolicy.from_env().check(url, "--webhook")
 
 
 async def _act(registry: VendorRegistry, args: argparse.Namespace) -> None:
@@ -100,7 +97,7 @@ async def run(args: argparse.Namespace) -> int:
         if action in ("list", "set", "disable", "enable"):
             await _table(redis, args.prefix, vendors)
         return 0
-    except RegistryError as exc:
+    except CutoutError as exc:  # a RegistryError, or a webhook URL refused: the arguments
         err.print(f"[red]{exc}[/red]")
         return 2
     except aioredis.RedisError as exc:

@@ -11,11 +11,13 @@ from __future__ import annotations
 import re
 from contextvars import ContextVar
 
-import grpc
+from services.common.errors import Unauthenticated
 
-from services.common.errors import CutoutError
-
-VENDOR_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# A vendor id (also a record's and a project's): what the gateway, the scheduler and
+# cutout-admin accept, and what a result's storage key starts with.
+ID_CHARS = r"[A-Za-z0-9_-]{1,64}"
+VENDOR_ID = re.compile(rf"^{ID_CHARS}$")
+ID_RULE = "1-64 characters of [A-Za-z0-9_-]"
 _VENDOR: ContextVar[str] = ContextVar("cutout_vendor")
 
 
@@ -29,6 +31,4 @@ def current_vendor() -> str:
         return _VENDOR.get()
     except LookupError:
         # A wiring bug, never a caller's mistake: fail the call, not the process.
-        raise CutoutError(
-            "no authenticated vendor for this call", grpc.StatusCode.UNAUTHENTICATED
-        ) from None
+        raise Unauthenticated("no authenticated vendor for this call") from None

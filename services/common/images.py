@@ -37,6 +37,8 @@ from PIL import (
     UnidentifiedImageError,
 )
 
+from services.common.errors import InvalidArgument
+
 MiB = 1 << 20
 
 Image.MAX_IMAGE_PIXELS = None
@@ -67,7 +69,7 @@ WIDE = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})  # integer or fl
 CONVERTED = EIGHT_BIT | WIDE
 
 
-class ImageError(ValueError):
+class ImageError(InvalidArgument):
     """The bytes are not an image this service can read. The message describes the image
     without naming it ("is empty", "has mode La, ..."): callers prefix the field."""
 

@@ -5,7 +5,7 @@ around the call itself (catch what the handler raises, set who is calling)
 they return a new handler whose behaviour wraps the old one. `around` does
 that for the three shapes Cutout serves: unary, server streaming, and the
 bidirectional Work stream between a scheduler and a node (which the
-internal token must guard as much as Process). Client streaming, which
+internal token must guard as much as any unary call). Client streaming, which
 Cutout does not serve, passes unchanged.
 """
 

@@ -23,11 +23,9 @@ import hmac
 import secrets
 from dataclasses import dataclass
 
-import grpc
-
 from services.common.config import SettingsError, env_list, env_str
-from services.common.errors import CutoutError
-from services.common.identity import VENDOR_ID, set_vendor
+from services.common.errors import Unauthenticated
+from services.common.identity import ID_RULE, VENDOR_ID, set_vendor
 from services.common.interceptors import Context, Handler, HandlerInterceptor, around
 
 TOKEN_HEADER = "x-cutout-internal-token"
@@ -102,19 +100,14 @@ class InternalAuth(HandlerInterceptor):
 
         async def check(context: Context) -> None:
             if not self.tokens.accepts(_value(context, TOKEN_HEADER)):
-                raise CutoutError(
+                raise Unauthenticated(
                     f"{method} is internal to the cluster: call it with a valid "
-                    f"{TOKEN_HEADER} (vendors call the gateway instead)",
-                    grpc.StatusCode.UNAUTHENTICATED,
+                    f"{TOKEN_HEADER} (vendors call the gateway instead)"
                 )
             if public:
                 vendor = _value(context, VENDOR_HEADER)
                 if not VENDOR_ID.match(vendor):
-                    raise CutoutError(
-                        f"a relayed public call needs {VENDOR_HEADER}: 1-64 characters "
-                        "of [A-Za-z0-9_-]",
-                        grpc.StatusCode.UNAUTHENTICATED,
-                    )
+                    raise Unauthenticated(f"a relayed public call needs {VENDOR_HEADER}: {ID_RULE}")
                 set_vendor(vendor)
 
         return around(handler, check)

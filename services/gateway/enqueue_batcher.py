@@ -17,20 +17,10 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from google.rpc import status_pb2
-
-from services.common.errors import unavailable
+from services.common.errors import from_status, unavailable
 from services.internal.v1 import scheduler_service_pb2 as spb
 
 Send = Callable[[spb.EnqueueJobsRequest], Awaitable[spb.EnqueueJobsResponse]]
-
-
-class EnqueueRefused(Exception):
-    """The scheduler refused this item; `status` is its google.rpc.Status, details included."""
-
-    def __init__(self, status: status_pb2.Status) -> None:
-        super().__init__(status.message)
-        self.status = status
 
 
 @dataclass(frozen=True)
@@ -53,7 +43,8 @@ class EnqueueBatcher:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def enqueue(self, request: spb.JobToEnqueue) -> spb.EnqueuedJob:
-        """Queue one job; raises EnqueueRefused, or the call's grpc.aio.AioRpcError."""
+        """Queue one job; raises the CutoutError the scheduler refused it with (its status
+        and details kept, to pass on as they came), or the call's grpc.aio.AioRpcError."""
         (future,) = self._add([request])
         return await future
 
@@ -105,7 +96,7 @@ class EnqueueBatcher:
                 if outcome.HasField("accepted"):
                     future.set_result(outcome.accepted)
                 else:
-                    future.set_exception(EnqueueRefused(outcome.error))
+                    future.set_exception(from_status(outcome.error))
         except Exception as exc:  # the call failed as a whole: every item hears why
             for _, _, future in batch:
                 if not future.done():

@@ -7,17 +7,15 @@ before any pixel is decoded.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-
-import grpc
 
 from cutout.v1 import jobs_pb2
 from services.common import images
-from services.common.errors import CutoutError, FieldViolation
+from services.common.errors import CutoutError, FieldViolation, InvalidArgument
+from services.common.identity import ID_RULE, VENDOR_ID
+from services.common.operations import PRIORITIES, PRIORITY_RULE
 
-RECORD_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-MAX_PRIORITY = 9
+RECORD_ID = VENDOR_ID  # project and record ids follow the vendor id's rule
 
 
 @dataclass(frozen=True)
@@ -42,11 +40,9 @@ def image_size(data: bytes, field: str, limits: Limits) -> int:
     raise _bad(field, why)
 
 
-def _bad(field: str, description: str) -> CutoutError:
-    return CutoutError(
-        f"{field} {description}",
-        grpc.StatusCode.INVALID_ARGUMENT,
-        [FieldViolation(field, description)],
+def _bad(field: str, description: str) -> InvalidArgument:
+    return InvalidArgument(
+        f"{field} {description}", violations=[FieldViolation(field, description)]
     )
 
 
@@ -137,8 +133,8 @@ def validate(
     Raises CutoutError listing every field that is wrong, each by its path.
     """
     violations = _check_operation(sub.operation, f"{prefix}.operation", limits)
-    if not 0 <= sub.priority <= MAX_PRIORITY:
-        violations.append(FieldViolation(f"{prefix}.priority", f"must be 0-{MAX_PRIORITY}"))
+    if sub.priority not in PRIORITIES:
+        violations.append(FieldViolation(f"{prefix}.priority", PRIORITY_RULE))
     if (
         len(sub.client_key) > 128
         or not sub.client_key.isprintable()
@@ -150,18 +146,16 @@ def validate(
     if sub.HasField("record"):
         for name in ("project_id", "record_id"):
             if not RECORD_ID.match(getattr(sub.record, name)):
-                violations.append(
-                    FieldViolation(f"{prefix}.record.{name}", "1-64 characters of [A-Za-z0-9_-]")
-                )
+                violations.append(FieldViolation(f"{prefix}.record.{name}", ID_RULE))
     source = sub.image.WhichOneof("source")
     if source is None:
         violations.append(FieldViolation(f"{prefix}.image", "required: content (bytes) or uri"))
     elif source == "uri":
         # The gateway fetches URLs (services/common/fetch.py) before validating.
-        raise CutoutError(f"{prefix}.image.uri: not fetched", grpc.StatusCode.INTERNAL)
+        raise CutoutError(f"{prefix}.image.uri: not fetched")  # INTERNAL: a bug
     if violations:
         summary = "; ".join(f"{v.field}: {v.description}" for v in violations)
-        raise CutoutError(summary, grpc.StatusCode.INVALID_ARGUMENT, violations)
+        raise InvalidArgument(summary, violations=violations)
     pixels = image_size(sub.image.content, f"{prefix}.image.content", limits)
     out = jobs_pb2.JobSubmission()
     out.CopyFrom(sub)

@@ -27,8 +27,8 @@ from cutout.v1 import jobs_pb2
 from services.common import webhook_registry
 from services.common.errors import (
     CutoutError,
+    FailedPrecondition,
     FieldViolation,
-    abort_status,
     invalid_argument,
     relayed_trailers,
     unavailable,
@@ -39,7 +39,7 @@ from services.common.identity import current_vendor
 from services.common.webhook_policy import WebhookPolicy
 from services.gateway import metrics
 from services.gateway.auth import Authenticator
-from services.gateway.enqueue_batcher import EnqueueBatcher, EnqueueRefused
+from services.gateway.enqueue_batcher import EnqueueBatcher
 from services.gateway.intake import Limits, validate
 from services.gateway.ratelimit import Decision, RateLimiter, refusal, trailers
 from services.internal.v1 import scheduler_service_pb2 as spb
@@ -152,8 +152,6 @@ class SubmitServicer:
             reply = await self.enqueuer.enqueue(
                 spb.JobToEnqueue(vendor_id=vendor, submission=submission, input_pixels=pixels)
             )
-        except EnqueueRefused as refused:
-            await abort_status(context, refused.status)
         except grpc.aio.AioRpcError as exc:
             if (down := unreachable(exc, "scheduler")) is not None:
                 raise down from None  # in our words: gRPC's names the scheduler's address
@@ -218,11 +216,10 @@ class SubmitServicer:
         except aioredis.RedisError as exc:
             raise _limiter_down(exc) from exc
         if not endpoint.secrets:
-            raise CutoutError(
+            raise FailedPrecondition(
                 f"vendor {vendor} has no webhook signing secret, so webhook_url cannot be "
                 "signed: an operator creates one with `cutout-admin vendors set "
-                f"{vendor} --webhook URL` (see docs/webhooks.md)",
-                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{vendor} --webhook URL` (see docs/webhooks.md)"
             )
 
     async def _with_webhook(
@@ -327,9 +324,7 @@ def _record(outcome: pb.BatchItemOutcome, reply: spb.EnqueuedJob | BaseException
     """One batch item's enqueue outcome, as the vendor sees it."""
     if isinstance(reply, spb.EnqueuedJob):
         outcome.job.CopyFrom(reply.job)
-    elif isinstance(reply, EnqueueRefused):
-        outcome.error.CopyFrom(reply.status)
-    elif isinstance(reply, CutoutError):
+    elif isinstance(reply, CutoutError):  # the scheduler's refusal (details kept), or ours
         outcome.error.CopyFrom(reply.to_status())
     elif isinstance(reply, grpc.aio.AioRpcError):
         if (down := unreachable(reply, "scheduler")) is not None:

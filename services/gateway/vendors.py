@@ -27,13 +27,15 @@ from typing import cast
 import redis.asyncio as aioredis
 
 from services.common import vendor_policy, webhook_registry
-from services.common.identity import VENDOR_ID
+from services.common.errors import InvalidArgument
+from services.common.identity import ID_RULE, VENDOR_ID
 from services.gateway.auth import hash_key, new_key
 from services.gateway.ratelimit import Quota, parse_quota_overrides
 
 
-class RegistryError(ValueError):
-    """A registry command that cannot be done as asked (unknown vendor, duplicate, bad value)."""
+class RegistryError(InvalidArgument):
+    """A registry command that cannot be done as asked (unknown vendor, duplicate, bad value):
+    the operator's arguments, so `cutout-admin` says why and asks again; never retried."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ def _check(
     vendor_id: str, weight: float | None, limits: str | None, max_queued: int | None
 ) -> None:
     if not VENDOR_ID.match(vendor_id):
-        raise RegistryError(f"vendor id {vendor_id!r}: use 1-64 characters of [A-Za-z0-9_-]")
+        raise RegistryError(f"vendor id {vendor_id!r}: use {ID_RULE}")
     if weight is not None and not 0.01 <= weight <= 1000:
         raise RegistryError(f"weight {weight}: use 0.01-1000")
     if limits:

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from services.common.errors import InvalidArgument
+
 # Passport: 35x45 mm at 600 dpi, head (crown to chin) 32-36 mm, aim for 34.
 DPI = 600
 PASSPORT_SIZE = (round(35 / 25.4 * DPI), round(45 / 25.4 * DPI))  # 827 x 1063
@@ -39,8 +41,9 @@ MIN_FACE_FRACTION = 0.08  # faces smaller than this share of the short side are 
 WHITE = (255, 255, 255)
 
 
-class FaceError(ValueError):
-    """No face, several faces, or a face that cannot be framed: a per-job error."""
+class FaceError(InvalidArgument):
+    """No face, several faces, or a face that cannot be framed: a per-job error (the
+    pipeline reports it as an InvalidImage)."""
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,8 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from services.inference.runtimes import Runtime, wrap
+from services.inference.backends import wrap
+from services.inference.runtimes import Runtime
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
+from services.inference.backends import wrap
 from services.inference.masking import KNOWN, MaskSession, Preprocessing, custom_preprocessing
 from services.inference.runtimes import (
     LoadConfig,
@@ -21,7 +22,6 @@ from services.inference.runtimes import (
     RuntimeInfo,
     ort_providers,
     ort_session_options,
-    wrap,
 )
 from services.inference.selection import RuntimeSelector
 

@@ -27,6 +27,7 @@ from PIL import Image, ImageOps
 
 from cutout.v1 import jobs_pb2
 from services.common import images
+from services.common.errors import FailedPrecondition, InvalidArgument
 from services.inference import faces, matting
 from services.inference.models import ModelCatalog
 
@@ -49,12 +50,12 @@ MAX_SIDE: dict[int, tuple[str, int]] = {
 IMAGE_FIELD = "submission.image.content"
 
 
-class InvalidImage(ValueError):
-    """The input cannot be processed by any attempt: do not retry."""
+class InvalidImage(InvalidArgument):
+    """The input cannot be processed by any attempt: the job fails, never retried."""
 
 
-class Unsupported(ValueError):
-    """The operation is not available on this node."""
+class Unsupported(FailedPrecondition):
+    """The operation (or its model) is not available on this node: the job fails."""
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,9 @@
-"""Progress from a worker thread to the Process stream, held back briefly.
+"""Progress from a worker thread to the Work stream, held back briefly.
 
 The pipeline reports (stage, percent) from its worker thread; the stream
 sends them from the event loop. Reports are held up to `hold_s` before they
 are sent, so a job that finishes within that time sends its stages with its
-output (`ProcessOutput.stages`), in one message instead of one per stage; a
+output (`WorkOutput.stages`), in one message instead of one per stage; a
 long job's watchers see each stage at most `hold_s` late. A run of reports
 within one stage keeps only its latest percent.
 """

@@ -13,19 +13,15 @@ ONNX Runtime computes every graph output whichever it is asked for (2.17 s
 against 2.22 s), so there only the copies are saved: on a GPU the eleven
 unused 4 MB outputs are never bound and never leave the device.
 
-What a host offers is read once (`Host.detect`); which runtime a node uses is
-decided in services/inference/selection.py.
+What a host offers is read once (`Host.detect`); OpenVINO's runtime and the table of
+all four are in backends.py; which one a node uses is decided in selection.py.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
-import os
 import platform
-import queue
 import sys
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +29,6 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import onnxruntime as ort
-
-log = logging.getLogger(__name__)
 
 RUNTIMES = ("onnxruntime", "openvino", "cuda", "tensorrt")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -384,118 +378,3 @@ class OrtTensorRTRuntime(OrtCudaRuntime):
     def load(cls, path: Path, precision: str, config: LoadConfig) -> Runtime:
         config.trt_cache_dir.mkdir(parents=True, exist_ok=True)
         return super().load(path, precision, config)
-
-
-# --- OpenVINO -----------------------------------------------------------------------------------
-
-# Our precision names -> OpenVINO's INFERENCE_PRECISION_HINT.
-OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
-
-
-class OpenVinoRuntime:
-    """A model compiled by OpenVINO for the CPU.
-
-    The precision is always set: on a CPU with AMX, OpenVINO's default is bf16,
-    so "fp32" has to be asked for. One stream per concurrent run, each with
-    `threads` threads; infer requests are pooled (one is not thread-safe).
-    """
-
-    name: ClassVar[str] = "openvino"
-
-    def __init__(self, compiled: Any, precision: str, threads: int) -> None:
-        self.compiled = compiled
-        self.precision = precision
-        self.threads = threads
-        self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-
-    @classmethod
-    def precisions(cls, host: Host) -> tuple[str, ...]:
-        if cls.unavailable(host):
-            return ()
-        return ("bf16", "fp32") if host.cpu_bf16 else ("fp32",)
-
-    @classmethod
-    def unavailable(cls, host: Host) -> str:
-        if host.openvino_caps is None:
-            return f"openvino cannot be loaded ({host.openvino_error or 'not installed'})"
-        return ""
-
-    @classmethod
-    def load(cls, path: Path, precision: str, config: LoadConfig) -> Runtime:
-        host = Host.detect()
-        if precision not in cls.precisions(host):
-            flags = ", ".join(sorted(host.cpu_flags & BF16_FLAGS)) or "none of " + ", ".join(
-                sorted(BF16_FLAGS)
-            )
-            raise RuntimeUnavailable(
-                f"openvino does not run {precision} on this CPU ({host.cpu_model}; "
-                f"bf16 flags: {flags}; OpenVINO capabilities: {host.openvino_caps})"
-            )
-        ov = openvino()
-        core = ov.Core()
-        model = core.read_model(str(path))
-        if len(model.outputs) > 1:
-            # Keep the first output only: the side outputs' heads are pruned away.
-            model = ov.Model([model.outputs[0].get_node()], model.get_parameters(), model.name)
-        runs = max(1, config.runs)
-        props: dict[str, Any] = {
-            "INFERENCE_PRECISION_HINT": OV_PRECISION[precision],
-            "PERFORMANCE_HINT": "LATENCY",
-            "NUM_STREAMS": runs,
-        }
-        if config.threads > 0:
-            props["INFERENCE_NUM_THREADS"] = config.threads * runs
-        compiled = core.compile_model(model, "CPU", props)
-        threads = int(compiled.get_property("INFERENCE_NUM_THREADS")) // runs
-        return cls(compiled, precision, threads)
-
-    def input_shape(self) -> tuple[int | None, ...]:
-        shape = self.compiled.inputs[0].get_partial_shape()
-        return tuple(d.get_length() if d.is_static else None for d in shape)
-
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        try:
-            request = self._requests.get_nowait()
-        except queue.Empty:
-            with self._lock:
-                request = self.compiled.create_infer_request()
-        try:
-            request.infer({0: batch})
-            # The output tensor is the request's own buffer, reused by its next run.
-            out: np.ndarray = request.get_output_tensor(0).data.copy()
-        finally:
-            self._requests.put(request)
-        return out
-
-    def describe(self) -> RuntimeInfo:
-        return RuntimeInfo(self.name, "cpu", self.precision, self.threads)
-
-
-BACKENDS: dict[str, type[Runtime]] = {
-    "tensorrt": OrtTensorRTRuntime,
-    "cuda": OrtCudaRuntime,
-    "openvino": OpenVinoRuntime,
-    "onnxruntime": OrtRuntime,
-}
-
-
-def wrap(session: Runtime | ort.InferenceSession) -> Runtime:
-    """A Runtime as it is, or an ONNX Runtime session (anything with run/get_inputs) wrapped."""
-    if hasattr(session, "describe"):
-        runtime: Runtime = session
-        return runtime
-    providers = getattr(session, "get_providers", lambda: [CPU_PROVIDER])()
-    backend = next(
-        (b for b in (OrtTensorRTRuntime, OrtCudaRuntime) if providers[0] == b.provider),
-        OrtRuntime,
-    )
-    return backend(session, "fp32", _threads_of(session))
-
-
-def _threads_of(session: ort.InferenceSession) -> int:
-    try:
-        threads = int(session.get_session_options().intra_op_num_threads)
-    except Exception:  # a stand-in without options
-        return 0
-    return threads or (os.cpu_count() or 0)

@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from services.inference.backends import BACKENDS
 from services.inference.runtimes import (
-    BACKENDS,
     PRECISIONS,
     RUNTIMES,
     Host,

@@ -20,12 +20,13 @@ import grpc
 from cutout.v1 import jobs_pb2
 from cutout.v1.jobs_pb2 import Stage
 from services.common import operations
-from services.common.errors import CutoutError, abort
+from services.common.errors import CutoutError, ResourceExhausted
+from services.common.operations import Lane
 from services.inference import metrics, pipeline
 from services.inference.models import ModelCatalog
 from services.inference.progress_relay import ProgressRelay
 from services.inference.recycling import RecyclePolicy, give_memory_back, rss_bytes
-from services.inference.slots import Full, Slots
+from services.inference.slots import Slots
 from services.inference.work_stream import Slot, WorkSession
 from services.internal.v1 import inference_service_pb2 as pb
 from services.internal.v1 import inference_service_pb2_grpc as pb_grpc
@@ -39,24 +40,24 @@ def _count(work: asyncio.Future[Any], operation: str, started: float) -> None:
     metrics.PROCESS_SECONDS.labels(operation).observe(time.perf_counter() - started)
     if work.cancelled():
         outcome = "cancelled"
-    elif isinstance(work.exception(), pipeline.InvalidImage | pipeline.Unsupported):
-        outcome = "invalid"
-    elif work.exception() is not None:
-        outcome = "error"
-    else:
+    elif (exc := work.exception()) is None:
         outcome = "succeeded"
+    elif isinstance(exc, CutoutError) and not exc.retryable:
+        outcome = "invalid"  # pipeline.InvalidImage or Unsupported: the job fails
+    else:
+        outcome = "error"
     metrics.NODE_JOBS.labels(operation, outcome).inc()
 
 
-def _progress(stage: int, percent: int) -> pb.ProcessProgress:
-    return pb.ProcessProgress(stage=cast("Stage.ValueType", stage), progress_percent=percent)
+def _progress(stage: int, percent: int) -> pb.WorkProgress:
+    return pb.WorkProgress(stage=cast("Stage.ValueType", stage), progress_percent=percent)
 
 
 @dataclass
-class Lane:
-    """One executor, its slots and the jobs waiting for one."""
+class LaneRunner:
+    """One lane's executor, its slots and the jobs waiting for one."""
 
-    name: str
+    lane: Lane
     slots: Slots
     executor: ThreadPoolExecutor
     idle: asyncio.Event = field(default_factory=asyncio.Event)
@@ -93,10 +94,17 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self.draining = False
         # Onnxruntime, OpenCV and Pillow release the GIL for the heavy parts.
         self.prefetch = prefetch
-        self.heavy = Lane("heavy", Slots(capacity, prefetch), ThreadPoolExecutor(capacity, "job"))
-        self.light = Lane(
-            "light", Slots(light_capacity, prefetch), ThreadPoolExecutor(light_capacity, "light")
+        self.heavy = LaneRunner(
+            Lane.HEAVY,
+            Slots(capacity, prefetch, Lane.HEAVY.label),
+            ThreadPoolExecutor(capacity, "job"),
         )
+        self.light = LaneRunner(
+            Lane.LIGHT,
+            Slots(light_capacity, prefetch, Lane.LIGHT.label),
+            ThreadPoolExecutor(light_capacity, "light"),
+        )
+        self.lanes = {Lane.HEAVY: self.heavy, Lane.LIGHT: self.light}
         self.recycle = recycle or RecyclePolicy(0)
         self.reload = reload
         self.recycling: asyncio.Task[None] | None = None
@@ -119,7 +127,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         for lane in (self.heavy, self.light):
             lane.executor.shutdown(wait=False, cancel_futures=True)
 
-    def _release(self, lane: Lane) -> None:
+    def _release(self, lane: LaneRunner) -> None:
         # Called when the work itself ends, not when the stream does: a
         # cancelled call keeps its slot until its thread is really free.
         # Reading RSS costs a /proc read: only when recycling is on and not already under way.
@@ -153,38 +161,18 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             if self.heavy.in_flight:
                 self.heavy.idle.clear()
 
-    # --- Process -----------------------------------------------------------------
+    # --- Work --------------------------------------------------------------------
 
-    async def _admit(self, lane: Lane, wait: bool) -> None:
-        """Take a slot of the lane: a Process call only if one is free now; a job on a
-        Work stream may wait for one, if fewer than `prefetch` jobs wait already."""
+    async def _admit(self, lane: LaneRunner) -> None:
+        """Take a slot of the lane, waiting for one if fewer than `prefetch` jobs wait
+        already (a lane paused while the node recycles its sessions hands none out).
+
+        A refusal is a ResourceExhausted (slots.Full when slots and waiting room are
+        taken): nothing was done, so the job goes back to its queue, not counted."""
         if self.draining:
-            raise CutoutError("node is draining", grpc.StatusCode.RESOURCE_EXHAUSTED)
-        if lane is self.heavy and self.recycling is not None and not wait:
-            raise CutoutError(
-                "node is recycling its model sessions", grpc.StatusCode.RESOURCE_EXHAUSTED
-            )
-        try:
-            if wait:
-                await lane.slots.take()
-            else:
-                lane.slots.take_now()
-        except Full:
-            raise CutoutError(
-                f"node is full ({lane.capacity} {lane.name} jobs"
-                + (f", {lane.slots.waiting} waiting)" if wait else ")"),
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-            ) from None
+            raise ResourceExhausted("node is draining")
+        await lane.slots.take()
         lane.idle.clear()
-
-    async def Process(
-        self, request: pb.ProcessRequest, context: Context
-    ) -> AsyncIterator[pb.ProcessResponse]:
-        try:
-            async for response in self._process(request, None):
-                yield response
-        except CutoutError as exc:
-            await abort(context, exc)
 
     async def Work(
         self, request_iterator: AsyncIterator[pb.WorkRequest], context: Context
@@ -197,15 +185,13 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         async for response in session.serve(request_iterator, context):
             yield response
 
-    async def _process(
-        self, request: pb.ProcessRequest, slot: Slot | None
-    ) -> AsyncIterator[pb.ProcessResponse]:
-        """One attempt's messages, for Process or a Work stream; raises CutoutError.
+    async def _process(self, request: pb.WorkJob, slot: Slot) -> AsyncIterator[pb.WorkUpdate]:
+        """One attempt's messages on a Work stream; raises CutoutError.
 
-        A Work stream's slot (its credit) is given back when the work ends.
+        The slot (the stream's credit) is given back when the work ends.
         """
-        lane = self.light if operations.is_light(request.operation) else self.heavy
-        await self._admit(lane, wait=slot is not None)
+        lane = self.lanes[Lane.of(request.operation)]
+        await self._admit(lane)
         extra = {
             "job_id": request.name.removeprefix("jobs/"),
             "vendor": request.vendor_id,
@@ -229,24 +215,20 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         )
         work.add_done_callback(lambda _: self._release(lane))
         work.add_done_callback(lambda f: _count(f, operation, started))
-        if slot is not None:
-            slot.hold()
-            work.add_done_callback(lambda _: slot.release())
+        slot.hold()
+        work.add_done_callback(lambda _: slot.release())
         # Scheduled after the worker's last report, so every report comes first.
         work.add_done_callback(lambda _: relay.finish())
         log.info("processing", extra=extra)
         async for batch in relay.batches():
             for stage, percent in batch:
-                yield pb.ProcessResponse(progress=_progress(stage, percent))
+                yield pb.WorkUpdate(progress=_progress(stage, percent))
         try:
             output = work.result()
-        except (pipeline.InvalidImage, pipeline.Unsupported) as exc:
+        except CutoutError as exc:  # InvalidImage, Unsupported: the error carries its status
             log.info("job refused", extra={**extra, "error": str(exc)})
-            code = grpc.StatusCode.INVALID_ARGUMENT
-            if isinstance(exc, pipeline.Unsupported):
-                code = grpc.StatusCode.FAILED_PRECONDITION
-            raise CutoutError(str(exc), code) from exc
-        header = pb.ProcessOutput(
+            raise
+        header = pb.WorkOutput(
             content_type=output.content_type,
             size_bytes=len(output.data),
             width_px=output.width,
@@ -261,11 +243,11 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             )
         if len(output.data) <= CHUNK:
             header.data = output.data  # one message for the whole result
-            yield pb.ProcessResponse(output=header)
+            yield pb.WorkUpdate(output=header)
         else:
-            yield pb.ProcessResponse(output=header)
+            yield pb.WorkUpdate(output=header)
             for start in range(0, len(output.data), CHUNK):
-                yield pb.ProcessResponse(chunk=output.data[start : start + CHUNK])
+                yield pb.WorkUpdate(chunk=output.data[start : start + CHUNK])
         log.info("processed", extra={**extra, "bytes": len(output.data)})
 
     async def GetLoad(self, request: pb.GetLoadRequest, context: Context) -> pb.GetLoadResponse:

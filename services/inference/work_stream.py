@@ -1,6 +1,6 @@
 """The node's end of a Work stream: many attempts over one call, paced by credits.
 
-A scheduler that opened one Process call per attempt spent most of its CPU
+A scheduler that opened one call per attempt spent most of its CPU
 setting calls up (bench/scale.py: ~2 ms of scheduler CPU per 50 ms job).
 Here one stream carries every attempt between a scheduler and a node. The
 node grants credits (a slot each, per lane) when the stream opens and one
@@ -9,8 +9,7 @@ it was granted; a job sent without credit is refused (RESOURCE_EXHAUSTED)
 and counted in `overdrawn`, which must stay 0.
 
 When the stream ends (the scheduler stopped, died or lost the network),
-every attempt it carried is stopped, as a cancelled Process call's is: the
-scheduler side retries them.
+every attempt it carried is stopped: the scheduler side retries them.
 """
 
 from __future__ import annotations
@@ -23,9 +22,8 @@ from typing import Any, cast
 import grpc
 from google.rpc import status_pb2
 
-from cutout.v1 import jobs_pb2
-from services.common import operations
-from services.common.errors import CutoutError
+from services.common.errors import CutoutError, ResourceExhausted
+from services.common.operations import Lane
 from services.common.work_batches import BATCHES_METADATA, take_ready
 from services.internal.v1 import inference_service_pb2 as pb
 
@@ -39,7 +37,7 @@ class Slot:
 
     The work decides when (`hold` then the work's end releases it): a
     cancelled job whose thread still runs keeps its slot until the thread is
-    free, as with Process. A job refused before its work started gives it
+    free. A job refused before its work started gives it
     back as it ends.
     """
 
@@ -57,12 +55,8 @@ class Slot:
             self._give_back()
 
 
-# (request, slot) -> the attempt's messages, as Process sends them; raises CutoutError.
-Run = Callable[[pb.ProcessRequest, Slot], AsyncIterator[pb.ProcessResponse]]
-
-
-def is_light(operation: jobs_pb2.Operation) -> bool:
-    return operations.is_light(operation)
+# (job, slot) -> the attempt's messages (progress, output, chunks); raises CutoutError.
+Run = Callable[[pb.WorkJob, Slot], AsyncIterator[pb.WorkUpdate]]
 
 
 def response_bytes(message: pb.WorkResponse | None) -> int:
@@ -89,10 +83,10 @@ class WorkSession:
         self._initial = (jobs, light_jobs)
         self._out: asyncio.Queue[pb.WorkResponse | None] = asyncio.Queue()
         self._jobs: dict[tuple[str, int], asyncio.Task[None]] = {}
-        self.credit = {False: jobs, True: light_jobs}  # light? -> jobs it may still send
+        self.credit = {Lane.HEAVY: jobs, Lane.LIGHT: light_jobs}  # jobs it may still send
         self.overdrawn = 0  # jobs sent without credit: a scheduler bug if ever above 0
-        self.most_outstanding = {False: 0, True: 0}  # the most jobs at once, per lane
-        self._outstanding = {False: 0, True: 0}
+        self.most_outstanding = dict.fromkeys(Lane, 0)  # the most jobs at once, per lane
+        self._outstanding = dict.fromkeys(Lane, 0)
         # Messages read and written (a batch is one), and what they carried.
         self.reads = self.jobs_read = self.writes = self.messages_written = 0
 
@@ -155,29 +149,27 @@ class WorkSession:
                 task.cancel()
         # else: the empty head of a batch
 
-    def _start(self, job: pb.ProcessRequest) -> None:
-        light = is_light(job.operation)
+    def _start(self, job: pb.WorkJob) -> None:
+        lane = Lane.of(job.operation)
         key = (job.name, job.attempt)
-        if self.credit[light] <= 0 or key in self._jobs:
-            self.overdrawn += self.credit[light] <= 0
+        if self.credit[lane] <= 0 or key in self._jobs:
+            self.overdrawn += self.credit[lane] <= 0
             log.error("job sent without credit", extra={"job": job.name, "attempt": job.attempt})
-            self._end(
-                key, CutoutError("no credit for this job", grpc.StatusCode.RESOURCE_EXHAUSTED)
-            )
+            self._end(key, ResourceExhausted("no credit for this job"))
             return
-        self.credit[light] -= 1
-        self._outstanding[light] += 1
-        self.most_outstanding[light] = max(self.most_outstanding[light], self._outstanding[light])
-        slot = Slot(lambda: self._give_back(light))
+        self.credit[lane] -= 1
+        self._outstanding[lane] += 1
+        self.most_outstanding[lane] = max(self.most_outstanding[lane], self._outstanding[lane])
+        slot = Slot(lambda: self._give_back(lane))
         self._jobs[key] = asyncio.create_task(self._attempt(key, job, slot))
 
-    def _give_back(self, light: bool) -> None:
-        self.credit[light] += 1
-        self._outstanding[light] -= 1
-        grant = pb.WorkCredit(light_jobs=1) if light else pb.WorkCredit(jobs=1)
+    def _give_back(self, lane: Lane) -> None:
+        self.credit[lane] += 1
+        self._outstanding[lane] -= 1
+        grant = pb.WorkCredit(light_jobs=1) if lane is Lane.LIGHT else pb.WorkCredit(jobs=1)
         self._out.put_nowait(pb.WorkResponse(credit=grant))
 
-    async def _attempt(self, key: tuple[str, int], job: pb.ProcessRequest, slot: Slot) -> None:
+    async def _attempt(self, key: tuple[str, int], job: pb.WorkJob, slot: Slot) -> None:
         name, attempt = key
         ended: CutoutError | None = None
         try:

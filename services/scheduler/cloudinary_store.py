@@ -23,7 +23,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import cloudinary.exceptions
 import cloudinary.uploader
 
-from services.scheduler.storage import StorageError
+from services.scheduler.storage import ResultElsewhere, StorageError
 
 _PUBLIC_ID = re.compile(r"/image/upload/(?:v\d+/)?(?P<id>[A-Za-z0-9_/-]+)\.[a-z]{3,4}$")
 
@@ -113,5 +113,5 @@ class CloudinaryResultStore:
             raise StorageError(f"cloudinary delete of {public_id} failed: {exc}") from exc
 
     async def read(self, uri: str) -> AsyncIterator[bytes]:
-        raise StorageError(f"this result is served by Cloudinary: download it from {uri}")
+        raise ResultElsewhere(f"this result is served by Cloudinary: download it from {uri}")
         yield b""  # pragma: no cover - makes this an async generator

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import grpc
 
-from services.common.errors import CutoutError, invalid_argument
-from services.common.identity import VENDOR_ID
+from services.common.errors import CutoutError, FailedPrecondition, invalid_argument
+from services.common.identity import ID_RULE, VENDOR_ID
+from services.common.operations import PRIORITIES, PRIORITY_RULE
 from services.internal.v1 import scheduler_service_pb2 as pb
 from services.internal.v1 import scheduler_service_pb2_grpc as pb_grpc
-from services.scheduler.keys import MAX_PRIORITY
 from services.scheduler.store import NewJob, Store
 
 Context = grpc.aio.ServicerContext[object, object]
@@ -33,10 +33,10 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
         each job's refusal back as that submission's own error.
         """
         if not VENDOR_ID.match(item.vendor_id):
-            raise invalid_argument("vendor_id", "must be 1-64 characters of [A-Za-z0-9_-]")
+            raise invalid_argument("vendor_id", f"must be {ID_RULE}")
         sub = item.submission
-        if not 0 <= sub.priority <= MAX_PRIORITY:
-            raise invalid_argument("submission.priority", f"must be 0-{MAX_PRIORITY}")
+        if sub.priority not in PRIORITIES:
+            raise invalid_argument("submission.priority", PRIORITY_RULE)
         if sub.image.WhichOneof("source") != "content" or not sub.image.content:
             raise invalid_argument(
                 "submission.image.content", "the scheduler takes inline image bytes only"
@@ -44,10 +44,9 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
         if sub.operation.WhichOneof("kind") is None:
             raise invalid_argument("submission.operation", "an operation is required")
         if sub.HasField("record") and not self.records:
-            raise CutoutError(
+            raise FailedPrecondition(
                 "this cluster has no records database (CUTOUT_MYSQL_URL is unset): "
-                "submit without submission.record",
-                grpc.StatusCode.FAILED_PRECONDITION,
+                "submit without submission.record"
             )
         return NewJob(item.vendor_id, sub, sub.image.content, item.input_pixels, item.batch)
 

@@ -10,7 +10,7 @@ cannot drift apart.
 Scripts touch keys they compute, so Cutout needs a standalone Redis (with a
 replica or Sentinel for failover), not Redis Cluster.
 
-Lanes: `{lane}` is '' for inference work or 'light:' for light jobs
+Lanes: `{lane}` is a Lane's value, '' for inference work or 'light:' for light jobs
 (services/common/operations.py); each lane has its own queues, ring and
 deficits, and the job hash's `lane` field says which lane a job is in.
 
@@ -34,6 +34,7 @@ import string
 from typing import Final
 
 from services.common import vendor_policy, webhook_registry
+from services.common.operations import Lane
 
 PATTERNS: Final[dict[str, str]] = {
     # HASH: the job record: state, stage, progress, attempt (every start), free_attempts
@@ -45,7 +46,7 @@ PATTERNS: Final[dict[str, str]] = {
     # STREAM: every change to the job, as the hash fields it changed (WatchJob replays it);
     # trimmed to about EVENTS_KEPT entries.
     "events": "events:{job_id}",
-    # ZSET: the vendor's waiting jobs of one lane; score = (9 - priority) * PRIORITY_BAND
+    # ZSET: the vendor's waiting jobs of one lane; score = (MAX_PRIORITY - priority) * PRIORITY_BAND
     # + seq, so higher priority first, then FIFO.
     "queue": "{lane}queue:{vendor}",
     # LIST: vendors with waiting jobs in the lane, in round-robin order.
@@ -158,10 +159,10 @@ class Keys:
     def events(self, job_id: str) -> str:
         return self.of("events", job_id=job_id)
 
-    def queue(self, vendor: str, lane: str = "") -> str:
+    def queue(self, vendor: str, lane: Lane = Lane.HEAVY) -> str:
         return self.of("queue", lane=lane, vendor=vendor)
 
-    def ring_members(self, lane: str) -> str:
+    def ring_members(self, lane: Lane) -> str:
         return self.of("ring_members", lane=lane)
 
     def running(self, vendor: str) -> str:
@@ -189,6 +190,6 @@ def job_cost(input_pixels: int) -> int:
     return max(MIN_COST, -(-input_pixels // 1000))
 
 
-# Queue score layout: priority band above a 40-bit sequence number.
+# Queue score layout: priority band (operations.MAX_PRIORITY - priority) above a
+# 40-bit sequence number.
 PRIORITY_BAND = 1 << 40
-MAX_PRIORITY = 9

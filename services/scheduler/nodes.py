@@ -60,8 +60,8 @@ class Node:
     # partitioned one does not). Counted from polls that were made, so a scheduler that
     # was itself too busy to poll never takes its nodes for silent.
     failing_since: float | None = None
-    # The node's Work stream, once its GetLoad said it serves one; then its credit
-    # bounds the room we see, and attempts go over it instead of a Process call each.
+    # The node's Work stream, opened after its first answered poll: every attempt goes
+    # over it, and its credit bounds the room we see (none until it is open).
     work: WorkLink | None = None
     next_poll: float = 0.0  # time.monotonic() of the next health/load poll
 
@@ -69,11 +69,6 @@ class Node:
     def poll_every_s(self) -> float | None:
         """STREAMING_POLL_S while the Work stream is up; None: every round."""
         return STREAMING_POLL_S if self.work is not None and self.work.up else None
-
-    @property
-    def streams(self) -> bool:
-        """Attempts go over the Work stream (else a Process call each)."""
-        return self.work is not None and not self.work.unsupported
 
     @property
     def silent_s(self) -> float:
@@ -98,17 +93,15 @@ class Node:
         return max(0, self.capacity - self.in_flight)
 
     def room(self, light: bool) -> int:
-        """Jobs we may send now: free slots, and while the Work stream is up, the
-        node's waiting room too (never beyond the stream's credit)."""
-        if not self.healthy or self.draining:
+        """Jobs we may send now: free slots and the node's waiting room, never beyond the
+        Work stream's credit (none while the stream is down)."""
+        if not self.healthy or self.draining or self.work is None:
             return 0
         if light:
             room = self.light_capacity - self.light_in_flight
         else:
             room = self.capacity - self.in_flight
-        if self.work is not None and self.streams:
-            room = min(room + self.prefetch, self.work.room(light))
-        return max(0, room)
+        return max(0, min(room + self.prefetch, self.work.room(light)))
 
     @property
     def free(self) -> int:
@@ -144,7 +137,7 @@ class Node:
 
     def refused(self, light: bool) -> None:
         """It said it was full: treat it as full until the next poll."""
-        full = self.prefetch if self.work is not None and self.streams else 0
+        full = self.prefetch
         if light:
             self.reported_light_in_flight = self.light_capacity + full
             self.local_light_at_report = 0
@@ -232,7 +225,7 @@ class NodePool:
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ]
-        # Sent with every call to a node (Process, GetLoad): nodes refuse calls without it.
+        # Sent with every call to a node (Work, GetLoad): nodes refuse calls without it.
         self.metadata = token.metadata()
         self.static, self.dns_names = split_entries(entries)
         self.nodes: list[Node] = [self._connect(a) for a in self.static]
@@ -351,11 +344,9 @@ class NodePool:
         node.local_light_at_report = node.local_light_in_flight
         node.models = {m.name: m.execution_provider for m in load.models}
         node.runtimes = {m.name: (m.runtime, m.device, m.precision) for m in load.models}
-        if load.work_stream and node.work is None:
+        if node.work is None:
             node.work = WorkLink(node.address, node.stub, self.metadata, self._changed)
             node.work.start()
-        if node.work is not None:
-            node.work.batches = load.work_batches  # from the next stream it opens
         if node.free + node.light_free > was_free:
             self.on_change()
 

@@ -20,10 +20,10 @@ import grpc
 from cutout.names import BATCH_PREFIX, batch_id_from_name, job_id_from_name
 from cutout.v1 import cutout_service_pb2 as pb
 from cutout.v1 import cutout_service_pb2_grpc as pb_grpc
-from services.common.errors import CutoutError, invalid_argument, not_found
+from services.common.errors import CutoutError, DataLoss, invalid_argument, not_found
 from services.common.identity import current_vendor
 from services.scheduler.nodes import NodePool
-from services.scheduler.storage import ResultStores, StorageError
+from services.scheduler.storage import ResultStores
 from services.scheduler.store import Store, ensure_succeeded
 from services.scheduler.store.webhooks import message_id_from_name
 from services.scheduler.stream_caps import StreamCaps
@@ -111,16 +111,13 @@ class CutoutServicer(pb_grpc.CutoutServiceServicer):
         ensure_succeeded(job)
         first = True
         try:
+            # A result kept by a remote store (Cloudinary) is not read here: that is a
+            # storage.ResultElsewhere (FAILED_PRECONDITION) naming its URL.
             async for chunk in self.results.read(job.result.uri):
                 yield pb.GetResultResponse(result=job.result if first else None, chunk=chunk)
                 first = False
         except FileNotFoundError:
-            raise CutoutError(
-                f"the stored output of {job.name} is missing", grpc.StatusCode.DATA_LOSS
-            ) from None
-        except StorageError as exc:
-            # Kept by a remote store (Cloudinary): the result's uri is its URL.
-            raise CutoutError(str(exc), grpc.StatusCode.FAILED_PRECONDITION) from None
+            raise DataLoss(f"the stored output of {job.name} is missing") from None
 
     async def ListWebhookDeliveries(
         self, request: pb.ListWebhookDeliveriesRequest, context: Context

@@ -23,6 +23,8 @@ import aiomysql
 import pymysql
 from pymysql.converters import escape_string
 
+from services.common.errors import Unavailable
+
 log = logging.getLogger(__name__)
 
 TABLE = "data_records"
@@ -54,7 +56,7 @@ _TAIL = " ON DUPLICATE KEY UPDATE " + ", ".join(
 )
 
 
-class RecordsUnavailable(Exception):
+class RecordsUnavailable(Unavailable):
     """The database could not take the updates now; try again later."""
 
 

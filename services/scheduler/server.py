@@ -15,11 +15,10 @@ from services.common.interceptors import ErrorMapping
 from services.common.internal_auth import InternalAuth
 from services.common.metrics import RpcMetrics
 from services.common.metrics import serve as serve_metrics
-from services.common.operations import LIGHT_LANE
 from services.internal.v1 import scheduler_service_pb2_grpc as internal_grpc
 from services.scheduler.cloudinary_store import CloudinaryAccount, CloudinaryResultStore
 from services.scheduler.delivery import Deliverer
-from services.scheduler.dispatcher import Dispatcher, DispatchPolicy
+from services.scheduler.dispatcher import Dispatcher
 from services.scheduler.enqueue_api import SchedulerServicer
 from services.scheduler.keys import Keys
 from services.scheduler.metrics import QueueGauges
@@ -87,7 +86,7 @@ class SchedulerServer:
                     max_queued_per_vendor=settings.max_queued_per_vendor,
                     max_queued=settings.max_queued,
                 ),
-                fleet_capacity=lambda lane: self.pool.capacity(lane == LIGHT_LANE),
+                fleet_capacity=lambda lane: self.pool.capacity(lane.light),
             )
 
         self.store = store_on(self.redis)  # what the RPCs read and change
@@ -115,14 +114,7 @@ class SchedulerServer:
             self.work_store,
             self.pool,
             results,
-            DispatchPolicy(
-                lease_ms=settings.lease_ms,
-                attempt_timeout_s=settings.attempt_timeout_s,
-                attempt_timeout_floor_s=settings.attempt_timeout_floor_s,
-                attempt_timeout_factor=settings.attempt_timeout_factor,
-                node_silent_s=settings.node_silent_s,
-                progress_interval_s=settings.progress_interval_ms / 1000,
-            ),
+            settings.dispatch_policy(),
             on_delivery=self.deliverer.wake.set,
             on_finished=self.webhooks.wake.set,
         )
@@ -159,10 +151,12 @@ class SchedulerServer:
         self._tasks = [
             asyncio.create_task(self.pool.run()),
             asyncio.create_task(self.dispatcher.run()),
-            asyncio.create_task(self.dispatcher.reap_forever()),
-            asyncio.create_task(self.dispatcher.keep_leases_forever()),
+            asyncio.create_task(self.dispatcher.upkeep.reap_forever()),
+            asyncio.create_task(self.dispatcher.upkeep.keep_leases_forever()),
             asyncio.create_task(
-                self.dispatcher.sweep_forever(min(30.0, max(0.5, self.settings.retention_s / 4)))
+                self.dispatcher.upkeep.sweep_forever(
+                    min(30.0, max(0.5, self.settings.retention_s / 4))
+                )
             ),
             asyncio.create_task(self.deliverer.run_forever()),
             asyncio.create_task(self.webhooks.run_forever()),

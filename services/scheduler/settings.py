@@ -17,6 +17,7 @@ from services.common.config import (
 from services.common.internal_auth import InternalToken
 from services.common.serving import MiB
 from services.common.webhook_policy import WebhookPolicy
+from services.scheduler.attempt import DispatchPolicy
 from services.scheduler.nodes import split_entries
 
 
@@ -99,6 +100,8 @@ class SchedulerSettings:
             many times the lane's moving average run time, between the floor and the ceiling.
         node_silent_s: CUTOUT_NODE_SILENT_S, how long every health poll of a node may go
             unanswered before the attempts running on it are abandoned and retried elsewhere.
+        reap_interval_s: CUTOUT_REAP_INTERVAL_S, how often a scheduler looks for
+            expired leases (their scheduler died) and jobs whose retry backoff ended.
         watch_streams_per_vendor: CUTOUT_WATCH_STREAMS_PER_VENDOR, open WatchJob/WatchBatch
             streams one vendor may have on one scheduler; beyond it RESOURCE_EXHAUSTED.
         watch_streams: CUTOUT_WATCH_STREAMS, open watch streams of all vendors on one
@@ -153,6 +156,7 @@ class SchedulerSettings:
     attempt_timeout_floor_s: float
     attempt_timeout_factor: float
     node_silent_s: float
+    reap_interval_s: float
     watch_streams_per_vendor: int
     watch_streams: int
     redis_connections: int
@@ -170,6 +174,18 @@ class SchedulerSettings:
     internal_token: InternalToken
     webhooks: WebhookPolicy
     log_level: str
+
+    def dispatch_policy(self) -> DispatchPolicy:
+        """How attempts are leased, timed and watched, from these settings."""
+        return DispatchPolicy(
+            lease_ms=self.lease_ms,
+            attempt_timeout_s=self.attempt_timeout_s,
+            attempt_timeout_floor_s=self.attempt_timeout_floor_s,
+            attempt_timeout_factor=self.attempt_timeout_factor,
+            node_silent_s=self.node_silent_s,
+            reap_interval_s=self.reap_interval_s,
+            progress_interval_s=self.progress_interval_ms / 1000,
+        )
 
     @classmethod
     def from_env(cls) -> SchedulerSettings:
@@ -195,6 +211,7 @@ class SchedulerSettings:
             attempt_timeout_floor_s=env_float("CUTOUT_ATTEMPT_TIMEOUT_FLOOR_S", 15.0, minimum=0.1),
             attempt_timeout_factor=env_float("CUTOUT_ATTEMPT_TIMEOUT_FACTOR", 5.0, minimum=1.0),
             node_silent_s=env_float("CUTOUT_NODE_SILENT_S", 5.0, minimum=0.1),
+            reap_interval_s=env_float("CUTOUT_REAP_INTERVAL_S", 0.25, minimum=0.01),
             watch_streams_per_vendor=env_int("CUTOUT_WATCH_STREAMS_PER_VENDOR", 1000, minimum=1),
             watch_streams=env_int("CUTOUT_WATCH_STREAMS", 10_000, minimum=1),
             redis_connections=env_int("CUTOUT_REDIS_CONNECTIONS", 128, minimum=2),

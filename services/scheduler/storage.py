@@ -14,14 +14,22 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
+from services.common.errors import FailedPrecondition, Unavailable
+from services.common.identity import ID_CHARS
 from services.scheduler.group_commit import GroupCommit
 
 CHUNK = 1024 * 1024
-_SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}/[0-9a-f]{32}\.[a-z]{3,4}$")
+_SAFE_KEY = re.compile(rf"^{ID_CHARS}/[0-9a-f]{{32}}\.[a-z]{{3,4}}$")  # <vendor>/<job>.<ext>
 
 
-class StorageError(Exception):
-    """A backend could not store, read or delete an output (transient or not)."""
+class StorageError(Unavailable):
+    """A backend could not store or delete an output (for now, or for good): the caller
+    keeps the output locally and tries again later; never the job's fault."""
+
+
+class ResultElsewhere(FailedPrecondition):
+    """A result this store does not serve: its URI (a remote store's URL) is where to
+    download it."""
 
 
 class ResultStore(Protocol):
@@ -161,7 +169,7 @@ class ResultStores:
 
     async def read(self, uri: str) -> AsyncIterator[bytes]:
         if not uri.startswith("local:"):
-            raise StorageError(f"this result is not kept here: download it from {uri}")
+            raise ResultElsewhere(f"this result is not kept here: download it from {uri}")
         async for chunk in self.local.read(uri):
             yield chunk
 

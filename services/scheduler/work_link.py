@@ -1,16 +1,16 @@
 """The scheduler's end of a node's Work stream: one call per node, not one per attempt.
 
 bench/scale.py put the scheduler at ~2 ms of CPU per 50 ms job, most of it
-setting up a Process call per attempt; one long-lived stream per node
-carries every attempt instead. The node grants credits (slots, per lane);
+setting up a call per attempt; one long-lived stream per node carries every
+attempt instead. The node grants credits (slots, per lane);
 `credit` is what may still be sent, and the dispatcher's view of the node's
 room (Node.free) never exceeds it, so the node never gets a job it did not
 grant a slot for. A job is tagged with its job name and attempt number, and
 so is every message about it, so an answer reaches only its own attempt.
 
 When the stream breaks, every attempt on it ends with UNAVAILABLE (the node
-crashed or went away, as a broken Process call ended), and the link opens a
-new stream with backoff; credits start again from the node's new grant.
+crashed or went away), and the link opens a new stream with backoff; credits
+start again from the node's new grant.
 """
 
 from __future__ import annotations
@@ -37,25 +37,21 @@ def request_bytes(message: pb.WorkRequest) -> int:
 async def _write(
     call: grpc.aio.StreamStreamCall[pb.WorkRequest, pb.WorkResponse],
     send: asyncio.Queue[pb.WorkRequest],
-    batches: bool,
 ) -> None:
     """Write what is queued on `send` to the stream until the call ends or this is cancelled."""
     left: list[pb.WorkRequest] = []  # taken, but past the last batch's size
     try:
         while True:
             first = left.pop() if left else await send.get()
-            if batches:
-                ready, left = take_ready(first, send, request_bytes)
-                # Several at once: one write instead of one each.
-                await call.write(ready[0] if len(ready) == 1 else pb.WorkRequest(more=ready))
-            else:
-                await call.write(first)
+            ready, left = take_ready(first, send, request_bytes)
+            # Several at once: one write instead of one each.
+            await call.write(ready[0] if len(ready) == 1 else pb.WorkRequest(more=ready))
     except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
         return  # the call is over: the reading side sees how it ended
 
 
 class NodeError(Exception):
-    """An attempt on a Work stream ended with a status, as a failed Process call does."""
+    """An attempt on a Work stream ended with a status other than OK (WorkResponse.end)."""
 
     def __init__(self, code: grpc.StatusCode, details: str) -> None:
         super().__init__(f"{code.name}: {details}")
@@ -64,9 +60,9 @@ class NodeError(Exception):
 
 
 class LinkAttempt:
-    """One attempt on a Work stream: its messages in order, like a Process call's.
+    """One attempt on a Work stream: its messages in order.
 
-    Iterating yields the node's ProcessResponse messages and ends after the
+    Iterating yields the node's WorkUpdate messages and ends after the
     attempt's output; a failed attempt raises NodeError. `cancel` stops it on
     the node (unless it already ended).
     """
@@ -92,13 +88,13 @@ class LinkAttempt:
     def __aiter__(self) -> LinkAttempt:
         return self
 
-    async def __anext__(self) -> pb.ProcessResponse:
+    async def __anext__(self) -> pb.WorkUpdate:
         if self._ended:
             raise StopAsyncIteration
         message = await self._queue.get()
         if isinstance(message, NodeError):
             if message.code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                self.cancel()  # the node stops it, as a Process call's deadline stopped it
+                self.cancel()  # the node stops it too
             else:
                 self._finish()
             raise message
@@ -140,10 +136,6 @@ class WorkLink:
         self._metadata = metadata
         self._on_credit = on_credit
         self.credit = {False: 0, True: 0}  # light? -> jobs we may still send
-        self.unsupported = False  # the node answered UNIMPLEMENTED: use Process
-        # The node reads WorkRequest.more and answers in batches (GetLoad's work_batches):
-        # jobs claimed together then go out in one write, and its replies come likewise.
-        self.batches = False
         self._send: asyncio.Queue[pb.WorkRequest] | None = None  # None while down
         self._attempts: dict[tuple[str, int], LinkAttempt] = {}
         self._task: asyncio.Task[None] | None = None
@@ -183,7 +175,7 @@ class WorkLink:
             self._on_credit()
 
     def start_attempt(
-        self, request: pb.ProcessRequest, ticket: int | None, timeout_s: float
+        self, request: pb.WorkJob, ticket: int | None, timeout_s: float
     ) -> LinkAttempt:
         """Send the job on the credit `ticket` reserved; raises NodeError(RESOURCE_EXHAUSTED)
         when it has none on the stream now open."""
@@ -210,10 +202,9 @@ class WorkLink:
                     wait = BACKOFF_S[0]
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-                    log.info("no Work on the node; using Process", extra={"node": self.address})
-                    self.unsupported = True
-                    self._on_credit()
-                    return
+                    # A node of another version: it gets no job until it serves Work.
+                    log.warning("node does not serve Work; no jobs go to it",
+                                extra={"node": self.address})  # fmt: skip
                 log.debug("work stream broke", extra={"node": self.address, "error": str(exc)})
             finally:
                 self._lost()
@@ -222,15 +213,16 @@ class WorkLink:
 
     async def _session(self, send: asyncio.Queue[pb.WorkRequest]) -> bool:
         """Run one stream until it ends; True when the node granted credit on it."""
-        batches = self.batches  # as the node said when this stream opened
-        metadata = (*self._metadata, BATCHES_METADATA) if batches else self._metadata
+        # Batches both ways: jobs claimed together go out in one write (WorkRequest.more),
+        # and the node's replies come likewise.
+        metadata = (*self._metadata, BATCHES_METADATA)
         # Written by a task of our own, not from a request iterator: grpc consumes an
         # iterator in a task of its own that nothing ends when the call fails (a node
         # killed, a node not there yet), so it waited on `send` for good, and the garbage
         # collector destroyed it pending ("Task was destroyed but it is pending!",
         # "aclose(): asynchronous generator is already running", at ERROR) on every loss.
         call = self._stub.Work(None, metadata=metadata)
-        writer = asyncio.get_running_loop().create_task(_write(call, send, batches))
+        writer = asyncio.get_running_loop().create_task(_write(call, send))
         writer.add_done_callback(lambda _: call.cancel())  # a writer that failed ends it
         try:
             async for batch in call:

@@ -6,7 +6,7 @@ Kubernetes' own rules: envFrom first, then env in order, `$(VAR)` expanded
 from what is defined before it, Secrets and ConfigMaps looked up, optional
 references left out when missing.
 
-The API, for tests/test_deploy.py and for the container smoke test that runs
+The API, for tests/cluster/test_deploy.py and for the container smoke test that runs
 the images with the same environment as the cluster would:
 
     render(target, components=()) -> list[dict]
@@ -41,7 +41,7 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = ("cpu", "gpu", "dev")
 COMPONENTS = ("prometheus-operator", "keda", "tls")

@@ -1,6 +1,7 @@
-"""A private MariaDB server for tests that must stop it or change its limits.
+"""MariaDB for the record tests: the shared server, and private ones.
 
-Most record tests use the shared server on 127.0.0.1:3306. A test that kills
+Most record tests use the shared server on 127.0.0.1:3306 (SHARED; rows() reads
+a vendor's data_records there or anywhere else). A test that kills
 the database mid-run, or needs a small max_allowed_packet, starts its own
 `mariadbd` (the same binary) on a free port with a throw-away data directory,
 so the shared server is never disturbed.
@@ -12,12 +13,45 @@ import shutil
 import socket
 import subprocess
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
 import pymysql
 
 from services.local.redis import free_port
+from services.scheduler.records import MysqlTarget, RecordUpdate
+
+SHARED = "mysql://root@127.0.0.1:3306/test"
+
+
+def rows(url: str, vendor: str) -> dict[str, tuple[str, str, str, str]]:
+    """record_id -> (photo_url, processing_status, job_id, processed_at) for one vendor."""
+    t = MysqlTarget.from_url(url)
+    conn = pymysql.connect(host=t.host, port=t.port, user=t.user, database=t.database)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT record_id, photo_url, processing_status, job_id, processed_at"
+                " FROM data_records WHERE vendor_id = %s",
+                (vendor,),
+            )
+            return {r[0]: (r[1], r[2], r[3], str(r[4])) for r in cur.fetchall()}
+    finally:
+        conn.close()
+
+
+def update(vendor: str, record: str, job_id: str, created_ms: int, url: str) -> RecordUpdate:
+    """A record update as a job's delivery makes it."""
+    return RecordUpdate(
+        vendor_id=vendor,
+        project_id="proj",
+        record_id=record,
+        photo_url=url,
+        job_id=job_id,
+        job_created_ms=created_ms,
+        processed_at=datetime.now(UTC),
+    )
 
 
 def _binary(name: str) -> str:

@@ -26,7 +26,7 @@ from cutout.v1 import jobs_pb2 as cutout_dot_v1_dot_jobs__pb2
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*cutout/internal/v1/inference_service.proto\x12\x12\x63utout.internal.v1\x1a\x14\x63utout/v1/jobs.proto\x1a\x17google/rpc/status.proto\"z\n\x0eProcessRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\'\n\toperation\x18\x03 \x01(\x0b\x32\x14.cutout.v1.Operation\x12\r\n\x05image\x18\x04 \x01(\x0c\x12\x11\n\tvendor_id\x18\x05 \x01(\t\"L\n\x0fProcessProgress\x12\x1f\n\x05stage\x18\x01 \x01(\x0e\x32\x10.cutout.v1.Stage\x12\x18\n\x10progress_percent\x18\x02 \x01(\x05\"\xde\x01\n\rProcessOutput\x12\x14\n\x0c\x63ontent_type\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x10\n\x08width_px\x18\x03 \x01(\x05\x12\x11\n\theight_px\x18\x04 \x01(\x05\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12+\n\x0bsubject_box\x18\x06 \x01(\x0b\x32\x16.cutout.v1.BoundingBox\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\x12\x33\n\x06stages\x18\x08 \x03(\x0b\x32#.cutout.internal.v1.ProcessProgress\"\x9b\x01\n\x0fProcessResponse\x12\x37\n\x08progress\x18\x01 \x01(\x0b\x32#.cutout.internal.v1.ProcessProgressH\x00\x12\x33\n\x06output\x18\x02 \x01(\x0b\x32!.cutout.internal.v1.ProcessOutputH\x00\x12\x0f\n\x05\x63hunk\x18\x03 \x01(\x0cH\x00\x42\t\n\x07payload\"\x10\n\x0eGetLoadRequest\"\x97\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1a\n\x12\x65xecution_provider\x18\x02 \x01(\t\x12\x1b\n\x13requested_providers\x18\x03 \x03(\t\x12\x0f\n\x07runtime\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x11\n\tprecision\x18\x06 \x01(\t\x12\x0f\n\x07threads\x18\x07 \x01(\x05\"\xc3\x02\n\x0fGetLoadResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\x05\x12\x11\n\tin_flight\x18\x03 \x01(\x05\x12-\n\x06models\x18\x04 \x03(\x0b\x32\x1d.cutout.internal.v1.ModelInfo\x12\x10\n\x08\x64raining\x18\x05 \x01(\x08\x12\x16\n\x0elight_capacity\x18\x06 \x01(\x05\x12\x17\n\x0flight_in_flight\x18\x07 \x01(\x05\x12\x11\n\trss_bytes\x18\x08 \x01(\x03\x12\x10\n\x08recycles\x18\t \x01(\x05\x12\x13\n\x0bwork_stream\x18\n \x01(\x08\x12\x14\n\x0cwork_batches\x18\x0b \x01(\x08\x12\x10\n\x08prefetch\x18\x0c \x01(\x05\x12\x0f\n\x07waiting\x18\r \x01(\x05\x12\x15\n\rlight_waiting\x18\x0e \x01(\x05\"\xac\x01\n\x0bWorkRequest\x12\x31\n\x03job\x18\x01 \x01(\x0b\x32\".cutout.internal.v1.ProcessRequestH\x00\x12\x30\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x1e.cutout.internal.v1.WorkCancelH\x00\x12-\n\x04more\x18\x03 \x03(\x0b\x32\x1f.cutout.internal.v1.WorkRequestB\t\n\x07payload\"+\n\nWorkCancel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\".\n\nWorkCredit\x12\x0c\n\x04jobs\x18\x01 \x01(\x05\x12\x12\n\nlight_jobs\x18\x02 \x01(\x05\"\xf4\x01\n\x0cWorkResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x30\n\x06\x63redit\x18\x03 \x01(\x0b\x32\x1e.cutout.internal.v1.WorkCreditH\x00\x12\x35\n\x06update\x18\x04 \x01(\x0b\x32#.cutout.internal.v1.ProcessResponseH\x00\x12!\n\x03\x65nd\x18\x05 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x12.\n\x04more\x18\x06 \x03(\x0b\x32 .cutout.internal.v1.WorkResponseB\t\n\x07payload2\x90\x02\n\x10InferenceService\x12T\n\x07Process\x12\".cutout.internal.v1.ProcessRequest\x1a#.cutout.internal.v1.ProcessResponse0\x01\x12W\n\x07GetLoad\x12\".cutout.internal.v1.GetLoadRequest\x1a#.cutout.internal.v1.GetLoadResponse\"\x03\x90\x02\x01\x12M\n\x04Work\x12\x1f.cutout.internal.v1.WorkRequest\x1a .cutout.internal.v1.WorkResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*cutout/internal/v1/inference_service.proto\x12\x12\x63utout.internal.v1\x1a\x14\x63utout/v1/jobs.proto\x1a\x17google/rpc/status.proto\"s\n\x07WorkJob\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\'\n\toperation\x18\x03 \x01(\x0b\x32\x14.cutout.v1.Operation\x12\r\n\x05image\x18\x04 \x01(\x0c\x12\x11\n\tvendor_id\x18\x05 \x01(\t\"I\n\x0cWorkProgress\x12\x1f\n\x05stage\x18\x01 \x01(\x0e\x32\x10.cutout.v1.Stage\x12\x18\n\x10progress_percent\x18\x02 \x01(\x05\"\xd8\x01\n\nWorkOutput\x12\x14\n\x0c\x63ontent_type\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x10\n\x08width_px\x18\x03 \x01(\x05\x12\x11\n\theight_px\x18\x04 \x01(\x05\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12+\n\x0bsubject_box\x18\x06 \x01(\x0b\x32\x16.cutout.v1.BoundingBox\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\x12\x30\n\x06stages\x18\x08 \x03(\x0b\x32 .cutout.internal.v1.WorkProgress\"\x90\x01\n\nWorkUpdate\x12\x34\n\x08progress\x18\x01 \x01(\x0b\x32 .cutout.internal.v1.WorkProgressH\x00\x12\x30\n\x06output\x18\x02 \x01(\x0b\x32\x1e.cutout.internal.v1.WorkOutputH\x00\x12\x0f\n\x05\x63hunk\x18\x03 \x01(\x0cH\x00\x42\t\n\x07payload\"\x10\n\x0eGetLoadRequest\"\x97\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1a\n\x12\x65xecution_provider\x18\x02 \x01(\t\x12\x1b\n\x13requested_providers\x18\x03 \x03(\t\x12\x0f\n\x07runtime\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x11\n\tprecision\x18\x06 \x01(\t\x12\x0f\n\x07threads\x18\x07 \x01(\x05\"\xc3\x02\n\x0fGetLoadResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\x05\x12\x11\n\tin_flight\x18\x03 \x01(\x05\x12-\n\x06models\x18\x04 \x03(\x0b\x32\x1d.cutout.internal.v1.ModelInfo\x12\x10\n\x08\x64raining\x18\x05 \x01(\x08\x12\x16\n\x0elight_capacity\x18\x06 \x01(\x05\x12\x17\n\x0flight_in_flight\x18\x07 \x01(\x05\x12\x11\n\trss_bytes\x18\x08 \x01(\x03\x12\x10\n\x08recycles\x18\t \x01(\x05\x12\x13\n\x0bwork_stream\x18\n \x01(\x08\x12\x14\n\x0cwork_batches\x18\x0b \x01(\x08\x12\x10\n\x08prefetch\x18\x0c \x01(\x05\x12\x0f\n\x07waiting\x18\r \x01(\x05\x12\x15\n\rlight_waiting\x18\x0e \x01(\x05\"\xa5\x01\n\x0bWorkRequest\x12*\n\x03job\x18\x01 \x01(\x0b\x32\x1b.cutout.internal.v1.WorkJobH\x00\x12\x30\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x1e.cutout.internal.v1.WorkCancelH\x00\x12-\n\x04more\x18\x03 \x03(\x0b\x32\x1f.cutout.internal.v1.WorkRequestB\t\n\x07payload\"+\n\nWorkCancel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\".\n\nWorkCredit\x12\x0c\n\x04jobs\x18\x01 \x01(\x05\x12\x12\n\nlight_jobs\x18\x02 \x01(\x05\"\xef\x01\n\x0cWorkResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x30\n\x06\x63redit\x18\x03 \x01(\x0b\x32\x1e.cutout.internal.v1.WorkCreditH\x00\x12\x30\n\x06update\x18\x04 \x01(\x0b\x32\x1e.cutout.internal.v1.WorkUpdateH\x00\x12!\n\x03\x65nd\x18\x05 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x12.\n\x04more\x18\x06 \x03(\x0b\x32 .cutout.internal.v1.WorkResponseB\t\n\x07payload2\xba\x01\n\x10InferenceService\x12W\n\x07GetLoad\x12\".cutout.internal.v1.GetLoadRequest\x1a#.cutout.internal.v1.GetLoadResponse\"\x03\x90\x02\x01\x12M\n\x04Work\x12\x1f.cutout.internal.v1.WorkRequest\x1a .cutout.internal.v1.WorkResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,28 +35,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_INFERENCESERVICE'].methods_by_name['GetLoad']._loaded_options = None
   _globals['_INFERENCESERVICE'].methods_by_name['GetLoad']._serialized_options = b'\220\002\001'
-  _globals['_PROCESSREQUEST']._serialized_start=113
-  _globals['_PROCESSREQUEST']._serialized_end=235
-  _globals['_PROCESSPROGRESS']._serialized_start=237
-  _globals['_PROCESSPROGRESS']._serialized_end=313
-  _globals['_PROCESSOUTPUT']._serialized_start=316
-  _globals['_PROCESSOUTPUT']._serialized_end=538
-  _globals['_PROCESSRESPONSE']._serialized_start=541
-  _globals['_PROCESSRESPONSE']._serialized_end=696
-  _globals['_GETLOADREQUEST']._serialized_start=698
-  _globals['_GETLOADREQUEST']._serialized_end=714
-  _globals['_MODELINFO']._serialized_start=717
-  _globals['_MODELINFO']._serialized_end=868
-  _globals['_GETLOADRESPONSE']._serialized_start=871
-  _globals['_GETLOADRESPONSE']._serialized_end=1194
-  _globals['_WORKREQUEST']._serialized_start=1197
-  _globals['_WORKREQUEST']._serialized_end=1369
-  _globals['_WORKCANCEL']._serialized_start=1371
-  _globals['_WORKCANCEL']._serialized_end=1414
-  _globals['_WORKCREDIT']._serialized_start=1416
-  _globals['_WORKCREDIT']._serialized_end=1462
-  _globals['_WORKRESPONSE']._serialized_start=1465
-  _globals['_WORKRESPONSE']._serialized_end=1709
-  _globals['_INFERENCESERVICE']._serialized_start=1712
-  _globals['_INFERENCESERVICE']._serialized_end=1984
+  _globals['_WORKJOB']._serialized_start=113
+  _globals['_WORKJOB']._serialized_end=228
+  _globals['_WORKPROGRESS']._serialized_start=230
+  _globals['_WORKPROGRESS']._serialized_end=303
+  _globals['_WORKOUTPUT']._serialized_start=306
+  _globals['_WORKOUTPUT']._serialized_end=522
+  _globals['_WORKUPDATE']._serialized_start=525
+  _globals['_WORKUPDATE']._serialized_end=669
+  _globals['_GETLOADREQUEST']._serialized_start=671
+  _globals['_GETLOADREQUEST']._serialized_end=687
+  _globals['_MODELINFO']._serialized_start=690
+  _globals['_MODELINFO']._serialized_end=841
+  _globals['_GETLOADRESPONSE']._serialized_start=844
+  _globals['_GETLOADRESPONSE']._serialized_end=1167
+  _globals['_WORKREQUEST']._serialized_start=1170
+  _globals['_WORKREQUEST']._serialized_end=1335
+  _globals['_WORKCANCEL']._serialized_start=1337
+  _globals['_WORKCANCEL']._serialized_end=1380
+  _globals['_WORKCREDIT']._serialized_start=1382
+  _globals['_WORKCREDIT']._serialized_end=1428
+  _globals['_WORKRESPONSE']._serialized_start=1431
+  _globals['_WORKRESPONSE']._serialized_end=1670
+  _globals['_INFERENCESERVICE']._serialized_start=1673
+  _globals['_INFERENCESERVICE']._serialized_end=1859
 # @@protoc_insertion_point(module_scope)

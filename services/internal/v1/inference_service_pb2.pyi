@@ -21,8 +21,8 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
-class ProcessRequest(_message.Message):
-    """Request for Process."""
+class WorkJob(_message.Message):
+    """One job attempt to run, sent on the Work stream (WorkRequest.job)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -32,9 +32,9 @@ class ProcessRequest(_message.Message):
     IMAGE_FIELD_NUMBER: _builtins.int
     VENDOR_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """"jobs/{job_id}", for logs."""
+    """"jobs/{job_id}": with `attempt`, tags every message about this attempt."""
     attempt: _builtins.int
-    """1-based attempt number, for logs."""
+    """1-based attempt number."""
     image: _builtins.bytes
     """The encoded input image, at most the node's message limit (32 MiB by default)."""
     vendor_id: _builtins.str
@@ -58,10 +58,10 @@ class ProcessRequest(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ProcessRequest: _TypeAlias = ProcessRequest  # noqa: Y015
+Global___WorkJob: _TypeAlias = WorkJob  # noqa: Y015
 
 @_typing.final
-class ProcessProgress(_message.Message):
+class WorkProgress(_message.Message):
     """Progress of one attempt."""
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -84,11 +84,11 @@ class ProcessProgress(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ProcessProgress: _TypeAlias = ProcessProgress  # noqa: Y015
+Global___WorkProgress: _TypeAlias = WorkProgress  # noqa: Y015
 
 @_typing.final
-class ProcessOutput(_message.Message):
-    """Description of the output, sent once before its bytes."""
+class WorkOutput(_message.Message):
+    """Description of an attempt's output, sent once before its bytes."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -119,7 +119,7 @@ class ProcessOutput(_message.Message):
         """Where the subject or face is in the output; unset for transforms."""
 
     @_builtins.property
-    def stages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProcessProgress]:
+    def stages(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkProgress]:
         """Progress stages the job passed that no progress message reported yet, in
         order. A node holds progress back briefly (CUTOUT_PROGRESS_HOLD_MS), so
         a job that finishes within that time reports its stages here, in one
@@ -136,7 +136,7 @@ class ProcessOutput(_message.Message):
         sha256: _builtins.str = ...,
         subject_box: _jobs_pb2.BoundingBox | None = ...,
         data: _builtins.bytes = ...,
-        stages: _abc.Iterable[Global___ProcessProgress] | None = ...,
+        stages: _abc.Iterable[Global___WorkProgress] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["subject_box", b"subject_box"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -144,12 +144,13 @@ class ProcessOutput(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ProcessOutput: _TypeAlias = ProcessOutput  # noqa: Y015
+Global___WorkOutput: _TypeAlias = WorkOutput  # noqa: Y015
 
 @_typing.final
-class ProcessResponse(_message.Message):
-    """Response for Process: progress events, then the output header (with the
-    output inline when it is small), then the rest of the output in chunks.
+class WorkUpdate(_message.Message):
+    """One step of an attempt's answer (WorkResponse.update): progress events,
+    then the output header (with the output inline when it is small), then the
+    rest of the output in chunks. Its end follows as WorkResponse.end.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -160,18 +161,18 @@ class ProcessResponse(_message.Message):
     chunk: _builtins.bytes
     """Up to 1 MiB of output bytes, in order."""
     @_builtins.property
-    def progress(self) -> Global___ProcessProgress:
+    def progress(self) -> Global___WorkProgress:
         """A progress update."""
 
     @_builtins.property
-    def output(self) -> Global___ProcessOutput:
+    def output(self) -> Global___WorkOutput:
         """The output's description, sent once."""
 
     def __init__(
         self,
         *,
-        progress: Global___ProcessProgress | None = ...,
-        output: Global___ProcessOutput | None = ...,
+        progress: Global___WorkProgress | None = ...,
+        output: Global___WorkOutput | None = ...,
         chunk: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "output", b"output", "payload", b"payload", "progress", b"progress"]  # noqa: Y015
@@ -182,7 +183,7 @@ class ProcessResponse(_message.Message):
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
-Global___ProcessResponse: _TypeAlias = ProcessResponse  # noqa: Y015
+Global___WorkUpdate: _TypeAlias = WorkUpdate  # noqa: Y015
 
 @_typing.final
 class GetLoadRequest(_message.Message):
@@ -291,7 +292,9 @@ class GetLoadResponse(_message.Message):
     recycles: _builtins.int
     """Times the node rebuilt its model sessions to give memory back."""
     work_stream: _builtins.bool
-    """True when the node serves Work; the scheduler then uses it instead of Process."""
+    """True when the node serves Work (every node of this version does; the
+    scheduler sends jobs only on Work).
+    """
     work_batches: _builtins.bool
     """True when the node reads WorkRequest.more, and sends WorkResponse.more to a
     scheduler that opens Work with the metadata "x-cutout-work-batches: 1".
@@ -344,7 +347,7 @@ class WorkRequest(_message.Message):
     CANCEL_FIELD_NUMBER: _builtins.int
     MORE_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def job(self) -> Global___ProcessRequest:
+    def job(self) -> Global___WorkJob:
         """Run this attempt; uses one credit of its lane (light or inference)."""
 
     @_builtins.property
@@ -361,7 +364,7 @@ class WorkRequest(_message.Message):
     def __init__(
         self,
         *,
-        job: Global___ProcessRequest | None = ...,
+        job: Global___WorkJob | None = ...,
         cancel: Global___WorkCancel | None = ...,
         more: _abc.Iterable[Global___WorkRequest] | None = ...,
     ) -> None: ...
@@ -448,13 +451,17 @@ class WorkResponse(_message.Message):
         """Slots granted: at the start of the stream, then one as each job's work ends."""
 
     @_builtins.property
-    def update(self) -> Global___ProcessResponse:
-        """Progress, the output header or an output chunk, as Process sends them."""
+    def update(self) -> Global___WorkUpdate:
+        """Progress, the output header or an output chunk."""
 
     @_builtins.property
     def end(self) -> _status_pb2.Status:
-        """The attempt is over: code 0 after its whole output, otherwise the status
-        Process would have ended with (same codes, same meaning).
+        """The attempt is over: code 0 after its whole output, otherwise why it
+        failed: INVALID_ARGUMENT for input no attempt can process,
+        FAILED_PRECONDITION for an operation the node cannot do (neither is
+        retried), RESOURCE_EXHAUSTED when the node is full or draining (the job
+        goes back without counting an attempt), CANCELLED after a WorkCancel;
+        anything else is retryable.
         """
 
     @_builtins.property
@@ -471,7 +478,7 @@ class WorkResponse(_message.Message):
         name: _builtins.str = ...,
         attempt: _builtins.int = ...,
         credit: Global___WorkCredit | None = ...,
-        update: Global___ProcessResponse | None = ...,
+        update: Global___WorkUpdate | None = ...,
         end: _status_pb2.Status | None = ...,
         more: _abc.Iterable[Global___WorkResponse] | None = ...,
     ) -> None: ...

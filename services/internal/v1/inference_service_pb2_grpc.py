@@ -28,6 +28,14 @@ if _version_not_supported:
 class InferenceServiceStub:
     """Internal: served by every inference node. The scheduler is its only caller;
     every call carries the cluster's internal token (`x-cutout-internal-token`).
+
+    Work is the one way to run a job on a node: the scheduler sends WorkJob
+    messages on it, and the node answers each with WorkUpdate messages
+    (progress, then its WorkOutput) and an end status. (Until issue 27 a unary
+    Process RPC ran one attempt per call, with the same shapes under the names
+    ProcessRequest, ProcessResponse, ProcessProgress and ProcessOutput; it is
+    gone. The messages kept their field numbers: a Work stream's bytes are as
+    before.)
     """
 
     def __init__(self, channel):
@@ -36,11 +44,6 @@ class InferenceServiceStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Process = channel.unary_stream(
-                '/cutout.internal.v1.InferenceService/Process',
-                request_serializer=cutout_dot_internal_dot_v1_dot_inference__service__pb2.ProcessRequest.SerializeToString,
-                response_deserializer=cutout_dot_internal_dot_v1_dot_inference__service__pb2.ProcessResponse.FromString,
-                _registered_method=True)
         self.GetLoad = channel.unary_unary(
                 '/cutout.internal.v1.InferenceService/GetLoad',
                 request_serializer=cutout_dot_internal_dot_v1_dot_inference__service__pb2.GetLoadRequest.SerializeToString,
@@ -56,17 +59,15 @@ class InferenceServiceStub:
 class InferenceServiceServicer:
     """Internal: served by every inference node. The scheduler is its only caller;
     every call carries the cluster's internal token (`x-cutout-internal-token`).
-    """
 
-    def Process(self, request, context):
-        """Runs one job attempt and streams its progress, then the output.
-        Errors end the stream with a status: INVALID_ARGUMENT for input no
-        attempt can process (not retried), RESOURCE_EXHAUSTED when the node is
-        full or draining, anything else is retryable.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
+    Work is the one way to run a job on a node: the scheduler sends WorkJob
+    messages on it, and the node answers each with WorkUpdate messages
+    (progress, then its WorkOutput) and an end status. (Until issue 27 a unary
+    Process RPC ran one attempt per call, with the same shapes under the names
+    ProcessRequest, ProcessResponse, ProcessProgress and ProcessOutput; it is
+    gone. The messages kept their field numbers: a Work stream's bytes are as
+    before.)
+    """
 
     def GetLoad(self, request, context):
         """Reports what the node can take right now.
@@ -79,11 +80,10 @@ class InferenceServiceServicer:
         """One long-lived stream per scheduler and node, carrying many attempts: the
         node grants slots with credits, the scheduler sends jobs (never more than
         granted) and cancellations, the node sends each attempt's progress,
-        output and end, tagged with its job name and attempt. Replaces one
-        Process call per attempt (a scheduler spent its CPU setting those up).
+        output and end, tagged with its job name and attempt (one stream instead
+        of a call per attempt: a scheduler spent its CPU setting those up).
         When the stream breaks, every attempt on it is lost: the node stops
-        them, the scheduler retries them elsewhere. Nodes that serve it say so
-        in GetLoadResponse.work_stream; Process stays for those that do not.
+        them, the scheduler retries them elsewhere.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -92,11 +92,6 @@ class InferenceServiceServicer:
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Process': grpc.unary_stream_rpc_method_handler(
-                    servicer.Process,
-                    request_deserializer=cutout_dot_internal_dot_v1_dot_inference__service__pb2.ProcessRequest.FromString,
-                    response_serializer=cutout_dot_internal_dot_v1_dot_inference__service__pb2.ProcessResponse.SerializeToString,
-            ),
             'GetLoad': grpc.unary_unary_rpc_method_handler(
                     servicer.GetLoad,
                     request_deserializer=cutout_dot_internal_dot_v1_dot_inference__service__pb2.GetLoadRequest.FromString,
@@ -118,34 +113,15 @@ def add_InferenceServiceServicer_to_server(servicer, server):
 class InferenceService:
     """Internal: served by every inference node. The scheduler is its only caller;
     every call carries the cluster's internal token (`x-cutout-internal-token`).
-    """
 
-    @staticmethod
-    def Process(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
-            target,
-            '/cutout.internal.v1.InferenceService/Process',
-            cutout_dot_internal_dot_v1_dot_inference__service__pb2.ProcessRequest.SerializeToString,
-            cutout_dot_internal_dot_v1_dot_inference__service__pb2.ProcessResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
+    Work is the one way to run a job on a node: the scheduler sends WorkJob
+    messages on it, and the node answers each with WorkUpdate messages
+    (progress, then its WorkOutput) and an end status. (Until issue 27 a unary
+    Process RPC ran one attempt per call, with the same shapes under the names
+    ProcessRequest, ProcessResponse, ProcessProgress and ProcessOutput; it is
+    gone. The messages kept their field numbers: a Work stream's bytes are as
+    before.)
+    """
 
     @staticmethod
     def GetLoad(request,

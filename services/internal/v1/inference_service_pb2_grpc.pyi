@@ -29,73 +29,71 @@ GRPC_VERSION: str
 class InferenceServiceStub:
     """Internal: served by every inference node. The scheduler is its only caller;
     every call carries the cluster's internal token (`x-cutout-internal-token`).
+
+    Work is the one way to run a job on a node: the scheduler sends WorkJob
+    messages on it, and the node answers each with WorkUpdate messages
+    (progress, then its WorkOutput) and an end status. (Until issue 27 a unary
+    Process RPC ran one attempt per call, with the same shapes under the names
+    ProcessRequest, ProcessResponse, ProcessProgress and ProcessOutput; it is
+    gone. The messages kept their field numbers: a Work stream's bytes are as
+    before.)
     """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> InferenceServiceAsyncStub: ...
-    Process: _grpc.UnaryStreamMultiCallable[_inference_service_pb2.ProcessRequest, _inference_service_pb2.ProcessResponse]
-    """Runs one job attempt and streams its progress, then the output.
-    Errors end the stream with a status: INVALID_ARGUMENT for input no
-    attempt can process (not retried), RESOURCE_EXHAUSTED when the node is
-    full or draining, anything else is retryable.
-    """
     GetLoad: _grpc.UnaryUnaryMultiCallable[_inference_service_pb2.GetLoadRequest, _inference_service_pb2.GetLoadResponse]
     """Reports what the node can take right now."""
     Work: _grpc.StreamStreamMultiCallable[_inference_service_pb2.WorkRequest, _inference_service_pb2.WorkResponse]
     """One long-lived stream per scheduler and node, carrying many attempts: the
     node grants slots with credits, the scheduler sends jobs (never more than
     granted) and cancellations, the node sends each attempt's progress,
-    output and end, tagged with its job name and attempt. Replaces one
-    Process call per attempt (a scheduler spent its CPU setting those up).
+    output and end, tagged with its job name and attempt (one stream instead
+    of a call per attempt: a scheduler spent its CPU setting those up).
     When the stream breaks, every attempt on it is lost: the node stops
-    them, the scheduler retries them elsewhere. Nodes that serve it say so
-    in GetLoadResponse.work_stream; Process stays for those that do not.
+    them, the scheduler retries them elsewhere.
     """
 
 @_typing.type_check_only
 class InferenceServiceAsyncStub(InferenceServiceStub):
     """Internal: served by every inference node. The scheduler is its only caller;
     every call carries the cluster's internal token (`x-cutout-internal-token`).
+
+    Work is the one way to run a job on a node: the scheduler sends WorkJob
+    messages on it, and the node answers each with WorkUpdate messages
+    (progress, then its WorkOutput) and an end status. (Until issue 27 a unary
+    Process RPC ran one attempt per call, with the same shapes under the names
+    ProcessRequest, ProcessResponse, ProcessProgress and ProcessOutput; it is
+    gone. The messages kept their field numbers: a Work stream's bytes are as
+    before.)
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
-    Process: _aio.UnaryStreamMultiCallable[_inference_service_pb2.ProcessRequest, _inference_service_pb2.ProcessResponse]  # type: ignore[assignment]
-    """Runs one job attempt and streams its progress, then the output.
-    Errors end the stream with a status: INVALID_ARGUMENT for input no
-    attempt can process (not retried), RESOURCE_EXHAUSTED when the node is
-    full or draining, anything else is retryable.
-    """
     GetLoad: _aio.UnaryUnaryMultiCallable[_inference_service_pb2.GetLoadRequest, _inference_service_pb2.GetLoadResponse]  # type: ignore[assignment]
     """Reports what the node can take right now."""
     Work: _aio.StreamStreamMultiCallable[_inference_service_pb2.WorkRequest, _inference_service_pb2.WorkResponse]  # type: ignore[assignment]
     """One long-lived stream per scheduler and node, carrying many attempts: the
     node grants slots with credits, the scheduler sends jobs (never more than
     granted) and cancellations, the node sends each attempt's progress,
-    output and end, tagged with its job name and attempt. Replaces one
-    Process call per attempt (a scheduler spent its CPU setting those up).
+    output and end, tagged with its job name and attempt (one stream instead
+    of a call per attempt: a scheduler spent its CPU setting those up).
     When the stream breaks, every attempt on it is lost: the node stops
-    them, the scheduler retries them elsewhere. Nodes that serve it say so
-    in GetLoadResponse.work_stream; Process stays for those that do not.
+    them, the scheduler retries them elsewhere.
     """
 
 class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     """Internal: served by every inference node. The scheduler is its only caller;
     every call carries the cluster's internal token (`x-cutout-internal-token`).
-    """
 
-    @_abc_1.abstractmethod
-    def Process(
-        self,
-        request: _inference_service_pb2.ProcessRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_inference_service_pb2.ProcessResponse], _abc.AsyncIterator[_inference_service_pb2.ProcessResponse]]:
-        """Runs one job attempt and streams its progress, then the output.
-        Errors end the stream with a status: INVALID_ARGUMENT for input no
-        attempt can process (not retried), RESOURCE_EXHAUSTED when the node is
-        full or draining, anything else is retryable.
-        """
+    Work is the one way to run a job on a node: the scheduler sends WorkJob
+    messages on it, and the node answers each with WorkUpdate messages
+    (progress, then its WorkOutput) and an end status. (Until issue 27 a unary
+    Process RPC ran one attempt per call, with the same shapes under the names
+    ProcessRequest, ProcessResponse, ProcessProgress and ProcessOutput; it is
+    gone. The messages kept their field numbers: a Work stream's bytes are as
+    before.)
+    """
 
     @_abc_1.abstractmethod
     def GetLoad(
@@ -114,11 +112,10 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         """One long-lived stream per scheduler and node, carrying many attempts: the
         node grants slots with credits, the scheduler sends jobs (never more than
         granted) and cancellations, the node sends each attempt's progress,
-        output and end, tagged with its job name and attempt. Replaces one
-        Process call per attempt (a scheduler spent its CPU setting those up).
+        output and end, tagged with its job name and attempt (one stream instead
+        of a call per attempt: a scheduler spent its CPU setting those up).
         When the stream breaks, every attempt on it is lost: the node stops
-        them, the scheduler retries them elsewhere. Nodes that serve it say so
-        in GetLoadResponse.work_stream; Process stays for those that do not.
+        them, the scheduler retries them elsewhere.
         """
 
 def add_InferenceServiceServicer_to_server(servicer: InferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

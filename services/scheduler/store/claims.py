@@ -11,6 +11,7 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 
+from services.common.operations import Lane
 from services.scheduler.keys import Keys
 from services.scheduler.store import lua
 from services.scheduler.store.model import Claim, Fairness
@@ -104,12 +105,12 @@ class Claims:
         self.fairness = fairness
         self._claim = lua.load(redis, CLAIM)
 
-    async def claim(self, node: str, lease_ms: int, lane: str = "") -> Claim | None:
-        """Lease the next job of the lane ('' inference, 'light:' light jobs) to node."""
+    async def claim(self, node: str, lease_ms: int, lane: Lane = Lane.HEAVY) -> Claim | None:
+        """Lease the next job of the lane to node."""
         got = await self.claim_many(node, lease_ms, lane, 1)
         return got[0] if got else None
 
-    async def claim_many(self, node: str, lease_ms: int, lane: str, count: int) -> list[Claim]:
+    async def claim_many(self, node: str, lease_ms: int, lane: Lane, count: int) -> list[Claim]:
         """Lease up to `count` jobs of the lane to node in one round trip, each chosen
         fairly as if claimed alone; fewer (or none) when fewer wait.
 

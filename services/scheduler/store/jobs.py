@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from cutout.names import job_name
 from cutout.v1 import jobs_pb2
 from services.common.errors import not_found
+from services.common.operations import Lane
 from services.scheduler.keys import Keys
 from services.scheduler.store.model import (
     Fields,
@@ -60,11 +61,15 @@ class Jobs:
         fields = await self._fields(vendor, job_id)
         place = Place()
         if int(fields[b"state"]) == jobs_pb2.JOB_STATE_QUEUED:
-            place = await self.place(vendor, job_id, fields.get(b"lane", b"").decode())
+            place = await self.place(vendor, job_id, Lane.parse(fields.get(b"lane")))
         return job_from_fields(job_id, fields, place)
 
     async def place(
-        self, vendor: str, job_id: str, lane: str = "", client: aioredis.Redis | None = None
+        self,
+        vendor: str,
+        job_id: str,
+        lane: Lane = Lane.HEAVY,
+        client: aioredis.Redis | None = None,
     ) -> Place:
         """Position in the vendor's queue of the job's lane, and an ETA."""
         async with (client or self.redis).pipeline(transaction=False) as pipe:
@@ -115,7 +120,7 @@ class Jobs:
             yield job
         if job.done:
             return
-        lane = state.get(b"lane", b"").decode()
+        lane = Lane.parse(state.get(b"lane"))
         async with self.hub.subscribe(vendor, job_id, lane, last_id) as followed:
             while not job.done:
                 followed.queued = job.state == jobs_pb2.JOB_STATE_QUEUED
@@ -138,7 +143,7 @@ class Jobs:
         state.update(event)
         place = Place()
         if int(state[b"state"]) == jobs_pb2.JOB_STATE_QUEUED:
-            place = await self.place(vendor, job_id, state.get(b"lane", b"").decode(), reads)
+            place = await self.place(vendor, job_id, Lane.parse(state.get(b"lane")), reads)
         return job_from_fields(job_id, state, place)
 
     async def page(

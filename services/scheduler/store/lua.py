@@ -8,7 +8,7 @@ prelude gives them:
 - every outcome in outcomes.py as CLASS_MEMBER (`RETRIED_DEAD_LETTERED`);
 - `key.<family>(...)` for every pattern in keys.PATTERNS, its placeholders as
   parameters in order: `key.job(job_id)`, `key.queue(lane, vendor)`;
-- PRIORITY_BAND, MAX_PRIORITY, EVENTS_KEPT, LANES (operations.LANES), and the
+- PRIORITY_BAND, MAX_PRIORITY (operations), EVENTS_KEPT, LANES (operations.Lane), and the
   vendor policy's field names POLICY_WEIGHT and POLICY_MAX_QUEUED;
 - WEBHOOK_PENDING, ... (the webhook delivery states of store/webhooks.py);
 - the helpers below, shared by every concern.
@@ -31,14 +31,9 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
 from cutout.v1 import jobs_pb2, webhooks_pb2
-from services.common import operations, vendor_policy
-from services.scheduler.keys import (
-    EVENTS_KEPT,
-    MAX_PRIORITY,
-    PATTERNS,
-    PRIORITY_BAND,
-    fields_of,
-)
+from services.common import vendor_policy
+from services.common.operations import LANES, MAX_PRIORITY
+from services.scheduler.keys import EVENTS_KEPT, PATTERNS, PRIORITY_BAND, fields_of
 from services.scheduler.store.outcomes import OUTCOMES
 
 _LITERAL = re.compile(r"^[A-Za-z0-9_:]*$")
@@ -61,7 +56,7 @@ def constants() -> list[str]:
         lines += [_outcome(enum, member) for member in enum]
     lines += [_number("PRIORITY_BAND", PRIORITY_BAND), _number("MAX_PRIORITY", MAX_PRIORITY)]
     lines += [_number("EVENTS_KEPT", EVENTS_KEPT)]
-    lines += [f"local LANES = {{{', '.join(_string(lane) for lane in operations.LANES)}}}"]
+    lines += [f"local LANES = {{{', '.join(_string(lane) for lane in LANES)}}}"]
     # The fields of the vendor policy hash (key.vendor_policy), named by its module.
     lines += [f"local POLICY_WEIGHT = {_string(vendor_policy.WEIGHT)}"]
     lines += [f"local POLICY_MAX_QUEUED = {_string(vendor_policy.MAX_QUEUED)}"]

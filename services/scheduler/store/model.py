@@ -13,19 +13,20 @@ import grpc
 from cutout.names import job_name
 from cutout.v1 import jobs_pb2
 from services.common.errors import CutoutError
+from services.common.operations import Lane
 
 TERMINAL = (jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED)
 Fields = dict[bytes, bytes]
 
 
 class FleetCapacity(Protocol):
-    """Concurrent jobs the fleet can take in a lane ('' inference, 'light:' light jobs):
-    the slots of its healthy nodes, for ETAs. The scheduler passes its node pool's."""
+    """Concurrent jobs the fleet can take in a lane: the slots of its healthy nodes, for
+    ETAs. The scheduler passes its node pool's."""
 
-    def __call__(self, lane: str) -> int: ...
+    def __call__(self, lane: Lane) -> int: ...
 
 
-def one_slot(lane: str) -> int:
+def one_slot(lane: Lane) -> int:
     """A fleet of one slot per lane: the capacity when none is known (tests, benches)."""
     return 1
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from enum import IntEnum
 
+from services.common.errors import CutoutError
+
 
 class Enqueued(IntEnum):
     """ENQUEUE, per job."""
@@ -41,6 +43,13 @@ class Charge(IntEnum):
     COUNTED = 0  # the job's or its node's (node error or crash, deadline): one retry used
     REFUNDED = 1  # refused before any work (node full, draining): requeued at once, not counted
     FREE = 2  # the cluster's own (scheduler or Redis restart, lease lost): not counted
+
+    @classmethod
+    def of(cls, error: CutoutError) -> Charge:
+        """The charge of an attempt that `error` ended, as its kind says (errors.py)."""
+        if not error.started:
+            return cls.REFUNDED
+        return cls.COUNTED if error.charged else cls.FREE
 
 
 class Cancelled(IntEnum):

@@ -11,10 +11,8 @@ from typing import cast
 import redis.asyncio as aioredis
 
 from cutout.v1 import jobs_pb2
-from services.common.operations import LANES
-from services.scheduler.keys import MAX_PRIORITY, PRIORITY_BAND, Keys
-
-_PRIORITIES = range(MAX_PRIORITY + 1)
+from services.common.operations import LANES, MAX_PRIORITY, PRIORITIES
+from services.scheduler.keys import PRIORITY_BAND, Keys
 
 
 @dataclass
@@ -40,7 +38,7 @@ class Stats:
 
     def _depths(self, pipe: aioredis.client.Pipeline, vendor: str) -> None:
         """Queue ZCOUNTs, by priority (highest first) then lane."""
-        for priority in reversed(_PRIORITIES):
+        for priority in reversed(PRIORITIES):
             low = (MAX_PRIORITY - priority) * PRIORITY_BAND
             for lane in LANES:
                 pipe.zcount(self.keys.queue(vendor, lane), low, low + PRIORITY_BAND - 1)
@@ -49,14 +47,14 @@ class Stats:
         """The vendor's counts, or the whole cluster's when vendor is ''."""
         vendors = [vendor] if vendor else await self.vendors()
         stats = jobs_pb2.QueueStats()
-        by_priority = dict.fromkeys(_PRIORITIES, 0)
+        by_priority = dict.fromkeys(PRIORITIES, 0)
         async with self.redis.pipeline(transaction=False) as pipe:
             for v in vendors:
                 pipe.scard(self.keys.running(v))
                 pipe.hgetall(self.keys.counters(v))
                 self._depths(pipe, v)
             rows = await pipe.execute()
-        per_vendor = 2 + len(_PRIORITIES) * len(LANES)
+        per_vendor = 2 + len(PRIORITIES) * len(LANES)
         for i in range(len(vendors)):
             chunk = rows[i * per_vendor : (i + 1) * per_vendor]
             stats.running += int(chunk[0])
@@ -67,11 +65,11 @@ class Stats:
             stats.dead_lettered += counts.get("dead_lettered", 0)
             stats.succeeded += counts.get("succeeded", 0)
             stats.failed += counts.get("failed", 0)
-            for n, priority in enumerate(reversed(_PRIORITIES)):
+            for n, priority in enumerate(reversed(PRIORITIES)):
                 lanes = chunk[2 + n * len(LANES) : 2 + (n + 1) * len(LANES)]
                 by_priority[priority] += sum(int(c) for c in lanes)
         stats.queued = sum(by_priority.values())
-        for priority in reversed(_PRIORITIES):
+        for priority in reversed(PRIORITIES):
             if by_priority[priority]:
                 stats.by_priority.add(priority=priority, queued=by_priority[priority])
         return stats
@@ -86,12 +84,12 @@ class Stats:
                 pipe.zcard(self.keys.dead_letters(vendor))
             pipe.zcard(self.keys.deliveries)
             counts = [int(c) for c in await pipe.execute()]
-        depths = len(_PRIORITIES) * len(LANES)
+        depths = len(PRIORITIES) * len(LANES)
         per_vendor = depths + 2
         out = Snapshot(deliveries_pending=counts[-1])
         for i, vendor in enumerate(vendors):
             row = counts[i * per_vendor : (i + 1) * per_vendor]
-            for n, priority in enumerate(reversed(_PRIORITIES)):
+            for n, priority in enumerate(reversed(PRIORITIES)):
                 out.depth[vendor, priority] = sum(row[n * len(LANES) : (n + 1) * len(LANES)])
             out.queued += sum(row[:depths])
             out.running += row[-2]

@@ -10,13 +10,12 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-import grpc
 import redis.asyncio as aioredis
 from redis.typing import EncodableT
 
 from cutout.v1 import jobs_pb2
-from services.common import operations
-from services.common.errors import CutoutError
+from services.common.errors import CutoutError, ResourceExhausted
+from services.common.operations import Lane
 from services.scheduler import metrics
 from services.scheduler.keys import Keys, job_cost
 from services.scheduler.store import lua
@@ -165,7 +164,7 @@ class Submissions:
             job_cost(new.input_pixels),
             self.admission.max_queued_per_vendor,
             self.admission.max_queued,
-            operations.lane(sub.operation),
+            Lane.of(sub.operation),
             self.retention.finished_s + 24 * 3600,
             sub.webhook_url,
         ]
@@ -186,13 +185,11 @@ class Submissions:
             )
         flat, rank, active, run_ms = reply[2], reply[3], reply[4], reply[5]
         fields: Fields = dict(zip(flat[::2], flat[1::2], strict=True))
-        lane = fields.get(b"lane", b"").decode()
+        lane = Lane.parse(fields.get(b"lane"))
         place = place_of(rank, int(active), run_ms, self.fleet_capacity(lane))
         deduplicated = code == Enqueued.DEDUPLICATED
         metrics.JOBS_ENQUEUED.labels("deduplicated" if deduplicated else "queued").inc()
         return job_from_fields(got.decode(), fields, place), deduplicated
 
-    def _refusal(self, message: str) -> CutoutError:
-        return CutoutError(
-            message, grpc.StatusCode.RESOURCE_EXHAUSTED, retry_after_s=self.admission.retry_after_s
-        )
+    def _refusal(self, message: str) -> ResourceExhausted:
+        return ResourceExhausted(message, retry_after_s=self.admission.retry_after_s)

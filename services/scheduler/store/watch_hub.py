@@ -41,6 +41,7 @@ import grpc
 import redis.asyncio as aioredis
 
 from services.common.errors import CutoutError, store_unavailable
+from services.common.operations import Lane
 from services.scheduler.keys import EVENTS_KEPT, Keys
 from services.scheduler.store.model import Fields, FleetCapacity, Place, place_of
 
@@ -77,7 +78,7 @@ class Subscription:
 
     vendor: str
     job_id: str
-    lane: str
+    lane: Lane
     last: StreamId  # the newest entry this watcher has been given
     queued: bool = False  # set by the watcher: it wants its place recomputed each tick
     _events: deque[Fields] = field(default_factory=deque)
@@ -167,7 +168,7 @@ class WatchHub:
 
     @contextlib.asynccontextmanager
     async def subscribe(
-        self, vendor: str, job_id: str, lane: str, after: bytes
+        self, vendor: str, job_id: str, lane: Lane, after: bytes
     ) -> AsyncIterator[Subscription]:
         """Follow the job's events newer than entry `after` (b"0-0": all of them)."""
         sub = Subscription(vendor, job_id, lane, parse_id(after))

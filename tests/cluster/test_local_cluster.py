@@ -1,0 +1,90 @@
+"""A local cluster leaves nothing in the system's temporary directory: the folder of ready
+files (`cutout-ready-*`) goes when the cluster stops, whether it ran or failed to start.
+
+Each test gives the cluster a private temporary directory, so runs beside it do not count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from services.common.config import PROJECT_ROOT
+from services.local.cluster import ClusterConfig, LocalCluster
+from tests.support.cluster import KEYS
+
+
+def ready_folders(tmp: Path) -> list[Path]:
+    return sorted(tmp.glob("cutout-ready-*"))
+
+
+async def test_cutout_admin_up_leaves_no_ready_folder_behind(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    args = ["--workdir", str(tmp_path / "var"), "--port", "0", "--nodes", "1", "--no-envoy"]
+    env = {
+        **os.environ,
+        "TMPDIR": str(private_tmp),
+        "CUTOUT_MODEL_DIR": str(tiny_model_dir),
+        "PYTHONPATH": os.pathsep.join(
+            [str(PROJECT_ROOT), str(PROJECT_ROOT / "clients" / "python")]
+        ),
+    }
+    up = subprocess.Popen(
+        [sys.executable, "-m", "services.admin", "up", *args],
+        env=env,
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    try:
+        assert up.stdout is not None
+        deadline = time.monotonic() + 180
+        while not any("Ctrl-C stops everything" in line for line in lines):
+            assert time.monotonic() < deadline and up.poll() is None, "".join(lines)
+            lines.append(await asyncio.to_thread(up.stdout.readline))
+        # The test sees the folder the cluster uses, so its absence later means something.
+        assert len(ready_folders(private_tmp)) == 1, list(private_tmp.iterdir())
+    finally:
+        up.send_signal(signal.SIGTERM)
+        rest, _ = await asyncio.to_thread(up.communicate, timeout=120)
+    assert up.returncode == 0, "".join(lines) + rest
+    assert ready_folders(private_tmp) == [], "cutout-admin up left its ready folder behind"
+
+
+def test_a_cluster_that_fails_to_start_removes_its_ready_folder(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private_tmp))
+    cluster = LocalCluster(
+        ClusterConfig(
+            nodes=1,
+            gateway_port=0,
+            workdir=tmp_path / "var",
+            model_dir=tiny_model_dir,
+            api_keys=dict(KEYS),
+            # The node stops at start on a bad setting, after the scheduler is up.
+            extra_env={"CUTOUT_RUNTIME": "no-such-runtime"},
+        )
+    )
+    try:
+        with pytest.raises(RuntimeError, match="node-1 exited"):
+            cluster.start()
+        assert cluster.scheduler is not None and cluster.scheduler.exit_code() is not None
+    finally:
+        cluster.stop()
+    assert ready_folders(private_tmp) == [], "a failed start left its ready folder behind"
