@@ -19,12 +19,10 @@ Settings, read like a real node's: CUTOUT_NODE_LISTEN (host:port, port 0 picks
 one), CUTOUT_READY_FILE, CUTOUT_INTERNAL_TOKEN, CUTOUT_NODE_CAPACITY,
 CUTOUT_NODE_ID, CUTOUT_NODE_PREFETCH, CUTOUT_MODELS (the model names it claims to serve);
 CUTOUT_FIXED_SERVICE_MS (default 50), CUTOUT_FIXED_WORK (default 1; 0: do
-not serve Work, answering UNIMPLEMENTED like a node from before it) and
-CUTOUT_FIXED_BATCHES (default 1; 0: do not offer batched Work messages, like
-a node from before them) are its own. On SIGTERM it writes its counters
-(jobs, most slots ever in use, jobs a Work stream sent beyond its credit,
-which must be 0, messages and writes each way) as JSON to CUTOUT_FIXED_STATS
-when set.
+not serve Work, answering UNIMPLEMENTED like a node from before it) are its
+own. On SIGTERM it writes its counters (jobs, most slots ever in use, jobs a
+Work stream sent beyond its credit, which must be 0, messages and writes each
+way) as JSON to CUTOUT_FIXED_STATS when set.
 """
 
 from __future__ import annotations
@@ -75,7 +73,6 @@ class FixedServiceNode(pb_grpc.InferenceServiceServicer):
         node_id: str,
         models: list[str],
         work: bool = True,
-        batches: bool = True,
         prefetch: int = 0,
     ) -> None:
         self.slots = slots
@@ -85,7 +82,6 @@ class FixedServiceNode(pb_grpc.InferenceServiceServicer):
         self._slots = Slots(slots, prefetch)
         self.work = work  # False: GetLoad does not offer Work, as a node from before it
         # False: GetLoad does not offer batched Work messages, as a node from before them
-        self.batches = batches
         self.service_s = service_s
         self.node_id = node_id
         self.models = models
@@ -143,7 +139,7 @@ class FixedServiceNode(pb_grpc.InferenceServiceServicer):
             waiting=self._slots.waiting,
             light_capacity=0,
             work_stream=self.work,
-            work_batches=self.work and self.batches,
+            work_batches=self.work,
             models=[
                 pb.ModelInfo(name=m, runtime="fixed", device="none", precision="none")
                 for m in self.models
@@ -192,7 +188,6 @@ async def serve() -> None:
         node_id=env.get("CUTOUT_NODE_ID", f"fixed-{os.getpid()}"),
         models=[m for m in env.get("CUTOUT_MODELS", "tiny").split(",") if m],
         work=env.get("CUTOUT_FIXED_WORK", "1") == "1",
-        batches=env.get("CUTOUT_FIXED_BATCHES", "1") == "1",
         prefetch=int(env.get("CUTOUT_NODE_PREFETCH", env.get("CUTOUT_NODE_CAPACITY", "4"))),
     )
     server: grpc.aio.Server | None = None

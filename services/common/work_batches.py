@@ -7,9 +7,9 @@ claimed together; outputs, ends and credits of jobs that finished together)
 therefore goes as one message. Nothing waits to fill a batch: a lone message
 goes at once, as before.
 
-A node says it reads batches in GetLoad (work_batches); a scheduler asks for
-batched replies with BATCHES_METADATA when it opens the stream. Either side
-without it sends and gets one message per write, as before.
+A scheduler always asks for batched replies with BATCHES_METADATA when it opens
+the stream, and always writes batches; a node still answers one message per write
+to a caller that does not ask (a test or benchmark driving it directly).
 """
 
 from __future__ import annotations

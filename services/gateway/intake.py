@@ -36,7 +36,7 @@ def image_size(data: bytes, field: str, limits: Limits) -> int:
     # Raised here, not in the except clause, so that nothing chains to the ImageError: its
     # traceback holds Pillow's frames and all they read (up to 64 MiB of PNG text), and a
     # gRPC handler's error lives until the cyclic GC runs (the gateway grew 200 MB over
-    # tests/test_bad_inputs.py's corpus while it did).
+    # tests/cluster/test_bad_inputs.py's corpus while it did).
     raise _bad(field, why)
 
 

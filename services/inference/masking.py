@@ -10,7 +10,7 @@ little: shrinking a large photo to the model's input and enlarging the mask
 back to it. The model runs on whichever runtime the node picked
 (services/inference/runtimes.py). Masks against rembg's own on skimage's
 photos: mean |difference| <= 0.26/255 and IoU >= 0.997 on every runtime
-(tests/test_runtimes.py; the bound is 1/255 and 0.995). The mask is rounded
+(tests/unit/test_runtimes.py; the bound is 1/255 and 0.995). The mask is rounded
 where rembg truncates it: truncated in float32, our most opaque pixel was 254
 on every photo.
 """

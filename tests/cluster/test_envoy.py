@@ -11,9 +11,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -41,7 +39,7 @@ from services.common.config import PROJECT_ROOT
 from services.common.serving import MiB
 from services.local.cluster import LocalCluster, Service
 from services.local.envoy import CANONICAL, EnvoyProcess, TlsFiles, validate
-from tests.support.cluster import KEYS, start_cluster
+from tests.support.cluster import KEYS, admin_up, start_cluster
 from tests.support.settings import default_gateway_settings
 from tests.support.tls import make_ca, make_server_cert
 
@@ -576,29 +574,10 @@ async def test_cutout_admin_up_prints_the_public_address_it_serves(
     # Every port a free one (the web page's default is 8000), so that other runs can go on beside.
     args = ["--workdir", str(tmp_path), "--port", "0", "--nodes", "1", "--envoy-admin-port", "0"]
     args += ["--web-port", "0"]
-    env = {
-        **os.environ,
-        "CUTOUT_MODEL_DIR": str(tiny_model_dir),
-        "PYTHONPATH": os.pathsep.join(
-            [str(PROJECT_ROOT), str(PROJECT_ROOT / "clients" / "python")]
-        ),
-    }
-    up = subprocess.Popen(
-        [sys.executable, "-m", "services.admin", "up", *args, *([] if envoy else ["--no-envoy"])],
-        env=env,
-        cwd=PROJECT_ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    lines: list[str] = []
-    try:
-        assert up.stdout is not None
-        deadline = time.monotonic() + 180
-        while not any("export CUTOUT_ADDR=" in line for line in lines):
-            assert time.monotonic() < deadline and up.poll() is None, "".join(lines)
-            lines.append(await asyncio.to_thread(up.stdout.readline))
-        printed = "".join(lines)
+    args += [] if envoy else ["--no-envoy"]
+    up = admin_up(args, "export CUTOUT_ADDR=", CUTOUT_MODEL_DIR=str(tiny_model_dir))
+    async with up as run:
+        printed = run.printed
         addr = re.search(r"CUTOUT_ADDR=(\S+)", printed)
         key = re.search(r"CUTOUT_API_KEY=(\S+)", printed)
         assert addr and key, printed
@@ -615,11 +594,8 @@ async def test_cutout_admin_up_prints_the_public_address_it_serves(
             with urllib.request.urlopen(stats_url.group(1), timeout=10) as reply:  # type: ignore[union-attr]
                 text = reply.read().decode()
             assert "envoy_http_downstream_rq_total" in text
-    finally:
-        up.send_signal(signal.SIGTERM)
-        rest, _ = await asyncio.to_thread(up.communicate, timeout=120)
-    assert up.returncode == 0, "".join(lines) + rest
-    assert "stopped" in rest
+    assert run.process.returncode == 0, printed + run.rest
+    assert "stopped" in run.rest
     host, _, port = addr.group(1).rpartition(":")
     with pytest.raises(ConnectionRefusedError):  # nothing is left serving the public port
         socket.create_connection((host, int(port)), timeout=5).close()

@@ -6,20 +6,13 @@ Each test gives the cluster a private temporary directory, so runs beside it do 
 
 from __future__ import annotations
 
-import asyncio
-import os
-import signal
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
-from services.common.config import PROJECT_ROOT
 from services.local.cluster import ClusterConfig, LocalCluster
-from tests.support.cluster import KEYS
+from tests.support.cluster import KEYS, admin_up
 
 
 def ready_folders(tmp: Path) -> list[Path]:
@@ -32,35 +25,11 @@ async def test_cutout_admin_up_leaves_no_ready_folder_behind(
     private_tmp = tmp_path / "tmp"
     private_tmp.mkdir()
     args = ["--workdir", str(tmp_path / "var"), "--port", "0", "--nodes", "1", "--no-envoy"]
-    env = {
-        **os.environ,
-        "TMPDIR": str(private_tmp),
-        "CUTOUT_MODEL_DIR": str(tiny_model_dir),
-        "PYTHONPATH": os.pathsep.join(
-            [str(PROJECT_ROOT), str(PROJECT_ROOT / "clients" / "python")]
-        ),
-    }
-    up = subprocess.Popen(
-        [sys.executable, "-m", "services.admin", "up", *args],
-        env=env,
-        cwd=PROJECT_ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    lines: list[str] = []
-    try:
-        assert up.stdout is not None
-        deadline = time.monotonic() + 180
-        while not any("Ctrl-C stops everything" in line for line in lines):
-            assert time.monotonic() < deadline and up.poll() is None, "".join(lines)
-            lines.append(await asyncio.to_thread(up.stdout.readline))
+    env = {"TMPDIR": str(private_tmp), "CUTOUT_MODEL_DIR": str(tiny_model_dir)}
+    async with admin_up(args, "Ctrl-C stops everything", **env) as run:
         # The test sees the folder the cluster uses, so its absence later means something.
         assert len(ready_folders(private_tmp)) == 1, list(private_tmp.iterdir())
-    finally:
-        up.send_signal(signal.SIGTERM)
-        rest, _ = await asyncio.to_thread(up.communicate, timeout=120)
-    assert up.returncode == 0, "".join(lines) + rest
+    assert run.process.returncode == 0, run.printed + run.rest
     assert ready_folders(private_tmp) == [], "cutout-admin up left its ready folder behind"
 
 

@@ -2,7 +2,7 @@
 prefix, having read no more of each than one stream window: concurrent 60 MB submits leave a
 real gateway's memory where it was. The limit is the image limit plus an envelope, so an image
 of the full image limit is still read and judged by the gateway (docs/configuration.md,
-"Request size"). Through Envoy: tests/test_envoy.py."""
+"Request size"). Through Envoy: tests/cluster/test_envoy.py."""
 
 from __future__ import annotations
 

@@ -5,17 +5,26 @@ test, make_cluster, is in tests/cluster/conftest.py.
 - start_cluster(): one node and a gateway on free ports, for module-scoped fixtures.
 - add_vendor(): register a vendor with `cutout-admin vendors`, as an operator does.
 - final_state(): follow a job to its end, through a scheduler restart.
+- admin_up(): `cutout-admin up` as a user runs it, until it prints a given line; stopped
+  with SIGTERM on the way out, its exit code and the rest of its output kept.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cutout import AsyncClient, CutoutError
 from cutout.v1 import jobs_pb2
+from services.common.config import PROJECT_ROOT
 from services.gateway.auth import new_key
 from services.local.cluster import ClusterConfig, LocalCluster
 
@@ -82,3 +91,40 @@ async def final_state(client: AsyncClient, name: str, timeout_s: float = 120) ->
             break
         await asyncio.sleep(0.5)
     raise AssertionError(f"{name} did not finish in {timeout_s}s: {(await client.get(name)).state}")
+
+
+@dataclass
+class AdminUp:
+    process: subprocess.Popen[str]
+    lines: list[str] = field(default_factory=list)  # printed until the awaited line
+    rest: str = ""  # printed from then until it exited
+
+    @property
+    def printed(self) -> str:
+        return "".join(self.lines)
+
+
+@contextlib.asynccontextmanager
+async def admin_up(args: list[str], until: str, **env: str) -> AsyncIterator[AdminUp]:
+    """Run `cutout-admin up ARGS` (with env added) until a printed line contains `until`
+    (at most 180 s); on the way out, SIGTERM and wait for it to exit."""
+    path = os.pathsep.join([str(PROJECT_ROOT), str(PROJECT_ROOT / "clients" / "python")])
+    process = subprocess.Popen(
+        [sys.executable, "-m", "services.admin", "up", *args],
+        env={**os.environ, "PYTHONPATH": path, **env},
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    run = AdminUp(process)
+    try:
+        assert process.stdout is not None
+        deadline = time.monotonic() + 180
+        while not any(until in line for line in run.lines):
+            assert time.monotonic() < deadline and process.poll() is None, run.printed
+            run.lines.append(await asyncio.to_thread(process.stdout.readline))
+        yield run
+    finally:
+        process.send_signal(signal.SIGTERM)
+        run.rest, _ = await asyncio.to_thread(process.communicate, timeout=120)

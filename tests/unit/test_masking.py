@@ -49,7 +49,7 @@ def test_preprocess_matches_rembgs_input(masks: MaskSession) -> None:
     large = small.resize((3000, 2000), Image.Resampling.BICUBIC)  # shrunk with bilinear
     diff = np.abs(masks.preprocess(large) - rembg_input(large))
     # Bilinear against LANCZOS: sharp edges differ by up to ~20/255, the mean by 0.4/255
-    # (the masks that come out of it: tests/test_runtimes.py, "coffee x3").
+    # (the masks that come out of it: tests/unit/test_runtimes.py, "coffee x3").
     assert diff.mean() < 0.5 / 255 and diff.max() < 32 / 255
     grey = photo("camera").convert("L")
     assert np.abs(masks.preprocess(grey) - rembg_input(grey)).max() < 1e-5

@@ -1,5 +1,5 @@
 /**
- * The TypeScript client against a live cluster, started by tests/test_ts_client.py,
+ * The TypeScript client against a live cluster, started by tests/cluster/test_ts_client.py,
  * which passes where it is and whom to be in the environment:
  *
  *   CUTOUT_TEST_ADDR      the public API (the gateway, or Envoy in front of it)
@@ -29,8 +29,8 @@ import { pngHeader } from "./png.js";
 function env(name: string): string {
   const value = process.env[name];
   if (!value) {
-    // Fail, never skip: run through tests/test_ts_client.py, which sets these.
-    throw new Error(`${name} is not set: run these tests through tests/test_ts_client.py`);
+    // Fail, never skip: run through tests/cluster/test_ts_client.py, which sets these.
+    throw new Error(`${name} is not set: run these tests through tests/cluster/test_ts_client.py`);
   }
   return value;
 }

@@ -1,6 +1,6 @@
 /**
  * verifyWebhook against the Standard Webhooks specification's own example (no cluster
- * needed); tests/test_webhooks.py also runs it on a real delivery from a scheduler.
+ * needed); tests/cluster/test_webhooks.py also runs it on a real delivery from a scheduler.
  */
 
 import assert from "node:assert/strict";

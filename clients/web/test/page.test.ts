@@ -1,6 +1,6 @@
 /**
  * The page in a real browser (Debian's Chromium, driven by playwright-core) against
- * a live cluster through Envoy, started by tests/test_web_page.py, which passes:
+ * a live cluster through Envoy, started by tests/cluster/test_web_page.py, which passes:
  *
  *   CUTOUT_WEB_URL         the page (services/local/webpage.py, which tells it Envoy's URL)
  *   CUTOUT_TEST_KEY        a vendor's key
@@ -21,7 +21,7 @@ import { type Browser, chromium, type Locator, type Page } from "playwright-core
 function env(name: string): string {
   const value = process.env[name];
   if (!value) {
-    throw new Error(`${name} is not set: run these tests through tests/test_web_page.py`);
+    throw new Error(`${name} is not set: run these tests through tests/cluster/test_web_page.py`);
   }
   return value;
 }

@@ -297,7 +297,8 @@ class GetLoadResponse(_message.Message):
     """
     work_batches: _builtins.bool
     """True when the node reads WorkRequest.more, and sends WorkResponse.more to a
-    scheduler that opens Work with the metadata "x-cutout-work-batches: 1".
+    caller that opens Work with the metadata "x-cutout-work-batches: 1" (every node
+    of this version does; the scheduler no longer reads this, nor work_stream).
     """
     prefetch: _builtins.int
     """Jobs per lane a Work stream may have waiting here for a slot, beyond capacity
@@ -358,7 +359,7 @@ class WorkRequest(_message.Message):
     def more(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkRequest]:
         """Further messages sent in this one, handled in order after its own payload
         (which may then be empty); their own `more` is empty. Several jobs claimed
-        together go out in one write. Only to a node whose GetLoad says work_batches.
+        together go out in one write (the scheduler always batches; every node reads it).
         """
 
     def __init__(
